@@ -1,0 +1,123 @@
+"""Config: presets carry the paper's numbers, overrides are typed and checked."""
+import dataclasses
+
+import pytest
+import yaml
+
+from dedn.config import (
+    PRESETS,
+    DEDNConfig,
+    apply_overrides,
+    build_config,
+    known_keys,
+    load_preset,
+    parse_overrides,
+    preset_path,
+)
+from dedn.errors import ConfigError
+
+PAPER_LAMBDAS = {"cub": (0.8, 0.9), "sun": (0.95, 0.3), "awa2": (0.8, 0.5)}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_every_preset_yaml_loads_with_paper_hyperparameters(name, variant):
+    cfg = load_preset(name, variant)
+    assert cfg.variant == variant
+    assert cfg.dataset == name.upper()
+    assert (cfg.loss.beta, cfg.loss.gamma) == (0.001, 0.1)
+    assert (cfg.eval.lambda_rc, cfg.eval.lambda_e) == PAPER_LAMBDAS[name]
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.batch_size) == (1e-4, 0.9, 1e-4, 50)
+    # every key in the YAML is a known config key (no silently ignored typo)
+    doc = yaml.safe_load(preset_path(name).read_text())
+    doc.pop("variants")
+    for section, values in doc.items():
+        if isinstance(values, dict):
+            for k in values:
+                assert f"{section}.{k}" in known_keys()
+
+
+def test_reference_variant_switches_to_the_authors_code():
+    paper, ref = load_preset("cub", "paper"), load_preset("cub", "reference")
+    assert paper.loss.distance == "mse" and ref.loss.distance == "cubic"
+    assert paper.eval.calibration == 0.0 and ref.eval.calibration == 2.0
+    assert ref.loss.reference_margin == 3.0
+    assert load_preset("sun", "reference").model.region_rank == 256
+    assert load_preset("sun", "reference").loss.reference_margin == 2.0
+    assert load_preset("awa2", "reference").loss.calibration_weight == pytest.approx(0.11)
+    assert load_preset("sun").data.class_balanced is False
+
+
+def test_variant_on_command_line_selects_the_reference_block_before_other_overrides():
+    cfg = build_config("cub", ["variant=reference", "loss.distance=mse", "epochs=3", "beta=0.01"])
+    assert cfg.variant == "reference"
+    assert cfg.loss.distance == "mse"  # explicit override wins over the variant block
+    assert cfg.eval.calibration == 2.0  # but the rest of the block applies
+    assert cfg.optim.epochs == 3 and cfg.loss.beta == 0.01
+
+
+def test_model_shortcut_sets_model_name():
+    assert build_config("cub", ["model=dedn"]).model.name == "dedn"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("foo=1", "foo: expected a known key"),
+        ("loss.betta=1", "loss.betta: expected a known key"),
+        ("lambda_e=1.5", "eval.lambda_e: expected in [0, 1], found 1.5"),
+        ("epochs=0", "optim.epochs: expected >= 1, found 0"),
+        ("epochs=abc", "optim.epochs: expected an integer, found 'abc'"),
+        ("beta=-1", "loss.beta: expected a finite number >= 0"),
+        ("variant=paperr", "variant: expected one of paper|reference"),
+        ("experts=three", "model.experts: expected one of both|coarse|fine"),
+        ("channel_attention=maybe", "model.channel_attention: expected true or false"),
+        ("lr=0", "optim.lr: expected > 0"),
+    ],
+)
+def test_bad_overrides_are_rejected_with_the_key_and_the_expectation(override, message):
+    with pytest.raises(ConfigError) as e:
+        build_config("cub", [override])
+    assert message in str(e.value)
+    assert str(e.value).startswith("command line: ")
+
+
+def test_ambiguous_leaf_name_is_rejected():
+    # batch_size lives in optim and eval
+    with pytest.raises(ConfigError, match="unambiguous key"):
+        build_config("cub", ["batch_size=10"])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_round_trip_through_dict_and_flat_keys():
+    cfg = build_config("awa2", ["variant=reference", "loss.gamma=0.3", "model.clusters=kmeans", "model.num_clusters=5"])
+    again = DEDNConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert apply_overrides(DEDNConfig(), cfg.flat()) == cfg
+    assert cfg.flat()["loss.gamma"] == 0.3
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+
+
+def test_config_is_frozen():
+    cfg = DEDNConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.loss.beta = 1.0  # type: ignore[misc]
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset: expected one of cub|sun|awa2"):
+        load_preset("apy")
+
+
+def test_config_file_layer(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("loss:\n  gamma: 0.5\noptim:\n  epochs: 2\n")
+    cfg = build_config("cub", ["epochs=4"], config_file=str(f))
+    assert cfg.loss.gamma == 0.5 and cfg.optim.epochs == 4
+    f.write_text("loss:\n  gama: 0.5\n")
+    with pytest.raises(ConfigError, match="loss.gama"):
+        build_config("cub", [], config_file=str(f))
