@@ -1,0 +1,416 @@
+"""Streaming, rank-partitioned, seeded reading of a split's Parquet shards into feature batches.
+
+Partition (every sample of a split is read exactly once per epoch across ranks):
+
+1. units = (shard, row group) in manifest order, each with its row count (Parquet footers only);
+2. the unit list is permuted by a generator seeded with (seed, epoch), identical on every rank
+   (no permutation when shuffle=False);
+3. the permuted units are laid end to end (N rows) and rank r takes rows [r*N//W, (r+1)*N//W)
+   of that concatenation; a unit cut between two ranks is read by both, each keeping its rows.
+   With equal_rows=True every rank takes exactly N//W rows, [r*(N//W), (r+1)*(N//W)); the
+   <= W-1 rows past W*(N//W) are skipped this epoch (which ones changes with the reshuffle);
+4. DataLoader workers of a rank take disjoint pieces (piece i goes to worker i % num_workers);
+5. rows pass through a shuffle buffer of `buffer_rows` rows seeded by (seed, epoch, rank, worker).
+
+Memory: the buffer (buffer_rows + one row group of rows, in storage dtype) plus one decoded
+row group; never the split.
+
+Class-balanced batches (the reference sampler draws min(#classes, B) distinct classes, one
+sample each, with replacement across iterations). Streaming approximation used here: whenever
+the buffer holds >= max(buffer_rows, k) rows, a batch takes one random buffered row from each
+of k random classes present in the buffer (k = min(#classes of the split, batch_size)); if
+fewer than k classes are buffered, the batch holds one row of each class present. At the end
+of the epoch the buffer is drained the same way, so every row is read once; late batches can
+be smaller than k (drop_last drops every batch smaller than k, and its rows, for this epoch).
+Because batch sizes then depend on labels, len() replays the sampler on the label column
+alone (4 bytes a row) of the pieces concerned.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from dedn.dataset import DatasetError, FeatureDataset, check_shard_schema, split_classes
+from dedn.errors import ConfigError
+
+__all__ = ["Batch", "ShardReader", "ShardIterableDataset", "forbid_splits", "forbidden_splits", "partition_rows"]
+
+# --- forbidden splits (e.g. the test splits during hyper-parameter tuning) -----------------
+_forbidden: Counter[str] = Counter()
+_forbidden_lock = threading.Lock()
+
+
+@contextmanager
+def forbid_splits(splits: Iterable[str]) -> Iterator[None]:
+    """Inside the block, constructing a ShardReader on any of `splits` raises DatasetError.
+
+    Process-wide (every thread), nestable; e.g. a tuning job wraps trials in
+    `with forbid_splits({"test_seen", "test_unseen"}):` so no trial can peek at the test set.
+    """
+    names = set(splits)
+    with _forbidden_lock:
+        _forbidden.update(names)
+    try:
+        yield
+    finally:
+        with _forbidden_lock:
+            _forbidden.subtract(names)
+            for n in [n for n, c in _forbidden.items() if c <= 0]:
+                del _forbidden[n]
+
+
+forbidden_splits = forbid_splits  # alias: the brief names the hook both ways
+
+
+def _is_forbidden(split: str) -> bool:
+    with _forbidden_lock:
+        return _forbidden[split] > 0
+
+
+class Batch(NamedTuple):
+    """One batch: features (B, C, H, W) out_dtype, labels (B,) int64, sample_ids (B,) int64."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Unit:
+    shard: int  # index into the split's shards
+    row_group: int
+    num_rows: int
+
+
+Piece = tuple[int, int, int]  # (unit index, first row, end row) within the unit
+
+
+def partition_rows(unit_rows: np.ndarray, order: np.ndarray, rank: int, world_size: int,
+                   equal_rows: bool) -> list[Piece]:
+    """Rank `rank`'s pieces (unit, start, stop) of the units laid end to end in `order`.
+
+    unit_rows: (U,) rows of each unit; order: (U,) a permutation of range(U).
+    """
+    n = int(unit_rows.sum())
+    if equal_rows:
+        per = n // world_size
+        lo, hi = rank * per, (rank + 1) * per
+    else:
+        lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    pieces: list[Piece] = []
+    offset = 0
+    for u in order.tolist():
+        rows = int(unit_rows[u])
+        start, stop = max(lo - offset, 0), min(hi - offset, rows)
+        if start < stop:
+            pieces.append((u, start, stop))
+        offset += rows
+        if offset >= hi:
+            break
+    return pieces
+
+
+class _Buffer:
+    """Fixed-capacity row buffer; popping fills the holes from the tail (O(batch) copies)."""
+
+    def __init__(self, capacity: int, feature_size: int, dtype: np.dtype | None, keep_order: bool):
+        self.ids = np.empty(capacity, np.int64)
+        self.labels = np.empty(capacity, np.int64)
+        self.feats = None if dtype is None else np.empty((capacity, feature_size), dtype)  # (cap, C*H*W)
+        self.n = 0
+        self.keep_order = keep_order
+
+    def push(self, ids: np.ndarray, labels: np.ndarray, feats: np.ndarray | None) -> None:
+        m = ids.shape[0]
+        self.ids[self.n:self.n + m] = ids
+        self.labels[self.n:self.n + m] = labels
+        if self.feats is not None:
+            self.feats[self.n:self.n + m] = feats
+        self.n += m
+
+    def pop(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Remove rows idx (distinct) and return them in idx order."""
+        out = (self.ids[idx], self.labels[idx], None if self.feats is None else self.feats[idx])
+        n, b = self.n, idx.shape[0]
+        if self.keep_order:  # compact, keeping the order of the rows that stay
+            keep = np.ones(n, bool)
+            keep[idx] = False
+            src = np.flatnonzero(keep)
+            if src.size and src[-1] != src.size - 1:
+                self._move(src, np.arange(src.size))
+        else:
+            holes = idx[idx < n - b]
+            if holes.size:
+                tail = np.ones(b, bool)
+                tail[idx[idx >= n - b] - (n - b)] = False
+                self._move(np.flatnonzero(tail) + (n - b), holes)
+        self.n -= b
+        return out
+
+    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        self.ids[dst] = self.ids[src]
+        self.labels[dst] = self.labels[src]
+        if self.feats is not None:
+            self.feats[dst] = self.feats[src]
+
+
+class ShardReader:
+    """Iterates one split of a FeatureDataset as Batches; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        dataset: FeatureDataset,
+        split: str,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_rows: int = 2048,
+        class_balanced: bool = False,
+        drop_last: bool = False,
+        equal_rows: bool = False,
+        out_dtype: torch.dtype = torch.float32,
+    ):
+        if _is_forbidden(split):
+            raise DatasetError(dataset.root, "split", "a split allowed here (forbid_splits is active)", repr(split))
+        info = dataset.split(split)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size", "a positive int", batch_size, "ShardReader")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError("world_size", "a positive int", world_size, "ShardReader")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ConfigError("rank", f"an int in [0, {world_size})", rank, "ShardReader")
+        if not isinstance(buffer_rows, int) or buffer_rows < 0:
+            raise ConfigError("buffer_rows", "a non-negative int", buffer_rows, "ShardReader")
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError("seed", "a non-negative int", seed, "ShardReader")
+        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise ConfigError("out_dtype", "a floating torch dtype", out_dtype, "ShardReader")
+        self.dataset, self.split, self.info = dataset, split, info
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.buffer_rows = rank, world_size, buffer_rows
+        self.class_balanced, self.drop_last, self.equal_rows = class_balanced, drop_last, equal_rows
+        self.out_dtype = out_dtype
+        self.epoch = 0
+        self._allowed = split_classes(dataset.class_side, split)
+        # Rows per batch: class-balanced batches hold one row of each of k distinct classes.
+        self._k = min(self._allowed.size, batch_size) if class_balanced else batch_size
+        self._units = self._read_units()
+        self._unit_rows = np.array([u.num_rows for u in self._units], dtype=np.int64)
+        self._count_cache: dict[tuple[int, int], list[list[int]]] = {}
+
+    def _read_units(self) -> list[_Unit]:
+        """(shard, row group, rows) for the split, from Parquet footers, checked against the manifest."""
+        units = []
+        for s, shard in enumerate(self.info.shards):
+            path = self.dataset.shard_path(shard)
+            try:
+                pf = pq.ParquetFile(path)
+            except FileNotFoundError:
+                raise DatasetError(path, "file", f"a shard of split {self.split} (dataset.json)", "no such file") from None
+            except OSError as e:
+                raise DatasetError(path, "file", "a Parquet file", f"{type(e).__name__}: {e}") from None
+            with pf:
+                check_shard_schema(path, pf.schema_arrow, self.dataset.storage_dtype, self.dataset.feature_size)
+                md = pf.metadata
+                if md.num_rows != shard.num_rows:
+                    raise DatasetError(path, "num_rows", f"{shard.num_rows} (dataset.json)", md.num_rows)
+                units += [_Unit(s, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)
+                          if md.row_group(g).num_rows > 0]
+        return units
+
+    # --- epoch plan ------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: it seeds the unit permutation and the shuffle buffer."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError("epoch", "a non-negative int", epoch, "ShardReader.set_epoch")
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self._units))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self._units))
+
+    def _pieces(self, rank: int) -> list[Piece]:
+        return partition_rows(self._unit_rows, self._order(), rank, self.world_size, self.equal_rows)
+
+    @staticmethod
+    def _worker_pieces(pieces: list[Piece], worker: int, num_workers: int) -> list[Piece]:
+        return pieces[worker::num_workers]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this rank reads this epoch."""
+        return sum(stop - start for _, start, stop in self._pieces(self.rank))
+
+    def _counts(self, num_workers: int) -> list[list[int]]:
+        """Batches each (rank, worker) would yield this epoch before any equal_rows cap."""
+        key = (self.epoch, num_workers)
+        if key not in self._count_cache:
+            ranks = range(self.world_size) if self.equal_rows else [self.rank]
+            table = [[0] * num_workers for _ in range(self.world_size)]
+            for r in ranks:
+                pieces = self._pieces(r)
+                for w in range(num_workers):
+                    mine = self._worker_pieces(pieces, w, num_workers)
+                    if self.class_balanced:
+                        table[r][w] = sum(1 for _ in self._stream(mine, r, w, with_features=False))
+                    else:
+                        rows = sum(stop - start for _, start, stop in mine)
+                        table[r][w] = rows // self._k if self.drop_last else math.ceil(rows / self._k)
+            self._count_cache = {key: table}  # only the current epoch is worth keeping
+        return self._count_cache[key]
+
+    def _caps(self, num_workers: int) -> list[int]:
+        """Batches each worker of this rank yields; with equal_rows all ranks total the same."""
+        table = self._counts(num_workers)
+        caps = list(table[self.rank])
+        if self.equal_rows:
+            excess = sum(caps) - min(sum(row) for row in table)
+            for w in reversed(range(num_workers)):  # trim from the last workers, deterministically
+                cut = min(excess, caps[w])
+                caps[w] -= cut
+                excess -= cut
+        return caps
+
+    def num_batches(self, num_workers: int = 1) -> int:
+        """Batches this rank yields this epoch when its pieces are split over `num_workers` streams."""
+        return sum(self._caps(max(1, num_workers)))
+
+    def __len__(self) -> int:
+        return self.num_batches(1)
+
+    # --- reading ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_worker(0, 1)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        """Batches of stream `worker` of `num_workers` (DataLoader workers) of this rank."""
+        cap = self._caps(num_workers)[worker]
+        if cap == 0:
+            return
+        mine = self._worker_pieces(self._pieces(self.rank), worker, num_workers)
+        c, h, w = self.dataset.feature_shape
+        done = 0
+        for ids, labels, feats in self._stream(mine, self.rank, worker, with_features=True):
+            assert feats is not None
+            x = torch.from_numpy(feats).view(-1, c, h, w)  # (B, C, H, W) storage dtype
+            yield Batch(x.to(self.out_dtype), torch.from_numpy(labels), torch.from_numpy(ids))
+            done += 1
+            if done == cap:
+                return
+
+    def _load(self, files: dict[int, pq.ParquetFile], piece: Piece, with_features: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Rows [start, stop) of one row group: ids (n,), labels (n,), features (n, C*H*W) or None."""
+        u, start, stop = piece
+        unit = self._units[u]
+        shard = self.info.shards[unit.shard]
+        if unit.shard not in files:
+            files[unit.shard] = pq.ParquetFile(self.dataset.shard_path(shard))
+        columns = ["sample_id", "label", "features"] if with_features else ["label"]
+        table = files[unit.shard].read_row_group(unit.row_group, columns=columns)
+        labels = table.column("label").to_numpy()[start:stop].astype(np.int64)
+        bad = np.setdiff1d(labels, self._allowed)
+        if bad.size:
+            raise DatasetError(self.dataset.shard_path(shard), "label",
+                               f"classes of split {self.split} ({self._allowed.size} classes)",
+                               f"other classes {bad[:5].tolist()}")
+        if not with_features:
+            return np.zeros(stop - start, np.int64), labels, None
+        ids = table.column("sample_id").to_numpy()[start:stop]
+        col = table.column("features").combine_chunks()
+        # flatten() honours slicing offsets; to_numpy is zero-copy for a null-free float column.
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        feats = flat.reshape(-1, self.dataset.feature_size)[start:stop]  # (n, C*H*W)
+        return ids, labels, feats
+
+    def _stream(self, pieces: list[Piece], rank: int, worker: int, with_features: bool
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Push pieces through the shuffle buffer and yield (ids, labels, features) batches.
+
+        With with_features=False only labels are read (features None): len() uses this to replay
+        the class-balanced sampler; the random draws depend only on buffer sizes and labels, so
+        both modes make identical batches.
+        """
+        if not pieces:
+            return
+        k = self._k
+        threshold = max(self.buffer_rows, k) if self.shuffle else k
+        capacity = threshold + max(stop - start for _, start, stop in pieces)
+        dtype = np.dtype(self.dataset.storage_dtype) if with_features else None
+        buf = _Buffer(capacity, self.dataset.feature_size, dtype, keep_order=not self.shuffle)
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker]) if self.shuffle else None
+        pick: Callable[[], np.ndarray] = (lambda: self._pick_balanced(buf, rng)) if self.class_balanced \
+            else (lambda: self._pick_uniform(buf, rng))
+        files: dict[int, pq.ParquetFile] = {}
+        try:
+            for piece in pieces:
+                buf.push(*self._load(files, piece, with_features))
+                while buf.n >= threshold:
+                    batch = buf.pop(pick())
+                    if not (self.drop_last and batch[0].shape[0] < k):
+                        yield batch
+            while buf.n > 0:
+                batch = buf.pop(pick())
+                if self.drop_last and batch[0].shape[0] < k:
+                    if not self.class_balanced:
+                        break  # uniform: only the final, partial batch is ever short
+                    continue
+                yield batch
+        finally:
+            for f in files.values():
+                f.close()
+
+    def _pick_uniform(self, buf: _Buffer, rng: np.random.Generator | None) -> np.ndarray:
+        b = min(self._k, buf.n)
+        if rng is None:
+            return np.arange(b)
+        return rng.choice(buf.n, size=b, replace=False)
+
+    def _pick_balanced(self, buf: _Buffer, rng: np.random.Generator | None) -> np.ndarray:
+        """One random buffered row from each of up to k random classes present in the buffer."""
+        n = buf.n
+        order = np.arange(n) if rng is None else rng.permutation(n)
+        _, first = np.unique(buf.labels[:n][order], return_index=True)
+        rows = order[first]  # one row per class present, sorted by class
+        if rng is None:
+            return np.sort(rows)[: self._k]  # deterministic: the first k classes to appear
+        return rng.permutation(rows)[: self._k]
+
+
+class ShardIterableDataset(torch.utils.data.IterableDataset):
+    """A ShardReader for `DataLoader(ds, batch_size=None, num_workers=num_workers)`.
+
+    Each DataLoader worker reads a disjoint subset of the rank's pieces. `num_workers` must match
+    the DataLoader's so that len() is exact (checked when iteration starts).
+    """
+
+    def __init__(self, reader: ShardReader, num_workers: int = 0):
+        super().__init__()
+        self.reader = reader
+        self.num_workers = num_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.reader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.reader.num_batches(max(1, self.num_workers))
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, streams = (0, 1) if info is None else (info.id, info.num_workers)
+        if streams != max(1, self.num_workers):
+            raise ConfigError("num_workers", f"{self.num_workers} (as given to ShardIterableDataset)",
+                              streams, "DataLoader")
+        return self.reader.iter_worker(worker, streams)
