@@ -1,0 +1,155 @@
+"""DEDN training objective, Rao et al., IJCAI 2024, eqs. 7, 12, 15-18 (+ the reference code's form).
+
+Paper variant: MAL (eq. 15) with margin epsilon; alignment (eq. 7) and distillation
+(eq. 12) as JSD + squared L2 distance. Reference variant (reference-behaviour.md): MAL as
+coded (z = s + 1[seen] - m 1[k = y]), distillation on the biased class scores
+(-1 seen, +1 unseen). `cfg.distance` picks the squared-L2 (paper) or cubic (reference) term.
+Classes outside `protocol.active_mask()` are excluded from every class softmax.
+All losses are computed in float32 (float64 if the inputs are), outside autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+
+from dedn.config import LossConfig
+from dedn.model import DEDNOutput, ExpertOutput
+from dedn.protocol import ClassProtocol
+
+REFERENCE_BIAS = 1.0  # the reference code's calibration bias: +1 on seen logits in MAL, -1/+1 at distillation
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _mask_inactive(z: Tensor, active: Tensor) -> Tensor:
+    return z.masked_fill(~active, float("-inf"))  # excluded from the softmax
+
+
+def mal_loss(scores: Tensor, labels: Tensor, seen: Tensor, active: Tensor, epsilon: float) -> Tensor:
+    """Eq. 15: z_y = P_y - 2 eps, z_k = P_k + eps (seen k != y), z_k = P_k (unseen); batch mean CE.
+
+    scores (B, K); labels (B,) int; seen, active (K,) bool.
+    """
+    p = _acc(scores)
+    z = p + epsilon * seen.to(p.dtype)  # (B, K)
+    onehot = F_.one_hot(labels, p.shape[1]).bool()  # (B, K)
+    z = torch.where(onehot, p - 2.0 * epsilon, z)
+    return F_.cross_entropy(_mask_inactive(z, active), labels)
+
+
+def reference_mal_loss(scores: Tensor, labels: Tensor, seen: Tensor, active: Tensor, margin: float) -> Tensor:
+    """MAL as the reference code has it: z_k = s_k + 1[k seen] * bias - m 1[k = y]; batch mean CE."""
+    p = _acc(scores)
+    z = p + REFERENCE_BIAS * seen.to(p.dtype) - margin * F_.one_hot(labels, p.shape[1]).to(p.dtype)
+    return F_.cross_entropy(_mask_inactive(z, active), labels)
+
+
+def cross_entropy_loss(scores: Tensor, labels: Tensor, active: Tensor) -> Tensor:
+    """Plain cross-entropy over the active classes (Table 3 "w/o L_mal", eq. 13)."""
+    return F_.cross_entropy(_mask_inactive(_acc(scores), active), labels)
+
+
+def jsd(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Jensen-Shannon divergence of softmax(a) and softmax(b) over the last dim, batch mean.
+
+    0.5 (KL(p || m) + KL(q || m)), m = (p + q) / 2, KL summed over the last dim and averaged
+    over rows. `mask` (last dim, bool) excludes entries from the softmax.
+    """
+    a, b = _acc(a), _acc(b)
+    if mask is not None:
+        a, b = a[..., mask], b[..., mask]
+    lp, lq = F_.log_softmax(a, -1), F_.log_softmax(b, -1)
+    lm = torch.logaddexp(lp, lq) - torch.log(torch.tensor(2.0, dtype=lp.dtype, device=lp.device))  # log m
+    kl_p = (lp.exp() * (lp - lm)).sum(-1)
+    kl_q = (lq.exp() * (lq - lm)).sum(-1)
+    return 0.5 * (kl_p.mean() + kl_q.mean())
+
+
+def squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    """(1/B) sum_b ||a_b - b_b||_2^2 (eqs. 7, 12 as written)."""
+    d = _acc(a) - _acc(b)
+    return d.pow(2).sum(-1).mean()
+
+
+def cubic_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Reference code: (1/B) sum_b sum_k |d_k|^3 / ||d_b||_2, d = a - b (0 where d_b = 0)."""
+    d = _acc(a) - _acc(b)
+    sq = d.pow(2).sum(-1, keepdim=True)  # (B, 1)
+    norm = sq.clamp_min(torch.finfo(d.dtype).tiny).sqrt()  # the clamp keeps the gradient finite at d = 0
+    return (d.abs().pow(3) / norm).sum(-1).mean()
+
+
+def distance(a: Tensor, b: Tensor, kind: str, mask: Tensor | None = None) -> Tensor:
+    """JSD + the squared-L2 ("mse") or cubic term, over the (masked) last dim."""
+    term = squared_distance if kind == "mse" else cubic_distance
+    if mask is not None:
+        a, b = a[..., mask], b[..., mask]
+    return jsd(a, b) + term(a, b)
+
+
+def biased_scores(scores: Tensor, seen: Tensor, unseen: Tensor) -> Tensor:
+    """Reference calibration bias: P - 1 on seen classes, P + 1 on unseen classes."""
+    p = _acc(scores)
+    return p - REFERENCE_BIAS * seen.to(p.dtype) + REFERENCE_BIAS * unseen.to(p.dtype)
+
+
+def calibration_loss(scores: Tensor, seen: Tensor, unseen: Tensor, active: Tensor) -> Tensor:
+    """Self-calibration (DAZLE): -log(mean_b total softmax probability of the unseen classes).
+
+    Softmax over the active classes of the biased scores (as DAZLE and the reference code);
+    computed in log space so a vanishing unseen mass cannot give log(0).
+    """
+    z = _mask_inactive(biased_scores(scores, seen, unseen), active)  # (B, K)
+    log_mass = torch.logsumexp(z[:, unseen], -1) - torch.logsumexp(z, -1)  # (B,) log unseen mass
+    return -(torch.logsumexp(log_mass, 0) - torch.log(torch.tensor(float(z.shape[0]), dtype=z.dtype, device=z.device)))
+
+
+def _classification(ex: ExpertOutput, labels: Tensor, seen: Tensor, active: Tensor, cfg: LossConfig, variant: str) -> Tensor:
+    if not cfg.mal:
+        return cross_entropy_loss(ex.scores, labels, active)
+    if variant == "reference":
+        return reference_mal_loss(ex.scores, labels, seen, active, cfg.reference_margin)
+    return mal_loss(ex.scores, labels, seen, active, cfg.epsilon)
+
+
+def dedn_loss(out: DEDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: LossConfig, variant: str) -> dict[str, Tensor]:
+    """Eq. 18: [MAL_c + beta align_c] + [MAL_f + beta align_f] + gamma distill (+ l_cal Cal).
+
+    labels (B,) int64 class ids. Returns {'loss': total, and the unweighted parts that are on:
+    'mal_c', 'mal_f', 'align_c', 'align_f', 'distill', 'cal_c', 'cal_f'}. Parts with zero
+    weight or switched off are not computed; one expert -> no distillation.
+    """
+    if variant not in ("paper", "reference"):
+        raise ValueError(f"variant: expected one of paper|reference, found {variant!r}")
+    dev = out.class_attributes.device
+    seen, unseen, active = protocol.seen_mask(dev), protocol.unseen_mask(dev), protocol.active_mask(dev)
+    labels = labels.to(dev).long()
+    parts: dict[str, Tensor] = {}
+    total: Tensor | None = None
+
+    def add(name: str, value: Tensor, weight: float) -> None:
+        nonlocal total
+        parts[name] = value
+        total = weight * value if total is None else total + weight * value
+
+    with torch.autocast(device_type=dev.type, enabled=False):
+        for tag, ex in (("c", out.coarse), ("f", out.fine)):
+            if ex is None:
+                continue
+            add(f"mal_{tag}", _classification(ex, labels, seen, active, cfg, variant), 1.0)
+            if cfg.align and cfg.beta > 0 and ex.o_channel is not None:
+                # eq. 7: softmax over attributes
+                add(f"align_{tag}", distance(ex.o_region, ex.o_channel, cfg.distance), cfg.beta)
+            if cfg.calibration_weight > 0:
+                add(f"cal_{tag}", calibration_loss(ex.scores, seen, unseen, active), cfg.calibration_weight)
+        if cfg.distill and cfg.gamma > 0 and out.coarse is not None and out.fine is not None:
+            pc, pf = out.coarse.scores, out.fine.scores
+            if variant == "reference":
+                pc, pf = biased_scores(pc, seen, unseen), biased_scores(pf, seen, unseen)
+            add("distill", distance(pc, pf, cfg.distance, mask=active), cfg.gamma)  # eq. 12
+    if total is None:
+        raise ValueError("dedn_loss: the model has no expert")
+    return {"loss": total, **parts}

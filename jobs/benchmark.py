@@ -1,0 +1,176 @@
+"""Training-step and inference throughput of DEDN at CUB shapes, against the machine's GEMM rate.
+
+    python jobs/benchmark.py --quick                     # all configurations, few repetitions
+    python jobs/benchmark.py --r 49 --dtype fp32 bf16    # a subset
+
+Shapes: B=50, C=2048, D=312, G=300, K=200 (150 seen / 50 unseen), Q=6 with CUB's manual
+cluster sizes 112/87/24/40/15/34, R=49 (7x7) and/or R=196 (14x14). Random features.
+A training step = forward + dedn_loss + backward + RMSprop step.
+
+Work is counted as performance-notes.md says: FLOP/step = 48 B D C R for both experts
+(24 B D C R for one expert), so "GFLOP/s" and "of GEMM" mean the same in every report.
+The GEMM rate is measured in the same run (4096^3 torch.mm, fp32 and bf16).
+
+Peak memory: each configuration runs in its own subprocess; "peak MiB" is the increase of
+the process's resource.getrusage(RUSAGE_SELF).ru_maxrss over its resident size after the
+model, optimiser and inputs are built and before the first (warm-up) step, i.e. the extra
+memory training steps need on top of the model and its inputs (including the RMSprop state
+and gradients, ~2 x 4 bytes per parameter, created by the first step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+B, C, D, G, K = 50, 2048, 312, 300, 200
+CUB_CLUSTER_SIZES = (112, 87, 24, 40, 15, 34)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def gemm_rate(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
+    """GFLOP/s of a large square torch.mm in `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def run_config(cfg: dict) -> dict:
+    """One configuration in this process: returns seconds/step (min, median) and memory."""
+    from dedn.config import LossConfig, ModelConfig
+    from dedn.losses import dedn_loss
+    from dedn.model import DEDN
+    from dedn.protocol import ClassProtocol
+
+    torch.manual_seed(0)
+    r = cfg["r"]
+    h = int(round(r**0.5))
+    perm = torch.randperm(D).tolist()  # the sizes matter for speed, not which attributes
+    clusters, s = [], 0
+    for n in CUB_CLUSTER_SIZES:
+        clusters.append(perm[s : s + n])
+        s += n
+    model = DEDN(
+        ModelConfig(experts=cfg["experts"]),
+        word_vectors=torch.randn(D, G),
+        class_attributes=torch.rand(K, D),
+        clusters=clusters,
+        feature_shape=(C, h, h),
+        impl=cfg["impl"],
+    )
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4, alpha=0.99)
+    protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
+    loss_cfg = LossConfig()
+    x = torch.rand(B, C, h, h)
+    y = torch.randint(0, 150, (B,))
+    bf16 = cfg["dtype"] == "bf16"
+
+    def train_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+            loss = dedn_loss(out, y, protocol, loss_cfg, "paper")["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer_step() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(x).inference_scores(0.8, 0.9)
+
+    step = train_step if cfg["mode"] == "train" else infer_step
+    base = _rss_mib()
+    step()  # warm-up (allocator, oneDNN kernels, optimiser state)
+    times = []
+    for _ in range(cfg["reps"]):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {**cfg, "s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base}
+
+
+def _spawn(cfg: dict) -> dict:
+    cmd = [sys.executable, __file__, "--_worker", json.dumps(cfg)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {cfg}:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
+    ap.add_argument("--r", type=int, nargs="+", default=[49, 196], help="region counts (perfect squares)")
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--variants", nargs="+", default=["fused", "loop", "coarse", "fine", "infer"],
+                    choices=["fused", "loop", "direct", "coarse", "fine", "infer"],
+                    help="fused=both experts fused; loop=per-sub-network loop; direct=paper form per sub-network; "
+                    "coarse/fine=one expert (fused); infer=forward only")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        print(json.dumps(run_config(json.loads(args._worker))))
+        return 0
+    for r in args.r:
+        if int(round(r**0.5)) ** 2 != r:
+            ap.error(f"--r: expected perfect squares, found {r}")
+
+    reps = 2 if args.quick else 5
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} C={C} D={D} G={G} K={K} "
+          f"Q=6 {CUB_CLUSTER_SIZES}", flush=True)
+    rate = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    print(f"GEMM rate (4096^3 torch.mm): fp32 {rate['fp32']:.0f} GFLOP/s, bf16 {rate['bf16']:.0f} GFLOP/s", flush=True)
+    hdr = f"{'R':>4} {'dtype':>5} {'config':>8} {'s/step':>8} {'img/s':>7} {'GFLOP/s':>8} {'of GEMM':>8} {'peak MiB':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    results = []
+    for r in args.r:
+        for dt in args.dtype:
+            for v in args.variants:
+                cfg = {
+                    "r": r, "dtype": dt, "variant": v, "reps": reps,
+                    "impl": v if v in ("loop", "direct") else "fused",
+                    "experts": v if v in ("coarse", "fine") else "both",
+                    "mode": "infer" if v == "infer" else "train",
+                }
+                res = _spawn(cfg)
+                passes = 1 if v == "infer" else 3  # a training step counts as three forward passes
+                experts = 1 if v in ("coarse", "fine") else 2
+                flop = 8 * passes * experts * B * D * C * r  # = 48 B D C R for a full training step
+                gfs = flop / res["s_min"] / 1e9
+                res.update(gflop=flop / 1e9, gflop_s=gfs, of_gemm=gfs / rate[dt], images_s=B / res["s_min"])
+                results.append(res)
+                print(f"{r:>4} {dt:>5} {v:>8} {res['s_min']:>8.3f} {res['images_s']:>7.1f} {gfs:>8.1f} "
+                      f"{res['of_gemm']:>7.0%} {res['peak_mib']:>9.0f}", flush=True)
+    print("s/step: fastest of the timed repetitions; GFLOP/s from 48 B D C R per training step "
+          "(24 for one expert, 16 per inference forward); peak MiB: ru_maxrss increase during the steps.")
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps({"gemm_gflop_s": rate, "results": results}, indent=2))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
