@@ -1,0 +1,430 @@
+"""The class side of a dataset as published: xlsa17 `att_splits.mat`, attribute word vectors, image labels.
+
+Two ways in, one result (`ClassSideSource`):
+
+* a folder laid out like ``../shared/data/<DS>`` (``att_splits.mat``, ``<DS>_attribute.pkl``,
+  ``image_labels.npz`` and an attribute-name file), read by `load_source(name, source_dir)`;
+* a packaged asset ``dedn/assets/<DS>.npz`` (plain arrays, no pickles) written from such a folder by
+  ``tools/pack_assets.py``, read by `load_source(name)`, so that a demo runs without the folder.
+
+All locations are converted to 0-based on the way in. `build_class_side` turns a source into
+the `ClassSide` the model uses; `make_splits` turns labels and locations into the six splits of
+docs/design.md.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from dedn.class_side import ClassSide, normalize_rows
+from dedn.errors import DatasetError
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+# xlsa17 location fields (1-based in att_splits.mat, 0-based everywhere in dedn).
+LOC_FIELDS = ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc")
+# Share of train_loc images that go to `val_seen` (the rest form `train`).
+VAL_SEEN_FRACTION = 0.2
+_WORD_VECTOR_HELP = (
+    "a D x G word-vector array (one row per attribute, in att_splits.mat `att` row order) as "
+    ".npy, .txt or .pkl; datasets without one (APY, AWA1) need `--word-vectors FILE`"
+)
+
+# The only globals a pickled numpy array needs. Anything else (os.system, builtins.eval, ...)
+# is refused: a .pkl from the internet must not be able to run code.
+_SAFE_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An Unpickler that builds numpy arrays and nothing else."""
+
+    def __init__(self, file: io.BufferedIOBase, path: Path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_PICKLE_GLOBALS:
+            raise DatasetError(self._path, "pickle", "only numpy array globals (ndarray, dtype, _reconstruct, scalar)",
+                               f"refused global {module}.{name}")
+        if module.startswith("numpy.core"):  # numpy 2 keeps numpy.core only as a deprecated alias
+            module = module.replace("numpy.core", "numpy._core", 1)
+        return super().find_class(module, name)
+
+
+def load_word_vectors(path: str | Path) -> np.ndarray:
+    """Attribute word vectors (D, G) float32 from .pkl (numpy arrays only), .npy or .txt."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "file", _WORD_VECTOR_HELP, "no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pkl":
+            with open(path, "rb") as f:
+                arr = _ArrayUnpickler(f, path).load()
+        elif suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".txt":
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        else:
+            raise DatasetError(path, "suffix", "one of .pkl, .npy, .txt", repr(path.suffix))
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise DatasetError(path, "file", _WORD_VECTOR_HELP, f"{type(e).__name__}: {e}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DatasetError(path, "content", "a numpy array", type(arr).__name__)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise DatasetError(path, "shape", "(D, G): one row per attribute", tuple(arr.shape))
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise DatasetError(path, "dtype", "real numbers", arr.dtype)
+    n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if n_bad:
+        raise DatasetError(path, "values", "finite values", f"{n_bad} NaN/inf entries")
+    return arr.astype(np.float32)
+
+
+def _mat_strings(path: Path, field: str, cell: np.ndarray) -> tuple[str, ...]:
+    """A MATLAB cell array of strings (any shape) as a tuple of str."""
+    out = []
+    for item in np.asarray(cell, dtype=object).ravel():
+        a = np.asarray(item).ravel()
+        if a.size != 1 or not isinstance(a[0], str):
+            raise DatasetError(path, field, "a cell array of strings", repr(item)[:60])
+        out.append(str(a[0]))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AttSplits:
+    """The content of one xlsa17 att_splits.mat, with K classes and D attributes."""
+
+    att: np.ndarray  # (K, D) float64, columns of the file (per-class L2-normalised)
+    original_att: np.ndarray  # (K, D) float64 raw values (AWA2: -1 marks a missing value)
+    class_names: tuple[str, ...]  # (K,)
+    locs: dict[str, np.ndarray]  # LOC_FIELDS -> 0-based int64 image indices
+
+
+def load_att_splits(path: str | Path) -> AttSplits:
+    """Read and check an xlsa17 att_splits.mat (att and original_att are D x K there)."""
+    import scipy.io
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "file", "an xlsa17 att_splits.mat", "no such file")
+    try:
+        mat = scipy.io.loadmat(path)
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:
+        raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
+    missing = [k for k in ("att", "original_att", "allclasses_names", *LOC_FIELDS) if k not in mat]
+    if missing:
+        raise DatasetError(path, "keys", f"att, original_att, allclasses_names and {list(LOC_FIELDS)}", f"missing {missing}")
+    att = np.asarray(mat["att"])
+    if att.ndim != 2 or not np.issubdtype(att.dtype, np.number):
+        raise DatasetError(path, "att", "a numeric D x K matrix", f"{att.dtype} {att.shape}")
+    d, k = att.shape
+    original = np.asarray(mat["original_att"])
+    if original.shape != (d, k) or not np.issubdtype(original.dtype, np.number):
+        raise DatasetError(path, "original_att", f"a numeric D x K = {d} x {k} matrix like att", f"{original.dtype} {original.shape}")
+    for field, arr in (("att", att), ("original_att", original)):
+        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if n_bad:
+            raise DatasetError(path, field, "finite values", f"{n_bad} NaN/inf entries")
+    names = _mat_strings(path, "allclasses_names", mat["allclasses_names"])
+    if len(names) != k:
+        raise DatasetError(path, "allclasses_names", f"{k} names (columns of att)", len(names))
+    locs = {}
+    for field in LOC_FIELDS:
+        raw = np.asarray(mat[field])
+        if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or raw.ndim > 2 or (raw.ndim == 2 and min(raw.shape) != 1):
+            raise DatasetError(path, field, "a non-empty N x 1 vector of 1-based image indices", f"{raw.dtype} {raw.shape}")
+        loc = raw.ravel()
+        if np.issubdtype(loc.dtype, np.floating) and not np.all(loc == np.round(loc)):
+            raise DatasetError(path, field, "integer image indices", "fractional values")
+        loc = loc.astype(np.int64)
+        if loc.min() < 1:
+            raise DatasetError(path, field, "1-based image indices (>= 1)", int(loc.min()))
+        if np.unique(loc).size != loc.size:
+            raise DatasetError(path, field, "distinct image indices", "duplicates")
+        locs[field] = loc - 1
+    return AttSplits(att=att.T.astype(np.float64), original_att=original.T.astype(np.float64), class_names=names, locs=locs)
+
+
+def load_attribute_names(dataset_dir: str | Path | None, name: str, num_attributes: int) -> tuple[str, ...]:
+    """Attribute names from CUB attributes.txt, AWA2 predicates.txt or SUN attributes.mat; else attr_000..."""
+    fallback = tuple(f"attr_{i:03d}" for i in range(num_attributes))
+    if dataset_dir is None:
+        return fallback
+    d = Path(dataset_dir)
+    names: tuple[str, ...] | None = None
+    for candidate in (d / "attributes.txt", d / "predicates.txt"):
+        if candidate.is_file():
+            # "index<whitespace>name" per line (CUB: "1 has_bill_shape::dagger", AWA2: "1\tblack").
+            lines = [ln.split(maxsplit=1) for ln in candidate.read_text().splitlines() if ln.strip()]
+            names = tuple(parts[-1].strip() for parts in lines)
+            where = candidate
+            break
+    else:
+        if (d / "attributes.mat").is_file():
+            import scipy.io
+
+            where = d / "attributes.mat"
+            mat = scipy.io.loadmat(where)
+            if "attributes" not in mat:
+                raise DatasetError(where, "keys", "an `attributes` cell array of names", f"keys {sorted(k for k in mat if not k.startswith('__'))}")
+            names = _mat_strings(where, "attributes", mat["attributes"])
+    if names is None:
+        return fallback
+    if len(names) != num_attributes:
+        raise DatasetError(where, "attribute names", f"{num_attributes} names (rows of att in att_splits.mat) for {name}", len(names))
+    return names
+
+
+def load_image_labels(path: str | Path) -> np.ndarray:
+    """The 0-based class of every image (res101.mat order) from an image_labels.npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "file", "an image_labels.npz with a `labels` array", "no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "labels" not in z.files:
+                raise DatasetError(path, "keys", "a `labels` array", f"keys {z.files}")
+            labels = z["labels"]
+    except (OSError, ValueError) as e:
+        raise DatasetError(path, "file", "a numpy .npz without pickles", f"{type(e).__name__}: {e}") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(path, "labels", "a 1-D integer array", f"{labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ClassSideSource:
+    """The published class side of one dataset, before it becomes a `ClassSide`.
+
+    K classes, D attributes, G word-vector dimensions, N images (res101.mat order).
+    """
+
+    name: str
+    class_names: tuple[str, ...]  # (K,)
+    attribute_names: tuple[str, ...]  # (D,)
+    att: np.ndarray  # (K, D) float64, xlsa17 `att` transposed
+    original_att: np.ndarray  # (K, D) float64, xlsa17 `original_att` transposed (raw)
+    word_vectors: np.ndarray  # (D, G) float32
+    locs: dict[str, np.ndarray]  # LOC_FIELDS -> 0-based int64 image indices
+    labels: np.ndarray | None  # (N,) int64 0-based class per image; None when the features bring them
+    origin: str  # where it was read from, for messages
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_names)
+
+    def check_labels(self, labels: np.ndarray, where: str) -> None:
+        """DatasetError unless `labels` (N,) fit the classes and the xlsa17 locations of this source."""
+        labels = np.asarray(labels)
+        k = self.num_classes
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(where, "labels", "a 1-D integer array", f"{labels.dtype} {labels.shape}")
+        bad = labels[(labels < 0) | (labels >= k)]
+        if bad.size:
+            raise DatasetError(where, "labels", f"0-based class ids in [0, {k}) ({self.origin})", f"{bad.size} outside, e.g. {bad[:5].tolist()}")
+        n = labels.shape[0]
+        for field, loc in self.locs.items():
+            if loc.max() >= n:
+                raise DatasetError(where, "labels", f"at least {int(loc.max()) + 1} images ({field} of {self.origin})", n)
+        seen = np.unique(labels[self.locs["trainval_loc"]])
+        unseen = np.unique(labels[self.locs["test_unseen_loc"]])
+        if np.intersect1d(seen, unseen).size:
+            raise DatasetError(where, "labels", "test_unseen_loc classes disjoint from trainval_loc classes",
+                               f"{np.intersect1d(seen, unseen).size} classes in both")
+        if seen.size + unseen.size != k:
+            raise DatasetError(where, "labels", f"trainval_loc and test_unseen_loc together covering all {k} classes",
+                               f"{seen.size} + {unseen.size}")
+        for field in ("test_seen_loc", "train_loc", "val_loc"):
+            outside = np.setdiff1d(labels[self.locs[field]], seen)
+            if outside.size:
+                raise DatasetError(where, "labels", f"{field} images of seen (trainval) classes only", f"classes {outside[:5].tolist()}")
+        train, val = np.unique(labels[self.locs["train_loc"]]), np.unique(labels[self.locs["val_loc"]])
+        if np.intersect1d(train, val).size:
+            raise DatasetError(where, "labels", "train_loc and val_loc classes disjoint", f"{np.intersect1d(train, val).size} shared")
+
+
+def load_xlsa17(name: str, att_splits: str | Path, word_vectors: str | Path,
+                dataset_dir: str | Path | None = None, labels: np.ndarray | None = None) -> ClassSideSource:
+    """A source from the individual files: att_splits.mat, a word-vector file, optional names and labels."""
+    splits = load_att_splits(att_splits)
+    wv = load_word_vectors(word_vectors)
+    d = splits.att.shape[1]
+    if wv.shape[0] != d:
+        raise DatasetError(word_vectors, "shape", f"({d}, G): one row per attribute of {Path(att_splits).name}", tuple(wv.shape))
+    src = ClassSideSource(
+        name=name, class_names=splits.class_names,
+        attribute_names=load_attribute_names(dataset_dir, name, d),
+        att=splits.att, original_att=splits.original_att, word_vectors=wv, locs=splits.locs,
+        labels=None if labels is None else np.asarray(labels, dtype=np.int64), origin=str(att_splits),
+    )
+    if labels is not None:
+        src.check_labels(src.labels, str(dataset_dir or att_splits))  # type: ignore[arg-type]
+    return src
+
+
+def _find_word_vectors(source_dir: Path, name: str) -> Path:
+    for suffix in (".pkl", ".npy", ".txt"):
+        p = source_dir / f"{name}_attribute{suffix}"
+        if p.is_file():
+            return p
+    return source_dir / f"{name}_attribute.pkl"  # load_word_vectors explains what is missing
+
+
+def load_source(name: str, source_dir: str | Path | None = None, word_vectors: str | Path | None = None) -> ClassSideSource:
+    """The class side of `name` from a shared-style folder, or from the packaged asset when source_dir is None."""
+    if source_dir is None:
+        return load_asset(name)
+    d = Path(source_dir)
+    if not d.is_dir():
+        raise DatasetError(d, "source_dir", f"a folder with att_splits.mat, {name}_attribute.pkl, image_labels.npz", "no such folder")
+    labels = load_image_labels(d / "image_labels.npz")
+    return load_xlsa17(name, d / "att_splits.mat", word_vectors or _find_word_vectors(d, name), d, labels)
+
+
+# ---------------------------------------------------------------- packaged assets
+
+def asset_path(name: str) -> Path:
+    return ASSET_DIR / f"{name}.npz"
+
+
+def source_to_arrays(src: ClassSideSource) -> dict[str, np.ndarray]:
+    """The plain arrays of a packaged asset (strings as fixed-width unicode, no object arrays)."""
+    if src.labels is None:
+        raise DatasetError(src.origin, "labels", "per-image labels to package", "none")
+    n = src.labels.shape[0]
+    loc_dtype = np.int32 if n < 2**31 else np.int64
+    return {
+        "name": np.array(src.name),
+        "class_names": np.array(src.class_names, dtype=str),
+        "attribute_names": np.array(src.attribute_names, dtype=str),
+        "att": src.att.astype(np.float64),
+        "original_att": src.original_att.astype(np.float64),
+        "word_vectors": src.word_vectors.astype(np.float32),
+        "labels": src.labels.astype(np.int16 if src.num_classes < 2**15 else np.int32),
+        **{f: src.locs[f].astype(loc_dtype) for f in LOC_FIELDS},
+    }
+
+
+def load_asset(name: str, path: str | Path | None = None) -> ClassSideSource:
+    """A source from a packaged npz asset (default dedn/assets/<name>.npz)."""
+    p = Path(path) if path is not None else asset_path(name)
+    if not p.is_file():
+        known = sorted(q.stem for q in ASSET_DIR.glob("*.npz"))
+        raise DatasetError(p, "file", f"a packaged class side (one of {known}) or --source-dir with the xlsa17 files", "no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DatasetError(p, "file", "an npz written by tools/pack_assets.py", f"{type(e).__name__}: {e}") from None
+    required = ("class_names", "attribute_names", "att", "original_att", "word_vectors", "labels", *LOC_FIELDS)
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DatasetError(p, "arrays", f"all of {list(required)}", f"missing {missing}")
+    src = ClassSideSource(
+        name=str(arrays["name"]) if "name" in arrays else name,
+        class_names=tuple(str(s) for s in arrays["class_names"]),
+        attribute_names=tuple(str(s) for s in arrays["attribute_names"]),
+        att=arrays["att"].astype(np.float64), original_att=arrays["original_att"].astype(np.float64),
+        word_vectors=arrays["word_vectors"].astype(np.float32),
+        locs={f: arrays[f].astype(np.int64) for f in LOC_FIELDS},
+        labels=arrays["labels"].astype(np.int64), origin=str(p),
+    )
+    k, d = src.att.shape
+    if (len(src.class_names), len(src.attribute_names)) != (k, d) or src.word_vectors.shape[0] != d:
+        raise DatasetError(p, "shapes", f"class_names K={k}, attribute_names and word_vectors rows D={d}",
+                           f"{len(src.class_names)}, {len(src.attribute_names)}, {src.word_vectors.shape}")
+    src.check_labels(src.labels, str(p))  # type: ignore[arg-type]
+    return src
+
+
+# ---------------------------------------------------------------- class side and splits
+
+def class_ids(src: ClassSideSource, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """seen/unseen/train/val class ids (sorted int64) from the xlsa17 locations."""
+    labels = src.labels if labels is None else np.asarray(labels)
+    if labels is None:
+        raise DatasetError(src.origin, "labels", "per-image labels to derive the class splits", "none")
+    of = lambda field: np.unique(labels[src.locs[field]]).astype(np.int64)  # noqa: E731
+    return {"seen_classes": of("trainval_loc"), "unseen_classes": of("test_unseen_loc"),
+            "train_classes": of("train_loc"), "val_classes": of("val_loc")}
+
+
+def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, list[int]]] | None = None,
+                     labels: np.ndarray | None = None) -> ClassSide:
+    """The ClassSide of a source.
+
+    attributes_raw = original_att with negative values (AWA2's -1 = missing) clamped to 0;
+    attributes = row-L2-normalised att (K, D) float32. clusters default to "manual" and "halved"
+    for CUB/SUN/AWA2 and to nothing for other datasets.
+    """
+    raw = src.original_att.astype(np.float64)
+    n_neg = int(np.count_nonzero(raw < 0))
+    if n_neg:
+        warnings.warn(f"{src.origin}: original_att holds {n_neg} negative values (missing-value marks); clamped to 0",
+                      stacklevel=2)
+        raw = np.maximum(raw, 0.0)
+    if clusters is None:
+        from dedn.clusters import default_clusters
+
+        clusters = default_clusters(src.name, src.num_attributes)
+    return ClassSide(
+        name=src.name, class_names=tuple(src.class_names), attribute_names=tuple(src.attribute_names),
+        attributes_raw=raw, attributes=normalize_rows(src.att), word_vectors=src.word_vectors.astype(np.float32),
+        clusters={s: {str(n): [int(a) for a in ids] for n, ids in c.items()} for s, c in clusters.items()},
+        **class_ids(src, labels),
+    )
+
+
+def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """Image indices of the six splits (docs/design.md): xlsa17 trainval/test_*; train/val_seen from train_loc; val_unseen = val_loc.
+
+    xlsa17's train_loc and val_loc predate the Proposed Split and together cover every
+    seen-class image, test_seen included (CUB: 5875 + 2946 = 7057 trainval + 1764 test_seen).
+    Selection must never see the test split, so test_seen images are removed from train,
+    val_seen and val_unseen: all three are drawn from trainval only.
+
+    train_loc is split per class: round(20 %) of each class's images (at least 1, at most all
+    but 1 when the class has two or more) go to val_seen, drawn by a generator seeded with
+    `seed`, so every train class has images in both. Indices come back sorted.
+    """
+    labels = np.asarray(labels)
+    trainval = np.asarray(locs["trainval_loc"], dtype=np.int64)
+    in_trainval = np.isin(np.asarray(locs["train_loc"], dtype=np.int64), trainval)
+    train_loc = np.asarray(locs["train_loc"], dtype=np.int64)[in_trainval]
+    val_loc = np.asarray(locs["val_loc"], dtype=np.int64)
+    val_loc = val_loc[np.isin(val_loc, trainval)]
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(train_loc.shape[0], dtype=bool)
+    loc_labels = labels[train_loc]
+    for k in np.unique(loc_labels):
+        members = np.flatnonzero(loc_labels == k)
+        n = members.size
+        if n < 2:
+            continue  # a single image cannot be in both; it trains
+        n_val = min(max(1, int(round(VAL_SEEN_FRACTION * n))), n - 1)
+        val_mask[rng.choice(members, size=n_val, replace=False)] = True
+    out = {
+        "trainval": locs["trainval_loc"], "test_seen": locs["test_seen_loc"], "test_unseen": locs["test_unseen_loc"],
+        "train": train_loc[~val_mask], "val_seen": train_loc[val_mask], "val_unseen": val_loc,
+    }
+    return {s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in out.items()}

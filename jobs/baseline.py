@@ -1,0 +1,37 @@
+"""Ridge-regression zero-shot baseline on a dataset directory (a floor for DEDN; a sanity check of data).
+
+    python jobs/baseline.py data/cub-synth [--phase final|select] [--alpha 0.01]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dedn.errors import DednError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--phase", choices=["final", "select"], default="final")
+    p.add_argument("--alpha", type=float, default=0.01, help="ridge penalty per sample on standardised features")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    from dedn.baseline import run_baseline
+    from dedn.dataset import FeatureDataset
+
+    try:
+        result = run_baseline(FeatureDataset.open(args.dataset), args.phase, args.alpha)
+    except DednError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict()) if args.json else f"{args.dataset} ({args.phase}): {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

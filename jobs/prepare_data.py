@@ -1,0 +1,89 @@
+"""Prepare a dataset directory (docs/design.md, "Dataset directory").
+
+    python jobs/prepare_data.py synthetic --name CUB --out data/cub-synth [--channels 2048 --height 7 --width 7]
+    python jobs/prepare_data.py from-hdf5 --features CUB.h5 --att-splits att_splits.mat \\
+        --word-vectors CUB_attribute.pkl --name CUB --out data/cub
+    python jobs/prepare_data.py from-xlsa17 --res101 res101.mat --att-splits att_splits.mat \\
+        --word-vectors CUB_attribute.pkl --name CUB --out data/cub-pooled
+
+Datasets without published attribute word vectors (APY, AWA1) need `--word-vectors FILE`:
+a D x G array (.npy, .txt or .pkl), one row per attribute in att_splits.mat order.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dedn.errors import DednError  # noqa: E402
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, help="dataset name, e.g. CUB, SUN, AWA2")
+    p.add_argument("--out", required=True, type=Path, help="dataset directory to create")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of features")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val_seen split (and of the generator)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--att-splits", required=True, type=Path, help="xlsa17 att_splits.mat")
+    p.add_argument("--word-vectors", required=True, type=Path, help="D x G attribute word vectors (.pkl/.npy/.txt)")
+    p.add_argument("--attribute-dir", type=Path, default=None,
+                   help="folder with attributes.txt / predicates.txt / attributes.mat (default: beside att_splits)")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synthetic", help="semi-synthetic feature maps on a real class side")
+    _common(s)
+    s.add_argument("--source-dir", type=Path, default=None,
+                   help="folder with att_splits.mat, <NAME>_attribute.pkl, image_labels.npz (default: packaged asset)")
+    s.add_argument("--channels", type=int, default=2048)
+    s.add_argument("--height", type=int, default=7)
+    s.add_argument("--width", type=int, default=7)
+    s.add_argument("--images-per-class", type=int, default=None, help="cap per class and split (default: all)")
+    h = sub.add_parser("from-hdf5", help="HDF5 feature maps (feature_map, labels, *_loc)")
+    _common(h)
+    _files(h)
+    h.add_argument("--features", required=True, type=Path)
+    x = sub.add_parser("from-xlsa17", help="xlsa17 res101.mat pooled features (1 x 1 maps)")
+    _common(x)
+    _files(x)
+    x.add_argument("--res101", required=True, type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        if args.command == "synthetic":
+            from dedn.synthetic import write_synthetic
+
+            out = write_synthetic(args.out, args.name, args.source_dir, channels=args.channels, height=args.height,
+                                  width=args.width, images_per_class=args.images_per_class, seed=args.seed, **common)
+        else:
+            from dedn.convert import convert_hdf5, convert_xlsa17
+
+            files = dict(att_splits=args.att_splits, word_vectors=args.word_vectors, name=args.name, out=args.out,
+                         attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed, **common)
+            if args.command == "from-hdf5":
+                out = convert_hdf5(args.features, **files)
+            else:
+                out = convert_xlsa17(args.res101, **files)
+    except DednError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dedn.dataset import FeatureDataset
+
+    print(FeatureDataset.open(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""dedn.sources: xlsa17 files, safe word-vector loading, packaged assets, class side, splits."""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from dedn.errors import DatasetError
+from dedn.sources import (LOC_FIELDS, build_class_side, load_asset, load_att_splits, load_source,
+                          load_word_vectors, make_splits)
+
+SHARED = Path("/work/shared/data")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs /work/shared/data")
+
+
+@pytest.fixture(scope="module")
+def cub():
+    return load_asset("CUB")
+
+
+def test_cub_asset_counts(cub):
+    cs = build_class_side(cub)
+    splits = make_splits(cub.labels, cub.locs, seed=0)
+    assert (cs.num_classes, cs.num_attributes, cs.word_dim) == (200, 312, 300)
+    assert (len(cs.seen_classes), len(cs.unseen_classes)) == (150, 50)
+    assert (len(cs.train_classes), len(cs.val_classes)) == (100, 50)
+    assert [splits[s].size for s in ("trainval", "test_seen", "test_unseen")] == [7057, 1764, 2967]
+    # xlsa17 train_loc/val_loc (5875 + 2946) also cover test_seen; selection keeps only trainval images
+    assert cub.locs["train_loc"].size == 5875 and cub.locs["val_loc"].size == 2946
+    assert (splits["train"].size + splits["val_seen"].size, splits["val_unseen"].size) == (4702, 2355)
+    selection = np.concatenate([splits["train"], splits["val_seen"], splits["val_unseen"]])
+    assert np.intersect1d(selection, splits["test_seen"]).size == 0
+    assert np.setdiff1d(selection, splits["trainval"]).size == 0
+    # labels index allclasses_names (xlsa17 order, not 001..200): image 0 is a Black-footed Albatross
+    assert cub.class_names[0] == "002.Laysan_Albatross" and cub.class_names[cub.labels[0]] == "001.Black_footed_Albatross"
+    assert cs.attribute_names[1] == "has_bill_shape::dagger"
+    np.testing.assert_allclose(np.linalg.norm(cs.attributes, axis=1), 1.0, atol=1e-6)
+    assert cs.attributes.dtype == np.float32 and cs.attributes_raw.max() == 100.0
+
+
+def test_make_splits_stratified_and_seeded(cub):
+    a, b, c = (make_splits(cub.labels, cub.locs, seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(a[s], b[s]) for s in a)
+    assert not np.array_equal(a["val_seen"], c["val_seen"])
+    assert np.intersect1d(a["train"], a["val_seen"]).size == 0
+    train_loc = np.intersect1d(cub.locs["train_loc"], cub.locs["trainval_loc"])
+    np.testing.assert_array_equal(np.union1d(a["train"], a["val_seen"]), train_loc)
+    train_classes = np.unique(cub.labels[cub.locs["train_loc"]])
+    for split in ("train", "val_seen"):  # every train class keeps images on both sides
+        np.testing.assert_array_equal(np.unique(cub.labels[a[split]]), train_classes)
+    # about 20 % per class
+    k = train_classes[0]
+    n_k = np.count_nonzero(cub.labels[train_loc] == k)
+    assert np.count_nonzero(cub.labels[a["val_seen"]] == k) == round(0.2 * n_k)
+
+
+def test_make_splits_small_classes():
+    labels = np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    locs = {"trainval_loc": np.arange(13), "test_seen_loc": np.arange(1), "test_unseen_loc": np.arange(1),
+            "train_loc": np.arange(13), "val_loc": np.arange(1)}
+    s = make_splits(labels, locs, seed=3)
+    assert 0 in s["train"] and 0 not in s["val_seen"]  # a lone image trains
+    assert np.count_nonzero(labels[s["val_seen"]] == 1) == 1 and np.count_nonzero(labels[s["val_seen"]] == 2) == 2
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["CUB", "SUN", "AWA2"])
+def test_packaged_assets_equal_shared_files(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shared, packed = load_source(name, SHARED / name), load_source(name)
+        a, b = build_class_side(shared), build_class_side(packed)
+    for field in ("class_names", "attribute_names", "clusters"):
+        assert getattr(a, field) == getattr(b, field)
+    for field in ("attributes_raw", "attributes", "word_vectors", "seen_classes", "unseen_classes",
+                  "train_classes", "val_classes"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    np.testing.assert_array_equal(shared.labels, packed.labels)
+    for f in LOC_FIELDS:
+        np.testing.assert_array_equal(shared.locs[f], packed.locs[f])
+    assert (SHARED.parent / "data").is_dir() and (Path(__file__).parents[1] / "dedn/assets" / f"{name}.npz").stat().st_size < 1.5 * 2**20
+
+
+@needs_shared
+def test_shared_locs_are_zero_based():
+    src = load_source("CUB", SHARED / "CUB")
+    z = np.load(SHARED / "CUB/image_labels.npz")
+    for f in ("trainval_loc", "test_seen_loc", "test_unseen_loc"):
+        np.testing.assert_array_equal(src.locs[f], z[f])
+
+
+def test_awa2_clamps_missing_values_with_one_warning():
+    src = load_asset("AWA2")
+    assert np.count_nonzero(src.original_att < 0) == 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cs = build_class_side(src)
+    assert len(caught) == 1 and "4 negative values" in str(caught[0].message)
+    assert cs.attributes_raw.min() == 0.0
+    assert len(cs.clusters["manual"]) == 4 and len(cs.clusters["halved"]) == 2
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+def test_safe_unpickler_refuses_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(DatasetError, match=r"evil.pkl: pickle: .*refused global (posix|os|nt)\.system"):
+        load_word_vectors(bad)
+    assert not (tmp_path / "pwned-by-pickle").exists()
+    # a list of arrays needs no forbidden global but is not an array
+    lst = tmp_path / "list.pkl"
+    lst.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DatasetError, match="content: expected a numpy array"):
+        load_word_vectors(lst)
+
+
+@needs_shared
+def test_safe_unpickler_accepts_real_cub_vectors():
+    wv = load_word_vectors(SHARED / "CUB/CUB_attribute.pkl")
+    with open(SHARED / "CUB/CUB_attribute.pkl", "rb") as f:
+        ref = pickle.load(f)  # trusted file: plain pickle as the independent reference
+    assert wv.shape == (312, 300) and wv.dtype == np.float32
+    np.testing.assert_array_equal(wv, ref.astype(np.float32))
+
+
+def test_word_vector_formats_and_errors(tmp_path):
+    x = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
+    np.save(tmp_path / "w.npy", x)
+    np.savetxt(tmp_path / "w.txt", x)
+    (tmp_path / "w.pkl").write_bytes(pickle.dumps(x))
+    for suffix in ("npy", "txt", "pkl"):
+        np.testing.assert_allclose(load_word_vectors(tmp_path / f"w.{suffix}"), x, rtol=1e-6)
+    with pytest.raises(DatasetError, match="--word-vectors FILE"):
+        load_word_vectors(tmp_path / "APY_attribute.pkl")
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]]))
+    with pytest.raises(DatasetError, match="nan.npy: values: expected finite values, found 1 NaN/inf"):
+        load_word_vectors(tmp_path / "nan.npy")
+    np.save(tmp_path / "v.npy", np.ones(3))
+    with pytest.raises(DatasetError, match=r"shape: expected \(D, G\)"):
+        load_word_vectors(tmp_path / "v.npy")
+
+
+def _att_mat(tmp_path, **changes):
+    k, d = 4, 3
+    mat = {"att": np.ones((d, k)), "original_att": np.ones((d, k)),
+           "allclasses_names": np.array([[np.array([f"c{i}"])] for i in range(k)], dtype=object),
+           **{f: np.arange(1, 4, dtype=np.uint16)[:, None] for f in LOC_FIELDS}}
+    mat.update(changes)
+    mat = {key: v for key, v in mat.items() if v is not None}
+    path = tmp_path / "att_splits.mat"
+    scipy.io.savemat(path, mat)
+    return path
+
+
+def test_load_att_splits_checks(tmp_path):
+    s = load_att_splits(_att_mat(tmp_path))
+    assert s.att.shape == (4, 3) and s.class_names == ("c0", "c1", "c2", "c3")
+    np.testing.assert_array_equal(s.locs["val_loc"], [0, 1, 2])
+    with pytest.raises(DatasetError, match=r"keys: .*missing \['test_unseen_loc'\]"):
+        load_att_splits(_att_mat(tmp_path, test_unseen_loc=None))
+    with pytest.raises(DatasetError, match="original_att: expected a numeric D x K = 3 x 4"):
+        load_att_splits(_att_mat(tmp_path, original_att=np.ones((3, 5))))
+    with pytest.raises(DatasetError, match=r"train_loc: expected 1-based image indices \(>= 1\), found 0"):
+        load_att_splits(_att_mat(tmp_path, train_loc=np.arange(0, 3)[:, None]))
+    with pytest.raises(DatasetError, match="att: expected finite values"):
+        load_att_splits(_att_mat(tmp_path, att=np.full((3, 4), np.nan)))
+    with pytest.raises(DatasetError, match="no such file"):
+        load_att_splits(tmp_path / "missing.mat")
+
+
+def test_load_source_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        load_source("CUB", tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="packaged class side"):
+        load_source("APY")
