@@ -6,6 +6,7 @@ search space overrides (through the same dotted keys).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -37,6 +38,7 @@ class ModelConfig:
     num_clusters: int = 0  # kmeans only; 0 = as many clusters as the manual division
     region_rank: int = 0  # >0: low-rank region map V W1a W1b F (reference code, SUN: 256)
     normalize_features: bool = True  # L2 over channels per region, as the reference code does
+    normalize_word_vectors: bool = False  # MSDN on AWA2: re-normalise V's rows at every forward
 
     def __post_init__(self) -> None:
         _check(self.experts in ("both", "coarse", "fine"), "model.experts", "one of both|coarse|fine", self.experts)
@@ -192,7 +194,7 @@ def known_keys() -> list[str]:
     return keys
 
 
-def _resolve_key(key: str, source: str) -> str:
+def resolve_key(key: str, source: str = "command line") -> str:
     """Accept dotted keys, unique leaf names (`beta=`) and `model=NAME` as model.name."""
     if key in known_keys():
         return key
@@ -240,8 +242,13 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise ConfigError(key, "an integer", value, source)
         return value
     if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, "a number", value, source)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(key, "a number", value, source) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key, "a finite number", value, source)
         return float(value)
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -255,7 +262,7 @@ def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str =
     top: dict[str, Any] = {}
     per_section: dict[str, dict[str, Any]] = {}
     for raw_key, raw_value in overrides.items():
-        key = _resolve_key(raw_key, source)
+        key = resolve_key(raw_key, source)
         value = _coerce(key, raw_value, source)
         if "." in key:
             sec, leaf = key.split(".", 1)
@@ -282,15 +289,36 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 
 
 # ---- presets ---------------------------------------------------------------------------
+def preset_name(dataset: str, model: str = "dedn") -> str:
+    """The preset file stem of a model on a dataset: "cub" for DEDN, "msdn_cub" for MSDN.
+
+    Every model other than DEDN keeps its authors' settings in `presets/<model>_<dataset>.yaml`.
+    """
+    d = dataset.lower()
+    if model == "dedn" or d.startswith(f"{model}_"):
+        return d
+    return f"{model}_{d}"
+
+
+def available_presets() -> tuple[str, ...]:
+    """Every preset shipped in dedn/presets ("awa2", "cub", "msdn_cub", ...)."""
+    folder = resources.files("dedn") / "presets"
+    return tuple(sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")))
+
+
 def preset_path(name: str) -> Path:
     return Path(str(resources.files("dedn") / "presets" / f"{name.lower()}.yaml"))
 
 
 def load_preset(name: str, variant: str | None = None) -> DEDNConfig:
-    """The paper's settings for a dataset; `variant='reference'` applies the preset's reference block."""
+    """The paper's settings for a dataset; `variant='reference'` applies the preset's reference block.
+
+    `name` is a dataset ("cub") or a model's preset ("msdn_cub"); a preset without a block
+    for the variant keeps its own settings (MSDN has a single form).
+    """
     path = preset_path(name)
-    if name.lower() not in PRESETS or not path.exists():
-        raise ConfigError("preset", "one of " + "|".join(PRESETS), name, "command line")
+    if name.lower() not in available_presets():
+        raise ConfigError("preset", "one of " + "|".join(available_presets()), name, "command line")
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     variants = doc.pop("variants", {}) or {}
@@ -327,7 +355,9 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
         with open(config_file) as f:
             file_over = _flatten(yaml.safe_load(f) or {}, config_file)
     variant = ov.get("variant", file_over.get("variant"))
-    cfg = load_preset(preset, variant) if preset else DEDNConfig()
+    named = {resolve_key(k): v for k, v in ov.items() if k in ("model", "name", "model.name")}
+    model = named.get("model.name", file_over.get("model.name", "dedn"))
+    cfg = load_preset(preset_name(preset, str(model)), variant) if preset else DEDNConfig()
     if file_over:
         cfg = apply_overrides(cfg, file_over, source=config_file or "config file")
     return apply_overrides(cfg, ov)

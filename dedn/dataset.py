@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dedn.atomic import write_bytes
 from dedn.class_side import ClassSide
 from dedn.errors import DatasetError
 
@@ -206,15 +207,6 @@ def check_shard_schema(path: Path, found: pa.Schema, storage_dtype: str, feature
               and ftype.value_type == expected.field("features").type.value_type)
     if not ok:
         raise DatasetError(path, "schema", str(expected).replace("\n", "; "), str(found).replace("\n", "; "))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class SplitWriter:
@@ -484,7 +476,7 @@ class DatasetWriter:
                     word_vectors=np.asarray(self.class_side.word_vectors, dtype=np.float32),
                 )
             text = json.dumps(self.manifest(sha256_file(cs_path)), indent=1)
-            _atomic_write_bytes(self._tmp / MANIFEST_FILE, text.encode())
+            write_bytes(self._tmp / MANIFEST_FILE, text.encode(), fsync=True)
             self._install()
         except BaseException:
             self.abort()

@@ -73,6 +73,9 @@ def test_model_shortcut_sets_model_name():
         ("experts=three", "model.experts: expected one of both|coarse|fine"),
         ("channel_attention=maybe", "model.channel_attention: expected true or false"),
         ("lr=0", "optim.lr: expected > 0"),
+        ("lr=fast", "optim.lr: expected a number, found 'fast'"),
+        ("beta=nan", "loss.beta: expected a finite number"),
+        ("gamma=inf", "loss.gamma: expected a finite number"),
     ],
 )
 def test_bad_overrides_are_rejected_with_the_key_and_the_expectation(override, message):
@@ -121,3 +124,9 @@ def test_config_file_layer(tmp_path):
     f.write_text("loss:\n  gama: 0.5\n")
     with pytest.raises(ConfigError, match="loss.gama"):
         build_config("cub", [], config_file=str(f))
+
+
+def test_exponent_floats_without_a_dot_parse():
+    # YAML 1.1 reads "1e-3" as a string; float fields must still accept it
+    cfg = build_config("cub", ["optim.lr=1e-3", "beta=5E-4"])
+    assert (cfg.optim.lr, cfg.loss.beta) == (1e-3, 5e-4)
