@@ -1,0 +1,50 @@
+"""Training-curve figure of a run (matplotlib, headless Agg backend)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from dedn.atomic import save_figure
+
+__all__ = ["plot_training_curves"]
+
+# loss parts drawn on the left panel when present (dedn.losses keys)
+LOSS_KEYS = ("loss", "mal_c", "mal_f", "align_c", "align_f", "distill", "cal_c", "cal_f")
+VAL_KEYS = ("T", "U", "S", "H")
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], *,
+                         title: str = "", semi_synthetic: bool = False) -> Path:
+    """Loss parts (left) and validation T/U/S/H (right) against epoch; written atomically as PNG.
+
+    history: one dict per epoch with "epoch", loss parts (keys as in LOSS_KEYS) and optionally
+    "val_T", "val_U", "val_S", "val_H" (fractions in [0, 1]).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers and CI
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    epochs = [int(h["epoch"]) for h in history]
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for key in LOSS_KEYS:
+        ys = [h.get(key) for h in history]
+        if any(y is not None for y in ys):
+            ax_l.plot(epochs, [float("nan") if y is None else y for y in ys], marker="o", ms=3,
+                      lw=2 if key == "loss" else 1, label=key)
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("training loss (mean over the epoch)")
+    ax_l.set_yscale("symlog", linthresh=1e-3)
+    ax_l.legend(fontsize=8)
+    for key in VAL_KEYS:
+        ys = [h.get(f"val_{key}") for h in history]
+        if any(y is not None for y in ys):
+            ax_v.plot(epochs, [float("nan") if y is None else 100 * y for y in ys], marker="o", ms=3, label=key)
+    ax_v.set_xlabel("epoch")
+    ax_v.set_ylabel("validation accuracy (%)")
+    ax_v.set_ylim(0, 100)
+    ax_v.legend(fontsize=8)
+    fig.suptitle((title + ("  [semi-synthetic data]" if semi_synthetic else "")).strip())
+    return save_figure(fig, path)

@@ -1,0 +1,365 @@
+"""The MLflow model registry for DEDN: log, register, alias, load; and the inference wrapper.
+
+A model is logged as an MLflow pyfunc *from code* (`dedn/pyfunc_model.py`), never as a pickle:
+loading it runs our own code, which reads
+
+* `weights.pt`   — a plain state_dict of tensors, read with `torch.load(weights_only=True)`;
+* `config.yaml`  — the resolved `DEDNConfig` (lambda_rc / lambda_e at their selected values);
+* `class_side.npz` — A (K, D), word vectors, class names, seen/unseen ids (allow_pickle=False);
+* `model_meta.json` — feature shape and the attribute clusters the network was built with.
+
+Registered name `<model>-<dataset lowercase>` (`dedn-cub`, `msdn-cub`); each version carries its validation and test
+metrics as tags; alias `champion` moves to a new version only when its validation H beats the
+current champion's `val_H` tag. `load_predictor("models:/dedn-cub@champion")` gives a
+`DEDNPredictor` with `.scores(features, extra_class_attributes=None)` and `.predict(...)`.
+Loading needs the `dedn` package importable (installed), like any models-from-code model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from dedn.class_side import ClassSide, normalize_rows
+from dedn.config import DEDNConfig
+from dedn.errors import ConfigError, DatasetError
+
+try:  # the wrapper subclasses PythonModel when MLflow is there; the predictor itself needs no MLflow
+    from mlflow.pyfunc import PythonModel as _PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency
+    _PythonModel = object  # type: ignore[assignment,misc]
+
+__all__ = [
+    "CHAMPION", "registered_name", "DEDNPredictor", "DEDNPyfuncModel", "write_model_files", "log_model",
+    "RegisteredVersion", "register_model", "load_predictor", "pip_requirements", "read_extra_classes",
+]
+
+CHAMPION = "champion"
+WEIGHTS_FILE, CONFIG_FILE, CLASS_SIDE_FILE, META_FILE = "weights.pt", "config.yaml", "class_side.npz", "model_meta.json"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+KINDS = ("seen", "unseen", "new")
+
+
+def registered_name(dataset: str, model: str = "dedn") -> str:
+    """`dedn-cub`, `msdn-cub`: one registered model per (model family, dataset)."""
+    return f"{model.lower()}-{dataset.lower()}"
+
+
+# ---- the predictor ---------------------------------------------------------------------------
+class DEDNPredictor:
+    """Scores feature maps against every class (and optional new classes) with a trained DEDN.
+
+    scores = eq. 8 / eq. 19 combination at the config's (lambda_rc, lambda_e); `predict` applies
+    calibrated stacking (eval.calibration subtracted from seen classes) and takes the argmax over
+    seen, unseen and new classes (generalised zero-shot).
+    """
+
+    def __init__(self, model: nn.Module, cfg: DEDNConfig, class_names: Sequence[str],
+                 seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = ()):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.class_names = tuple(map(str, class_names))
+        self.attribute_names = tuple(map(str, attribute_names))
+        self.seen_classes = np.asarray(seen_classes, dtype=np.int64)
+        self.unseen_classes = np.asarray(unseen_classes, dtype=np.int64)
+        self.feature_shape: tuple[int, int, int] = tuple(model.feature_shape)  # type: ignore[assignment]
+        self.class_attributes: torch.Tensor = model.class_attributes.detach().float().cpu()  # (K, D)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_attributes(self) -> int:
+        return int(self.class_attributes.shape[1])
+
+    def _extra(self, extra: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
+        if extra is None:
+            return None
+        e = torch.as_tensor(np.asarray(extra, dtype=np.float32))
+        if e.ndim != 2 or e.shape[1] != self.num_attributes:
+            raise ConfigError("extra_class_attributes", f"an (E, {self.num_attributes}) matrix", tuple(e.shape), "DEDNPredictor")
+        if not torch.isfinite(e).all():
+            raise ConfigError("extra_class_attributes", "finite values", "NaN or inf", "DEDNPredictor")
+        return torch.from_numpy(normalize_rows(e.numpy()))  # (E, D), like the training A
+
+    @torch.no_grad()
+    def scores(self, features: np.ndarray | torch.Tensor, extra_class_attributes: np.ndarray | torch.Tensor | None = None,
+               *, batch_size: int | None = None) -> np.ndarray:
+        """features (N, C, H, W) -> scores (N, K + E) float32; E = rows of extra_class_attributes (E, D)."""
+        x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.feature_shape:
+            raise ConfigError("features", f"(N, {', '.join(map(str, self.feature_shape))})", tuple(x.shape), "DEDNPredictor")
+        extra = self._extra(extra_class_attributes)
+        a = self.class_attributes if extra is None else torch.cat([self.class_attributes, extra], 0)  # (K+E, D)
+        bs = batch_size or self.cfg.eval.batch_size
+        device = next(self.model.parameters()).device
+        a = a.to(device)
+        out = []
+        for i in range(0, x.shape[0], bs):
+            o = self.model(x[i:i + bs].to(device=device, dtype=torch.float32))
+            o = dataclasses.replace(o, class_attributes=a)  # scores are O A^T: new classes need only their row of A
+            out.append(o.inference_scores(self.cfg.eval.lambda_rc, self.cfg.eval.lambda_e).float().cpu())  # (b, K+E)
+        return torch.cat(out, 0).numpy() if out else np.zeros((0, a.shape[0]), np.float32)
+
+    def calibrated(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated stacking: eval.calibration subtracted from the seen-class columns."""
+        z = np.array(scores, dtype=np.float32, copy=True)
+        z[:, self.seen_classes] -= self.cfg.eval.calibration
+        return z
+
+    def decide(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """scores (N, K + E) -> (class ids (N,) int64, the winner's calibrated score (N,) float32).
+
+        GZSL argmax over seen, unseen and new classes (ids >= K are new) after calibrated stacking.
+        """
+        z = self.calibrated(scores)  # (N, K + E)
+        known = np.zeros(z.shape[1], dtype=bool)
+        known[self.seen_classes] = known[self.unseen_classes] = True
+        known[self.num_classes:] = True  # new classes always compete
+        z[:, ~known] = -np.inf  # classes of neither set (none in a normal dataset) never win
+        ids = z.argmax(1).astype(np.int64)
+        return ids, z[np.arange(len(ids)), ids].astype(np.float32)
+
+    def predict(self, features: np.ndarray | torch.Tensor, extra_class_attributes: np.ndarray | torch.Tensor | None = None
+                ) -> np.ndarray:
+        """features (N, C, H, W) -> class ids (N,) int64 over seen, unseen and new classes (ids K.. are new)."""
+        return self.decide(self.scores(features, extra_class_attributes))[0]
+
+    def kind(self, class_ids: np.ndarray) -> np.ndarray:
+        """'seen' | 'unseen' | 'new' for each class id."""
+        ids = np.asarray(class_ids, dtype=np.int64)
+        out = np.full(ids.shape, "new", dtype=object)
+        out[np.isin(ids, self.seen_classes)] = "seen"
+        out[np.isin(ids, self.unseen_classes)] = "unseen"
+        return out
+
+
+def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], clusters: Sequence[Sequence[int]],
+                   feature_shape: Sequence[int]) -> nn.Module:
+    """The network of cfg.model.name through the engine's model table, with the clusters it was trained with."""
+    from dedn.engine import model_spec
+
+    no_ids = np.zeros(0, np.int64)
+    class_side = ClassSide(
+        name=cfg.dataset, class_names=tuple(map(str, cs["class_names"])), attribute_names=tuple(map(str, cs["attribute_names"])),
+        attributes_raw=cs.get("attributes_raw", cs["attributes"]), attributes=cs["attributes"], word_vectors=cs["word_vectors"],
+        seen_classes=cs["seen_classes"], unseen_classes=cs["unseen_classes"], train_classes=no_ids, val_classes=no_ids,
+    )
+    return model_spec(cfg).build(cfg, class_side, tuple(int(x) for x in feature_shape), [list(q) for q in clusters])
+
+
+def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], device: str = "cpu") -> DEDNPredictor:
+    """A DEDNPredictor from the four model files (a folder, or MLflow's artifact-name -> path map)."""
+    paths = dict(directory) if isinstance(directory, Mapping) else {
+        k: str(Path(directory) / f) for k, f in
+        (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("class_side", CLASS_SIDE_FILE), ("meta", META_FILE))}
+    with open(paths["config"]) as f:
+        cfg = DEDNConfig.from_dict(yaml.safe_load(f), source=paths["config"])
+    meta = json.loads(Path(paths["meta"]).read_text())
+    try:
+        with np.load(paths["class_side"], allow_pickle=False) as z:
+            cs = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DatasetError(paths["class_side"], "file", "an npz without pickles", f"{type(e).__name__}: {e}") from None
+    model = _build_network(cfg, cs, meta["clusters"], meta["feature_shape"])
+    state = torch.load(paths["weights"], map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.to(device)
+    return DEDNPredictor(model, cfg, cs["class_names"].tolist(), cs["seen_classes"], cs["unseen_classes"],
+                         cs["attribute_names"].tolist())
+
+
+# ---- the pyfunc wrapper (models from code: dedn/pyfunc_model.py) ----------------------------
+class DEDNPyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
+    """MLflow pyfunc: predict(features (N, C, H, W) float32) -> scores (N, K) float32.
+
+    params {"output": "class_id"} returns class ids (N,) instead (calibrated, GZSL argmax).
+    The DEDNPredictor is `.predictor` (reach it with `PyFuncModel.unwrap_python_model()`).
+    """
+
+    predictor: DEDNPredictor | None = None
+
+    def load_context(self, context: Any) -> None:
+        self.predictor = predictor_from_files(context.artifacts)
+
+    # No type hints on predict: MLflow would try (and fail) to derive a schema from them.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        assert self.predictor is not None, "load_context was not called"
+        if isinstance(model_input, Mapping):  # a named tensor input arrives as {name: array}
+            model_input = next(iter(model_input.values()))
+        x = np.asarray(model_input, dtype=np.float32)
+        if (params or {}).get("output", "scores") == "class_id":
+            return self.predictor.predict(x)
+        return self.predictor.scores(x)
+
+
+# ---- writing and logging ---------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the network in .module
+
+
+def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path."""
+    net = _unwrap(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # plain tensors only
+    torch.save(state, out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(cfg.to_yaml())
+    np.savez(
+        out / CLASS_SIDE_FILE,
+        attributes=np.asarray(class_side.attributes, np.float32),
+        attributes_raw=np.asarray(class_side.attributes_raw, np.float32),
+        word_vectors=np.asarray(class_side.word_vectors, np.float32),
+        class_names=np.asarray(class_side.class_names, dtype=str),
+        attribute_names=np.asarray(class_side.attribute_names, dtype=str),
+        seen_classes=np.asarray(class_side.seen_classes, np.int64),
+        unseen_classes=np.asarray(class_side.unseen_classes, np.int64),
+    )
+    clusters = getattr(net, "clusters", [])  # DEDN's fExp clusters; MSDN has none
+    meta = {"feature_shape": list(net.feature_shape), "clusters": [list(map(int, q)) for q in clusters],
+            "model": cfg.model.name, "dataset": cfg.dataset, "variant": cfg.variant, "format": 1}
+    (out / META_FILE).write_text(json.dumps(meta))
+    return {"weights": str(out / WEIGHTS_FILE), "config": str(out / CONFIG_FILE),
+            "class_side": str(out / CLASS_SIDE_FILE), "meta": str(out / META_FILE)}
+
+
+def pip_requirements() -> list[str]:
+    """Given explicitly: inferring them costs 5-7 s per log_model (stack notes). Local labels (+cpu) dropped."""
+    import importlib.metadata as md
+
+    reqs = []
+    for pkg in ("torch", "numpy", "pyyaml", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={md.version(pkg).split('+')[0]}")
+        except md.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str, name: str = "model",
+              registered_model_name: str | None = None, input_example: np.ndarray | None = None) -> Any:
+    """Log the network as a models-from-code pyfunc into run `run_id`; returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    net = _unwrap(model)
+    c, h, w = net.feature_shape
+    k = int(net.class_attributes.shape[0])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),  # features (N, C, H, W)
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]),  # scores (N, K)
+        params=ParamSchema([ParamSpec("output", "string", "scores")]),
+    )
+    if input_example is not None:
+        input_example = np.asarray(input_example[:1], dtype=np.float32)  # one row: the example is stored as JSON
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        # MLflow suggests predict type hints for schema inference; the explicit signature does that job
+        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+        files = write_model_files(net, cfg, class_side, d)
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(PYFUNC_CODE), artifacts=files, signature=signature,
+                input_example=input_example, pip_requirements=pip_requirements(),
+                registered_model_name=registered_model_name,
+            )
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_uri: str  # models:/name/version
+    champion: bool  # whether alias `champion` now points at this version
+    previous_champion_val_H: float | None
+
+
+def _metric_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
+    return {f"{prefix}{k}": f"{float(v):.6f}" for k, v in metrics.items()}
+
+
+def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str,
+                   val_metrics: Mapping[str, float], test_metrics: Mapping[str, float],
+                   input_example: np.ndarray | None = None, semi_synthetic: bool = False) -> RegisteredVersion:
+    """Log + register as `<model>-<dataset>`, tag the version with its metrics, move `champion` if val H is better.
+
+    val_metrics / test_metrics: {"T", "U", "S", "H"} fractions; tagged as val_* / test_*.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from dedn import tracking
+
+    tracking.init_store()
+    name = registered_name(cfg.dataset, cfg.model.name)
+    info = log_model(model, cfg, class_side, run_id=run_id, registered_model_name=name, input_example=input_example)
+    c = tracking.client()
+    version = str(info.registered_model_version)
+    tags = {**_metric_tags("val_", val_metrics), **_metric_tags("test_", test_metrics),
+            "run_id": run_id, "variant": cfg.variant, "semi_synthetic": str(bool(semi_synthetic)).lower()}
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, v)
+    new_h = float(val_metrics.get("H", float("nan")))
+    try:
+        current = c.get_model_version_by_alias(name, CHAMPION)
+        old_h: float | None = float(current.tags.get("val_H", "nan"))
+    except MlflowException:
+        current, old_h = None, None
+    promote = current is None or old_h is None or not np.isfinite(old_h) or (np.isfinite(new_h) and new_h > old_h)
+    if promote:
+        c.set_registered_model_alias(name, CHAMPION, version)
+    return RegisteredVersion(name, version, f"models:/{name}/{version}", promote, old_h)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load_predictor(uri: str) -> DEDNPredictor:
+    """`models:/dedn-cub@champion`, `models:/dedn-cub/3`, `runs:/<id>/model` -> DEDNPredictor."""
+    import mlflow.pyfunc
+
+    from dedn import tracking
+
+    tracking.init_store()
+    wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if not isinstance(wrapper, DEDNPyfuncModel) or wrapper.predictor is None:
+        raise ConfigError("model uri", "a DEDN model logged by dedn.registry", f"{uri} ({type(wrapper).__name__})", "load_predictor")
+    return wrapper.predictor
+
+
+def read_extra_classes(path: str | os.PathLike[str], num_attributes: int) -> tuple[list[str], np.ndarray]:
+    """New classes from CSV or Parquet: column `name`, then D attribute values. -> (names (E,), raw (E, D))."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    try:
+        table = pq.read_table(p) if p.suffix.lower() == ".parquet" else pacsv.read_csv(p)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DatasetError(p, "file", "a CSV or Parquet table", f"{type(e).__name__}: {e}") from None
+    cols = table.column_names
+    if not cols or cols[0] != "name":
+        raise DatasetError(p, "columns", "first column 'name'", cols[:3])
+    if len(cols) - 1 != num_attributes:
+        raise DatasetError(p, "columns", f"name + {num_attributes} attribute columns", f"name + {len(cols) - 1}")
+    names = [str(x) for x in table.column("name").to_pylist()]
+    try:
+        values = np.stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in cols[1:]], 1)
+    except (ValueError, TypeError, pa.ArrowInvalid) as e:
+        raise DatasetError(p, "attribute values", "numbers", f"{type(e).__name__}: {e}") from None
+    if not np.isfinite(values).all():
+        raise DatasetError(p, "attribute values", "finite numbers", "NaN or inf")
+    if len(set(names)) != len(names) or not names:
+        raise DatasetError(p, "name", "unique, non-empty class names", f"{len(names)} rows, {len(set(names))} distinct")
+    return names, values.astype(np.float32)

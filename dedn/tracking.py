@@ -1,0 +1,238 @@
+"""MLflow tracking for `dedn`: where the store lives, experiments, and what a training run logs.
+
+The store is a fixed, documented place, so runs started directly (`python jobs/train.py`) and
+runs submitted to a cluster (`ray job submit`, whose working directory is a Ray temp folder)
+land in the same one:
+
+* `MLFLOW_TRACKING_URI` when set (a server, a database, ...);
+* otherwise `sqlite:///<DEDN_HOME>/mlflow.db` with artifacts under `<DEDN_HOME>/mlartifacts`,
+  `DEDN_HOME` defaulting to `~/.dedn`. Browse it with
+  `mlflow ui --backend-store-uri sqlite:///$HOME/.dedn/mlflow.db`.
+
+Experiments are created with an explicit artifact location (MLflow's default is `./mlruns` of the
+current directory, which under `ray job submit` is a temporary folder). The driver creates the
+store, the experiment and the run (`start_run`) before any Ray worker starts — concurrent first
+use of a new sqlite file races — and rank 0 alone logs into that run by id (`RunLogger`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from dedn.config import DEDNConfig
+
+__all__ = [
+    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment",
+    "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH",
+]
+
+MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
+
+
+def dedn_home() -> Path:
+    """`$DEDN_HOME`, default `~/.dedn`: the MLflow store, Ray Train storage and the demo dataset live here."""
+    return Path(os.environ.get("DEDN_HOME") or Path.home() / ".dedn").expanduser().resolve()
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, or the sqlite file `<DEDN_HOME>/mlflow.db` (an absolute path)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{dedn_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Where experiments of the local store keep their artifacts: `<DEDN_HOME>/mlartifacts`."""
+    return dedn_home() / "mlartifacts"
+
+
+def client() -> "MlflowClient":
+    """An MlflowClient on `tracking_uri()` (the global tracking URI is left alone)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    # registry_uri explicitly: otherwise a registry URI set earlier in this process wins
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def init_store() -> str:
+    """Create the store if it does not exist yet (call in the driver before any worker); returns its URI.
+
+    Also makes it the process's MLflow tracking (and registry) URI, so `mlflow.*` calls use it.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    if uri == f"sqlite:///{dedn_home() / 'mlflow.db'}":
+        dedn_home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client().search_experiments(max_results=1)  # creates the sqlite tables (about 1 s the first time)
+    return uri
+
+
+def experiment_name(dataset: str) -> str:
+    return f"dedn-{dataset.lower()}"
+
+
+def get_or_create_experiment(name: str) -> str:
+    """The id of experiment `name`, created with an explicit artifact location when the store is local."""
+    from mlflow.exceptions import MlflowException
+
+    init_store()
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root() / name).as_uri() if _is_local_store(tracking_uri()) else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit of the checkout holding `path` (default: this package), or None outside git."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def ray_job_id() -> str | None:
+    """The Ray job: its submission id under `ray job submit`, else the driver's job id; None without Ray."""
+    # The job supervisor hands the driver its job config, submission id included, in this variable.
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            sid = json.loads(raw).get("metadata", {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            sid = None
+        if sid:
+            return str(sid)
+    if os.environ.get("RAY_JOB_ID"):
+        return os.environ["RAY_JOB_ID"]
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - best effort; a tag is not worth failing a run for
+        return None
+    return None
+
+
+def run_tags(cfg: "DEDNConfig", *, semi_synthetic: bool, data_path: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags every training run carries: dataset, variant, protocol, git commit, Ray job, semi_synthetic."""
+    tags = {
+        "dataset": cfg.dataset, "model": cfg.model.name, "variant": cfg.variant, "protocol": cfg.protocol,
+        "semi_synthetic": str(bool(semi_synthetic)).lower(), "data_path": data_path,
+    }
+    sha = git_commit()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+        tags["git_commit"] = sha
+    job = ray_job_id()
+    if job:
+        tags["ray_job_id"] = job
+    tags.update(extra or {})
+    return tags
+
+
+def start_run(cfg: "DEDNConfig", *, run_name: str, tags: Mapping[str, str], experiment: str | None = None) -> tuple[str, str]:
+    """Create the run in the driver; log the full resolved config as params. Returns (experiment_id, run_id)."""
+    from mlflow.entities import Param
+
+    exp_id = get_or_create_experiment(experiment or experiment_name(cfg.dataset))
+    c = client()
+    run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    return exp_id, run.info.run_id
+
+
+class RunLogger:
+    """Logs into one existing run by id (rank 0 of the Ray Train workers, or the driver).
+
+    Metrics are logged with step = epoch; `skip_through` skips steps already in the store (a
+    worker restarted from a checkpoint may redo an epoch it logged before failing), so each
+    metric has one history entry per epoch.
+    """
+
+    def __init__(self, run_id: str, uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        uri = uri or tracking_uri()
+        self.client = MlflowClient(uri, registry_uri=uri)
+        self._logged_steps: dict[str, int] = {}
+
+    def last_step(self, key: str) -> int:
+        """Highest step logged for `key` in this run (-1 when none); cached after the first query."""
+        if key not in self._logged_steps:
+            hist = self.client.get_metric_history(self.run_id, key)
+            self._logged_steps[key] = max((m.step for m in hist), default=-1)
+        return self._logged_steps[key]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """One history entry per metric and step; steps already logged are skipped."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if step > self.last_step(k)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        for m in batch:
+            self._logged_steps[m.key] = int(step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(d, indent=2, sort_keys=True, default=float), artifact_file)
+
+    def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table_csv(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows of dicts (same keys) as a CSV artifact."""
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(artifact_file).name
+            keys: list[str] = list(rows[0].keys()) if rows else []
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+            parent = str(Path(artifact_file).parent)
+            self.log_file(path, None if parent == "." else parent)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every entry of metric `key`, sorted by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,141 @@
+"""Score feature maps with a registered DEDN model; write predictions to Parquet.
+
+    python jobs/predict.py --model models:/dedn-awa2@champion --data DIR --split test_unseen --out preds.parquet
+    python jobs/predict.py --model models:/dedn-cub/3 --features my_features.parquet --out preds.parquet
+    python jobs/predict.py --model ... --data DIR --split test_unseen --extra-classes new_classes.csv --out ...
+
+--features: a Parquet file with the shard columns (sample_id int64, features list<float>[C*H*W];
+label optional). --extra-classes: CSV or Parquet with column `name` then the D attribute values
+of classes that did not exist at training time; they are row-normalised, appended to the class
+attribute matrix A and compete in the argmax as `new` classes — no retraining.
+
+Output columns: sample_id, class_id, class_name, kind (seen | unseen | new), score (the winning
+class's score after calibrated stacking), and label when the input has labels.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dedn.errors import ConfigError, DednError  # noqa: E402
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="model URI (default: models:/<family>-<dataset>@champion of --data's dataset)")
+    p.add_argument("--family", default="dedn", help="model family for the default URI: dedn or msdn")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default="", help="dataset directory to score one split of")
+    src.add_argument("--features", default="", help="Parquet file of feature rows (shard columns)")
+    p.add_argument("--split", default="test_unseen", help="split of --data to score")
+    p.add_argument("--extra-classes", default="", help="CSV/Parquet: name, then D attribute values per new class")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--batch-size", type=int, default=256)
+    return p.parse_args(argv)
+
+
+def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, int]):
+    """Yields (sample_ids (B,), labels (B,) or None, features (B, C, H, W) float32)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dedn.errors import DatasetError
+
+    if args.data:
+        from dedn.dataset import FeatureDataset
+        from dedn.reader import ShardReader
+
+        ds = FeatureDataset.open(args.data)
+        if tuple(ds.feature_shape) != tuple(feature_shape):
+            raise DatasetError(Path(args.data) / "dataset.json", "feature_shape", f"{list(feature_shape)} (the model's)",
+                               list(ds.feature_shape))
+        for b in ShardReader(ds, args.split, batch_size=args.batch_size, shuffle=False):
+            yield b.sample_ids.numpy(), b.labels.numpy(), b.features.numpy()
+        return
+    path = Path(args.features)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(path, "file", "a Parquet file", f"{type(e).__name__}: {e}") from None
+    names = pf.schema_arrow.names
+    for col in ("sample_id", "features"):
+        if col not in names:
+            raise DatasetError(path, "columns", "sample_id, features (label optional)", names)
+    size = int(np.prod(feature_shape))
+    cols = ["sample_id", "features"] + (["label"] if "label" in names else [])
+    for rb in pf.iter_batches(batch_size=args.batch_size, columns=cols):
+        flat = rb.column("features").flatten().to_numpy(zero_copy_only=False)
+        n = rb.num_rows
+        if flat.size != n * size:
+            raise DatasetError(path, "features", f"{size} values per row (C*H*W of {list(feature_shape)})",
+                               f"{flat.size / max(n, 1):g} on average")
+        x = flat.astype(np.float32).reshape(n, *feature_shape)  # (B, C, H, W)
+        if not np.isfinite(x).all():
+            raise DatasetError(path, "features", "finite values", "NaN or inf")
+        labels = rb.column("label").to_numpy().astype(np.int64) if "label" in cols else None
+        yield rb.column("sample_id").to_numpy().astype(np.int64), labels, x
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dedn.registry import load_predictor, read_extra_classes, registered_name
+
+    try:
+        uri = args.model
+        if not uri:
+            if not args.data:
+                raise ConfigError("--model", "a model URI when --features is given", "none", "command line")
+            from dedn.dataset import FeatureDataset
+
+            uri = f"models:/{registered_name(FeatureDataset.open(args.data, verify='none').name, args.family)}@champion"
+        predictor = load_predictor(uri)
+        names = list(predictor.class_names)
+        extra = None
+        if args.extra_classes:
+            new_names, extra = read_extra_classes(args.extra_classes, predictor.num_attributes)
+            names += new_names
+        out_cols: dict[str, list[np.ndarray]] = {"sample_id": [], "class_id": [], "score": [], "label": []}
+        has_labels = True
+        for ids, labels, x in _feature_batches(args, predictor.feature_shape):
+            pred, score = predictor.decide(predictor.scores(x, extra))  # (B,), (B,)
+            out_cols["sample_id"].append(ids)
+            out_cols["class_id"].append(pred)
+            out_cols["score"].append(score)
+            has_labels = has_labels and labels is not None
+            if labels is not None:
+                out_cols["label"].append(labels.astype(np.int64))
+        class_id = np.concatenate(out_cols["class_id"]) if out_cols["class_id"] else np.zeros(0, np.int64)
+        table = {
+            "sample_id": np.concatenate(out_cols["sample_id"]) if out_cols["sample_id"] else np.zeros(0, np.int64),
+            "class_id": class_id,
+            "class_name": np.asarray([names[i] for i in class_id], dtype=object),
+            "kind": predictor.kind(class_id),
+            "score": np.concatenate(out_cols["score"]) if out_cols["score"] else np.zeros(0, np.float32),
+        }
+        if has_labels and out_cols["label"]:
+            table["label"] = np.concatenate(out_cols["label"])
+        from dedn.atomic import atomic_path
+
+        out = Path(args.out)
+        with atomic_path(out) as tmp:
+            pq.write_table(pa.table(table), tmp)
+    except DednError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kinds = {k: int((table["kind"] == k).sum()) for k in ("seen", "unseen", "new")}
+    msg = f"{len(class_id)} predictions -> {out}  (predicted kinds: {kinds}; model {uri})"
+    if "label" in table and len(class_id):
+        msg += f"; top-1 accuracy {100 * float((table['label'] == class_id).mean()):.1f} %"
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Integration: `ray start --head` (token auth), `ray job submit -- python jobs/train.py`, run and model in MLflow.
+
+Everything lives in tmp: HOME (so ~/.ray/auth_token is the test's own), DEDN_HOME (the MLflow
+store), Ray's temp dir; ports are free ones on 127.0.0.1. `ray stop` runs in a finally.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", "mlflow.db", ".pytest_cache", "**/__pycache__", "*.egg-info"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset):
+    home, dedn_home = tmp_path / "home", tmp_path / "dedn_home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(HOME=str(home), DEDN_HOME=str(dedn_home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
+    gcs, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
+    try:
+        # `ray start` with RAY_AUTH_MODE=token does not create the token: generate it first
+        gen = _ray(["get-auth-token", "--generate"], env, 60)
+        assert gen.returncode == 0, gen.stdout + gen.stderr
+        assert (home / ".ray" / "auth_token").exists(), "the token is not under the test's HOME"
+        start = _ray(["start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                      f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                      f"--temp-dir={temp}"], env, 120)
+        assert start.returncode == 0, start.stdout + start.stderr
+        submit = _ray([
+            "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+            "--", sys.executable, "jobs/train.py", "--data", str(tiny_dataset.root), "--preset", "cub",
+            "--num-workers", "2", "epochs=1", "eval.batch_size=64",
+        ], env, 240)
+        log = submit.stdout + submit.stderr
+        assert submit.returncode == 0, log[-4000:]
+        assert "succeeded" in log, log[-4000:]
+        sid = re.search(r"Job '([^']+)' submitted successfully", log)
+        assert sid, log[-2000:]
+    finally:
+        stop = _ray(["stop", "--force"], env, 60)
+        assert stop.returncode == 0, stop.stderr
+
+    # the run and the model version landed in the fixed store under DEDN_HOME
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{dedn_home / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("dedn-cub")
+    assert exp is not None and exp.artifact_location.startswith((dedn_home / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("ray_job_id") == sid.group(1)
+    assert "test_H" in run.data.metrics and "val_H" in run.data.metrics
+    mv = client.get_model_version_by_alias("dedn-cub", "champion")
+    assert mv.run_id == run.info.run_id

@@ -1,0 +1,87 @@
+"""jobs/predict.py: score a split or a Parquet file of features with a registered model, with new classes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from toydata import load_job
+
+
+
+def _predict_main():
+    return load_job("predict").main
+
+
+@pytest.fixture()
+def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset):
+    """A DEDN (random init, calibration 0.5 so calibrated stacking matters) registered in a private store."""
+    from dedn import engine, registry, tracking
+    from dedn.config import build_config
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = build_config("cub", ["eval.calibration=0.5", f"data.path={tiny_dataset.root}"])
+    model = engine.build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape).eval()
+    _, run_id = tracking.start_run(cfg, run_name="t", tags={})
+    registry.register_model(model, cfg, tiny_dataset.class_side, run_id=run_id, val_metrics={"H": 0.1},
+                            test_metrics={"H": 0.1})
+    return registry.load_predictor("models:/dedn-cub@champion")
+
+
+@pytest.mark.timeout(120)
+def test_predict_split_and_feature_file_agree_with_the_predictor(registered, tiny_dataset, tmp_path: Path):
+    from dedn.reader import ShardReader
+
+    main = _predict_main()
+    out = tmp_path / "pred.parquet"
+    assert main(["--data", str(tiny_dataset.root), "--split", "test_unseen", "--out", str(out)]) == 0
+    t = pq.read_table(out).to_pydict()
+    assert set(t) == {"sample_id", "class_id", "class_name", "kind", "score", "label"}
+    batch = next(iter(ShardReader(tiny_dataset, "test_unseen", batch_size=10_000, shuffle=False)))
+    want = registered.predict(batch.features)
+    assert t["sample_id"] == batch.sample_ids.tolist() and t["class_id"] == want.tolist()
+    names = tiny_dataset.class_side.class_names
+    assert t["class_name"] == [names[i] for i in want]
+    assert set(t["kind"]) <= {"seen", "unseen"}
+    z = registered.calibrated(registered.scores(batch.features))
+    np.testing.assert_allclose(t["score"], z.max(1), rtol=1e-6)
+    # the same rows given as a Parquet file of features (a shard has the right columns)
+    shard = tiny_dataset.root / tiny_dataset.split("test_unseen").shards[0].file
+    out2 = tmp_path / "pred2.parquet"
+    assert main(["--model", "models:/dedn-cub@champion", "--features", str(shard), "--out", str(out2)]) == 0
+    t2 = pq.read_table(out2).to_pydict()
+    assert sorted(zip(t2["sample_id"], t2["class_id"])) == sorted(zip(t["sample_id"], t["class_id"]))
+
+
+@pytest.mark.timeout(120)
+def test_extra_classes_can_win_without_retraining(registered, tiny_dataset, tmp_path: Path):
+    from dedn.reader import ShardReader
+
+    cs = tiny_dataset.class_side
+    k, d = cs.num_classes, cs.num_attributes
+    batch = next(iter(ShardReader(tiny_dataset, "test_unseen", batch_size=10_000, shuffle=False)))
+    # scores are linear in a class's (normalised) attribute row: unit basis vectors as classes give each
+    # sample's combined attribute embedding v (N, D); by Cauchy-Schwarz the class v_0 / |v_0| beats every
+    # other class on sample 0
+    v = registered.scores(batch.features, np.eye(d, dtype=np.float32))[:, k:]  # (N, D)
+    best = v[0] / np.linalg.norm(v[0])
+    rows = ["name," + ",".join(f"a{i}" for i in range(d)),
+            "made_for_sample_0," + ",".join(repr(float(x)) for x in best),
+            "copy_of_unseen," + ",".join(repr(float(x)) for x in cs.attributes_raw[int(cs.unseen_classes[0])])]
+    csv = tmp_path / "new.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "pred.parquet"
+    main = _predict_main()
+    assert main(["--data", str(tiny_dataset.root), "--split", "test_unseen", "--extra-classes", str(csv),
+                 "--out", str(out)]) == 0
+    t = pq.read_table(out).to_pydict()
+    assert len(t["sample_id"]) == tiny_dataset.split("test_unseen").num_rows
+    assert (t["class_id"][0], t["class_name"][0], t["kind"][0]) == (k, "made_for_sample_0", "new")
+    assert max(t["class_id"]) < k + 2
+    # a bad file fails with exit code 2 and leaves no output behind
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,a1\nx,1\n")
+    assert main(["--data", str(tiny_dataset.root), "--extra-classes", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert not (tmp_path / "x.parquet").exists()

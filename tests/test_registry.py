@@ -1,0 +1,128 @@
+"""Model registry: models-from-code pyfunc round trip, champion alias rule, new classes at inference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def _model_and_batch(ds, seed: int = 0):
+    from dedn import engine
+    from dedn.config import build_config
+    from dedn.reader import ShardReader
+
+    cfg = build_config("cub", [f"optim.seed={seed}", "eval.lambda_rc=0.7", "eval.lambda_e=0.6", f"data.path={ds.root}"])
+    model = engine.build_model(cfg, ds.class_side, ds.feature_shape).eval()
+    x = next(iter(ShardReader(ds, "test_unseen", batch_size=6, shuffle=False))).features  # (6, C, H, W)
+    return cfg, model, x
+
+
+def _register(cfg, model, ds, val_h: float, example=None):
+    from dedn import registry, tracking
+
+    _, run_id = tracking.start_run(cfg, run_name="t", tags={"dataset": cfg.dataset})
+    val = {"T": 0.5, "U": 0.4, "S": 0.3, "H": val_h}
+    return registry.register_model(model, cfg, ds.class_side, run_id=run_id, val_metrics=val,
+                                   test_metrics={"T": 0.1, "U": 0.1, "S": 0.1, "H": 0.1},
+                                   input_example=None if example is None else example.numpy())
+
+
+@pytest.mark.timeout(120)
+def test_round_trip_by_alias_scores_match_in_process_model(store, tiny_dataset):
+    import mlflow
+
+    from dedn import registry, tracking
+
+    cfg, model, x = _model_and_batch(tiny_dataset)
+    v = _register(cfg, model, tiny_dataset, val_h=0.2, example=x)
+    assert v.champion and v.version == "1"
+    pred = registry.load_predictor("models:/dedn-cub@champion")
+    with torch.no_grad():
+        want = model(x).inference_scores(0.7, 0.6).numpy()  # (6, K)
+    got = pred.scores(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the plain pyfunc interface gives the same scores
+    np.testing.assert_allclose(mlflow.pyfunc.load_model("models:/dedn-cub/1").predict(x.numpy()), want, rtol=1e-5, atol=1e-6)
+    # the logged model holds no pickle: weights, YAML, npz, JSON and the code file only
+    local = Path(mlflow.artifacts.download_artifacts("models:/dedn-cub/1"))
+    assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle"))
+    assert (local / "MLmodel").read_text().count("pyfunc_model.py") >= 1
+    tags = tracking.client().get_model_version("dedn-cub", "1").tags
+    assert tags["val_H"] == "0.200000" and tags["test_H"] == "0.100000"
+
+
+@pytest.mark.timeout(120)
+def test_champion_moves_only_on_better_validation_h(store, tiny_dataset):
+    from dedn import tracking
+
+    cfg, model, _ = _model_and_batch(tiny_dataset)
+    assert _register(cfg, model, tiny_dataset, val_h=0.30).champion
+    worse = _register(cfg, model, tiny_dataset, val_h=0.25)
+    assert not worse.champion and worse.previous_champion_val_H == pytest.approx(0.30)
+    assert tracking.client().get_model_version_by_alias("dedn-cub", "champion").version in (1, "1")
+    better = _register(cfg, model, tiny_dataset, val_h=0.35)
+    assert better.champion and better.version == "3"
+    assert str(tracking.client().get_model_version_by_alias("dedn-cub", "champion").version) == "3"
+
+
+@pytest.mark.timeout(120)
+def test_new_class_attribute_vector_adds_a_score_column(store, tiny_dataset):
+    from dedn import registry
+
+    cfg, model, x = _model_and_batch(tiny_dataset)
+    _register(cfg, model, tiny_dataset, val_h=0.2)
+    pred = registry.load_predictor("models:/dedn-cub@champion")
+    cs = tiny_dataset.class_side
+    k = cs.num_classes
+    u = int(cs.unseen_classes[0])
+    # new class 1: a scaled copy of unseen class u's raw attributes (row normalisation makes it u's twin);
+    # new class 2: a different vector, checked against O A^T computed by hand
+    rng = np.random.default_rng(0)
+    other = rng.random(cs.num_attributes).astype(np.float32)
+    extra = np.stack([3.0 * cs.attributes_raw[u], other])  # (2, D)
+    base = pred.scores(x)
+    z = pred.scores(x, extra)
+    assert z.shape == (x.shape[0], k + 2)
+    np.testing.assert_allclose(z[:, :k], base, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(z[:, k], base[:, u], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        out = model(x)
+        a = torch.from_numpy(other / np.linalg.norm(other))  # (D,)
+        parts = {n: p for n, p in out.score_parts().items()}
+        o = {"P_rc": out.coarse.o_region, "P_cc": out.coarse.o_channel, "P_rf": out.fine.o_region, "P_cf": out.fine.o_channel}
+        hand = 0.6 * (0.7 * o["P_rc"] + 0.3 * o["P_cc"]) @ a + 0.4 * (0.7 * o["P_rf"] + 0.3 * o["P_cf"]) @ a  # (B,)
+        assert set(parts) == set(o)
+    np.testing.assert_allclose(z[:, k + 1], hand.numpy(), rtol=1e-4, atol=1e-5)
+    ids = pred.predict(x, extra)
+    assert ids.shape == (x.shape[0],) and ids.max() < k + 2
+    assert list(pred.kind(np.array([int(cs.seen_classes[0]), u, k]))) == ["seen", "unseen", "new"]
+
+
+def test_extra_classes_file_errors_name_the_file(tmp_path: Path):
+    from dedn.errors import DatasetError
+    from dedn.registry import read_extra_classes
+
+    p = tmp_path / "new.csv"
+    p.write_text("name,a1,a2\nzebra_like,1,0\n")
+    with pytest.raises(DatasetError, match="new.csv: columns: expected name \\+ 3 attribute columns"):
+        read_extra_classes(p, 3)
+    p.write_text("name,a1,a2\nzebra_like,1,nan\n")
+    with pytest.raises(DatasetError, match="finite"):
+        read_extra_classes(p, 2)
+    names, values = read_extra_classes(_ok(tmp_path), 2)
+    assert names == ["x", "y"] and values.tolist() == [[1.0, 0.0], [0.5, 2.0]]
+
+
+def _ok(tmp_path: Path) -> Path:
+    p = tmp_path / "ok.csv"
+    p.write_text("name,a1,a2\nx,1,0\ny,0.5,2\n")
+    return p
