@@ -1,0 +1,268 @@
+"""Tests of dedn.tuning: search-space loading, the lambda fit against brute force, a 4-trial sweep."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dedn.errors import ConfigError
+from dedn.tuning import Dimension, best_config, default_space_path, load_search_space, plot_hparams, plot_lambda_curves
+
+
+# ---- search space ------------------------------------------------------------------------------
+def test_default_space_matches_the_brief() -> None:
+    space = load_search_space(default_space_path())
+    dims = {d.key: d for d in space.dims}
+    assert set(dims) == {"loss.beta", "loss.gamma", "loss.epsilon"}
+    assert (dims["loss.beta"].kind, dims["loss.beta"].low, dims["loss.beta"].high) == ("loguniform", 1e-4, 1e-1)
+    assert (dims["loss.gamma"].kind, dims["loss.gamma"].low, dims["loss.gamma"].high) == ("loguniform", 1e-3, 1.0)
+    assert (dims["loss.epsilon"].kind, dims["loss.epsilon"].low, dims["loss.epsilon"].high) == ("uniform", 0.0, 3.0)
+    assert {d.key for d in space.lambda_dims} == {"eval.lambda_rc", "eval.lambda_e"}
+    assert all((d.low, d.high) == (0.0, 1.0) for d in space.lambda_dims)
+    assert (space.metric, space.mode) == ("val_H", "max")
+    # lambdas join the Tune space only when searched
+    assert set(space.param_space(False)) == {"loss.beta", "loss.gamma", "loss.epsilon"}
+    assert set(space.param_space(True)) == {"loss.beta", "loss.gamma", "loss.epsilon", "eval.lambda_rc", "eval.lambda_e"}
+
+
+def test_space_domains_sample_inside_bounds() -> None:
+    space = load_search_space(default_space_path())
+    ps = space.param_space(True)
+    rng = np.random.default_rng(0)
+    for key, dom in ps.items():
+        d = next(x for x in space.dims + space.lambda_dims if x.key == key)
+        xs = np.asarray(dom.sample(size=200, random_state=rng), dtype=float)
+        assert xs.min() >= d.low and xs.max() <= d.high
+    # log-uniform: about half the samples below the geometric mean
+    beta = np.asarray(ps["loss.beta"].sample(size=2000, random_state=rng))
+    assert 0.45 < np.mean(beta < math.sqrt(1e-4 * 1e-1)) < 0.55
+
+
+def _write(tmp_path: Path, doc: object) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"space": {"loss.nope": {"type": "uniform", "low": 0, "high": 1}}}, "space.loss.nope"),
+    ({"space": {"loss.beta": {"type": "gaussian", "low": 0, "high": 1}}}, "space.loss.beta.type"),
+    ({"space": {"loss.beta": {"type": "loguniform", "low": 0, "high": 1}}}, "space.loss.beta.low"),
+    ({"space": {"loss.beta": {"type": "uniform", "low": 1, "high": 0.5}}}, "space.loss.beta"),
+    ({"space": {"loss.beta": {"type": "uniform", "low": -1, "high": 0.5}}}, "space.loss.beta"),  # beta >= 0
+    ({"space": {"loss.beta": {"type": "uniform", "low": 0, "high": 1}},
+      "lambdas": {"eval.lambda_e": {"type": "uniform", "low": 0, "high": 1.5}}}, "space.eval.lambda_e"),
+    ({"space": {"loss.beta": {"type": "uniform", "low": 0, "high": 1}}, "metric": "test_H"}, "metric"),
+    ({"space": {}}, "space"),
+    ({"space": {"loss.beta": {"type": "choice", "values": []}}}, "space.loss.beta.values"),
+    ({"space": {"loss.beta": {"type": "uniform", "low": 0, "high": 1}}, "asha": {"grace_period": 0}}, "asha.grace_period"),
+])
+def test_bad_space_names_the_field(tmp_path: Path, doc: object, field: str) -> None:
+    p = _write(tmp_path, doc)
+    with pytest.raises(ConfigError) as e:
+        load_search_space(p)
+    assert e.value.key == field
+    assert str(p) in str(e.value)
+
+
+def test_missing_space_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--space"):
+        load_search_space(tmp_path / "none.yaml")
+
+
+def test_choice_and_int_dimensions(tmp_path: Path) -> None:
+    p = _write(tmp_path, {"space": {"model.experts": {"type": "choice", "values": ["both", "coarse"]},
+                                   "optim.batch_size": {"type": "int", "low": 8, "high": 16}}})
+    space = load_search_space(p)
+    assert space.dims == (Dimension("model.experts", "choice", values=("both", "coarse")),
+                          Dimension("optim.batch_size", "int", 8.0, 16.0))
+    xs = space.param_space(False)["optim.batch_size"].sample(size=500, random_state=np.random.default_rng(0))
+    assert min(xs) == 8 and max(xs) == 16  # the upper bound is inclusive
+
+
+def test_best_config_is_a_final_run() -> None:
+    from dedn.config import build_config
+
+    base = build_config("cub", ["optim.epochs=30"])
+    cfg = best_config(base, {"loss.beta": 0.02, "loss.epsilon": 1.5}, 7, 0.65, 0.85)
+    assert (cfg.protocol, cfg.optim.epochs, cfg.loss.beta, cfg.loss.epsilon) == ("final", 7, 0.02, 1.5)
+    assert (cfg.eval.lambda_rc, cfg.eval.lambda_e, cfg.eval.fit_lambdas) == (0.65, 0.85, False)
+    assert cfg.loss.gamma == base.loss.gamma
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    rc = le = np.round(np.arange(0, 1.0001, 0.05), 2)
+    h = np.outer(1 - (rc - 0.3) ** 2, 1 - (le - 0.8) ** 2) * 0.5  # (21, 21)
+    p1 = plot_lambda_curves({"lambda_rc": rc, "lambda_e": le, "H": h}, 0.3, 0.8, tmp_path / "l.png")
+    rows = [{"val_H": 0.1 * i, "params": {"loss.beta": 10.0 ** -i, "loss.epsilon": i / 2}} for i in range(1, 4)]
+    p2 = plot_hparams(rows, ["loss.beta", "loss.epsilon"], ["loss.beta"], "val_H", tmp_path / "h.png")
+    for p in (p1, p2):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+# ---- with a tiny semi-synthetic dataset -----------------------------------------------------------
+TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """AWA2's real class side (85 attributes, 50 classes) with 16 x 2 x 2 synthetic feature maps."""
+    from dedn.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("data") / "awa2"
+    with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
+        return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
+
+
+def test_trial_function_forbids_the_test_split(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard is entered by the trial function itself (so it holds in every Ray worker process)."""
+    from dedn import engine
+    from dedn.errors import DatasetError
+    from dedn.reader import ShardReader, _is_forbidden
+    from dedn.tuning import TEST_SPLITS, train_trial
+
+    seen: dict[str, object] = {}
+
+    def fake_run_phase(cfg, dataset, phase, **kw):  # noqa: ANN001, ANN003, ANN202 - test double
+        seen.update(phase=phase, protocol=cfg.protocol, fit=cfg.eval.fit_lambdas, beta=cfg.loss.beta,
+                    forbidden={s: _is_forbidden(s) for s in ("test_seen", "test_unseen", "train")})
+        with pytest.raises(DatasetError, match="test_unseen"):
+            ShardReader(dataset, "test_unseen", batch_size=4)
+        return None
+
+    from dedn.config import build_config
+
+    monkeypatch.setattr(engine, "run_phase", fake_run_phase)
+    base = build_config("awa2", TINY).to_dict()
+    train_trial({"loss.beta": 0.02}, base=base, data=str(tiny_data))
+    assert seen == {"phase": "select", "protocol": "select", "fit": True, "beta": 0.02,
+                    "forbidden": {"test_seen": True, "test_unseen": True, "train": False}}
+    assert not any(_is_forbidden(s) for s in TEST_SPLITS)  # released after the trial
+    train_trial({"eval.lambda_rc": 0.3}, base=base, data=str(tiny_data), search_lambdas=True)
+    assert seen["fit"] is False
+
+
+def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> None:
+    """The fit on cached score parts picks the same (lambda_rc, lambda_e) and H as running the
+    network at every grid point (ties: closest to the configured pair, then the lowest grid index)."""
+    from dedn import engine
+    from dedn.config import build_config
+    from dedn.metrics import lambda_grid
+    from dedn.tuning import evaluate_at_lambdas, open_for_selection, validation_lambda_grid
+
+    cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.lambda_grid_step=0.125", "protocol=select"])
+    ds = open_for_selection(tiny_data)
+    res = engine.run_phase(cfg, ds, "select")
+    assert res.best_state is not None and res.best_metrics is not None
+    grid = lambda_grid(cfg.eval.lambda_grid_step)
+    pairs = [(rc, e) for rc in grid for e in grid]
+    brute = evaluate_at_lambdas(cfg, ds, res.best_state, pairs)
+    h = np.array([m["H"] for m in brute])
+    assert h.max() > 0  # something to choose
+    top = np.flatnonzero(h >= h.max() - 1e-12)
+    dist = [(pairs[i][0] - cfg.eval.lambda_rc) ** 2 + (pairs[i][1] - cfg.eval.lambda_e) ** 2 for i in top]
+    i_best = int(top[int(np.argmin(dist))])
+    assert res.lambdas == pytest.approx(pairs[i_best], abs=1e-9)
+    for k in ("H", "S", "U", "T"):
+        assert res.best_metrics[k] == pytest.approx(brute[i_best][k], abs=1e-12)
+    # the sweep's Figure 3 grid (LambdaSearch counts from one pass) equals the brute force everywhere
+    fig3 = validation_lambda_grid(cfg, ds, res.best_state)
+    np.testing.assert_allclose(fig3["H"], h.reshape(len(grid), len(grid)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fig3["lambda_rc"], grid)
+
+
+# ---- a whole sweep on Ray ----------------------------------------------------------------------------
+@pytest.fixture
+def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """A 2-CPU embedded Ray with DEDN_HOME and the MLflow store under tmp_path."""
+    import ray
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield tmp_path / "home"
+    finally:
+        ray.shutdown()
+
+
+def _poison_test_shards(root: Path) -> dict[Path, bytes]:
+    """Replace every test shard by garbage and date its access time back: any read changes one or fails."""
+    import json
+    import os
+
+    manifest = json.loads((root / "dataset.json").read_text())
+    poisoned = {}
+    for split in ("test_seen", "test_unseen"):
+        for shard in manifest["splits"][split]["shards"]:
+            p = root / shard["file"]
+            junk = b"not a parquet file; the sweep must never read the test split\n" * 4
+            p.write_bytes(junk)
+            os.utime(p, (1_000, 2_000))  # atime < mtime: relatime updates atime on the next read
+            poisoned[p] = junk
+    return poisoned
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_sweep_of_four_trials(tiny_data: Path, tmp_path: Path, ray_local: Path) -> None:
+    import shutil
+
+    from dedn import tracking
+    from dedn.config import DEDNConfig, build_config
+    from dedn.tuning import SweepSpec, run_sweep
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    poisoned = _poison_test_shards(data)
+    base = build_config("awa2", TINY + [f"data.path={data}"])
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(default_space_path()), num_samples=4,
+                     max_concurrent_trials=2, cpus_per_trial=1, name="sweep", verbose=0)
+    summary = run_sweep(spec)
+
+    # every trial finished on validation data alone; the test shards were never opened for reading
+    assert summary.num_trials == 4
+    for p in poisoned:  # atime first: the content check below reads the file
+        assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
+    for p, junk in poisoned.items():
+        assert p.read_bytes() == junk
+
+    # MLflow: one parent, four children with per-epoch validation metrics
+    c = tracking.client()
+    exp = c.get_experiment_by_name("dedn-awa2-tune")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id]
+    assert len(runs) == 5 and len(parents) == 1 and len(children) == 4
+    assert parents[0].info.run_id == summary.parent_run_id and parents[0].info.status == "FINISHED"
+    for ch in children:
+        assert ch.info.status == "FINISHED"
+        assert {"loss.beta", "loss.gamma", "loss.epsilon"} <= set(ch.data.params)
+        hist = c.get_metric_history(ch.info.run_id, "val_H")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, len(hist) + 1))
+        assert 0.0 <= ch.data.metrics["val_H"] <= 1.0 and 0.0 <= ch.data.metrics["lambda_e"] <= 1.0
+    best_child = max(children, key=lambda r: max(m.value for m in c.get_metric_history(r.info.run_id, "val_H")))
+    assert best_child.data.tags["dedn.trial_id"] == summary.best_trial_id
+    artifacts = {a.path for a in c.list_artifacts(summary.parent_run_id)}
+    assert {"best_config.yaml", "hparams.png", "lambda_curves.png", "summary.json"} <= artifacts
+
+    # the best configuration: a complete config for the final run, at the best epoch and fitted lambdas
+    sweep_dir = Path(summary.sweep_dir)
+    assert sweep_dir == (ray_local / "tune" / "sweep").resolve()
+    best = DEDNConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
+    assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
+    assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (summary.lambda_rc, summary.lambda_e, False)
+    assert best.loss.beta == summary.best_params["loss.beta"] and 1e-4 <= best.loss.beta <= 1e-1
+    assert 1 <= summary.best_epoch <= 2
+    grid = np.load(sweep_dir / "lambda_grid.npz")  # the Figure 3 grid, recomputed from the best weights
+    i = int(np.argmin(np.abs(grid["lambda_rc"] - summary.lambda_rc)))
+    j = int(np.argmin(np.abs(grid["lambda_e"] - summary.lambda_e)))
+    assert grid["H"].shape == (21, 21) and grid["H"].max() == pytest.approx(summary.best_val_H, abs=1e-12)
+    assert grid["H"][i, j] == pytest.approx(summary.best_val_H, abs=1e-12)
