@@ -1,0 +1,161 @@
+"""The paper's ablations (Table 3) and cluster studies (Figure 5) on one dataset, one Ray Train run each.
+
+    python jobs/ablate.py --data DIR --preset cub                       # every setting (9 runs)
+    python jobs/ablate.py --data DIR --preset cub --settings full,no_ca,cexp_no_distill epochs=5
+    python jobs/ablate.py --data DIR --settings table3 --out results/ablation-cub
+    python jobs/ablate.py --list                                        # the settings and what they change
+
+Each setting (dedn/ablation.py) is trained by the training job's own driver
+(`dedn.distributed.train`: the two-phase protocol on Ray Train, tracked in MLflow) as a child
+run of one parent run in experiment `dedn-<dataset>-ablation`; ablated models are not registered.
+The table (rows = settings, columns T U S H in %, one decimal) is printed, written to --out as
+ablation.md / ablation.csv (plus cluster_study.png when a Figure 5 setting ran) and logged on the
+parent run. Numbers on semi-synthetic datasets are labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (stack notes)
+
+from dedn.errors import ConfigError, DednError  # noqa: E402
+
+# Tags of the ablation runs (MLflow's own tag nests a run under its parent in the UI).
+KIND_TAG = "dedn.kind"
+SETTING_TAG = "dedn.ablation.setting"
+CHECKPOINT_TAG = "dedn.checkpoint_dir"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied to every setting, e.g. epochs=5 (not the switches the settings set)")
+    p.add_argument("--data", default="", help="dataset directory (dataset.json)")
+    p.add_argument("--preset", default="", choices=["", "cub", "sun", "awa2"],
+                   help="paper settings of a dataset (default: the dataset's own name)")
+    p.add_argument("--settings", default="", help="comma-separated setting keys or groups table3|figure5 (default: all)")
+    p.add_argument("--list", action="store_true", help="print the settings and exit")
+    p.add_argument("--out", default="", help="folder for ablation.md / ablation.csv (default: <DEDN_HOME>/ablations/<run>)")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers per run")
+    p.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default: fit the cluster)")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--storage-path", default="", help="Ray Train storage (default: $DEDN_HOME/ray_results)")
+    p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>-ablation)")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing setting")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines from the workers")
+    return p.parse_args(argv)
+
+
+def list_settings() -> str:
+    from dedn.ablation import FULL, SETTINGS
+
+    lines = [f"{'key':<16} {'paper label':<26} changes (from DEDN full: {', '.join(f'{k}={v}' for k, v in FULL.items())})"]
+    for s in SETTINGS.values():
+        changes = ", ".join(f"{k}={v}" for k, v in s.changes) or "-"
+        lines.append(f"{s.key:<16} {s.label:<26} {changes}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.list:
+        print(list_settings())
+        return 0
+    from dedn import ablation, tracking
+    from dedn.clusters import resolve_clusters
+    from dedn.config import PRESETS, build_config, parse_overrides
+    from dedn.dataset import FeatureDataset
+    from dedn.distributed import TrainSettings, train
+
+    try:
+        if not args.data:
+            raise ConfigError("--data", "a dataset directory (dataset.json)", "", "command line")
+        data = Path(args.data).expanduser().resolve()
+        ds = FeatureDataset.open(data)
+        user = parse_overrides(args.overrides)
+        ablation.check_base_overrides(user)
+        settings = ablation.select_settings(args.settings.split(",") if args.settings else None)
+        preset = args.preset or (ds.name.lower() if ds.name.lower() in PRESETS else "")
+        # without a preset the config must still name the dataset (distributed.train checks it)
+        base = build_config(preset or None, {**({} if preset else {"dataset": ds.name}), **user, "data.path": str(data)})
+        for s in settings:  # every configuration and its clusters are valid before the first run starts
+            c = ablation.setting_config(base, s)
+            resolve_clusters(ds.class_side, c.model.clusters, c.model.num_clusters, c.optim.seed)
+        experiment = args.experiment or tracking.experiment_name(base.dataset) + "-ablation"
+        semi = ds.semi_synthetic
+
+        tracking.init_store()  # in the driver, before any Ray worker touches the store
+        tracking.get_or_create_experiment(experiment)
+        client = tracking.client()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        parent_name = f"ablation-{base.dataset.lower()}-{stamp}"
+        parent_tags = tracking.run_tags(base, semi_synthetic=semi, data_path=str(data),
+                                        extra={KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
+        _, parent_id = tracking.start_run(base, run_name=parent_name, tags=parent_tags, experiment=experiment)
+    except DednError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    label = "SEMI-SYNTHETIC " if semi else ""
+    print(f"Ablation on {label}{ds.name} ({data}): {len(settings)} settings, {base.optim.epochs} epochs each, "
+          f"MLflow parent run {parent_id} in {experiment}", flush=True)
+
+    def train_one(setting: ablation.Setting, cfg) -> ablation.AblationResult:
+        ray_name = f"{parent_name}-{setting.key}"
+        print(f"\n--- {setting.key}: {setting.label} ({', '.join(f'{k}={v}' for k, v in setting.changes) or 'full'})",
+              flush=True)
+        ts = TrainSettings(num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                           storage_path=args.storage_path, name=ray_name, experiment=experiment, register=False,
+                           verbose=not args.quiet, parent_run_id=parent_id,
+                           tags={KIND_TAG: "ablation", SETTING_TAG: setting.key})
+        out = train(cfg, ts)
+        if out.run_id and out.checkpoint_dir:  # where the final weights are (jobs/heatmap.py --checkpoint)
+            client.set_tag(out.run_id, CHECKPOINT_TAG, out.checkpoint_dir)
+        return ablation.AblationResult(setting, metrics=out.test_metrics, val_metrics=out.val_metrics,
+                                       run_id=out.run_id, seconds=out.seconds,
+                                       extra={"checkpoint_dir": out.checkpoint_dir})
+
+    def on_result(r: ablation.AblationResult) -> None:
+        if r.ok:
+            m = r.metrics or {}
+            client.log_batch(parent_id, metrics=[_metric(f"{r.setting.key}.{k}", m[k]) for k in ablation.METRICS if k in m])
+            print(f"--- {r.setting.key}: " + "  ".join(f"{k} {100 * m[k]:.1f}" for k in ablation.METRICS if k in m)
+                  + f" ({r.seconds:.0f} s)", flush=True)
+        else:
+            print(f"--- {r.setting.key} FAILED: {r.error}", file=sys.stderr, flush=True)
+
+    try:
+        results = ablation.run_ablation(base, settings, train_one, on_result=on_result, keep_going=not args.stop_on_error)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+
+    out_dir = Path(args.out).expanduser().resolve() if args.out else tracking.dedn_home() / "ablations" / parent_name
+    note = f"{base.optim.epochs} epoch(s), protocol {base.protocol}, variant {base.variant}."
+    paths = ablation.write_table(results, out_dir, ds.name, semi_synthetic=semi, note=note)
+    plot = ablation.plot_cluster_study(results, out_dir / "cluster_study.png", ds.name, semi_synthetic=semi)
+    for p in [*paths.values(), *([plot] if plot else [])]:
+        client.log_artifact(parent_id, str(p))
+    failed = [r for r in results if not r.ok]
+    client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+
+    print("\n" + paths["markdown"].read_text())
+    print(f"Written: {', '.join(str(p) for p in [*paths.values(), *([plot] if plot else [])])}")
+    print(f"MLflow parent run {parent_id} (experiment {experiment}, store {tracking.tracking_uri()})")
+    return 1 if failed else 0
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
