@@ -57,7 +57,8 @@ class LossConfig:
     mal: bool = True  # False: plain cross-entropy (Table 3 "w/o L_mal")
     align: bool = True  # False: Table 3 "w/o L_align"
     distill: bool = True  # False: Table 3 "w/o L_distill"
-    distance: Literal["mse", "cubic"] = "mse"  # JSD plus squared error (paper) or cubic term (reference)
+    # JSD plus: mean squared error (paper text), summed squared error (eqs. 7/12 as typeset), cubic (reference)
+    distance: Literal["mse", "sse", "cubic"] = "mse"
     calibration_weight: float = 0.0  # reference code's self-calibration term (DAZLE); 0 = off
     reference_margin: float = 3.0  # reference MAL margin m with the +-1 bias (m = 3 equals epsilon = 1)
 
@@ -65,7 +66,7 @@ class LossConfig:
         for key in ("beta", "gamma", "epsilon", "calibration_weight", "reference_margin"):
             v = getattr(self, key)
             _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
-        _check(self.distance in ("mse", "cubic"), "loss.distance", "one of mse|cubic", self.distance)
+        _check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
 
 
 @dataclass(frozen=True)

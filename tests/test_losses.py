@@ -9,6 +9,7 @@ from dedn.config import LossConfig
 from dedn.losses import (
     calibration_loss,
     cubic_distance,
+    mean_squared_distance,
     dedn_loss,
     jsd,
     mal_loss,
@@ -96,6 +97,7 @@ def test_jsd_and_distances_by_hand():
     assert abs(jsd(_t(a), _t(b)).item() - _np_jsd(a, b)) < 1e-12
     d = a - b
     assert abs(squared_distance(_t(a), _t(b)).item() - np.mean(np.sum(d**2, 1))) < 1e-12
+    assert abs(mean_squared_distance(_t(a), _t(b)).item() - np.sum(d**2) / 6) < 1e-12  # 2 rows x 3 entries
     cubic = np.mean([np.sum(np.abs(r) ** 3) / np.linalg.norm(r) if np.linalg.norm(r) > 0 else 0.0 for r in d])
     ta = _t(a).requires_grad_()
     got = cubic_distance(ta, _t(b))
@@ -132,7 +134,7 @@ def _n(x):
     return x.detach().numpy()
 
 
-@pytest.mark.parametrize("distance", ["mse", "cubic"])
+@pytest.mark.parametrize("distance", ["mse", "sse", "cubic"])
 def test_total_eq18_paper(distance):
     cfg = LossConfig(beta=0.3, gamma=0.2, epsilon=1.0, distance=distance)
     out = _out()
@@ -141,7 +143,8 @@ def test_total_eq18_paper(distance):
 
     def dist(a, b):
         d = a - b
-        t = np.mean(np.sum(d**2, 1)) if distance == "mse" else np.mean(np.sum(np.abs(d) ** 3, 1) / np.linalg.norm(d, axis=1))
+        t = {"mse": np.mean(d**2), "sse": np.mean(np.sum(d**2, 1)),
+             "cubic": np.mean(np.sum(np.abs(d) ** 3, 1) / np.linalg.norm(d, axis=1))}[distance]
         return _np_jsd(a, b) + t
 
     pc, pf = _n(out.coarse.scores), _n(out.fine.scores)
