@@ -101,9 +101,10 @@ class SearchSpace:
         return tuple(d.key for d in self.dims)
 
 
-def default_space_path() -> Path:
-    """tuning/search_space.yaml next to the package (a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "tuning" / "search_space.yaml"
+def default_space_path(model: str = "dedn") -> Path:
+    """tuning/search_space.yaml (DEDN) or tuning/search_space_<model>.yaml next to the package (a source checkout)."""
+    name = "search_space.yaml" if model == "dedn" else f"search_space_{model}.yaml"
+    return Path(__file__).resolve().parent.parent / "tuning" / name
 
 
 def _parse_dim(key: str, spec: Any, source: str) -> Dimension:
@@ -144,9 +145,12 @@ def _parse_dim(key: str, spec: Any, source: str) -> Dimension:
     return dim
 
 
-def load_search_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
-    """Read and validate a search-space YAML (format: tuning/search_space.yaml); ConfigError names the field."""
-    path = Path(path) if path is not None else default_space_path()
+def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "dedn") -> SearchSpace:
+    """Read and validate a search-space YAML (format: tuning/search_space.yaml); ConfigError names the field.
+
+    Without a path: the default space of `model` (tuning/search_space.yaml for DEDN).
+    """
+    path = Path(path) if path is not None else default_space_path(model)
     src = str(path)
     try:
         doc = yaml.safe_load(path.read_text())

@@ -1,7 +1,8 @@
-"""Training-step and inference throughput of DEDN at CUB shapes, against the machine's GEMM rate.
+"""Training-step and inference throughput of DEDN (and MSDN) at CUB shapes, against the machine's GEMM rate.
 
     python jobs/benchmark.py --quick                     # all configurations, few repetitions
     python jobs/benchmark.py --r 49 --dtype fp32 bf16    # a subset
+    python jobs/benchmark.py --variants msdn msdn_infer  # MSDN's training step and inference
 
 Shapes: B=50, C=2048, D=312, G=300, K=200 (150 seen / 50 unseen), Q=6 with CUB's manual
 cluster sizes 112/87/24/40/15/34, R=49 (7x7) and/or R=196 (14x14). Random features.
@@ -9,6 +10,7 @@ A training step = forward + dedn_loss + backward + RMSprop step.
 
 Work is counted as performance-notes.md says: FLOP/step = 48 B D C R for both experts
 (24 B D C R for one expert), so "GFLOP/s" and "of GEMM" mean the same in every report.
+MSDN (dedn/msdn.py): four (D x C) @ (C x R) products per sample, 24 B D C R per training step.
 The GEMM rate is measured in the same run (4096^3 torch.mm, fp32 and bf16).
 
 Peak memory: each configuration runs in its own subprocess; "peak MiB" is the increase of
@@ -60,6 +62,7 @@ def run_config(cfg: dict) -> dict:
     from dedn.config import LossConfig, ModelConfig
     from dedn.losses import dedn_loss
     from dedn.model import DEDN
+    from dedn.msdn import MSDN, MSDNConfig, msdn_loss
     from dedn.protocol import ClassProtocol
 
     torch.manual_seed(0)
@@ -70,17 +73,22 @@ def run_config(cfg: dict) -> dict:
     for n in CUB_CLUSTER_SIZES:
         clusters.append(perm[s : s + n])
         s += n
-    model = DEDN(
-        ModelConfig(experts=cfg["experts"]),
-        word_vectors=torch.randn(D, G),
-        class_attributes=torch.rand(K, D),
-        clusters=clusters,
-        feature_shape=(C, h, h),
-        impl=cfg["impl"],
-    )
+    if cfg["variant"].startswith("msdn"):
+        model = MSDN(MSDNConfig(), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D),
+                     feature_shape=(C, h, h))
+        objective, loss_cfg = msdn_loss, MSDNConfig()
+    else:
+        model = DEDN(
+            ModelConfig(experts=cfg["experts"]),
+            word_vectors=torch.randn(D, G),
+            class_attributes=torch.rand(K, D),
+            clusters=clusters,
+            feature_shape=(C, h, h),
+            impl=cfg["impl"],
+        )
+        objective, loss_cfg = dedn_loss, LossConfig()
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4, alpha=0.99)
     protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
-    loss_cfg = LossConfig()
     x = torch.rand(B, C, h, h)
     y = torch.randint(0, 150, (B,))
     bf16 = cfg["dtype"] == "bf16"
@@ -88,7 +96,7 @@ def run_config(cfg: dict) -> dict:
     def train_step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
-            loss = dedn_loss(out, y, protocol, loss_cfg, "paper")["loss"]
+            loss = objective(out, y, protocol, loss_cfg, "paper" if objective is dedn_loss else "reference")["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
     ap.add_argument("--r", type=int, nargs="+", default=[49, 196], help="region counts (perfect squares)")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--variants", nargs="+", default=["fused", "loop", "coarse", "fine", "infer"],
-                    choices=["fused", "loop", "direct", "coarse", "fine", "infer"],
+    ap.add_argument("--variants", nargs="+", default=["fused", "loop", "coarse", "fine", "infer", "msdn"],
+                    choices=["fused", "loop", "direct", "coarse", "fine", "infer", "msdn", "msdn_infer"],
                     help="fused=both experts fused; loop=per-sub-network loop; direct=paper form per sub-network; "
-                    "coarse/fine=one expert (fused); infer=forward only")
+                    "coarse/fine=one expert (fused); infer=forward only; msdn/msdn_infer=MSDN training step/forward")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -152,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                     "r": r, "dtype": dt, "variant": v, "reps": reps,
                     "impl": v if v in ("loop", "direct") else "fused",
                     "experts": v if v in ("coarse", "fine") else "both",
-                    "mode": "infer" if v == "infer" else "train",
+                    "mode": "infer" if v.endswith("infer") else "train",
                 }
                 res = _spawn(cfg)
-                passes = 1 if v == "infer" else 3  # a training step counts as three forward passes
-                experts = 1 if v in ("coarse", "fine") else 2
-                flop = 8 * passes * experts * B * D * C * r  # = 48 B D C R for a full training step
+                passes = 1 if v.endswith("infer") else 3  # a training step counts as three forward passes
+                experts = 1 if v in ("coarse", "fine", "msdn", "msdn_infer") else 2  # MSDN's work = one DEDN expert
+                flop = 8 * passes * experts * B * D * C * r  # = 48 B D C R for a full DEDN training step
                 gfs = flop / res["s_min"] / 1e9
                 res.update(gflop=flop / 1e9, gflop_s=gfs, of_gemm=gfs / rate[dt], images_s=B / res["s_min"])
                 results.append(res)
@@ -166,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     print("s/step: fastest of the timed repetitions; GFLOP/s from 48 B D C R per training step "
           "(24 for one expert, 16 per inference forward); peak MiB: ru_maxrss increase during the steps.")
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"gemm_gflop_s": rate, "results": results}, indent=2))
-        tmp.replace(args.json)
+        from dedn.atomic import write_text
+
+        write_text(args.json, json.dumps({"gemm_gflop_s": rate, "results": results}, indent=2))
     return 0
 
 

@@ -139,3 +139,34 @@ def test_worker_failure_resumes_from_checkpoint_and_matches_uninterrupted_run(ba
     # the redone epoch is not logged twice
     steps = [m.step for m in tracking.client().get_metric_history(out.run_id, "val_H")]
     assert steps == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.timeout(240)
+def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_env, tiny_dataset):
+    import numpy as np
+    import torch
+
+    from dedn import engine, tracking
+    from dedn.config import build_config
+    from dedn.distributed import TrainSettings, train
+    from dedn.reader import ShardReader
+    from dedn.registry import load_predictor
+
+    cfg = build_config("cub", ["model=msdn", "epochs=2", "optim.lr=0.001", "optim.max_steps_per_epoch=3",
+                               "eval.batch_size=64", f"data.path={tiny_dataset.root}"])
+    assert cfg.model.name == "msdn" and cfg.loss.distance == "cubic"  # presets/msdn_cub.yaml, not DEDN's
+    out = train(cfg, TrainSettings(num_workers=2, name="msdn", verbose=False, max_failures=0))
+    run = tracking.client().get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["model"] == "msdn"
+    assert run.data.params["model.name"] == "msdn" and "ce_av" in run.data.metrics
+    assert out.registered is not None and out.registered.name == "msdn-cub" and out.registered.champion
+    # the registered MSDN scores like the network rebuilt from the run's final checkpoint
+    pred = load_predictor("models:/msdn-cub@champion")
+    assert type(pred.model).__name__ == "MSDN"
+    x = next(iter(ShardReader(tiny_dataset, "test_unseen", batch_size=5, shuffle=False))).features
+    state = torch.load(Path(out.checkpoint_dir) / "state.pt", map_location="cpu", weights_only=True)
+    net = engine.build_model(pred.cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
+    net.load_state_dict(state["model"])
+    with torch.no_grad():
+        want = net.eval()(x).inference_scores(pred.cfg.eval.lambda_rc, pred.cfg.eval.lambda_e).numpy()
+    np.testing.assert_allclose(pred.scores(x), want, rtol=1e-5, atol=1e-6)

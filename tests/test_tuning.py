@@ -28,6 +28,21 @@ def test_default_space_matches_the_brief() -> None:
     assert set(space.param_space(True)) == {"loss.beta", "loss.gamma", "loss.epsilon", "eval.lambda_rc", "eval.lambda_e"}
 
 
+def test_msdn_space_is_msdn_hyperparameters_and_valid_keys() -> None:
+    from dedn.config import build_config, known_keys
+
+    space = load_search_space(model="msdn")
+    assert space.source.endswith("search_space_msdn.yaml")
+    keys = {d.key for d in space.dims}
+    assert keys == {"loss.gamma", "loss.calibration_weight", "eval.calibration"}
+    assert {d.key for d in space.lambda_dims} == {"eval.lambda_e"}  # w1; MSDN has no region/channel split
+    assert keys <= set(known_keys())
+    cfg = build_config("cub", ["model=msdn"])  # the sweep's base: MSDN's own preset
+    for d in space.dims:  # every corner of the space is a valid MSDN config
+        for v in (d.low, d.high):
+            assert cfg.replace(**{d.key: v}).model.name == "msdn"
+
+
 def test_space_domains_sample_inside_bounds() -> None:
     space = load_search_space(default_space_path())
     ps = space.param_space(True)

@@ -1,6 +1,7 @@
 """Ray Tune sweep of DEDN's beta, gamma, epsilon (and lambda_rc, lambda_e), selected on validation H.
 
     python tuning/tune.py --data DIR --preset cub [--space tuning/search_space.yaml] [--num-samples 8]
+    python tuning/tune.py --data DIR --preset cub model=msdn     # MSDN: tuning/search_space_msdn.yaml
         [--max-concurrent-trials 2] [--cpus-per-trial 1] [--workers-per-trial 1] [--search-lambdas]
         [--name NAME] [--resume] [--final] [key=value ...]
 
@@ -25,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (dataset.json)")
     p.add_argument("--preset", default="cub", choices=PRESETS)
-    p.add_argument("--space", default=None, help="search-space YAML (default: tuning/search_space.yaml)")
+    p.add_argument("--space", default=None,
+                   help="search-space YAML (default: tuning/search_space.yaml; search_space_msdn.yaml with model=msdn)")
     p.add_argument("--num-samples", type=int, default=8, help="trials")
     p.add_argument("--max-concurrent-trials", type=int, default=2)
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep_dir = finished
         else:
             spec = SweepSpec(
-                data=data, base=base, space=load_search_space(args.space), num_samples=args.num_samples,
+                data=data, base=base, space=load_search_space(args.space, base.model.name), num_samples=args.num_samples,
                 max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
                 workers_per_trial=args.workers_per_trial, search_lambdas=args.search_lambdas, seed=args.seed,
                 name=args.name or (find_sweep(args.storage, base.dataset).name if args.resume else ""),
