@@ -203,13 +203,21 @@ def epoch_metrics(report: Mapping[str, Any], images_per_s: float, epoch_time_s: 
     return out
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _progress_line(report: Mapping[str, Any], m: Mapping[str, float], world_size: int) -> str:
     """One console line: phase, epoch, loss terms, images/s, validation (or test) T/U/S/H in %."""
     pre = "" if report["phase"] == "select" else "final_"
     parts = [k for k in report["train"] if k not in _TRAIN_SKIP and k != "loss"]
     losses = " ".join(f"{k} {report['train'][k]:.4g}" for k in parts)
     s = (f"[{report['phase']:6s}] epoch {report['epoch']:3d}/{report['epochs']:<3d} loss {report['train']['loss']:.4g} "
-         f"({losses})  {m[pre + 'images_per_s']:.0f} img/s on {world_size} worker(s)  {m[pre + 'epoch_time_s']:.1f} s")
+         f"({losses})  {m[pre + 'images_per_s']:.0f} img/s on {world_size} worker(s)  {m[pre + 'epoch_time_s']:.1f} s"
+         f"  data wait {100 * m[pre + 'data_wait_frac']:.1f}%  peak RSS {m.get('worker_peak_rss_mib', 0) / 1024:.2f} GB/worker")
     if "val_T" in m:
         s += (f"  val T {100 * m['val_T']:.1f} U {100 * m['val_U']:.1f} S {100 * m['val_S']:.1f} "
               f"H {100 * m['val_H']:.1f} (lambda_rc {m.get('lambda_rc', float('nan')):.2f}, "
@@ -327,17 +335,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def on_epoch_end(report: dict[str, Any]) -> None:
             stats = report["train"]
-            # images/s of the whole group: all images over the slowest rank's training time
-            t = torch.tensor([stats["images"], stats["seconds"]], dtype=torch.float64, device=device)
+            # images/s of the whole group: all images over the slowest rank's training time;
+            # the data-wait share and the peak RSS of the worst rank
+            t = torch.tensor([stats["images"], stats["seconds"], stats.get("data_wait_frac", 0.0), _peak_rss_mib()],
+                             dtype=torch.float64, device=device)
             if distributed:
                 imgs = t[:1].clone()
                 dist.all_reduce(imgs, op=dist.ReduceOp.SUM)
-                secs = t[1:].clone()
-                dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-                t = torch.cat([imgs, secs])
+                worst = t[1:].clone()
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                t = torch.cat([imgs, worst])
             images_per_s = float(t[0] / t[1]) if float(t[1]) > 0 else 0.0
             now = time.perf_counter()
-            metrics = epoch_metrics(report, images_per_s, now - clock["t"])
+            metrics = epoch_metrics({**report, "train": {**stats, "data_wait_frac": float(t[2])}}, images_per_s,
+                                    now - clock["t"])
+            metrics["worker_peak_rss_mib"] = float(t[3])
             clock["t"] = now
             # final-phase epochs have no validation: NaN ranks them below every selection epoch
             # (Ray keeps the latest checkpoint whatever its score)
