@@ -130,13 +130,23 @@ class TrainOutcome:
 def init_ray() -> None:
     """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
 
-    Plain `ray.init()` connects to a cluster when there is one; arguments such as num_cpus would
-    then raise, so none are given. The embedded cluster skips the dashboard (about 1 GB RSS).
+    `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
+    start` leaves its address on the node); otherwise an embedded Ray starts. The embedded one
+    skips the dashboard (about 1 GB RSS). Without the dashboard's State API, Ray Train's
+    placement-group cleaner logs a warning every second that it cannot query the controller
+    (harmless: the group is removed at shutdown); its Ray-internal loggers are raised to ERROR
+    there. Our progress lines are printed, not logged, so they still show.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
+            raise
+        ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
 
 
 def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0) -> float:
