@@ -33,7 +33,7 @@ import torch
 import yaml
 from ray import tune
 
-from dedn.atomic import write_text
+from dedn.atomic import save_figure, write_text
 from dedn.config import DEDNConfig, known_keys
 from dedn.distributed import STATE_FILE  # the engine checkpoint dict inside a checkpoint folder
 from dedn.errors import ConfigError
@@ -629,7 +629,8 @@ def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, lambda
                            "eval.lambda_e": lambda_e, "eval.fit_lambdas": False})
 
 
-def plot_lambda_curves(grid: Mapping[str, np.ndarray], lambda_rc: float, lambda_e: float, path: Path) -> Path:
+def plot_lambda_curves(grid: Mapping[str, np.ndarray], lambda_rc: float, lambda_e: float, path: Path,
+                       title: str = "") -> Path:
     """Figure 3 of the paper from a validation grid (`validation_lambda_grid`): H against lambda_e with
     lambda_rc at its best value, and H against lambda_rc with lambda_e at its best value."""
     import matplotlib
@@ -646,34 +647,39 @@ def plot_lambda_curves(grid: Mapping[str, np.ndarray], lambda_rc: float, lambda_
     axes[1].plot(rc, 100 * h[:, j], marker="o", ms=3, c="C1")
     axes[1].axvline(rc[i], ls=":", c="grey")
     axes[1].set(xlabel=r"$\lambda_{rc}$", ylabel="validation H (%)", title=rf"$\lambda_e$ = {le[j]:.2f}")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_keys: Sequence[str], metric: str,
-                 path: Path) -> Path:
+                 path: Path, title: str = "") -> Path:
     """Each trial's best validation H against each searched hyper-parameter (log axes for log-uniform ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     keys = [k for k in keys if any(isinstance(r["params"].get(k), (int, float)) for r in rows)] or list(keys)[:1]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), constrained_layout=True, squeeze=False,
+                             sharey=True)
     best = max(r[metric] for r in rows)
     for ax, k in zip(axes[0], keys):
         xs = [r["params"].get(k) for r in rows]
+        if k in log_keys:  # log10 on a linear axis: readable ticks also when the trials span < 1 decade
+            xs = [math.log10(x) if isinstance(x, (int, float)) and x > 0 else float("nan") for x in xs]
         ys = [100 * r[metric] for r in rows]
-        ax.scatter(xs, ys, c=["C3" if r[metric] == best else "C0" for r in rows], s=24)
-        if k in log_keys:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
-        ax.set(xlabel=k, ylabel=f"{metric} (%)")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        is_best = [r[metric] == best for r in rows]
+        ax.scatter([x for x, b in zip(xs, is_best) if not b], [y for y, b in zip(ys, is_best) if not b], c="C0", s=24,
+                   label="trial (best epoch)")
+        ax.scatter([x for x, b in zip(xs, is_best) if b], [y for y, b in zip(ys, is_best) if b], c="C3", s=30,
+                   label="best validation H")
+        ax.set(xlabel=f"log10({k})" if k in log_keys else k)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=120)
 
 
 def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> SweepSummary:
@@ -695,7 +701,9 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
               f"#   or  python tuning/tune.py --final --name {meta['name']} --data {meta['data']}\n")
     best_path = sweep_dir / BEST_CONFIG_FILE
     write_text(best_path, header + cfg.to_yaml())
-    plots = [plot_hparams(rows, meta["keys"], meta["log_keys"], metric, sweep_dir / "hparams.png")]
+    semi = open_for_selection(meta["data"]).semi_synthetic
+    title = f"sweep {meta['name']}, {len(rows)} trials" + ("  [semi-synthetic data]" if semi else "")
+    plots = [plot_hparams(rows, meta["keys"], meta["log_keys"], metric, sweep_dir / "hparams.png", title)]
     if best["checkpoint"] and (Path(best["checkpoint"]) / STATE_FILE).exists():
         from dedn.checkpoint import load_checkpoint
 
@@ -704,7 +712,8 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
             sel_cfg = _trial_config(meta["base"], best["params"], meta["search_lambdas"])
             grid = validation_lambda_grid(sel_cfg, open_for_selection(meta["data"]), state["best_model"])
             np.savez(sweep_dir / "lambda_grid.npz", **grid)
-            plots.append(plot_lambda_curves(grid, best["lambda_rc"], best["lambda_e"], sweep_dir / "lambda_curves.png"))
+            plots.append(plot_lambda_curves(grid, best["lambda_rc"], best["lambda_e"], sweep_dir / "lambda_curves.png",
+                                            f"best trial {best['trial_id']}, validation" + ("  [semi-synthetic data]" if semi else "")))
     summary = SweepSummary(
         sweep_dir=str(sweep_dir), best_trial_id=best["trial_id"], best_val_H=best[metric], best_epoch=best["epoch"],
         lambda_rc=best["lambda_rc"], lambda_e=best["lambda_e"], best_params=dict(best["params"]),
