@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -354,9 +355,17 @@ class ShardReader:
         pick: Callable[[], np.ndarray] = (lambda: self._pick_balanced(buf, rng)) if self.class_balanced \
             else (lambda: self._pick_uniform(buf, rng))
         files: dict[int, pq.ParquetFile] = {}
+        # One piece of read-ahead on a thread: Parquet decoding releases the GIL, so the next row
+        # group is read while the caller trains on this one. Pieces are pushed in the same order,
+        # so batches are identical with or without it; only the loader thread touches `files`.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedn-shard-read")
         try:
-            for piece in pieces:
-                buf.push(*self._load(files, piece, with_features))
+            ahead = loader.submit(self._load, files, pieces[0], with_features)
+            for i in range(len(pieces)):
+                loaded = ahead.result()
+                if i + 1 < len(pieces):
+                    ahead = loader.submit(self._load, files, pieces[i + 1], with_features)
+                buf.push(*loaded)
                 while buf.n >= threshold:
                     batch = buf.pop(pick())
                     if not (self.drop_last and batch[0].shape[0] < k):
@@ -369,6 +378,7 @@ class ShardReader:
                     continue
                 yield batch
         finally:
+            loader.shutdown(wait=True, cancel_futures=True)  # no read may be in flight when files close
             for f in files.values():
                 f.close()
 
