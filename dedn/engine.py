@@ -391,7 +391,8 @@ def _run_phase(cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world
 
     o, d = cfg.optim, cfg.data
     train_reader = ShardReader(ds, train_split, batch_size=o.batch_size, shuffle=True, seed=o.seed, rank=rank,
-                               world_size=world_size, buffer_rows=d.shuffle_buffer, class_balanced=d.class_balanced,
+                               world_size=world_size, buffer_rows=d.shuffle_rows(ds.feature_size * np.dtype(ds.storage_dtype).itemsize),
+                               class_balanced=d.class_balanced,
                                equal_rows=True)
 
     def eval_readers(s: str, u: str) -> tuple[ShardReader, ShardReader]:

@@ -130,3 +130,12 @@ def test_exponent_floats_without_a_dot_parse():
     # YAML 1.1 reads "1e-3" as a string; float fields must still accept it
     cfg = build_config("cub", ["optim.lr=1e-3", "beta=5E-4"])
     assert (cfg.optim.lr, cfg.loss.beta) == (1e-3, 5e-4)
+
+
+def test_shuffle_buffer_is_capped_by_its_memory_budget():
+    data = build_config("cub").data
+    assert data.shuffle_rows(2048 * 49 * 2) == 4096  # 7x7 fp16 rows: the row count binds (0.77 GiB)
+    assert data.shuffle_rows(2048 * 196 * 2) == (1024 << 20) // (2048 * 196 * 2) == 1337  # 14x14: 1 GiB
+    assert build_config("cub", ["data.shuffle_buffer_mib=1"]).data.shuffle_rows(10 << 20) == 1  # never empty
+    with pytest.raises(ConfigError, match="data.shuffle_buffer_mib"):
+        build_config("cub", ["data.shuffle_buffer_mib=0"])
