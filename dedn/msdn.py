@@ -49,9 +49,8 @@ slot of the "first expert" (`P_rc`) and S2 in that of the second (`P_rf`), so
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -60,74 +59,17 @@ from torch import Tensor, nn
 
 from dedn.attention import compute_dtype, normalize_features, region_branch
 from dedn.class_side import ClassSide
-from dedn.config import PRESETS as DATASET_PRESETS
-from dedn.config import DEDNConfig, build_config, parse_overrides, preset_name
+from dedn.config import DEDNConfig, LossConfig, ModelConfig
 from dedn.errors import ConfigError
 from dedn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance
 from dedn.protocol import ClassProtocol
 
 __all__ = [
-    "NAME", "MSDNConfig", "MSDN", "MSDNOutput", "attribute_branch", "msdn_loss", "build", "loss",
-    "load_msdn_preset",
+    "NAME", "MSDN", "MSDNOutput", "attribute_branch", "msdn_loss", "build", "loss",
 ]
 
 NAME = "msdn"  # cfg.model.name and the engine's MODELS key
 Impl = Literal["fused", "direct"]
-
-
-# ---- configuration ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MSDNConfig:
-    """MSDN's hyperparameters (msdn.md §7). Built from a run config by `from_run_config`.
-
-    calibration_weight: lambda of the self-calibration terms (= loss.calibration_weight);
-    gamma: weight of the mutual distillation (= loss.gamma); w1: inference weight of the
-    attribute->visual scores, w2 = 1 - w1 (= eval.lambda_e); distance: "cubic" (authors) or "mse";
-    normalize_word_vectors: re-normalise V's rows at every forward (AWA2 only);
-    normalize_features: L2-normalise each region's C-vector (all datasets).
-    """
-
-    calibration_weight: float = 0.1
-    gamma: float = 1e-3
-    w1: float = 0.9
-    distance: Literal["cubic", "mse"] = "cubic"
-    normalize_word_vectors: bool = False
-    normalize_features: bool = True
-    distill: bool = True
-
-    def __post_init__(self) -> None:
-        for key in ("calibration_weight", "gamma"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"msdn.{key}", "a finite number >= 0", v, "MSDNConfig")
-        if isinstance(self.w1, bool) or not isinstance(self.w1, (int, float)) or not 0 <= self.w1 <= 1:
-            raise ConfigError("msdn.w1", "a number in [0, 1]", self.w1, "MSDNConfig")
-        if self.distance not in ("cubic", "mse"):
-            raise ConfigError("msdn.distance", "one of cubic|mse", self.distance, "MSDNConfig")
-        for key in ("normalize_word_vectors", "normalize_features", "distill"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"msdn.{key}", "true or false", getattr(self, key), "MSDNConfig")
-
-    @classmethod
-    def from_run_config(cls, cfg: DEDNConfig) -> "MSDNConfig":
-        """MSDN settings of a pipeline config (presets/msdn_<dataset>.yaml and overrides)."""
-        return cls(
-            calibration_weight=float(cfg.loss.calibration_weight), gamma=float(cfg.loss.gamma),
-            w1=float(cfg.eval.lambda_e), distance=cfg.loss.distance,
-            normalize_word_vectors=bool(cfg.model.normalize_word_vectors),
-            normalize_features=bool(cfg.model.normalize_features), distill=bool(cfg.loss.distill),
-        )
-
-
-def load_msdn_preset(name: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> DEDNConfig:
-    """The pipeline config of MSDN on a dataset ("cub" | "sun" | "awa2", or "msdn_cub", ...) <- key=value overrides.
-
-    The same as `build_config(name, ["model=msdn", *overrides])`.
-    """
-    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    if name.lower().removeprefix(f"{NAME}_") not in DATASET_PRESETS:
-        raise ConfigError("preset", "one of " + "|".join(DATASET_PRESETS), name, "dedn.msdn")
-    return build_config(preset_name(name, NAME), ov)
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -172,10 +114,6 @@ class MSDNOutput:
         """
         return {"P_rc": self.scores_av, "P_rf": self.scores_va}
 
-    def named_parts(self) -> dict[str, Tensor]:
-        """{'S_av': S1, 'S_va': S2} (B, K) without the margin: the parts under their MSDN names."""
-        return {"S_av": self.scores_av, "S_va": self.scores_va}
-
     def inference_scores(self, lambda_rc: float = 1.0, lambda_e: float = 0.9) -> Tensor:
         """w1 S1 + (1 - w1) S2 (B, K) with w1 = lambda_e (msdn.md §6, margin left to calibrated stacking).
 
@@ -211,11 +149,12 @@ class MSDN(nn.Module):
     """Attribute->visual and visual->attribute sub-nets sharing V (see module docstring).
 
     word_vectors (D, G) are row-L2-normalised at init; class_attributes (K, D) become a frozen,
-    row-normalised buffer; feature_shape (C, H, W). impl "fused" (default) never forms (B, D, C)
+    row-normalised buffer; feature_shape (C, H, W). From `cfg` (the run's ModelConfig) it reads
+    normalize_features and normalize_word_vectors (re-normalise V's rows each forward: AWA2). impl "fused" (default) never forms (B, D, C)
     tensors; "direct" follows the spec's formulas literally (tests, benchmark baseline).
     """
 
-    def __init__(self, cfg: MSDNConfig, *, word_vectors: Tensor, class_attributes: Tensor,
+    def __init__(self, cfg: ModelConfig, *, word_vectors: Tensor, class_attributes: Tensor,
                  feature_shape: tuple[int, int, int] | Sequence[int], impl: Impl = "fused"):
         super().__init__()
         word_vectors = torch.as_tensor(word_vectors)
@@ -287,19 +226,12 @@ class MSDN(nn.Module):
 
 
 # ---- objective ------------------------------------------------------------------------------
-class MSDNLossWeights(Protocol):
-    """What msdn_loss reads: a LossConfig (the engine passes cfg.loss) or an MSDNConfig."""
-
-    calibration_weight: float
-    gamma: float
-    distance: str
-
-
-def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSDNLossWeights,
+def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: LossConfig,
               variant: str = "reference") -> dict[str, Tensor]:
     """msdn.md §4: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (cubic + JSD)(S1, S2).
 
-    labels (B,) int class ids. lam = cfg.calibration_weight, gamma = cfg.gamma. Returns {'loss',
+    labels (B,) int class ids. lam = cfg.calibration_weight, gamma = cfg.gamma (0 or
+    cfg.distill false: no distillation), cfg.distance the term (authors: cubic). Returns {'loss',
     'ce_av', 'ce_va', and when their weight is > 0: 'cal_av', 'cal_va', 'distill'} (unweighted
     parts). "All K classes" of the spec = the protocol's active classes (all K in the final
     phase; selection excludes the test-unseen classes as the pipeline requires). CE uses the
@@ -322,7 +254,7 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSD
             parts["cal_av"] = calibration_loss(s1, seen, unseen, active)
             parts["cal_va"] = calibration_loss(s2, seen, unseen, active)
             total = total + lam * (parts["cal_av"] + parts["cal_va"])
-        if gamma > 0 and getattr(cfg, "distill", True):
+        if gamma > 0 and cfg.distill:
             # both directions get gradients: no teacher, no stop-gradient (msdn.md §4)
             parts["distill"] = distance(biased_scores(s1, seen, unseen), biased_scores(s2, seen, unseen),
                                         cfg.distance, mask=active)
@@ -346,7 +278,7 @@ def build(cfg: DEDNConfig, class_side: ClassSide, feature_shape: tuple[int, int,
     if cfg.model.channel_attention:
         raise ConfigError("model.channel_attention", "false for model=msdn (no channel branch; use a msdn_* preset)",
                           True, "dedn.msdn.build")
-    return MSDN(MSDNConfig.from_run_config(cfg),
+    return MSDN(cfg.model,
                 word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
                 class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
                 feature_shape=tuple(int(x) for x in feature_shape))

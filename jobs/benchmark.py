@@ -62,7 +62,7 @@ def run_config(cfg: dict) -> dict:
     from dedn.config import LossConfig, ModelConfig
     from dedn.losses import dedn_loss
     from dedn.model import DEDN
-    from dedn.msdn import MSDN, MSDNConfig, msdn_loss
+    from dedn.msdn import MSDN, msdn_loss
     from dedn.protocol import ClassProtocol
 
     torch.manual_seed(0)
@@ -74,9 +74,10 @@ def run_config(cfg: dict) -> dict:
         clusters.append(perm[s : s + n])
         s += n
     if cfg["variant"].startswith("msdn"):
-        model = MSDN(MSDNConfig(), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D),
+        model = MSDN(ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D),
                      feature_shape=(C, h, h))
-        objective, loss_cfg = msdn_loss, MSDNConfig()
+        # the authors' CUB objective (presets/msdn_cub.yaml)
+        objective, loss_cfg = msdn_loss, LossConfig(calibration_weight=0.1, gamma=1e-3, distance="cubic")
     else:
         model = DEDN(
             ModelConfig(experts=cfg["experts"]),

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from dedn import engine
+from dedn.config import LossConfig, ModelConfig, build_config
 from dedn.errors import ConfigError
 from dedn.metrics import gzsl_predictions
 from dedn.model import combine_score_parts
-from dedn.msdn import MSDN, MSDNConfig, attribute_branch, build, load_msdn_preset, msdn_loss
+from dedn.msdn import MSDN, attribute_branch, build, msdn_loss
 from dedn.protocol import ClassProtocol
 
 B, C, H, W, D, G, K = 3, 5, 2, 2, 4, 6, 5
@@ -20,9 +21,12 @@ R = H * W
 TRAINED = {"v", "w1", "w2", "w1_1", "w2_1"}
 
 
-def _model(impl: str = "fused", cfg: MSDNConfig | None = None, random_weights: bool = True) -> MSDN:
+AUTHORS_LOSS = LossConfig(calibration_weight=0.1, gamma=1e-3, distance="cubic")  # msdn_cub.yaml
+
+
+def _model(impl: str = "fused", cfg: ModelConfig | None = None, random_weights: bool = True) -> MSDN:
     g = torch.Generator().manual_seed(1)
-    m = MSDN(cfg or MSDNConfig(), word_vectors=torch.randn(D, G, generator=g, dtype=torch.float64),
+    m = MSDN(cfg or ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G, generator=g, dtype=torch.float64),
              class_attributes=torch.rand(K, D, generator=g, dtype=torch.float64), feature_shape=(C, H, W), impl=impl)
     if random_weights:  # the zero inits would hide errors in W2, W1_1, W2_1
         with torch.no_grad():
@@ -104,7 +108,7 @@ def test_fused_equals_direct_outputs_and_gradients_float64() -> None:
     grads = []
     for m in (fused, direct):
         out = m(x, return_attention=True)
-        parts = msdn_loss(out, y, protocol, MSDNConfig(calibration_weight=0.3, gamma=0.5))
+        parts = msdn_loss(out, y, protocol, LossConfig(calibration_weight=0.3, gamma=0.5, distance="cubic"))
         m.zero_grad()
         parts["loss"].backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
@@ -158,7 +162,7 @@ def _numpy_loss(s1: np.ndarray, s2: np.ndarray, y: np.ndarray, protocol: ClassPr
 def test_loss_matches_hand_computed(protocol: ClassProtocol) -> None:
     out = _model()(_features())
     y = torch.tensor([0, 2, 0])
-    parts = msdn_loss(out, y, protocol, MSDNConfig(calibration_weight=0.1, gamma=1e-3))
+    parts = msdn_loss(out, y, protocol, AUTHORS_LOSS)
     ref = _numpy_loss(out.scores_av.detach().numpy(), out.scores_va.detach().numpy(), y.numpy(), protocol, 0.1, 1e-3)
     assert set(parts) == set(ref)
     for k, v in ref.items():
@@ -168,14 +172,14 @@ def test_loss_matches_hand_computed(protocol: ClassProtocol) -> None:
 def test_loss_parts_with_zero_weight_are_not_computed() -> None:
     out = _model()(_features())
     parts = msdn_loss(out, torch.tensor([0, 1, 2]), ClassProtocol((0, 1, 2), (3, 4), K),
-                      MSDNConfig(calibration_weight=0.0, gamma=0.0))
+                      LossConfig(calibration_weight=0.0, gamma=0.0, distance="cubic"))
     assert set(parts) == {"loss", "ce_av", "ce_va"}
     torch.testing.assert_close(parts["loss"], parts["ce_av"] + parts["ce_va"])
 
 
 def test_gradients_reach_every_trained_parameter_and_only_those() -> None:
     m = _model()
-    parts = msdn_loss(m(_features()), torch.tensor([0, 1, 2]), ClassProtocol((0, 1, 2), (3, 4), K), MSDNConfig())
+    parts = msdn_loss(m(_features()), torch.tensor([0, 1, 2]), ClassProtocol((0, 1, 2), (3, 4), K), AUTHORS_LOSS)
     parts["loss"].backward()
     for n, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
@@ -184,7 +188,7 @@ def test_gradients_reach_every_trained_parameter_and_only_those() -> None:
 
 def test_word_vectors_renormalised_per_forward_only_when_configured() -> None:
     for flag in (False, True):
-        m = _model(cfg=MSDNConfig(normalize_word_vectors=flag))  # random weights: V rows not unit any more
+        m = _model(cfg=ModelConfig(name="msdn", channel_attention=False, normalize_word_vectors=flag))  # random weights: V rows not unit any more
         norms = m.word_vectors().norm(dim=1)
         assert torch.allclose(norms, torch.ones(D, dtype=torch.float64)) == flag
 
@@ -215,7 +219,7 @@ def test_inference_combination_equals_the_authors_margin_included_score() -> Non
 
 
 def test_bf16_autocast_is_close_to_fp32() -> None:
-    m = MSDN(MSDNConfig(), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, H, W))
+    m = MSDN(ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, H, W))
     x = torch.rand(B, C, H, W)
     ref = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,31 +235,27 @@ def test_presets_carry_the_authors_settings() -> None:
         "awa2": (0.12, 1e-7, 50, 0.0, True, True, 40, 1.0, 87778),
     }
     for name, (lam, gamma, epochs, mom, nv, bal, bs, w1, seed) in expect.items():
-        cfg = load_msdn_preset(name)
-        mc = MSDNConfig.from_run_config(cfg)
+        cfg = build_config(name, ["model=msdn"])
         assert cfg.model.name == "msdn" and cfg.dataset == name.upper()
-        assert (mc.calibration_weight, mc.gamma, cfg.optim.epochs, cfg.optim.momentum, mc.normalize_word_vectors,
-                cfg.data.class_balanced, cfg.optim.batch_size, mc.w1, cfg.optim.seed) == (lam, gamma, epochs, mom, nv, bal, bs, w1, seed)
-        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.eval.calibration, mc.distance) == (1e-4, 1e-4, 2.0, "cubic")
-    assert load_msdn_preset("cub", ["epochs=2"]).optim.epochs == 2
+        assert (cfg.loss.calibration_weight, cfg.loss.gamma, cfg.optim.epochs, cfg.optim.momentum,
+                cfg.model.normalize_word_vectors, cfg.data.class_balanced, cfg.optim.batch_size, cfg.eval.lambda_e,
+                cfg.optim.seed) == (lam, gamma, epochs, mom, nv, bal, bs, w1, seed)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.eval.calibration, cfg.loss.distance) == (1e-4, 1e-4, 2.0, "cubic")
+    assert build_config("cub", ["model=msdn", "epochs=2"]).optim.epochs == 2
 
 
 def test_bad_configuration_is_reported() -> None:
     with pytest.raises(ConfigError, match="preset"):
-        load_msdn_preset("imagenet")
-    with pytest.raises(ConfigError, match="msdn.w1"):
-        MSDNConfig(w1=1.5)
-    cfg = load_msdn_preset("cub").replace(**{"model.channel_attention": True})
+        build_config("imagenet", ["model=msdn"])
+    with pytest.raises(ConfigError, match="eval.lambda_e"):  # w1
+        build_config("cub", ["model=msdn", "lambda_e=1.5"])
+    cfg = build_config("cub", ["model=msdn"]).replace(**{"model.channel_attention": True})
     with pytest.raises(ConfigError, match="model.channel_attention"):
         build(cfg, None, (C, H, W))  # type: ignore[arg-type]
 
 
 def test_trains_through_the_engine(tiny_dataset) -> None:
-    if "msdn" not in engine.MODELS:
-        from dedn.compare import ensure_registered
-
-        ensure_registered()
-    cfg = load_msdn_preset("cub", ["epochs=3", "optim.lr=0.003", "protocol=final", "optim.seed=0"])
+    cfg = build_config("cub", ["model=msdn", "epochs=3", "optim.lr=0.003", "protocol=final", "optim.seed=0"])
     res = engine.run_phase(cfg, tiny_dataset, "final")
     losses = [h["train"]["loss"] for h in res.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
