@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dedn import engine
-from dedn.config import PRESETS, DEDNConfig, apply_overrides, build_config, parse_overrides
+from dedn.atomic import write_text
+from dedn.config import DEDNConfig, apply_overrides, build_config, parse_overrides
 from dedn.dataset import FeatureDataset
 from dedn.errors import ConfigError
 
@@ -55,8 +56,6 @@ def model_config(model: str, preset: str, overrides: Mapping[str, Any] | Sequenc
     """The preset config of `model` ("dedn" | "msdn") on dataset preset "cub" | "sun" | "awa2", with overrides."""
     if model not in COMPARABLE_MODELS:
         raise ConfigError("model", "one of " + "|".join(COMPARABLE_MODELS), model, "dedn.compare")
-    if preset.lower() not in PRESETS:
-        raise ConfigError("preset", "one of " + "|".join(PRESETS), preset, "dedn.compare")
     ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     return build_config(preset, {**ov, "model.name": model})
 
@@ -89,6 +88,8 @@ def compare_models(
     to every model after the shared budget (same keys as the command line).
     on_epoch_end(model, report) is called after every epoch (progress).
     """
+    if protocol not in ("two_phase", "final"):  # both end with a test evaluation; checked before any training
+        raise ConfigError("protocol", "two_phase or final (a test evaluation)", protocol, "dedn.compare")
     ds = dataset if isinstance(dataset, FeatureDataset) else FeatureDataset.open(dataset)
     preset = (preset or ds.name).lower()
     shared: dict[str, Any] = {
@@ -98,12 +99,10 @@ def compare_models(
     user = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     rows: list[ComparisonRow] = []
     for name in models:
-        cfg = apply_overrides(model_config(name, preset), shared, source="dedn.compare")
-        cfg = apply_overrides(cfg, user)
+        cfg = apply_overrides(model_config(name, preset, user), shared, source="dedn.compare")  # the budget wins
         cb = None if on_epoch_end is None else (lambda report, _n=name: on_epoch_end(_n, report))
         res = engine.fit(cfg, ds, device=device, on_epoch_end=cb)
-        if res.test_metrics is None:
-            raise ConfigError("protocol", "two_phase or final (a test evaluation)", cfg.protocol, "dedn.compare")
+        assert res.test_metrics is not None  # two_phase and final both test once
         steps, images, seconds = _throughput(res.selection_history + res.final_history)
         m = res.test_metrics
         rows.append(ComparisonRow(
@@ -142,12 +141,4 @@ def to_csv(rows: Sequence[ComparisonRow]) -> str:
 def write_table(rows: Sequence[ComparisonRow], out_dir: str | os.PathLike[str], *, title: str = "") -> tuple[Path, Path]:
     """compare.md and compare.csv in out_dir, each written to a temporary name and renamed."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in (("compare.md", to_markdown(rows, title=title)), ("compare.csv", to_csv(rows))):
-        path = out / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        paths.append(path)
-    return paths[0], paths[1]
+    return write_text(out / "compare.md", to_markdown(rows, title=title)), write_text(out / "compare.csv", to_csv(rows))

@@ -52,7 +52,9 @@ def _synthetic_cub(args: argparse.Namespace) -> Path:
     return root
 
 
-def _track(rows, md: str, csv_text: str, args: argparse.Namespace, data: Path, semi: bool) -> str:
+def _track(rows, files: tuple[Path, Path], args: argparse.Namespace, data: Path, semi: bool) -> str:
+    from mlflow.entities import Param
+
     from dedn import tracking
 
     exp = tracking.get_or_create_experiment(f"dedn-compare-{rows[0].dataset.lower()}")
@@ -60,22 +62,21 @@ def _track(rows, md: str, csv_text: str, args: argparse.Namespace, data: Path, s
         "dataset": rows[0].dataset, "semi_synthetic": str(semi).lower(), "data_path": str(data),
         **({"git_commit": c} if (c := tracking.git_commit()) else {})})
     log = tracking.RunLogger(run.info.run_id)
-    for k, v in {"models": ",".join(args.models), "epochs": args.epochs, "seed": args.seed,
-                 "max_steps_per_epoch": args.max_steps, "protocol": args.protocol,
-                 "overrides": " ".join(args.overrides)}.items():
-        log.client.log_param(run.info.run_id, k, str(v))
+    params = {"models": ",".join(args.models), "epochs": args.epochs, "seed": args.seed,
+              "max_steps_per_epoch": args.max_steps, "protocol": args.protocol, "overrides": " ".join(args.overrides)}
+    log.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     for r in rows:
         log.log_metrics({f"{r.model}.{m}": getattr(r, m) for m in ("T", "U", "S", "H", "images_per_s")}
                         | {f"{r.model}.parameters": r.parameters}, step=0)
-    log.log_text(md, "compare.md")
-    log.log_text(csv_text, "compare.csv")
+    for path in files:
+        log.client.log_artifact(run.info.run_id, str(path))
     log.finish()
     return run.info.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn.compare import compare_models, to_csv, to_markdown, write_table
+    from dedn.compare import compare_models, write_table
     from dedn.dataset import FeatureDataset
 
     try:
@@ -97,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{'SEMI-SYNTHETIC ' if ds.semi_synthetic else ''}{ds.name} ({c}x{h}x{w}), protocol {args.protocol}, "
              f"{args.epochs} epoch(s){f' x {args.max_steps} steps' if args.max_steps else ''}, seed {args.seed}")
     md_path, csv_path = write_table(rows, args.out, title=title)
-    md = to_markdown(rows, title=title)
-    print(md)
+    print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
     if not args.no_track:
-        run_id = _track(rows, md, to_csv(rows), args, data, ds.semi_synthetic)
+        run_id = _track(rows, (md_path, csv_path), args, data, ds.semi_synthetic)
         print(f"MLflow run {run_id} (artifacts compare.md, compare.csv)")
     return 0
 
