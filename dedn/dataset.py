@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -542,12 +542,14 @@ class FeatureDataset:
         return self.root / shard.file
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], verify: str = "rows") -> "FeatureDataset":
+    def open(cls, root: str | os.PathLike[str], verify: str = "rows", splits: Iterable[str] | None = None
+             ) -> "FeatureDataset":
         """Open and check a dataset directory.
 
         verify: "none" trusts the manifest; "rows" also checks every shard exists, has the
         manifest's row count and the expected columns (Parquet footers only); "full" also checks
-        every sha256 and that every label belongs to its split's classes.
+        every sha256 and that every label belongs to its split's classes. `splits` limits the
+        shard checks to those splits (a sweep never opens the test shards).
         """
         root = Path(root)
         if verify not in VERIFY_MODES:
@@ -575,10 +577,10 @@ class FeatureDataset:
         if manifest["source"] not in SOURCES:
             raise DatasetError(mpath, "source", f"one of {list(SOURCES)}", repr(manifest["source"]))
         class_side = _load_class_side(root, mpath, manifest)
-        splits = _parse_splits(mpath, manifest)
-        ds = cls(root, manifest, class_side, splits)
+        parsed = _parse_splits(mpath, manifest)
+        ds = cls(root, manifest, class_side, parsed)
         if verify != "none":
-            for info in splits.values():
+            for info in (parsed.values() if splits is None else [ds.split(s) for s in splits]):
                 for shard in info.shards:
                     _verify_shard(ds, info.name, shard, full=verify == "full")
         return ds

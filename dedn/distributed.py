@@ -208,6 +208,9 @@ def epoch_metrics(report: Mapping[str, Any], images_per_s: float, epoch_time_s: 
         lam = report.get("lambdas")
         if lam is not None:
             out["lambda_rc"], out["lambda_e"] = float(lam[0]), float(lam[1])
+        if report.get("best") is not None:
+            out["best_val_H"] = float(report["best"]["H"])  # best epoch so far (Tune's metric may name it)
+        out["epoch"] = float(report["epoch"])
     if report.get("test"):
         out.update({f"test_{k}": float(v) for k, v in report["test"].items()})
     return out
@@ -321,7 +324,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = DEDNConfig.from_dict(config["cfg"], source="train_loop_config")
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    dataset = FeatureDataset.open(cfg.data.path)
+    # The driver opened the dataset with verify="rows"; a worker trusts the manifest, so a sweep's
+    # distributed trial never touches the test shards' footers (each reader checks its own shards).
+    dataset = FeatureDataset.open(cfg.data.path, verify="none")
     hooks = DebugHooks(**config.get("debug", {}))
     recorder = _Recorder(hooks, rank)
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()

@@ -201,17 +201,12 @@ def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "
 def open_for_selection(path: str | os.PathLike[str]) -> Any:
     """Open a dataset directory and check only the selection splits' shards.
 
-    `FeatureDataset.open(verify="rows")` reads the footer of every shard, test ones included;
-    a sweep must not open test files at all, so it opens with verify="none" and checks the
-    shards of train / val_seen / val_unseen itself.
+    A plain `FeatureDataset.open` reads the footer of every shard, test ones included; a sweep
+    must not open test files at all.
     """
-    from dedn import dataset as ds_mod
+    from dedn.dataset import FeatureDataset
 
-    ds = ds_mod.FeatureDataset.open(path, verify="none")
-    for split in SELECTION_SPLITS:
-        for shard in ds.split(split).shards:
-            ds_mod._verify_shard(ds, split, shard, full=False)  # hook request: open(verify_splits=...)
-    return ds
+    return FeatureDataset.open(path, splits=SELECTION_SPLITS)
 
 
 # ---- what one trial reports ----------------------------------------------------------------
@@ -221,13 +216,10 @@ def trial_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     val_* are at the fitted (lambda_rc, lambda_e) when the trial fits them (`val_best`), else at
     the configured pair; lambda_rc / lambda_e say which pair; best_val_H is the best epoch so far.
     """
-    m = report["val_best"] if report.get("val_best") is not None else report["val"]
-    rc, e = report["lambdas"]
-    out = {"val_H": m["H"], "val_S": m["S"], "val_U": m["U"], "val_T": m["T"], "lambda_rc": rc, "lambda_e": e,
-           "epoch": report["epoch"], "best_val_H": report["best"]["H"]}
-    if "loss" in report.get("train", {}):
-        out["loss"] = report["train"]["loss"]
-    return {k: float(v) for k, v in out.items()}
+    from dedn.distributed import epoch_metrics
+
+    m = epoch_metrics(report, images_per_s=0.0, epoch_time_s=0.0)  # the same keys a distributed trial reports
+    return {k: float(m[k]) for k in REPORTED if k in m}
 
 
 # ---- the trial function ---------------------------------------------------------------------

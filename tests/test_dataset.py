@@ -435,3 +435,17 @@ def test_verify_mode_is_checked(dataset_dir):
     root, _ = dataset_dir
     with pytest.raises(DatasetError, match=r"verify: expected one of \['none', 'rows', 'full'\], found 'all'"):
         FeatureDataset.open(root, verify="all")
+
+
+def test_open_checks_only_the_named_splits(tiny_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset.root, root)
+    ds = FeatureDataset.open(root)
+    shard = root / ds.split("test_unseen").shards[0].file
+    shard.write_bytes(b"not parquet")  # a broken test shard
+    with pytest.raises(DatasetError, match="test_unseen"):
+        FeatureDataset.open(root)
+    opened = FeatureDataset.open(root, splits=("train", "val_seen", "val_unseen"))  # a sweep's view
+    assert opened.split("train").num_rows == ds.split("train").num_rows
