@@ -127,8 +127,11 @@ class TrainOutcome:
 
 
 # ---- Ray -------------------------------------------------------------------------------------
-def init_ray() -> None:
+def init_ray(dashboard: bool = False) -> None:
     """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
+
+    dashboard: give the embedded Ray its dashboard (its State API frees each finished Ray Train
+    run's placement group at once; a sweep of TorchTrainer trials needs that, see tuning/tune.py).
 
     `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
     start` leaves its address on the node); otherwise an embedded Ray starts. The embedded one
@@ -146,7 +149,10 @@ def init_ray() -> None:
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
             raise
-        ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        if dashboard:
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
 
 
 def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0) -> float:

@@ -37,7 +37,7 @@ from dedn.protocol import PHASES, ClassProtocol
 from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
 
 __all__ = [
-    "MODELS", "ModelSpec", "model_spec", "NonFiniteLossError", "EvalResult", "PhaseResult", "FitResult",
+    "MODELS", "ModelSpec", "model_spec", "unwrap_model", "NonFiniteLossError", "EvalResult", "PhaseResult", "FitResult",
     "build_model", "build_optimizer", "train_one_epoch", "evaluate", "run_phase", "fit", "phase_seed",
 ]
 
@@ -116,7 +116,8 @@ def build_optimizer(cfg: DEDNConfig, model: nn.Module) -> torch.optim.RMSprop:
     return torch.optim.RMSprop(model.parameters(), lr=o.lr, alpha=o.alpha, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside a DDP (or similar) wrapper; the model itself otherwise."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
@@ -313,7 +314,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
 
 
 def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:

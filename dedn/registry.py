@@ -32,6 +32,7 @@ from torch import nn
 
 from dedn.class_side import ClassSide, normalize_rows
 from dedn.config import DEDNConfig
+from dedn.engine import model_spec, unwrap_model
 from dedn.errors import ConfigError, DatasetError
 
 try:  # the wrapper subclasses PythonModel when MLflow is there; the predictor itself needs no MLflow
@@ -148,8 +149,6 @@ class DEDNPredictor:
 def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], clusters: Sequence[Sequence[int]],
                    feature_shape: Sequence[int]) -> nn.Module:
     """The network of cfg.model.name through the engine's model table, with the clusters it was trained with."""
-    from dedn.engine import model_spec
-
     no_ids = np.zeros(0, np.int64)
     class_side = ClassSide(
         name=cfg.dataset, class_names=tuple(map(str, cs["class_names"])), attribute_names=tuple(map(str, cs["attribute_names"])),
@@ -205,13 +204,9 @@ class DEDNPyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
 
 
 # ---- writing and logging ---------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP keeps the network in .module
-
-
 def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str]) -> dict[str, str]:
     """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path."""
-    net = _unwrap(model)
+    net = unwrap_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # plain tensors only
@@ -256,7 +251,7 @@ def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_i
     from mlflow.types import Schema, TensorSpec
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    net = _unwrap(model)
+    net = unwrap_model(model)
     c, h, w = net.feature_shape
     k = int(net.class_attributes.shape[0])
     signature = ModelSignature(

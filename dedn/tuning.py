@@ -384,7 +384,8 @@ class MLflowSweepCallback(tune.Callback):
         if self._client_obj is None:
             from mlflow.tracking import MlflowClient
 
-            self._client_obj = MlflowClient(self.tracking_uri)
+            # registry_uri explicitly, as tracking.client() does: a registry URI set earlier would win
+            self._client_obj = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client_obj
 
     def run_id(self, trial: Any) -> str:

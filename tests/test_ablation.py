@@ -6,6 +6,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,7 +40,7 @@ def test_select_settings_keys_groups_and_errors():
 def test_user_overrides_of_switches_are_refused():
     ablation.check_base_overrides({"epochs": "1", "loss.beta": "0.01"})
     for key in ("distill", "model.experts", "channel_attention", "loss.mal"):
-        with pytest.raises(ConfigError, match=key):
+        with pytest.raises(ConfigError, match=rf"^command line: {key}: expected a key the ablation settings do not set"):
             ablation.check_base_overrides({key: "false"})
 
 
@@ -150,6 +151,10 @@ def test_cluster_study_plot_is_labelled(tmp_path):
     path = ablation.plot_cluster_study(res, tmp_path / "cluster.png", "CUB", semi_synthetic=True)
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    # both metrics are drawn as bars: matplotlib's first two colours (H: C0 blue, T: C1 orange) cover real area
+    for rgb in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
+        near = (abs(img[..., :3] - np.array(rgb) / 255).max(-1) < 0.02).mean()
+        assert near > 0.01, (rgb, near)
     assert ablation.plot_cluster_study(res[:1], tmp_path / "none.png", "CUB", semi_synthetic=False) is None
     assert [p.name for p in tmp_path.iterdir()] == ["cluster.png"]
 

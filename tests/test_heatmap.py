@@ -152,7 +152,7 @@ def test_image_paths(tmp_path):
 
 
 # ---- the job --------------------------------------------------------------------------------
-def test_heatmap_job_from_a_checkpoint(tmp_path, capsys):
+def test_heatmap_job_from_a_checkpoint(tmp_path, capsys, monkeypatch):
     from dedn.checkpoint import save_checkpoint
     from dedn.dataset import FeatureDataset
     from dedn.engine import build_model
@@ -173,10 +173,19 @@ def test_heatmap_job_from_a_checkpoint(tmp_path, capsys):
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["heatmap_test_unseen_0_sample2000.png", "heatmap_test_unseen_4_sample2004.png"]
     assert mpimg.imread(pngs[0]).shape[1] > 400
-    # overlaid on the image when its file is known
+    # overlaid on the image when its file is known: the figure is drawn with the image itself
+    drawn_on = []
+    real_figure = heatmap.heatmap_figure
+
+    def recording_figure(maps, names, image=None, **kw):
+        drawn_on.append(None if image is None else image.shape[:2])
+        return real_figure(maps, names, image=image, **kw)
+
+    monkeypatch.setattr(heatmap, "heatmap_figure", recording_figure)
     assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--samples", "1", "--attributes", "attr3",
                      "--image-root", str(tmp_path), "--image-files", str(listing), "--out", str(tmp_path / "ov")]) == 0
     assert len(list((tmp_path / "ov").glob("*.png"))) == 1
+    assert drawn_on == [(24, 32)]  # the 24 x 32 image file, not the H x W grid
     assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--samples", "99", "--attributes", "attr3",
                      "--out", str(out)]) == 2
     assert "row positions in [0, 6)" in capsys.readouterr().err

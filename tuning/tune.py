@@ -16,10 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dedn.config import PRESETS, build_config
+from dedn.config import PRESETS
 from dedn.errors import DednError
-from dedn.distributed import init_ray
-from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,19 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
+    from dedn.config import build_config
+    from dedn.distributed import init_ray
+    from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
+
     try:
         base = build_config(args.preset, args.overrides)
         data = str(Path(args.data).expanduser().resolve())
         base = base.replace(**{"data.path": data})
-        if args.workers_per_trial > 1:
-            import ray
-
-            if not ray.is_initialized():
-                # with the dashboard's State API Ray Train frees each finished trial's placement group
-                # at once; without it the next TorchTrainer trial waited > 60 s for CPUs (measured)
-                ray.init()
-        else:
-            init_ray()
+        # TorchTrainer trials need the dashboard's State API: without it the next trial waited > 60 s
+        # for the CPUs of a finished one (measured)
+        init_ray(dashboard=args.workers_per_trial > 1)
         finished = None  # --final --name NAME on a finished sweep: no new trials
         if args.final and args.name and not args.resume:
             d = find_sweep(args.storage, base.dataset, args.name)
