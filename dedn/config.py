@@ -372,3 +372,18 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
     if file_over:
         cfg = apply_overrides(cfg, file_over, source=config_file or "config file")
     return apply_overrides(cfg, ov)
+
+
+def config_for_dataset(dataset_name: str, data_path: str, preset: str | None = None,
+                       overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> DEDNConfig:
+    """The run config of a job on a dataset directory: `preset`, else the dataset's own preset
+    when its name has one (and no config file is given), else the defaults named after the dataset.
+
+    Every job that trains on `--data DIR` builds its config here, so a dataset without a preset
+    (APY, your own) runs with the defaults instead of failing the dataset-name check.
+    """
+    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    name = (preset or (dataset_name.lower() if dataset_name.lower() in PRESETS and not config_file else "")) or None
+    named = {} if name or config_file else {"dataset": dataset_name}
+    return build_config(name, {**named, **ov, "data.path": str(data_path)}, config_file=config_file)
+

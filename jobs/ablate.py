@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dedn import ablation, tracking
     from dedn.clusters import resolve_clusters
-    from dedn.config import PRESETS, build_config, parse_overrides
+    from dedn.config import config_for_dataset, parse_overrides
     from dedn.dataset import FeatureDataset
     from dedn.distributed import TrainSettings, train
 
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         user = parse_overrides(args.overrides)
         ablation.check_base_overrides(user)
         settings = ablation.select_settings(args.settings.split(",") if args.settings else None)
-        preset = args.preset or (ds.name.lower() if ds.name.lower() in PRESETS else "")
-        # without a preset the config must still name the dataset (distributed.train checks it)
-        base = build_config(preset or None, {**({} if preset else {"dataset": ds.name}), **user, "data.path": str(data)})
+        base = config_for_dataset(ds.name, str(data), args.preset or None, user)
         for s in settings:  # every configuration and its clusters are valid before the first run starts
             c = ablation.setting_config(base, s)
             resolve_clusters(ds.class_side, c.model.clusters, c.model.num_clusters, c.optim.seed)

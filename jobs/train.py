@@ -58,7 +58,7 @@ def _pct(m: dict[str, float] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from dedn import tracking
-    from dedn.config import PRESETS, build_config
+    from dedn.config import config_for_dataset
     from dedn.dataset import FeatureDataset
     from dedn.distributed import TrainSettings, train
 
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(real AWA2 class side, generated feature maps; its numbers say nothing about real images)", flush=True)
             overrides = list(DEMO_OVERRIDES) + overrides
         ds = FeatureDataset.open(data)
-        preset = args.preset or (ds.name.lower() if ds.name.lower() in PRESETS and not args.config else "")
-        cfg = build_config(preset or None, overrides + [f"data.path={data}"], config_file=args.config or None)
+        cfg = config_for_dataset(ds.name, str(data), args.preset or None, overrides, config_file=args.config or None)
         settings = TrainSettings(
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             max_failures=args.max_failures, num_to_keep=args.num_to_keep, storage_path=args.storage_path,

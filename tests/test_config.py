@@ -139,3 +139,17 @@ def test_shuffle_buffer_is_capped_by_its_memory_budget():
     assert build_config("cub", ["data.shuffle_buffer_mib=1"]).data.shuffle_rows(10 << 20) == 1  # never empty
     with pytest.raises(ConfigError, match="data.shuffle_buffer_mib"):
         build_config("cub", ["data.shuffle_buffer_mib=0"])
+
+
+def test_config_for_a_dataset_with_and_without_a_preset(tmp_path):
+    from dedn.config import config_for_dataset
+
+    cub = config_for_dataset("CUB", "/d/cub", overrides=["epochs=3"])
+    assert (cub.dataset, cub.loss.beta, cub.eval.lambda_e, cub.optim.epochs, cub.data.path) == ("CUB", 1e-3, 0.9, 3, "/d/cub")
+    apy = config_for_dataset("APY", "/d/apy")  # no preset: the defaults, named after the dataset
+    assert (apy.dataset, apy.data.path) == ("APY", "/d/apy")
+    assert config_for_dataset("CUB", "/d/x", preset="awa2").dataset == "AWA2"  # an explicit preset wins
+    f = tmp_path / "best.yaml"
+    f.write_text(build_config("sun", ["epochs=7"]).to_yaml())
+    from_file = config_for_dataset("SUN", "/d/sun", config_file=str(f))  # a sweep's best_config.yaml
+    assert (from_file.dataset, from_file.optim.epochs) == ("SUN", 7)
