@@ -18,6 +18,7 @@ lambda is scored without running the network again.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Literal, NamedTuple, Sequence
 
 import torch
@@ -51,6 +52,7 @@ class _Columns(NamedTuple):
     unseen_pos: Tensor  # (U,) int64 positions of the unseen classes within `active`
 
 
+@lru_cache(maxsize=32)  # per (protocol, device): evaluation asks for the same columns every batch
 def _columns(protocol: ClassProtocol, device: torch.device | str) -> _Columns:
     active = torch.nonzero(protocol.active_mask(device)).reshape(-1)
     return _Columns(active, protocol.seen_mask(device)[active], torch.nonzero(protocol.unseen_mask(device)[active]).reshape(-1))
@@ -213,6 +215,7 @@ class LambdaSearch:
         n_rc, n_e, k = len(self.rc_values), len(self.e_values), self.num_classes
         self.hits = torch.zeros(3, n_rc, n_e, k, dtype=torch.int64)
         self.totals = torch.zeros(2, k, dtype=torch.int64)
+        self._weight_cache: dict[tuple[str, ...], Tensor] = {}
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -224,6 +227,9 @@ class LambdaSearch:
         P_r* get lambda_rc, P_c* get 1 - lambda_rc (or 1 without channel parts); coarse parts
         get lambda_e, fine parts 1 - lambda_e (or 1 with one expert).
         """
+        key = tuple(names)
+        if key in self._weight_cache:  # the same parts every batch: build the table once
+            return self._weight_cache[key]
         both = any(n.endswith("c") for n in names) and any(n.endswith("f") for n in names)
         rows = []
         for rc in self.rc_values:
@@ -234,7 +240,8 @@ class LambdaSearch:
                     w_e = (e if n.endswith("c") else 1.0 - e) if both else 1.0
                     row.append(w_rc * w_e)
                 rows.append(row)
-        return torch.tensor(rows, dtype=torch.float64)
+        self._weight_cache[key] = torch.tensor(rows, dtype=torch.float64)
+        return self._weight_cache[key]
 
     @torch.no_grad()
     def update(self, parts: dict[str, Tensor], labels: Tensor, protocol: ClassProtocol, *, side: Side) -> None:
