@@ -30,7 +30,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -39,7 +39,7 @@ from dedn.config import DEDNConfig
 from dedn.errors import ConfigError
 
 __all__ = [
-    "ABLATION_KEYS", "FULL", "Setting", "SETTINGS", "TABLE3", "FIGURE5", "setting_names", "select_settings",
+    "ABLATION_KEYS", "FULL", "Setting", "SETTINGS", "TABLE3", "FIGURE5", "select_settings",
     "setting_config", "check_base_overrides", "AblationResult", "run_ablation", "table_rows", "caption", "format_markdown",
     "format_csv", "write_table", "plot_cluster_study", "METRICS",
 ]
@@ -95,10 +95,6 @@ FIGURE5: tuple[Setting, ...] = (
 SETTINGS: dict[str, Setting] = {s.key: s for s in TABLE3 + FIGURE5}
 
 
-def setting_names() -> list[str]:
-    """Every setting key, in table order (Table 3, then Figure 5)."""
-    return list(SETTINGS)
-
 
 def select_settings(keys: Iterable[str] | None = None) -> list[Setting]:
     """The settings named by `keys` in table order (all when None/empty); unknown keys raise ConfigError.
@@ -145,11 +141,9 @@ class AblationResult:
 
     setting: Setting
     metrics: dict[str, float] | None = None  # {"T", "U", "S", "H"} on the test splits
-    val_metrics: dict[str, float] | None = None
     run_id: str | None = None
     error: str | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

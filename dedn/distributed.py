@@ -51,6 +51,7 @@ __all__ = [
     "params_digest", "epoch_metrics",
 ]
 
+CHECKPOINT_TAG = "dedn.checkpoint_dir"  # MLflow tag of a run: its last Ray Train checkpoint folder
 STATE_FILE = "state.pt"  # the engine's checkpoint dict (torch.save of tensors and plain values)
 PROGRESS_FILE = "progress.json"  # {"phase": "select"|"final", "selection": {...} once selection is done}
 SCORE_ATTRIBUTE = "val_H"  # CheckpointConfig ranks checkpoints by validation H
@@ -582,6 +583,8 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None) -> TrainOutcom
                            lambdas)
 
     if run_id is not None:
+        if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
+            tracking.client().set_tag(run_id, CHECKPOINT_TAG, ckpt_dir)
         if settings.register and test is not None and ckpt_dir is not None:
             outcome.registered = _register_from_checkpoint(cfg, dataset, ckpt_dir, run_id, val or {}, test)
             tracking.client().set_tag(run_id, "registered_model_version",

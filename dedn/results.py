@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from dedn.errors import ConfigError
+from dedn.tracking import KIND_TAG
 
 __all__ = [
     "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
@@ -34,7 +35,7 @@ PAPER_DEDN: dict[str, dict[str, float]] = {
     "AWA2": {"T": 75.8, "U": 68.0, "S": 76.5, "H": 72.0},
 }
 # Tags that mark runs which are not a plain training run of the dataset.
-CHILD_TAGS = ("mlflow.parentRunId", "dedn.kind", "dedn.sweep")
+CHILD_TAGS = ("mlflow.parentRunId", KIND_TAG, "dedn.sweep")
 SEMI_TAG = "semi_synthetic"
 
 

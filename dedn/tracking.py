@@ -37,6 +37,8 @@ __all__ = [
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
 
 
+KIND_TAG = "dedn.kind"  # what made a run that is not a training run: "ablation", "sweep"
+
 def dedn_home() -> Path:
     """`$DEDN_HOME`, default `~/.dedn`: the MLflow store, Ray Train storage and the demo dataset live here."""
     return Path(os.environ.get("DEDN_HOME") or Path.home() / ".dedn").expanduser().resolve()

@@ -569,7 +569,7 @@ def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) ->
     uri = tracking.init_store()  # the sqlite tables exist before any trial starts
     experiment_id = tracking.get_or_create_experiment(tracking.experiment_name(spec.base.dataset) + "-tune")
     client = tracking.client()
-    run = client.create_run(experiment_id, run_name=name, tags={"dedn.sweep": name, "dedn.kind": "sweep"})
+    run = client.create_run(experiment_id, run_name=name, tags={"dedn.sweep": name, tracking.KIND_TAG: "sweep"})
     params = {
         "sweep.num_samples": spec.num_samples, "sweep.max_concurrent_trials": spec.max_concurrent_trials,
         "sweep.cpus_per_trial": spec.cpus_per_trial, "sweep.workers_per_trial": spec.workers_per_trial,

@@ -27,9 +27,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster work
 from dedn.errors import ConfigError, DednError  # noqa: E402
 
 # Tags of the ablation runs (MLflow's own tag nests a run under its parent in the UI).
-KIND_TAG = "dedn.kind"
 SETTING_TAG = "dedn.ablation.setting"
-CHECKPOINT_TAG = "dedn.checkpoint_dir"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +56,7 @@ def list_settings() -> str:
     lines = [f"{'key':<16} {'paper label':<26} changes (from DEDN full: {', '.join(f'{k}={v}' for k, v in FULL.items())})"]
     for s in SETTINGS.values():
         changes = ", ".join(f"{k}={v}" for k, v in s.changes) or "-"
-        lines.append(f"{s.key:<16} {s.label:<26} {changes}")
+        lines.append(f"{s.key:<16} {s.label:<26} {changes}  ({s.description})")
     return "\n".join(lines)
 
 
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         parent_name = f"ablation-{base.dataset.lower()}-{stamp}"
         parent_tags = tracking.run_tags(base, semi_synthetic=semi, data_path=str(data),
-                                        extra={KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
+                                        extra={tracking.KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
         _, parent_id = tracking.start_run(base, run_name=parent_name, tags=parent_tags, experiment=experiment)
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -111,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         ts = TrainSettings(num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                            storage_path=args.storage_path, name=ray_name, experiment=experiment, register=False,
                            verbose=not args.quiet, parent_run_id=parent_id,
-                           tags={KIND_TAG: "ablation", SETTING_TAG: setting.key})
+                           tags={tracking.KIND_TAG: "ablation", SETTING_TAG: setting.key})
         out = train(cfg, ts)
-        if out.run_id and out.checkpoint_dir:  # where the final weights are (jobs/heatmap.py --checkpoint)
-            client.set_tag(out.run_id, CHECKPOINT_TAG, out.checkpoint_dir)
-        return ablation.AblationResult(setting, metrics=out.test_metrics, val_metrics=out.val_metrics,
-                                       run_id=out.run_id, seconds=out.seconds,
-                                       extra={"checkpoint_dir": out.checkpoint_dir})
+        return ablation.AblationResult(setting, metrics=out.test_metrics, run_id=out.run_id, seconds=out.seconds)
 
     def on_result(r: ablation.AblationResult) -> None:
         if r.ok:
