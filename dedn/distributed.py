@@ -417,7 +417,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 "selected_lambda_e": sel.lambdas[1],
                                 **{f"selected_val_{k}": float(v) for k, v in (sel.best_metrics or {}).items()}}, step=0)
         if cfg.protocol == "select":
-            recorder.write(_state_model(cfg, dataset, sel.state))
+            recorder.write(engine.model_from_state(cfg, dataset, sel.state["model"]))
             return
     if selection is not None:
         final_cfg = cfg.replace(**{"eval.lambda_rc": selection["lambdas"][0], "eval.lambda_e": selection["lambdas"][1]})
@@ -429,18 +429,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recorder.next_epoch("final", int(fin_resume["epoch"]) + 1 if fin_resume else 1)
     fin = engine.run_phase(final_cfg, dataset, "final", epochs=final_epochs,
                            on_epoch_end=make_on_epoch_end(fin_progress), resume=fin_resume, **common)
-    recorder.write(_state_model(final_cfg, dataset, fin.state))
+    recorder.write(engine.model_from_state(final_cfg, dataset, fin.state["model"]))
     if logger is not None and fin.test is not None:
         _log_final_artifacts(logger, cfg, final_cfg, dataset, selection, fin, bool(config.get("semi_synthetic")))
-
-
-def _state_model(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any]) -> nn.Module:
-    """The network of a checkpoint dict, on CPU."""
-    from dedn import engine
-
-    model = engine.build_model(cfg, dataset.class_side, dataset.feature_shape)
-    model.load_state_dict(state["model"])
-    return model
 
 
 def _log_final_artifacts(logger: Any, cfg: DEDNConfig, final_cfg: DEDNConfig, dataset: FeatureDataset,
@@ -603,7 +594,7 @@ def _read_checkpoint(ckpt_dir: str | None) -> tuple[dict[str, Any] | None, dict[
 def _register_from_checkpoint(cfg: DEDNConfig, dataset: FeatureDataset, ckpt_dir: str, run_id: str,
                               val: Mapping[str, float], test: Mapping[str, float]) -> Any:
     """Load the final weights from the last checkpoint and register them (driver side)."""
-    from dedn import registry
+    from dedn import engine, registry
     from dedn.reader import ShardReader
 
     state, progress = _read_checkpoint(ckpt_dir)
@@ -611,7 +602,7 @@ def _register_from_checkpoint(cfg: DEDNConfig, dataset: FeatureDataset, ckpt_dir
     if progress.get("phase") != "final":
         raise ConfigError("checkpoint", "the final phase's last checkpoint", progress.get("phase"), ckpt_dir)
     final_cfg = DEDNConfig.from_dict(state["config"], source=f"{ckpt_dir}/{STATE_FILE}")
-    model = _state_model(final_cfg, dataset, state)
+    model = engine.model_from_state(final_cfg, dataset, state["model"])
     example = next(iter(ShardReader(dataset, "trainval", batch_size=1, shuffle=False))).features.numpy()  # (1, C, H, W)
     return registry.register_model(model, final_cfg, dataset.class_side, run_id=run_id, val_metrics=val,
                                    test_metrics=test, input_example=example, semi_synthetic=dataset.semi_synthetic)

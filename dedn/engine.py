@@ -38,7 +38,7 @@ from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
 
 __all__ = [
     "MODELS", "ModelSpec", "model_spec", "unwrap_model", "NonFiniteLossError", "EvalResult", "PhaseResult", "FitResult",
-    "build_model", "build_optimizer", "train_one_epoch", "evaluate", "run_phase", "fit", "phase_seed",
+    "build_model", "model_from_state", "build_optimizer", "train_one_epoch", "evaluate", "run_phase", "fit", "phase_seed",
 ]
 
 AllReduce = Callable[[Tensor], Any]  # in-place SUM over ranks (e.g. torch.distributed.all_reduce)
@@ -108,6 +108,13 @@ def build_model(cfg: DEDNConfig, class_side: ClassSide, feature_shape: tuple[int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.optim.seed)
         return spec.build(cfg, class_side, tuple(int(x) for x in feature_shape), clusters)  # type: ignore[arg-type]
+
+
+def model_from_state(cfg: DEDNConfig, dataset: FeatureDataset, model_state: Mapping[str, Tensor]) -> nn.Module:
+    """The network of a checkpoint's model state, built for `dataset`, on CPU."""
+    model = build_model(cfg, dataset.class_side, dataset.feature_shape)
+    model.load_state_dict(dict(model_state))
+    return model
 
 
 def build_optimizer(cfg: DEDNConfig, model: nn.Module) -> torch.optim.RMSprop:

@@ -290,7 +290,8 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     folder holding state.pt, or a folder of registry model files (weights.pt, config.yaml, ...).
     """
     from dedn.checkpoint import load_checkpoint
-    from dedn.engine import build_model
+    from dedn.distributed import STATE_FILE
+    from dedn.engine import model_from_state
 
     p = Path(path)
     if p.is_dir() and (p / "weights.pt").is_file():
@@ -299,13 +300,11 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
         pred = predictor_from_files(p)
         return pred.model, pred.cfg
     if p.is_dir():
-        p = p / "state.pt"
+        p = p / STATE_FILE
     if not p.is_file():
         raise DatasetError(p, "checkpoint", "a state.pt file or a checkpoint folder", "no such file")
     state = load_checkpoint(p)
     if "model" not in state or "config" not in state:
         raise DatasetError(p, "checkpoint", "a dict with 'model' and 'config'", f"keys {sorted(state)[:8]}")
     cfg = DEDNConfig.from_dict(state["config"], source=str(p))
-    model = build_model(cfg, dataset.class_side, dataset.feature_shape)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg
+    return model_from_state(cfg, dataset, state["model"]).eval(), cfg

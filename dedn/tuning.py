@@ -315,9 +315,7 @@ def evaluate_at_lambdas(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str,
     from dedn.reader import ShardReader, forbid_splits
 
     with forbid_splits(TEST_SPLITS):
-        model = engine.build_model(cfg, dataset.class_side, dataset.feature_shape)
-        model.load_state_dict(dict(model_state))
-        model.to(device)
+        model = engine.model_from_state(cfg, dataset, model_state).to(device)
         protocol = ClassProtocol.selection(dataset.class_side)
         out = []
         for rc, e in pairs:
@@ -345,9 +343,7 @@ def validation_lambda_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[s
 
     ev = cfg.eval
     with forbid_splits(TEST_SPLITS):
-        model = engine.build_model(cfg, dataset.class_side, dataset.feature_shape)
-        model.load_state_dict(dict(model_state))
-        model.to(device).eval()
+        model = engine.model_from_state(cfg, dataset, model_state).to(device).eval()
         protocol = ClassProtocol.selection(dataset.class_side)
         search = LambdaSearch(protocol.num_classes, ev.lambda_grid_step, cfg.model.experts,
                               channel_attention=cfg.model.channel_attention, calibration=ev.calibration,
