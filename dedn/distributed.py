@@ -420,8 +420,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             recorder.write(engine.model_from_state(cfg, dataset, sel.state["model"]))
             return
     if selection is not None:
-        final_cfg = cfg.replace(**{"eval.lambda_rc": selection["lambdas"][0], "eval.lambda_e": selection["lambdas"][1]})
-        final_epochs = max(1, int(selection["best_epoch"]))
+        final_cfg = engine.final_config(cfg, selection["best_epoch"], selection["lambdas"])
+        final_epochs = final_cfg.optim.epochs
     fin_progress: dict[str, Any] = {"phase": "final"}
     if selection is not None:
         fin_progress["selection"] = selection

@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
 
 __all__ = [
     "MODELS", "ModelSpec", "model_spec", "unwrap_model", "NonFiniteLossError", "EvalResult", "PhaseResult", "FitResult",
-    "build_model", "model_from_state", "build_optimizer", "train_one_epoch", "evaluate", "run_phase", "fit", "phase_seed",
+    "build_model", "model_from_state", "build_optimizer", "train_one_epoch", "evaluate", "run_phase", "fit", "final_config", "phase_seed",
 ]
 
 AllReduce = Callable[[Tensor], Any]  # in-place SUM over ranks (e.g. torch.distributed.all_reduce)
@@ -456,6 +456,13 @@ def _run_phase(cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world
                        state=state(), best_state=best_state, test=test)
 
 
+def final_config(cfg: DEDNConfig, best_epoch: int, lambdas: tuple[float, float] | Sequence[float]) -> DEDNConfig:
+    """What the final phase trains after a selection: protocol final, the selected epoch count and
+    (lambda_rc, lambda_e), no lambda fitting. The training job, `fit` and sweeps all use it."""
+    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.lambda_rc": float(lambdas[0]),
+                          "eval.lambda_e": float(lambdas[1]), "eval.fit_lambdas": False})
+
+
 def fit(cfg: DEDNConfig, dataset: FeatureDataset | str | Path, *, device: str | torch.device = "cpu",
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         autocast_dtype: torch.dtype | None = None) -> FitResult:
@@ -467,8 +474,8 @@ def fit(cfg: DEDNConfig, dataset: FeatureDataset | str | Path, *, device: str | 
         sel = run_phase(cfg, ds, "select", **kw)  # type: ignore[arg-type]
         if cfg.protocol == "select":
             return FitResult(cfg.protocol, sel.history, sel.best_epoch, sel.lambdas, sel.best_metrics, None, selection=sel)
-        final_cfg = cfg.replace(**{"eval.lambda_rc": sel.lambdas[0], "eval.lambda_e": sel.lambdas[1]})
-        fin = run_phase(final_cfg, ds, "final", epochs=max(1, sel.best_epoch), **kw)  # type: ignore[arg-type]
+        final_cfg = final_config(cfg, sel.best_epoch, sel.lambdas)
+        fin = run_phase(final_cfg, ds, "final", epochs=final_cfg.optim.epochs, **kw)  # type: ignore[arg-type]
     else:
         fin = run_phase(cfg, ds, "final", epochs=cfg.optim.epochs, **kw)  # type: ignore[arg-type]
     assert fin.test is not None

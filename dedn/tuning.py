@@ -614,8 +614,9 @@ def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str]) -> li
 
 def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, lambda_rc: float, lambda_e: float) -> DEDNConfig:
     """The configuration the final run trains: sampled values, fitted lambdas, epochs = best epoch."""
-    return base.replace(**{**params, "protocol": "final", "optim.epochs": epochs, "eval.lambda_rc": lambda_rc,
-                           "eval.lambda_e": lambda_e, "eval.fit_lambdas": False})
+    from dedn.engine import final_config
+
+    return final_config(base.replace(**params), epochs, (lambda_rc, lambda_e))
 
 
 def plot_lambda_curves(grid: Mapping[str, np.ndarray], lambda_rc: float, lambda_e: float, path: Path,
