@@ -33,7 +33,7 @@ from dedn.errors import ConfigError, DednError
 from dedn.losses import dedn_loss
 from dedn.metrics import ClassAccuracy, GZSLCounts, LambdaSearch
 from dedn.model import DEDN, combine_score_parts
-from dedn.protocol import PHASES, ClassProtocol
+from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 AllReduce = Callable[[Tensor], Any]  # in-place SUM over ranks (e.g. torch.distributed.all_reduce)
-TEST_SPLITS = ("test_seen", "test_unseen")
 
 
 class NonFiniteLossError(DednError, FloatingPointError):
@@ -63,16 +62,21 @@ class ModelSpec:
     """How to build one model family and the objective that trains it.
 
     build(cfg, class_side, feature_shape, clusters) -> nn.Module whose forward returns an output
+    (clusters: the attribute clusters a saved model was trained with, or None to derive them);
     with `.score_parts()` ({"P_rc", "P_cc", "P_rf", "P_cf"} subsets, each (B, K));
     loss(out, labels, protocol, cfg.loss, cfg.variant) -> {'loss': total, parts...}.
     """
 
-    build: Callable[[DEDNConfig, ClassSide, tuple[int, int, int], list[list[int]]], nn.Module]
+    build: Callable[[DEDNConfig, ClassSide, tuple[int, int, int], list[list[int]] | None], nn.Module]
     loss: Callable[..., dict[str, Tensor]]
 
 
 def _build_dedn(cfg: DEDNConfig, class_side: ClassSide, feature_shape: tuple[int, int, int],
-                clusters: list[list[int]]) -> nn.Module:
+                clusters: list[list[int]] | None = None) -> nn.Module:
+    if clusters is None:  # only DEDN's fine expert has clusters: resolved (k-means, ...) here, not for every model
+        from dedn.clusters import resolve_clusters
+
+        clusters = resolve_clusters(class_side, cfg.model.clusters, cfg.model.num_clusters, cfg.optim.seed)
     return DEDN(cfg.model, word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
                 class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
                 clusters=clusters, feature_shape=feature_shape)
@@ -92,22 +96,15 @@ def model_spec(cfg: DEDNConfig) -> ModelSpec:
     return MODELS[cfg.model.name]
 
 
-def _clusters(cfg: DEDNConfig, class_side: ClassSide) -> list[list[int]]:
-    from dedn.clusters import resolve_clusters
-
-    return resolve_clusters(class_side, cfg.model.clusters, cfg.model.num_clusters, cfg.optim.seed)
-
-
 def build_model(cfg: DEDNConfig, class_side: ClassSide, feature_shape: tuple[int, int, int] | list[int]) -> nn.Module:
     """The model named by cfg.model.name, initialised from cfg.optim.seed alone (identical on every rank).
 
     The global RNG is left as it was: initialisation draws from a forked generator.
     """
     spec = model_spec(cfg)
-    clusters = _clusters(cfg, class_side)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.optim.seed)
-        return spec.build(cfg, class_side, tuple(int(x) for x in feature_shape), clusters)  # type: ignore[arg-type]
+        return spec.build(cfg, class_side, tuple(int(x) for x in feature_shape), None)  # type: ignore[arg-type]
 
 
 def model_from_state(cfg: DEDNConfig, dataset: FeatureDataset, model_state: Mapping[str, Tensor]) -> nn.Module:
@@ -320,10 +317,6 @@ def _to_cpu(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
-
-
 def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:
     """The reader itself, or a DataLoader over it with `workers` processes (pinned memory not needed on CPU)."""
     if workers <= 0:
@@ -412,7 +405,7 @@ def _run_phase(cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world
 
     def state() -> dict[str, Any]:
         st: dict[str, Any] = {
-            "model": _cpu_state(model), "optimizer": _to_cpu(optimizer.state_dict()), "config": cfg.to_dict(),
+            "model": _to_cpu(unwrap_model(model).state_dict()), "optimizer": _to_cpu(optimizer.state_dict()), "config": cfg.to_dict(),
             "phase": phase, "epoch": epoch, "epochs": epochs, "best": copy.deepcopy(best),
             "history": copy.deepcopy(history), "rng": rng_state(),
         }
@@ -434,7 +427,7 @@ def _run_phase(cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world
             assert chosen is not None
             if chosen["H"] > best["H"]:  # strict: the earliest epoch wins ties
                 best = {"epoch": epoch, "H": chosen["H"], "metrics": dict(chosen), "lambdas": lambdas}
-                best_state = _cpu_state(model)
+                best_state = _to_cpu(unwrap_model(model).state_dict())
             report.update(val=res.metrics, val_best=res.best_metrics, lambdas=lambdas, eval_seconds=res.seconds)
         if phase == "final" and epoch == epochs:
             # The only look at the test splits: once, with the final weights, at the given lambdas.

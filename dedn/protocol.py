@@ -19,6 +19,8 @@ PHASES: dict[str, tuple[str, str, str]] = {
     "select": ("train", "val_seen", "val_unseen"),
     "final": ("trainval", "test_seen", "test_unseen"),
 }
+TEST_SPLITS = PHASES["final"][1:]  # never read while choosing anything
+SELECTION_SPLITS = PHASES["select"]
 
 
 @dataclass(frozen=True)

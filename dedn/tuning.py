@@ -37,6 +37,7 @@ from dedn.atomic import save_figure, write_text
 from dedn.config import DEDNConfig, known_keys
 from dedn.distributed import STATE_FILE  # the engine checkpoint dict inside a checkpoint folder
 from dedn.errors import ConfigError
+from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
 
 __all__ = [
     "TEST_SPLITS", "SELECTION_SPLITS", "Dimension", "SearchSpace", "load_search_space", "default_space_path",
@@ -45,8 +46,6 @@ __all__ = [
     "evaluate_at_lambdas", "validation_lambda_grid", "best_config", "plot_lambda_curves", "plot_hparams",
 ]
 
-TEST_SPLITS = frozenset({"test_seen", "test_unseen"})
-SELECTION_SPLITS = ("train", "val_seen", "val_unseen")
 DIM_TYPES = ("uniform", "loguniform", "int", "choice")
 BEST_CONFIG_FILE = "best_config.yaml"
 SWEEP_FILE = "sweep.json"
