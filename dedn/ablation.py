@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from dedn.atomic import save_figure, write_text
 from dedn.config import DEDNConfig
 from dedn.errors import ConfigError
+from dedn.metrics import METRICS, format_pct
 
 __all__ = [
     "ABLATION_KEYS", "FULL", "Setting", "SETTINGS", "TABLE3", "FIGURE5", "select_settings",
@@ -44,7 +45,6 @@ __all__ = [
     "format_csv", "write_table", "plot_cluster_study", "METRICS",
 ]
 
-METRICS = ("T", "U", "S", "H")
 
 # The switches the ablations turn, at their DEDN (full) values.
 FULL: dict[str, Any] = {
@@ -178,17 +178,13 @@ def run_ablation(base: DEDNConfig, settings: Sequence[Setting], train_one: Train
 
 
 # ---- the table ----------------------------------------------------------------------------
-def _pct(v: float | None) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{100.0 * v:.1f}"
-
-
 def table_rows(results: Sequence[AblationResult]) -> list[dict[str, str]]:
     """One dict per setting: setting, label, T, U, S, H (percent, one decimal; '-' when missing), run_id, error."""
     rows = []
     for r in results:
         m = r.metrics or {}
         rows.append({"setting": r.setting.key, "label": r.setting.label,
-                     **{k: _pct(m.get(k)) for k in METRICS}, "run_id": r.run_id or "", "error": r.error or ""})
+                     **{k: format_pct(m.get(k)) for k in METRICS}, "run_id": r.run_id or "", "error": r.error or ""})
     return rows
 
 
@@ -208,7 +204,7 @@ def format_markdown(results: Sequence[AblationResult], dataset: str, *, semi_syn
     for k in METRICS:
         vals = [r.metrics[k] for r in results if r.ok and r.metrics and math.isfinite(r.metrics.get(k, math.nan))]
         # bold marks the best of a column, as in the paper; a column where every row ties has none
-        best[k] = _pct(max(vals)) if vals and len({_pct(v) for v in vals}) > 1 else None
+        best[k] = format_pct(max(vals)) if vals and len({format_pct(v) for v in vals}) > 1 else None
     title = f"{dataset} (semi-synthetic)" if semi_synthetic else dataset
     out = [caption(dataset, semi_synthetic, note), "", f"| Setting ({title}) | T | U | S | H |", "|---|---:|---:|---:|---:|"]
     for row in rows:

@@ -27,6 +27,13 @@ from torch import Tensor
 from dedn.errors import ConfigError, DatasetError
 from dedn.protocol import ClassProtocol
 
+METRICS = ("T", "U", "S", "H")  # the order every table and log uses
+
+
+def format_pct(v: float | None) -> str:
+    """A metric fraction as a table cell: percent with one decimal, "-" when missing or not finite."""
+    return "-" if v is None or not math.isfinite(v) else f"{100.0 * v:.1f}"
+
 Side = Literal["seen", "unseen"]
 PART_NAMES = ("P_rc", "P_cc", "P_rf", "P_cf")  # region/channel x coarse/fine (dedn.model)
 

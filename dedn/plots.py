@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from dedn.atomic import save_figure
+from dedn.metrics import METRICS
 
 __all__ = ["plot_training_curves"]
 
 # loss parts drawn on the left panel when present (dedn.losses keys)
 LOSS_KEYS = ("loss", "mal_c", "mal_f", "align_c", "align_f", "distill", "cal_c", "cal_f")
-VAL_KEYS = ("T", "U", "S", "H")
+VAL_KEYS = METRICS
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], *,

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from dedn.errors import ConfigError
+from dedn.metrics import METRICS, format_pct
 from dedn.tracking import KIND_TAG
 
 __all__ = [
     "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
 ]
 
-METRICS = ("T", "U", "S", "H")
 SOURCES = ("registry", "runs")
 # DEDN's row of Table 1 (%), for comparison; the paper's numbers on real ResNet-101 features.
 PAPER_DEDN: dict[str, dict[str, float]] = {
@@ -154,10 +154,6 @@ def collect(datasets: Sequence[str], source: str = "registry", client: Any | Non
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{100.0 * v:.1f}"
-
-
 def format_table1(entries: Mapping[str, ResultEntry | None], *, include_paper: bool = True,
                   method: str = "DEDN (this code)") -> str:
     """Markdown in Table 1's layout: one column group T U S H per dataset, percentages with one decimal.
@@ -170,7 +166,7 @@ def format_table1(entries: Mapping[str, ResultEntry | None], *, include_paper: b
     semi = {d for d, e in entries.items() if e is not None and e.semi_synthetic}
     head = ["Method"] + [f"{d}{'†' if d in semi else ''} {k}" for d in datasets for k in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    ours = [method] + [_pct(e.metrics.get(k)) if e else "-" for d, e in entries.items() for k in METRICS]
+    ours = [method] + [format_pct(e.metrics.get(k)) if e else "-" for d, e in entries.items() for k in METRICS]
     lines.append("| " + " | ".join(ours) + " |")
     if include_paper:
         paper = ["DEDN (paper, Table 1)"] + [
@@ -187,7 +183,7 @@ def format_table1(entries: Mapping[str, ResultEntry | None], *, include_paper: b
         if e is None:
             out.append(f"- {d}: nothing in the store")
         else:
-            val = f", validation H {_pct(e.val_H)}" if e.val_H is not None else ""
+            val = f", validation H {format_pct(e.val_H)}" if e.val_H is not None else ""
             out.append(f"- {d}: {e.source} {e.model}, run {e.run_id}, variant {e.variant or '?'}{val}"
                        f"{', semi-synthetic' if e.semi_synthetic else ''}")
     return "\n".join(out) + "\n"
