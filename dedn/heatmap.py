@@ -143,12 +143,11 @@ def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequ
 
 
 # ---- images -------------------------------------------------------------------------------
-def image_files(dataset: Any, explicit: str | os.PathLike[str] | None = None) -> np.ndarray | None:
-    """Relative image paths indexed by sample id, when known; None otherwise.
+def image_files(explicit: str | os.PathLike[str] | None) -> np.ndarray | None:
+    """Relative image paths indexed by sample id, from `explicit` (an npz with `image_files`, e.g.
+    xlsa17's image_labels.npz, or a text file with one path per line); None without one.
 
-    From `explicit` (an npz with `image_files`, e.g. xlsa17's image_labels.npz, or a text file
-    with one path per line), else the dataset's class_side.npz or manifest when they carry
-    `image_files` (the schema does not require it).
+    Dataset directories hold features only, no image list, so the list always comes from the user.
     """
     if explicit:
         p = Path(explicit)
@@ -163,14 +162,7 @@ def image_files(dataset: Any, explicit: str | os.PathLike[str] | None = None) ->
             if isinstance(e, DatasetError):
                 raise
             raise DatasetError(p, "file", "an npz with image_files or a text file of paths", f"{type(e).__name__}: {e}") from None
-    root = Path(getattr(dataset, "root", ""))
-    npz = root / "class_side.npz"
-    if npz.is_file():
-        with np.load(npz, allow_pickle=False) as z:
-            if "image_files" in z.files:
-                return np.asarray(z["image_files"]).astype(str)
-    files = getattr(dataset, "manifest", {}).get("image_files")
-    return np.asarray(files, dtype=str) if files else None
+    return None
 
 
 def image_path(files: np.ndarray | None, sample_id: int, image_root: str | os.PathLike[str] | None) -> Path | None:

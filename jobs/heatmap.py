@@ -7,8 +7,8 @@
 
 One PNG per image (row 1 cExp, row 2 fExp, one column per attribute, colour bar in attention
 weight) in --out. The maps are drawn over the image when its file is known (--image-root, with the
-image list from --image-files or the dataset), on the H x W feature grid otherwise. The PNGs are
-logged to an MLflow run when one is given (--run-id, or $MLFLOW_RUN_ID, or an active run).
+image list from --image-files), on the H x W feature grid otherwise. The PNGs are
+logged to an MLflow run when one is given (--run-id, or $MLFLOW_RUN_ID).
 """
 from __future__ import annotations
 
@@ -34,22 +34,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-root", default="", help="folder the image list's relative paths start from")
     p.add_argument("--image-files", default="", help="npz with image_files (e.g. xlsa17 image_labels.npz) or a text list")
     p.add_argument("--out", default="heatmaps", help="output folder (default ./heatmaps)")
-    p.add_argument("--run-id", default="", help="MLflow run to log the PNGs to (default: $MLFLOW_RUN_ID / active run)")
+    p.add_argument("--run-id", default="", help="MLflow run to log the PNGs to (default: $MLFLOW_RUN_ID)")
     return p.parse_args(argv)
 
 
 def _active_run_id(explicit: str) -> str:
     if explicit:
         return explicit
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return os.environ["MLFLOW_RUN_ID"]
-    try:
-        import mlflow
-
-        run = mlflow.active_run()
-        return run.info.run_id if run else ""
-    except ImportError:
-        return ""
+    return os.environ.get("MLFLOW_RUN_ID", "")  # a fresh process has no active MLflow run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         attr_ids = heatmap.resolve_attributes(args.attributes.split(","), names)
         rows = heatmap.read_samples(ds, args.split, heatmap.parse_indices(args.samples))
         maps = heatmap.attention_maps(model, rows.features, attr_ids)  # {"cExp"|"fExp": (N, A, H, W)}
-        files = heatmap.image_files(ds, args.image_files or None)
+        files = heatmap.image_files(args.image_files or None)
         if args.image_root and files is None:
-            print("note: no image list (--image-files or image_files in the dataset): drawing on the feature grid",
+            print("note: --image-root needs --image-files (the image list): drawing on the feature grid",
                   file=sys.stderr)
         out_dir = Path(args.out).expanduser().resolve()
         written = []
