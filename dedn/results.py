@@ -118,7 +118,13 @@ def from_runs(dataset: str, client: Any | None = None, experiment: str | None = 
     flt = "attributes.status = 'FINISHED'"
     if variant:
         flt += f" and tags.variant = '{variant}'"
-    runs = c.search_runs([exp.experiment_id], filter_string=flt, max_results=5000)
+    runs, token = [], None
+    while True:  # every page: a store with more runs than one page must not lose the best one
+        page = c.search_runs([exp.experiment_id], filter_string=flt, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
     candidates = []
     for r in runs:
         tags, m = r.data.tags, r.data.metrics
