@@ -33,7 +33,7 @@ import torch
 import yaml
 from ray import tune
 
-from dedn.atomic import save_figure, write_text
+from dedn.atomic import atomic_path, save_figure, write_text
 from dedn.config import DEDNConfig, known_keys
 from dedn.distributed import STATE_FILE  # the engine checkpoint dict inside a checkpoint folder
 from dedn.errors import ConfigError
@@ -700,7 +700,8 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
         if state.get("best_model") is not None and int(state["best"]["epoch"]) == best["epoch"]:
             sel_cfg = _trial_config(meta["base"], best["params"], meta["search_lambdas"])
             grid = validation_lambda_grid(sel_cfg, open_for_selection(meta["data"]), state["best_model"])
-            np.savez(sweep_dir / "lambda_grid.npz", **grid)
+            with atomic_path(sweep_dir / "lambda_grid.npz", suffix=".npz") as tmp:
+                np.savez(tmp, **grid)
             plots.append(plot_lambda_curves(grid, best["lambda_rc"], best["lambda_e"], sweep_dir / "lambda_curves.png",
                                             f"best trial {best['trial_id']}, validation" + ("  [semi-synthetic data]" if semi else "")))
     summary = SweepSummary(
