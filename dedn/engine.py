@@ -200,6 +200,7 @@ class EvalResult:
     per_class: list[ClassAccuracy]
     lambdas: tuple[float, float]  # the configured (lambda_rc, lambda_e) of `metrics`
     seconds: float = 0.0
+    lambda_search: LambdaSearch | None = None  # counts at every grid point, when fitted (Figure 3)
 
 
 @torch.no_grad()
@@ -252,7 +253,7 @@ def evaluate(
         best_l = (rc, e)
     return EvalResult(metrics=counts.compute(protocol), best_lambdas=best_l, best_metrics=best_m,
                       per_class=counts.per_class_accuracy(protocol), lambdas=(ev.lambda_rc, ev.lambda_e),
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, lambda_search=search)
 
 
 # ---- the training loop -------------------------------------------------------------------

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-import torch
 import yaml
 from ray import tune
 
@@ -43,7 +42,7 @@ __all__ = [
     "TEST_SPLITS", "SELECTION_SPLITS", "Dimension", "SearchSpace", "load_search_space", "default_space_path",
     "SweepSpec", "SweepSummary", "SweepInterrupted", "train_trial", "MLflowSweepCallback", "run_sweep", "summarise_sweep",
     "find_sweep", "run_final", "open_for_selection", "trial_metrics", "train_trial_distributed",
-    "evaluate_at_lambdas", "validation_lambda_grid", "best_config", "plot_lambda_curves", "plot_hparams",
+    "validation_lambda_grid", "best_config", "plot_lambda_curves", "plot_hparams",
 ]
 
 DIM_TYPES = ("uniform", "loguniform", "int", "choice")
@@ -301,13 +300,13 @@ def train_trial_distributed(config: dict[str, Any], *, base: dict[str, Any], dat
         trainer.fit()
 
 
-# ---- validation H at given lambdas, through the network --------------------------------------
-def evaluate_at_lambdas(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any],
-                        pairs: Sequence[tuple[float, float]], *, device: str = "cpu") -> list[dict[str, float]]:
-    """Validation {'T','U','S','H'} of the model `model_state` at each (lambda_rc, lambda_e) in `pairs`.
+# ---- validation H over the lambda grid (the paper's Figure 3) ---------------------------------
+def validation_lambda_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *,
+                           device: str = "cpu") -> dict[str, np.ndarray]:
+    """Validation T, U, S, H at every (lambda_rc, lambda_e) of the cfg.eval grid.
 
-    Runs the network once per pair (`engine.evaluate` with fit_lambdas off) on val_seen / val_unseen
-    under the selection protocol; the test splits stay forbidden.
+    One `engine.evaluate` pass over val_seen / val_unseen with the lambda fit on; its counts give
+    every grid point. Returns lambda_rc (n,), lambda_e (m,) and T, U, S, H each (n, m).
     """
     from dedn import engine
     from dedn.protocol import ClassProtocol
@@ -316,41 +315,10 @@ def evaluate_at_lambdas(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str,
     with forbid_splits(TEST_SPLITS):
         model = engine.model_from_state(cfg, dataset, model_state).to(device)
         protocol = ClassProtocol.selection(dataset.class_side)
-        out = []
-        for rc, e in pairs:
-            at = cfg.replace(**{"eval.lambda_rc": float(rc), "eval.lambda_e": float(e)})
-            seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
-                            for split in ("val_seen", "val_unseen"))
-            out.append(engine.evaluate(model, seen, unseen, protocol, at, device=device, fit_lambdas=False).metrics)
-        return out
-
-
-@torch.no_grad()
-def validation_lambda_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *,
-                           device: str = "cpu") -> dict[str, np.ndarray]:
-    """Validation T, U, S, H at every (lambda_rc, lambda_e) of the cfg.eval grid, from LambdaSearch counts.
-
-    One pass of the network over val_seen / val_unseen caches each batch's score parts into a
-    `LambdaSearch` (as `engine.evaluate` does when fitting lambdas). Returns lambda_rc (n,),
-    lambda_e (m,) and T, U, S, H each (n, m). Hook request: `EvalResult` carrying its
-    LambdaSearch would let trials hand this over instead.
-    """
-    from dedn import engine
-    from dedn.metrics import LambdaSearch
-    from dedn.protocol import ClassProtocol
-    from dedn.reader import ShardReader, forbid_splits
-
-    ev = cfg.eval
-    with forbid_splits(TEST_SPLITS):
-        model = engine.model_from_state(cfg, dataset, model_state).to(device).eval()
-        protocol = ClassProtocol.selection(dataset.class_side)
-        search = LambdaSearch(protocol.num_classes, ev.lambda_grid_step, cfg.model.experts,
-                              channel_attention=cfg.model.channel_attention, calibration=ev.calibration,
-                              prefer=(ev.lambda_rc, ev.lambda_e))
-        for side, split in (("seen", "val_seen"), ("unseen", "val_unseen")):
-            for batch in ShardReader(dataset, split, batch_size=ev.batch_size, shuffle=False):
-                parts = model(batch.features.to(device)).score_parts()  # {name: (B, K)}
-                search.update(parts, batch.labels.to(device), protocol, side=side)
+        seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
+                        for split in ("val_seen", "val_unseen"))
+        search = engine.evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).lambda_search
+        assert search is not None
         grid = search.metrics_grid(protocol)  # {'T','U','S','H'}: (n_rc, n_e)
     return {"lambda_rc": np.asarray(search.rc_values), "lambda_e": np.asarray(search.e_values),
             **{k: v.numpy() for k, v in grid.items()}}

@@ -166,7 +166,19 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
     from dedn import engine
     from dedn.config import build_config
     from dedn.metrics import lambda_grid
-    from dedn.tuning import evaluate_at_lambdas, open_for_selection, validation_lambda_grid
+    from dedn.protocol import ClassProtocol
+    from dedn.reader import ShardReader
+    from dedn.tuning import open_for_selection, validation_lambda_grid
+
+    def evaluate_at_lambdas(cfg, ds, model_state, pairs):  # the brute force: the network once per pair
+        model = engine.model_from_state(cfg, ds, model_state)
+        protocol = ClassProtocol.selection(ds.class_side)
+        out = []
+        for rc, e in pairs:
+            at = cfg.replace(**{"eval.lambda_rc": float(rc), "eval.lambda_e": float(e)})
+            seen, unseen = (ShardReader(ds, s, batch_size=cfg.eval.batch_size, shuffle=False) for s in ("val_seen", "val_unseen"))
+            out.append(engine.evaluate(model, seen, unseen, protocol, at, fit_lambdas=False).metrics)
+        return out
 
     cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.lambda_grid_step=0.125", "protocol=select"])
     ds = open_for_selection(tiny_data)
