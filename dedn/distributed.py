@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -475,8 +475,13 @@ def _history_rows(logger: Any, prefix: str) -> list[dict[str, float]]:
 
 # ---- the driver ------------------------------------------------------------------------------
 def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
-                  semi_synthetic: bool, storage_path: str, name: str) -> Any:
-    """The TorchTrainer of one run (Ray must be initialised)."""
+                  semi_synthetic: bool, storage_path: str, name: str,
+                  loop: Callable[[dict[str, Any]], None] | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of one run (Ray must be initialised).
+
+    loop: the worker function (default `train_loop_per_worker`; a sweep wraps it in its test-split
+    guard); callbacks: Ray Train callbacks (a sweep's TuneReportCallback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -490,7 +495,7 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
         "debug": dataclasses.asdict(settings.debug), "ray_info_logs": settings.ray_info_logs,
     }
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
@@ -502,6 +507,7 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
             failure_config=FailureConfig(max_failures=settings.max_failures),
             # Ray Train logs every report at INFO; our rank-0 progress lines say what matters
             logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "WARNING"),
+            callbacks=list(callbacks) or None,
         ),
     )
 

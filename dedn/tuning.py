@@ -45,6 +45,7 @@ __all__ = [
     "validation_lambda_grid", "best_config", "plot_lambda_curves", "plot_hparams",
 ]
 
+DRIVER_CPUS = 0.01  # what a distributed trial's own function holds
 DIM_TYPES = ("uniform", "loguniform", "int", "choice")
 BEST_CONFIG_FILE = "best_config.yaml"
 SWEEP_FILE = "sweep.json"
@@ -275,9 +276,6 @@ def train_trial_distributed(config: dict[str, Any], *, base: dict[str, Any], dat
     jobs/train.py); its workers report through `TuneReportCallback`. MLflow stays with the Tune
     driver (track=False here), and every worker enters the test-split guard.
     """
-    import dataclasses
-
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dedn import distributed
@@ -289,14 +287,9 @@ def train_trial_distributed(config: dict[str, Any], *, base: dict[str, Any], dat
         settings = distributed.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0,
                                              num_to_keep=1, register=False, track=False, verbose=False)
         trial_id = tune.get_context().get_trial_id() or "trial"
-        built = distributed.build_trainer(cfg, settings, run_id=None, tracking_uri=None,
-                                          semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=trial_id)
-        # same trainer with the guarded loop and Tune's report callback (hook request: build_trainer(loop=, callbacks=))
-        trainer = TorchTrainer(
-            _guarded_train_loop, train_loop_config=built.train_loop_config, torch_config=built.backend_config,
-            scaling_config=built.scaling_config,
-            run_config=dataclasses.replace(built.run_config, callbacks=[TuneReportCallback()]),
-        )
+        trainer = distributed.build_trainer(cfg, settings, run_id=None, tracking_uri=None,
+                                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=trial_id,
+                                            loop=_guarded_train_loop, callbacks=[TuneReportCallback()])
         trainer.fit()
 
 
@@ -454,10 +447,13 @@ def _trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, worke
     if workers <= 1:
         fn = tune.with_parameters(train_trial, base=spec_base, data=data, search_lambdas=search_lambdas)
         return tune.with_resources(fn, {"CPU": cpus})
+    # The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
+    # comes out of the trial's budget: with --cpus-per-trial 2 on a 2-CPU node, workers asking for
+    # 1 CPU each next to it never started (the worker group timed out after 60 s, measured).
+    per_worker = max(0.01, (cpus - DRIVER_CPUS) / workers)
     fn = tune.with_parameters(train_trial_distributed, base=spec_base, data=data, search_lambdas=search_lambdas,
-                              workers=workers, cpus_per_worker=cpus / workers, storage=str(sweep_dir / "train"))
-    # the driver only waits on the Ray Train controller; 0 CPU is refused
-    return tune.with_resources(fn, {"CPU": 0.01})
+                              workers=workers, cpus_per_worker=per_worker, storage=str(sweep_dir / "train"))
+    return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
 
 
 def _sweep_name(cfg: DEDNConfig) -> str:

@@ -296,3 +296,27 @@ def test_sweep_of_four_trials(tiny_data: Path, tmp_path: Path, ray_local: Path) 
     j = int(np.argmin(np.abs(grid["lambda_e"] - summary.lambda_e)))
     assert grid["H"].shape == (21, 21) and grid["H"].max() == pytest.approx(summary.best_val_H, abs=1e-12)
     assert grid["H"][i, j] == pytest.approx(summary.best_val_H, abs=1e-12)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_distributed_trial_fits_its_cpu_budget_and_never_reads_test_shards(tiny_data: Path, tmp_path: Path,
+                                                                          ray_local: Path) -> None:
+    """`--workers-per-trial 2 --cpus-per-trial 2` on a 2-CPU node: a TorchTrainer per trial starts
+    (its workers share the budget with the trial function) and only validation data is read."""
+    import shutil
+
+    from dedn.config import build_config
+    from dedn.tuning import SweepSpec, run_sweep
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    poisoned = _poison_test_shards(data)
+    base = build_config("awa2", TINY + [f"data.path={data}", "optim.epochs=1"])
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(default_space_path()), num_samples=1,
+                     max_concurrent_trials=1, cpus_per_trial=2, workers_per_trial=2, name="dist", verbose=0)
+    summary = run_sweep(spec)
+    assert summary.num_trials == 1 and 0.0 <= summary.best_val_H <= 1.0
+    for p, junk in poisoned.items():
+        assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
+        assert p.read_bytes() == junk
