@@ -8,13 +8,23 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install test demo benchmark clean
 
+# pip: --quiet drops progress chatter only (warnings and errors still print); no version nag.
+PIP := $(PY) -m pip --disable-pip-version-check
+# setuptools' editable install of this flat layout always emits an informational BuildBackendWarning
+# ("Editable installation. Please be careful with folders ... same name as your package"); no
+# setting avoids it (compat mode would put the repo root on sys.path). Only that one message is
+# ignored, only for that one pip call.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation$${PYTHONWARNINGS:+,$$PYTHONWARNINGS}"
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# The pinned torch is the CPU build on these machines; an unpinned one pulls CUDA (GBs).
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "dedn: installing into $(VENV) (the first time takes a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --quiet --upgrade pip
+# The pinned torch is the CPU build on these machines; an unpinned one pulls CUDA (GBs).
+	@$(PIP) install --quiet torch==2.13.0
+	@$(QUIET_EDITABLE) $(PIP) install --quiet -e '.[test]'
+	@touch $(STAMP)
+	@echo "dedn: installed (editable) into $(VENV)"
 
 install: $(STAMP)
 

@@ -1,25 +1,9 @@
-"""The paper's ablations (Table 3) and cluster studies (Figure 5) as named config overrides, and their table.
+"""Ablation studies as named config overrides, one training run each, and their table.
 
-Each setting is data: a key, the label the paper prints and the values it gives to the six
-switches that the ablations turn (`ABLATION_KEYS`). Every setting names all six, so a setting
-means the same thing whatever the base configuration says, and the runs and the table rows of
-`jobs/ablate.py` come from this one list.
-
-Table 3 (Rao et al., IJCAI 2024):
-
-| key | paper's row | what changes |
-|---|---|---|
-| cexp_no_distill | cExp w/o L_distill | model.experts=coarse, loss.distill=false |
-| fexp_no_distill | fExp w/o L_distill | model.experts=fine, loss.distill=false |
-| no_distill | DEDN w/o L_distill | loss.distill=false |
-| no_ca | DAN w/o CA | model.channel_attention=false (both experts) |
-| no_mal | DEDN w/o L_mal | loss.mal=false (plain cross-entropy) |
-| no_align | DAN w/o L_align | loss.align=false |
-| full | DEDN (full) | nothing: manual clusters, every module on |
-
-Figure 5: (a) manual clusters (= `full`) against K-Means clusters of the attribute word vectors
-(`kmeans`, as many clusters as the manual division unless model.num_clusters says otherwise);
-(b) the manual clusters halved (`halved`: consecutive pairs merged, CUB 6 -> 3, SUN/AWA2 4 -> 2).
+A model family declares its studies (`ModelFamily.ablations`: `Setting` rows; DEDN's are the
+paper's Table 3 and Figure 5, `dedn.families.dedn.ablations`). Each setting is data: a key,
+the label the paper prints and the values it gives to every switch the family's studies turn,
+so a setting means the same thing whatever the base configuration says.
 
 No Ray, no MLflow here: `run_ablation` takes the function that trains one configuration.
 """
@@ -40,22 +24,10 @@ from dedn.errors import ConfigError
 from dedn.metrics import METRICS, format_pct
 
 __all__ = [
-    "ABLATION_KEYS", "FULL", "Setting", "SETTINGS", "TABLE3", "FIGURE5", "select_settings",
+    "Setting", "family_settings", "switch_keys", "select_settings",
     "setting_config", "check_base_overrides", "AblationResult", "run_ablation", "table_rows", "caption", "format_markdown",
     "format_csv", "write_table", "plot_cluster_study", "METRICS",
 ]
-
-
-# The switches the ablations turn, at their DEDN (full) values.
-FULL: dict[str, Any] = {
-    "model.experts": "both",
-    "model.channel_attention": True,
-    "model.clusters": "manual",
-    "loss.mal": True,
-    "loss.align": True,
-    "loss.distill": True,
-}
-ABLATION_KEYS = tuple(FULL)
 
 
 @dataclass(frozen=True)
@@ -68,65 +40,65 @@ class Setting:
     changes: tuple[tuple[str, Any], ...] = ()  # departures from FULL, as (dotted key, value)
     description: str = ""
 
+    full: tuple[tuple[str, Any], ...] = ()  # every switch of the family's studies at its full-model value
+
     @property
     def overrides(self) -> dict[str, Any]:
-        """Values of every ablation key for this setting (FULL with `changes` applied)."""
-        return {**FULL, **dict(self.changes)}
+        """Values of every switch for this setting (`full` with `changes` applied)."""
+        return {**dict(self.full), **dict(self.changes)}
 
 
-TABLE3: tuple[Setting, ...] = (
-    Setting("cexp_no_distill", "cExp w/o L_distill", "table3",
-            (("model.experts", "coarse"), ("loss.distill", False)), "coarse expert alone, no distillation"),
-    Setting("fexp_no_distill", "fExp w/o L_distill", "table3",
-            (("model.experts", "fine"), ("loss.distill", False)), "fine expert alone, no distillation"),
-    Setting("no_distill", "DEDN w/o L_distill", "table3", (("loss.distill", False),), "both experts, no distillation"),
-    Setting("no_ca", "DAN w/o CA", "table3", (("model.channel_attention", False),),
-            "no channel attention in any DAN sub-network"),
-    Setting("no_mal", "DEDN w/o L_mal", "table3", (("loss.mal", False),), "cross-entropy instead of the margin-aware loss"),
-    Setting("no_align", "DAN w/o L_align", "table3", (("loss.align", False),), "no region/channel alignment loss"),
-    Setting("full", "DEDN (full)", "table3", (), "every module on, manual attribute clusters"),
-)
-FIGURE5: tuple[Setting, ...] = (
-    Setting("kmeans", "DEDN, K-Means clusters", "figure5", (("model.clusters", "kmeans"),),
-            "Figure 5 (a): attribute clusters by K-Means on the word vectors"),
-    Setting("halved", "DEDN, half clusters", "figure5", (("model.clusters", "halved"),),
-            "Figure 5 (b): the manual clusters merged in pairs"),
-)
-SETTINGS: dict[str, Setting] = {s.key: s for s in TABLE3 + FIGURE5}
+def family_settings(model: str = "dedn") -> dict[str, Setting]:
+    """{key: Setting} of the studies family `model` declares, in table order."""
+    from dedn.families import get_family
+
+    rows = get_family(model).ablations
+    if not rows:
+        raise ConfigError("model.name", "a model family that declares ablation settings", model, "dedn.ablation")
+    return {s.key: s for s in rows}
 
 
+def switch_keys(model: str = "dedn") -> tuple[str, ...]:
+    """The config keys the family's settings set (users may not override them)."""
+    keys: list[str] = []
+    for s in family_settings(model).values():
+        keys += [k for k, _ in s.full + s.changes if k not in keys]
+    return tuple(keys)
 
-def select_settings(keys: Iterable[str] | None = None) -> list[Setting]:
+
+def select_settings(keys: Iterable[str] | None = None, model: str = "dedn") -> list[Setting]:
     """The settings named by `keys` in table order (all when None/empty); unknown keys raise ConfigError.
 
-    Accepts the group names "table3" and "figure5" as well as single keys.
+    Accepts the study names ("table3", "figure5" for DEDN) as well as single keys.
     """
+    settings = family_settings(model)
+    studies = sorted({s.study for s in settings.values()})
     wanted: list[str] = []
     for k in keys or ():
         k = k.strip()
         if not k:
             continue
-        if k in ("table3", "figure5"):
-            wanted += [s.key for s in SETTINGS.values() if s.study == k]
-        elif k in SETTINGS:
+        if k in studies:
+            wanted += [s.key for s in settings.values() if s.study == k]
+        elif k in settings:
             wanted.append(k)
         else:
-            raise ConfigError("--settings", "setting keys from " + "|".join([*SETTINGS, "table3", "figure5"]), k,
-                              "command line")
+            raise ConfigError("ablation.settings", "setting keys from " + "|".join([*settings, *studies]), k)
     if not wanted:
-        return list(SETTINGS.values())
-    return [s for s in SETTINGS.values() if s.key in set(wanted)]
+        return list(settings.values())
+    return [s for s in settings.values() if s.key in set(wanted)]
 
 
-def check_base_overrides(overrides: Mapping[str, Any]) -> None:
+def check_base_overrides(overrides: Mapping[str, Any], model: str = "dedn") -> None:
     """Refuse user overrides of the switches the settings set: the table would not say what ran."""
     from dedn.config import resolve_key  # the same key resolution as build_config
 
+    switches = switch_keys(model)
     for raw in overrides:
-        key = resolve_key(raw, "command line")
-        if key in ABLATION_KEYS:
-            raise ConfigError(raw, f"a key the ablation settings do not set (they set {', '.join(ABLATION_KEYS)})", raw,
-                              "command line")
+        key = resolve_key(raw, "overrides", model)
+        if key in switches:
+            raise ConfigError(raw, f"a key the ablation settings do not set (they set {', '.join(switches)})", raw,
+                              "overrides")
 
 
 def setting_config(base: DEDNConfig, setting: Setting) -> DEDNConfig:

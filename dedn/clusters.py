@@ -9,6 +9,18 @@ Schemes, each a partition of the D attributes {cluster name: [attribute ids]}:
   merging neighbours in the paper's own order keeps related groups together (CUB head+torso,
   wing+tail, leg+whole) and is reproducible without any choice of ours beyond that order.
 * ``kmeans``: k-means on row-normalised attribute word vectors, for any dataset.
+
+Layouts (``model.cluster_layout``, `apply_cluster_layout`) rewrite resolved manual clusters:
+
+* ``paper`` (default): the clusters as resolved.
+* ``reference_sun``: the fExp clusters of the authors' SUN model file (core/DEDN_Sun.py), 64/27/9/2
+  instead of the intended 38/27/17/20. That file labels attributes with a 102-vector
+  ``indicator`` (0 everywhere), then sets ``indicator[38:65] = 1``, ``indicator[65-74] = 2``,
+  ``indicator[77:85] = 2`` and ``indicator[74-77] = indicator[85-102] = 3``: the three spans
+  written with '-' instead of ':' are subtractions, i.e. the single negative indices -9, -3
+  and -17, so only attributes 93 (-> 2), 99 and 85 (-> 3) move. Cluster q is then
+  ``indicator == q`` in ascending id order: {0-37, 65-76, 86-92, 94-98, 100, 101} (64),
+  {38-64} (27), {77-84, 93} (9), {85, 99} (2). Only defined on SUN's manual division.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ from dedn.class_side import ClassSide, normalize_rows
 from dedn.errors import ConfigError, DatasetError
 
 SCHEMES = ("manual", "halved", "kmeans")
+LAYOUTS = ("paper", "reference_sun")
 
 
 def _ranges(*spans: tuple[int, int]) -> list[int]:
@@ -52,6 +65,45 @@ MANUAL_CLUSTERS: dict[str, dict[str, list[int]]] = {
         "environment": _ranges((64, 77)),
     },
 }
+
+
+def _reference_sun_indicator(num_attributes: int) -> np.ndarray:
+    """The reference code's SUN cluster label of each attribute, slip included (module docstring)."""
+    indicator = np.zeros(num_attributes, dtype=np.int64)
+    indicator[38:65] = 1
+    indicator[65 - 74] = 2  # sic: index -9 (attribute 93), meant 65:74
+    indicator[77:85] = 2
+    indicator[74 - 77] = indicator[85 - 102] = 3  # sic: indices -3 and -17 (99, 85), meant 74:77, 85:102
+    return indicator
+
+
+def reference_sun_clusters() -> list[list[int]]:
+    """SUN's fExp clusters as the reference code forms them: sizes 64/27/9/2, ids ascending."""
+    indicator = _reference_sun_indicator(102)  # SUN's D
+    return [[int(a) for a in np.flatnonzero(indicator == q)] for q in range(4)]
+
+
+def apply_cluster_layout(clusters: Sequence[Sequence[int]], layout: str) -> list[list[int]]:
+    """Resolved clusters under `model.cluster_layout`: "paper" as given, "reference_sun" the slip.
+
+    "reference_sun" needs SUN's manual division (38/27/17/20, in its order) and returns
+    `reference_sun_clusters()`; clusters that already are those (a saved model's) pass
+    unchanged, anything else is a ConfigError naming model.cluster_layout.
+    """
+    out = [[int(a) for a in q] for q in clusters]
+    if layout not in LAYOUTS:
+        raise ConfigError("model.cluster_layout", "one of " + "|".join(LAYOUTS), layout)
+    if layout == "paper":
+        return out
+    ref = reference_sun_clusters()
+    if out == ref:
+        return out
+    if out != [list(v) for v in MANUAL_CLUSTERS["SUN"].values()]:
+        sizes = "/".join(str(len(q)) for q in out)
+        raise ConfigError("model.cluster_layout",
+                          "'paper' unless the clusters are SUN's manual division (38/27/17/20, D = 102)",
+                          f"reference_sun on {len(out)} clusters of sizes {sizes}")
+    return ref
 
 
 def _validate(clusters: Mapping[str, Sequence[int]], num_attributes: int, where: str, field: str) -> None:
@@ -112,12 +164,14 @@ def default_clusters(name: str, num_attributes: int) -> dict[str, dict[str, list
     return {"manual": manual, "halved": halved_clusters(manual)}
 
 
-def resolve_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0, seed: int = 0) -> list[list[int]]:
+def resolve_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0, seed: int = 0,
+                     layout: str = "paper") -> list[list[int]]:
     """Attribute ids of each cluster, in cluster order, for scheme "manual", "halved" or "kmeans".
 
     "manual"/"halved" come from the class side (stored with the dataset) or the built-in
     tables; "kmeans" with num_clusters=0 uses as many clusters as "manual" has (4 when the
-    dataset has no manual clusters).
+    dataset has no manual clusters). `layout` (model.cluster_layout) is applied last; DEDN
+    applies its cfg's layout to the clusters it is given as well (idempotent).
     """
     d = class_side.num_attributes
     if scheme not in SCHEMES:
@@ -140,4 +194,4 @@ def resolve_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0, 
     else:
         raise ConfigError("model.clusters", f"'kmeans' for {class_side.name!r} (it has no {scheme!r} clusters)", scheme)
     _validate(clusters, d, class_side.name, f"clusters.{scheme}")
-    return [list(map(int, ids)) for ids in clusters.values()]
+    return apply_cluster_layout([list(map(int, ids)) for ids in clusters.values()], layout)

@@ -1,34 +1,32 @@
-"""Side-by-side comparison of model families (DEDN, MSDN) on one dataset: same data, seed and budget.
+"""Side-by-side comparison of model families (DEDN, MSDN, ...) on one dataset: same data, seed and budget.
 
-Each model starts from its own preset (DEDN: `dedn/presets/<dataset>.yaml`, MSDN:
-`dedn/presets/msdn_<dataset>.yaml`, i.e. each with its authors' hyperparameters); then the
-settings that define the budget are forced equal for both: dataset directory, `optim.seed`,
-`optim.epochs`, `optim.max_steps_per_epoch`, `protocol`, plus any user overrides. Both are
-trained by the same `dedn.engine.fit` (same reader, same evaluation, same metrics).
+Each model starts from its own preset for the dataset (`ModelFamily.presets`, i.e. each with its
+authors' hyperparameters; the family's defaults where it has none); then the settings that
+define the budget are forced equal for all: dataset directory, `optim.seed`, `optim.epochs`,
+`optim.max_steps_per_epoch`, `protocol`, plus any user overrides. Every model is trained by the
+one training driver (`dedn.training.driver.train`: Ray Train, tracked in MLflow as a child of
+the comparison's run when one is given).
 
 The table reports test T, U, S, H (per-class mean top-1, %), training throughput (images/s over
-every training epoch of the run, evaluation excluded) and the trainable parameter count.
-No MLflow here: `jobs/compare.py` logs the table.
+the training epochs of the last phase, evaluation excluded) and the trainable parameter count.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dedn import engine
 from dedn.atomic import write_text
-from dedn.config import DEDNConfig, apply_overrides, build_config, parse_overrides
+from dedn.config import DEDNConfig, apply_overrides, config_for_dataset, parse_overrides
 from dedn.dataset import FeatureDataset
 from dedn.errors import ConfigError
+from dedn.families import family_names, get_family
 
-__all__ = ["COMPARABLE_MODELS", "ComparisonRow", "model_config", "compare_models",
-           "to_markdown", "to_csv", "write_table"]
-
-COMPARABLE_MODELS = tuple(engine.MODELS)  # every registered model family
+__all__ = ["ComparisonRow", "model_config", "compare_models", "to_markdown", "to_csv", "write_table"]
 
 
 @dataclass(frozen=True)
@@ -52,63 +50,62 @@ class ComparisonRow:
     protocol: str
 
 
-def model_config(model: str, preset: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> DEDNConfig:
-    """The preset config of `model` ("dedn" | "msdn") on dataset preset "cub" | "sun" | "awa2", with overrides."""
-    if model not in COMPARABLE_MODELS:
-        raise ConfigError("model", "one of " + "|".join(COMPARABLE_MODELS), model, "dedn.compare")
+def model_config(model: str, dataset: str, preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = (),
+                 data_path: str = "") -> DEDNConfig:
+    """The config of family `model` on a dataset: its preset `preset` (default: the dataset's own,
+    when the family has one, else the family's defaults named after the dataset), with overrides."""
+    get_family(model)  # ConfigError naming model.name and the known families
     ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return build_config(preset, {**ov, "model.name": model})
+    if preset and preset.lower() not in get_family(model).presets():
+        raise ConfigError("preset", f"one of {'|'.join(get_family(model).presets())} (presets of model {model})", preset)
+    return config_for_dataset(dataset, data_path, preset, {**ov, "model.name": model})
 
 
 def _param_count(cfg: DEDNConfig, ds: FeatureDataset) -> int:
-    m = engine.build_model(cfg, ds.class_side, ds.feature_shape)
+    from dedn.training.loop import build_model
+
+    m = build_model(cfg, ds.class_side, ds.feature_shape)
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
-def _throughput(history: Sequence[Mapping[str, Any]]) -> tuple[int, int, float]:
-    steps = images = 0
-    seconds = 0.0
-    for h in history:
-        t = h.get("train", {})
-        steps += int(t.get("steps", 0))
-        images += int(t.get("images", 0))
-        seconds += float(t.get("seconds", 0.0))
-    return steps, images, seconds
+def compare_models(dataset: FeatureDataset | str | os.PathLike[str], *, preset: str | None = None,
+                   models: Sequence[str] | None = None, epochs: int = 1, seed: int = 0, max_steps_per_epoch: int = 0,
+                   protocol: str = "final", overrides: Mapping[str, Any] | Sequence[str] = (), settings: Any = None,
+                   parent_run_id: str = "") -> list[ComparisonRow]:
+    """Train each of `models` (default: every registered family) with the same data, seed and budget.
 
-
-def compare_models(
-    dataset: FeatureDataset | str | os.PathLike[str], *, preset: str | None = None,
-    models: Sequence[str] = COMPARABLE_MODELS, epochs: int = 1, seed: int = 0, max_steps_per_epoch: int = 0,
-    protocol: str = "final", overrides: Mapping[str, Any] | Sequence[str] = (), device: str = "cpu",
-    on_epoch_end: Any = None,
-) -> list[ComparisonRow]:
-    """Train each of `models` with the same data, seed and budget; one row per model, in order.
-
-    preset: dataset preset ("cub" | "sun" | "awa2"); default the dataset's name. overrides apply
-    to every model after the shared budget (same keys as the command line).
-    on_epoch_end(model, report) is called after every epoch (progress).
+    One row per model, in order. settings: the driver's TrainSettings (workers, tracking; default
+    one worker, no tracking); each model's run is nested under parent_run_id when given.
     """
+    from dedn.training.driver import TrainSettings, train
+
     if protocol not in ("two_phase", "final"):  # both end with a test evaluation; checked before any training
         raise ConfigError("protocol", "two_phase or final (a test evaluation)", protocol, "dedn.compare")
     ds = dataset if isinstance(dataset, FeatureDataset) else FeatureDataset.open(dataset)
-    preset = (preset or ds.name).lower()
+    models = list(models) if models else list(family_names())
     shared: dict[str, Any] = {
         "optim.epochs": int(epochs), "optim.seed": int(seed), "optim.max_steps_per_epoch": int(max_steps_per_epoch),
-        "protocol": protocol, "data.path": str(ds.root),
+        "protocol": protocol,
     }
     user = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    base = settings or TrainSettings(num_workers=1, track=False, register=False, verbose=False)
+    # every config first: a bad key or preset fails before any model trains
+    cfgs = [apply_overrides(model_config(name, ds.name, preset, user, str(ds.root)), shared, source="dedn.compare")
+            for name in models]
     rows: list[ComparisonRow] = []
-    for name in models:
-        cfg = apply_overrides(model_config(name, preset, user), shared, source="dedn.compare")  # the budget wins
-        cb = None if on_epoch_end is None else (lambda report, _n=name: on_epoch_end(_n, report))
-        res = engine.fit(cfg, ds, device=device, on_epoch_end=cb)
-        assert res.test_metrics is not None  # two_phase and final both test once
-        steps, images, seconds = _throughput(res.selection_history + res.final_history)
-        m = res.test_metrics
+    for name, cfg in zip(models, cfgs):
+        run_settings = dataclasses.replace(base, register=False, parent_run_id=parent_run_id or base.parent_run_id,
+                                           name="", tags={**base.tags, "comparison": ",".join(models)})
+        out = train(cfg, run_settings)
+        assert out.test_metrics is not None  # two_phase and final both test once
+        steps = sum(h.steps for h in out.history)
+        images = sum(h.images for h in out.history)
+        seconds = sum(h.seconds for h in out.history)
+        m = out.test_metrics
         rows.append(ComparisonRow(
             model=name, dataset=ds.name, T=m["T"], U=m["U"], S=m["S"], H=m["H"],
             images_per_s=images / seconds if seconds > 0 else 0.0, parameters=_param_count(cfg, ds),
-            epochs=res.best_epoch, steps=steps, images=images, train_seconds=seconds,
+            epochs=len(out.history), steps=steps, images=images, train_seconds=seconds,
             batch_size=cfg.optim.batch_size, seed=cfg.optim.seed, protocol=cfg.protocol,
         ))
     return rows

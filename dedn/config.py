@@ -19,54 +19,12 @@ from dedn.errors import ConfigError
 
 Variant = Literal["paper", "reference"]
 VARIANTS = ("paper", "reference")
-PRESETS = ("cub", "sun", "awa2")
+PRESETS = ("cub", "sun", "awa2")  # the datasets with DEDN presets (the paper's three)
 
 
 def _check(cond: bool, key: str, expected: str, found: Any) -> None:
     if not cond:
         raise ConfigError(key, expected, found)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of one model (DEDN by default)."""
-
-    name: str = "dedn"  # key in dedn.models' builder table
-    experts: Literal["both", "coarse", "fine"] = "both"  # Table 3: cExp only / fExp only
-    channel_attention: bool = True  # Table 3: "DAN w/o CA"
-    clusters: Literal["manual", "halved", "kmeans"] = "manual"  # Figure 5 studies
-    num_clusters: int = 0  # kmeans only; 0 = as many clusters as the manual division
-    region_rank: int = 0  # >0: low-rank region map V W1a W1b F (reference code, SUN: 256)
-    normalize_features: bool = True  # L2 over channels per region, as the reference code does
-    normalize_word_vectors: bool = False  # MSDN on AWA2: re-normalise V's rows at every forward
-
-    def __post_init__(self) -> None:
-        _check(self.experts in ("both", "coarse", "fine"), "model.experts", "one of both|coarse|fine", self.experts)
-        _check(self.clusters in ("manual", "halved", "kmeans"), "model.clusters", "one of manual|halved|kmeans", self.clusters)
-        _check(self.num_clusters >= 0, "model.num_clusters", ">= 0", self.num_clusters)
-        _check(self.region_rank >= 0, "model.region_rank", ">= 0", self.region_rank)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Training objective, eqs. 15-18 (paper) or the reference code's form."""
-
-    beta: float = 1e-3  # weight of the region/channel alignment terms (eq. 16, 17)
-    gamma: float = 0.1  # weight of the expert distillation term (eq. 18)
-    epsilon: float = 1.0  # MAL margin (eq. 15)
-    mal: bool = True  # False: plain cross-entropy (Table 3 "w/o L_mal")
-    align: bool = True  # False: Table 3 "w/o L_align"
-    distill: bool = True  # False: Table 3 "w/o L_distill"
-    # JSD plus: mean squared error (paper text), summed squared error (eqs. 7/12 as typeset), cubic (reference)
-    distance: Literal["mse", "sse", "cubic"] = "mse"
-    calibration_weight: float = 0.0  # reference code's self-calibration term (DAZLE); 0 = off
-    reference_margin: float = 3.0  # reference MAL margin m with the +-1 bias (m = 3 equals epsilon = 1)
-
-    def __post_init__(self) -> None:
-        for key in ("beta", "gamma", "epsilon", "calibration_weight", "reference_margin"):
-            v = getattr(self, key)
-            _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
-        _check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
 
 
 @dataclass(frozen=True)
@@ -120,21 +78,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Inference combination (eqs. 8, 19) and how it is chosen on validation."""
+    """How a family's inference weights are chosen on validation; families extend it with the weights
+    themselves (DEDN: lambda_rc, lambda_e; MSDN: w1), each a float in [0, 1]."""
 
-    lambda_rc: float = 0.8  # region vs channel output (eq. 8)
-    lambda_e: float = 0.9  # cExp vs fExp scores (eq. 19)
     calibration: float = 0.0  # calibrated stacking: subtracted from seen-class scores at evaluation
-    fit_lambdas: bool = True  # refit (lambda_rc, lambda_e) on validation outputs each epoch
-    lambda_grid_step: float = 0.05
+    fit_lambdas: bool = True  # refit the family's inference weights on validation outputs each epoch
+    lambda_grid_step: float = 0.05  # grid step of that fit, on [0, 1]
     batch_size: int = 200
 
     def __post_init__(self) -> None:
-        _check(0 <= self.lambda_rc <= 1, "eval.lambda_rc", "in [0, 1]", self.lambda_rc)
-        _check(0 <= self.lambda_e <= 1, "eval.lambda_e", "in [0, 1]", self.lambda_e)
         _check(self.calibration == self.calibration, "eval.calibration", "a number", self.calibration)
         _check(0 < self.lambda_grid_step <= 0.5, "eval.lambda_grid_step", "in (0, 0.5]", self.lambda_grid_step)
         _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+
+
+def _family(name: str) -> Any:
+    from dedn.families import get_family  # families import this module: resolve at call time
+
+    return get_family(name)
 
 
 @dataclass(frozen=True)
@@ -144,11 +105,12 @@ class DEDNConfig:
     dataset: str = "CUB"
     variant: Variant = "paper"
     protocol: Literal["two_phase", "select", "final"] = "two_phase"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # model / loss / eval: the blocks of the family named by model.name (dedn.families)
+    model: Any = field(default_factory=lambda: _family("dedn").model_config())
+    loss: Any = field(default_factory=lambda: _family("dedn").loss_config())
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: Any = field(default_factory=lambda: _family("dedn").eval_config())
 
     def __post_init__(self) -> None:
         _check(self.variant in VARIANTS, "variant", "one of paper|reference", self.variant)
@@ -175,6 +137,12 @@ class DEDNConfig:
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "DEDNConfig":
         return apply_overrides(cls(), _flatten(d, source), source=source)
 
+    @classmethod
+    def for_family(cls, name: str) -> "DEDNConfig":
+        """The defaults of family `name` (its model, loss and eval blocks)."""
+        fam = _family(name)
+        return cls(model=fam.model_config(), loss=fam.loss_config(), eval=fam.eval_config())
+
     def replace(self, **dotted: Any) -> "DEDNConfig":
         """Copy with dotted-key changes: cfg.replace(**{'loss.beta': 0.01})."""
         return apply_overrides(self, dotted, source="replace")
@@ -194,44 +162,49 @@ def _flatten(d: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, A
     return out
 
 
-_SECTION_TYPES = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "data": DataConfig, "eval": EvalConfig}
+_COMMON_SECTIONS = {"optim": OptimConfig, "data": DataConfig}
 _TOP_KEYS = ("dataset", "variant", "protocol")
 
 
-def known_keys() -> list[str]:
+def section_types(model: str = "dedn") -> dict[str, type]:
+    """{section: dataclass} of a run of family `model`."""
+    fam = _family(model)
+    return {"model": fam.model_config, "loss": fam.loss_config, "optim": OptimConfig, "data": DataConfig,
+            "eval": fam.eval_config}
+
+
+def known_keys(model: str = "dedn") -> list[str]:
+    """Every dotted key of a run config of family `model`."""
     keys = list(_TOP_KEYS)
-    for sec, typ in _SECTION_TYPES.items():
+    for sec, typ in section_types(model).items():
         keys += [f"{sec}.{f.name}" for f in fields(typ)]
     return keys
 
 
-def resolve_key(key: str, source: str = "command line") -> str:
+def resolve_key(key: str, source: str = "command line", model: str = "dedn") -> str:
     """Accept dotted keys, unique leaf names (`beta=`) and `model=NAME` as model.name."""
-    if key in known_keys():
+    keys = known_keys(model)
+    if key in keys:
         return key
     if key == "model":
         return "model.name"
-    matches = [k for k in known_keys() if k.split(".")[-1] == key]
+    matches = [k for k in keys if k.split(".")[-1] == key]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(key, f"an unambiguous key (one of {', '.join(matches)})", key, source)
-    raise ConfigError(key, "a known key (see `dedn.config.known_keys()`)", key, source)
+    raise ConfigError(key, f"a known key of model {model} (see `dedn.config.known_keys({model!r})`)", key, source)
 
 
-def _field_type(key: str) -> Any:
+def _field_type(key: str, model: str) -> Any:
     if "." not in key:
-        return {f.name: f.type for f in fields(DEDNConfig)}[key]
+        return typing.get_type_hints(DEDNConfig)[key]
     sec, leaf = key.split(".", 1)
-    hints = typing.get_type_hints(_SECTION_TYPES[sec])
-    return hints[leaf]
+    return typing.get_type_hints(section_types(model)[sec])[leaf]
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    if key in _TOP_KEYS:
-        typ = typing.get_type_hints(DEDNConfig)[key]
-    else:
-        typ = _field_type(key)
+def _coerce(key: str, value: Any, source: str, model: str) -> Any:
+    typ = _field_type(key, model)
     if isinstance(value, str) and typ is not str and typing.get_origin(typ) is not Literal:
         try:
             value = yaml.safe_load(value)
@@ -268,13 +241,29 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def _model_name(overrides: Mapping[str, Any], default: str) -> str:
+    for k in ("model.name", "model", "name"):
+        if k in overrides:
+            return str(overrides[k])
+    return default
+
+
 def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str = "command line") -> DEDNConfig:
-    """Return cfg with dotted-key overrides applied; unknown keys and bad values raise ConfigError."""
+    """Return cfg with dotted-key overrides applied; unknown keys and bad values raise ConfigError.
+
+    A different model.name switches the model, loss and eval blocks to that family's defaults
+    first (the other family's keys mean nothing to it); the remaining overrides then apply.
+    """
+    model = _model_name(overrides, cfg.model.name)
+    if model != cfg.model.name:
+        _family(model)  # ConfigError naming model.name and the known families
+        fresh = DEDNConfig.for_family(model)
+        cfg = dataclasses.replace(cfg, model=fresh.model, loss=fresh.loss, eval=fresh.eval)
     top: dict[str, Any] = {}
     per_section: dict[str, dict[str, Any]] = {}
     for raw_key, raw_value in overrides.items():
-        key = resolve_key(raw_key, source)
-        value = _coerce(key, raw_value, source)
+        key = resolve_key(raw_key, source, model)
+        value = _coerce(key, raw_value, source, model)
         if "." in key:
             sec, leaf = key.split(".", 1)
             per_section.setdefault(sec, {})[leaf] = value
@@ -300,46 +289,36 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 
 
 # ---- presets ---------------------------------------------------------------------------
-def preset_name(dataset: str, model: str = "dedn") -> str:
-    """The preset file stem of a model on a dataset: "cub" for DEDN, "msdn_cub" for MSDN.
+def available_presets(model: str = "dedn") -> tuple[str, ...]:
+    """The datasets family `model` ships presets for ("awa2", "cub", "sun")."""
+    return _family(model).presets()
 
-    Every model other than DEDN keeps its authors' settings in `presets/<model>_<dataset>.yaml`.
+
+def preset_path(name: str, model: str = "dedn") -> Path:
+    f = _family(model).preset_file(name)
+    if f is None:
+        raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name)
+    return Path(str(f))
+
+
+def load_preset(name: str, variant: str | None = None, model: str = "dedn") -> DEDNConfig:
+    """Family `model`'s settings for a dataset; `variant='reference'` applies the preset's reference block.
+
+    A preset without a block for the variant keeps its own settings (MSDN has a single form).
     """
-    d = dataset.lower()
-    if model == "dedn" or d.startswith(f"{model}_"):
-        return d
-    return f"{model}_{d}"
-
-
-def available_presets() -> tuple[str, ...]:
-    """Every preset shipped in dedn/presets ("awa2", "cub", "msdn_cub", ...)."""
-    folder = resources.files("dedn") / "presets"
-    return tuple(sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")))
-
-
-def preset_path(name: str) -> Path:
-    return Path(str(resources.files("dedn") / "presets" / f"{name.lower()}.yaml"))
-
-
-def load_preset(name: str, variant: str | None = None) -> DEDNConfig:
-    """The paper's settings for a dataset; `variant='reference'` applies the preset's reference block.
-
-    `name` is a dataset ("cub") or a model's preset ("msdn_cub"); a preset without a block
-    for the variant keeps its own settings (MSDN has a single form).
-    """
-    path = preset_path(name)
-    if name.lower() not in available_presets():
-        raise ConfigError("preset", "one of " + "|".join(available_presets()), name, "command line")
+    if name.lower() not in available_presets(model):
+        raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name,
+                          "command line")
+    path = preset_path(name, model)
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     variants = doc.pop("variants", {}) or {}
-    cfg = apply_overrides(DEDNConfig(), _flatten(doc, str(path)), source=str(path))
+    cfg = apply_overrides(DEDNConfig.for_family(model), _flatten(doc, str(path)), source=str(path))
     variant = variant or cfg.variant
     if variant not in VARIANTS:
         raise ConfigError("variant", "one of paper|reference", variant, "command line")
     block = variants.get(variant, {}) or {}
-    cfg = apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path))}, source=f"{path} [variants.{variant}]")
-    return cfg
+    return apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path))}, source=f"{path} [variants.{variant}]")
 
 
 def cub(variant: str = "paper") -> DEDNConfig:
@@ -366,9 +345,8 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
         with open(config_file) as f:
             file_over = _flatten(yaml.safe_load(f) or {}, config_file)
     variant = ov.get("variant", file_over.get("variant"))
-    named = {resolve_key(k): v for k, v in ov.items() if k in ("model", "name", "model.name")}
-    model = named.get("model.name", file_over.get("model.name", "dedn"))
-    cfg = load_preset(preset_name(preset, str(model)), variant) if preset else DEDNConfig()
+    model = str(_model_name(ov, str(file_over.get("model.name", "dedn"))))
+    cfg = load_preset(preset, variant, model) if preset else DEDNConfig.for_family(model)
     if file_over:
         cfg = apply_overrides(cfg, file_over, source=config_file or "config file")
     return apply_overrides(cfg, ov)
@@ -383,7 +361,8 @@ def config_for_dataset(dataset_name: str, data_path: str, preset: str | None = N
     (APY, your own) runs with the defaults instead of failing the dataset-name check.
     """
     ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    name = (preset or (dataset_name.lower() if dataset_name.lower() in PRESETS and not config_file else "")) or None
+    own = dataset_name.lower() in available_presets(_model_name(ov, "dedn"))
+    name = (preset or (dataset_name.lower() if own and not config_file else "")) or None
     named = {} if name or config_file else {"dataset": dataset_name}
     return build_config(name, {**named, **ov, "data.path": str(data_path)}, config_file=config_file)
 

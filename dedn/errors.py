@@ -1,9 +1,63 @@
-"""Errors a user can cause, each with one message naming where, what was expected and what was found."""
+"""Errors a user can cause, each with one message naming where, what was expected and what was found.
+
+Every error here (and every subclass of `DednError` defined elsewhere, e.g.
+`dedn.checkpoint.CheckpointError`) pickles and unpickles intact, with its message and its
+attributes, so that an error raised inside a Ray worker reaches the driver as itself.
+
+`DednError.retryable` marks which errors are worth retrying: a `DednError` is a deterministic
+consequence of the configuration, the data or the run itself (a bad key, a corrupt shard, a
+non-finite loss) and would happen again on a retry, so its class says `retryable = False`. A
+failure that is not a `DednError` (a lost worker or node, an out-of-memory kill) is a system
+failure that a retry may cure; `is_retryable(exc)` applies this rule to an exception and the
+exceptions it was raised from.
+"""
 from __future__ import annotations
+
+from typing import Any, Mapping
+
+__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "is_retryable"]
+
+
+def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
+    """Unpickle a DednError without calling its __init__ (whose signature is the subclass's own)."""
+    obj = cls.__new__(cls, *args)
+    obj.args = args
+    obj.__dict__.update(state)
+    return obj
 
 
 class DednError(Exception):
-    """Base class of every error `dedn` raises on purpose."""
+    """Base class of every error `dedn` raises on purpose.
+
+    retryable: False (the default for every DednError) means the error is deterministic (a user
+    error in the configuration or the data, or a diverging run) and must end the run at once
+    rather than be retried; a subclass for a transient condition may set it to True.
+    """
+
+    retryable: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default (cls, self.args) would call a subclass's __init__ with the message alone
+        # (ConfigError.__init__() missing 2 required positional arguments ...); rebuild from
+        # the message args and the instance attributes instead, for every subclass.
+        return _rebuild, (type(self), tuple(self.args), dict(self.__dict__))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """False when `exc`, or an exception it was raised from, is a non-retryable DednError.
+
+    Wrappers that keep the original as their cause (`raise Wrapper(...) from e`) are looked
+    through, so `is_retryable(wrapper)` is False for a wrapped ConfigError. An exception merely
+    raised while another was being handled (__context__) is judged on its own.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DednError) and not e.retryable:
+            return False
+        e = e.__cause__
+    return True
 
 
 class DatasetError(DednError, ValueError):
@@ -20,3 +74,15 @@ class ConfigError(DednError, ValueError):
     def __init__(self, key: str, expected: str, found: object, source: str = "config"):
         self.key, self.expected, self.found, self.source = key, expected, found, source
         super().__init__(f"{source}: {key}: expected {expected}, found {found!r}")
+
+
+class NonFiniteLossError(DednError, FloatingPointError):
+    """The training loss became NaN or infinite; names the epoch, the step and every loss part."""
+
+    def __init__(self, epoch: int, step: int, parts: Mapping[str, float]):
+        self.epoch, self.step, self.parts = epoch, step, dict(parts)
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in parts.items())
+        super().__init__(
+            f"epoch {epoch}, step {step}: loss: expected a finite value, found {shown} "
+            "(try a lower optim.lr, optim.grad_clip > 0, or check the features for NaN/inf)"
+        )

@@ -25,11 +25,10 @@ from dedn.config import DEDNConfig
 from dedn.errors import ConfigError, DatasetError
 
 __all__ = [
-    "EXPERT_LABELS", "SampleRows", "resolve_attributes", "parse_indices", "read_samples", "attention_maps",
+    "SampleRows", "resolve_attributes", "parse_indices", "read_samples", "attention_maps",
     "heatmap_figure", "save_figure", "load_image", "image_files", "image_path", "load_model_from_checkpoint",
 ]
 
-EXPERT_LABELS = {"coarse": "cExp", "fine": "fExp"}
 COLORBAR_LABEL = "attention weight"
 
 
@@ -54,28 +53,28 @@ def resolve_attributes(spec: Sequence[str | int], attribute_names: Sequence[str]
         elif s.lstrip("-").isdigit():
             i = int(s)
             if not 0 <= i < len(names):
-                raise ConfigError("--attributes", f"attribute ids in [0, {len(names)})", i, "command line")
+                raise ConfigError("heatmap.attributes", f"attribute ids in [0, {len(names)})", i, "arguments")
             out.append(i)
         else:
             hits = [j for j, n in enumerate(lower) if s.lower() in n]
             if len(hits) != 1:
                 shown = ", ".join(names[j] for j in hits[:5]) if hits else "no attribute"
-                raise ConfigError("--attributes", "an attribute name, a unique part of one, or an id", f"{s!r} ({shown})",
-                                  "command line")
+                raise ConfigError("heatmap.attributes", "an attribute name, a unique part of one, or an id", f"{s!r} ({shown})",
+                                  "arguments")
             out.append(hits[0])
     if not out:
-        raise ConfigError("--attributes", "at least one attribute", list(spec), "command line")
+        raise ConfigError("heatmap.attributes", "at least one attribute", list(spec), "arguments")
     return out
 
 
-def parse_indices(text: str, key: str = "--samples") -> list[int]:
+def parse_indices(text: str, key: str = "heatmap.samples") -> list[int]:
     """'0,5' -> [0, 5]; row positions must be non-negative integers."""
     try:
         idx = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ConfigError(key, "comma-separated row positions, e.g. 0,5", text, "command line") from None
+        raise ConfigError(key, "comma-separated row positions, e.g. 0,5", text, "arguments") from None
     if not idx or min(idx) < 0:
-        raise ConfigError(key, "comma-separated row positions >= 0", text, "command line")
+        raise ConfigError(key, "comma-separated row positions >= 0", text, "arguments")
     return idx
 
 
@@ -96,7 +95,7 @@ def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRo
     n = dataset.split(split).num_rows
     bad = [p for p in positions if not 0 <= p < n]
     if bad:
-        raise ConfigError("--samples", f"row positions in [0, {n}) of split {split}", bad, "command line")
+        raise ConfigError("heatmap.samples", f"row positions in [0, {n}) of split {split}", bad, "arguments")
     want = set(positions)
     found: dict[int, tuple[torch.Tensor, int, int]] = {}
     seen = 0
@@ -114,12 +113,12 @@ def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRo
 
 # ---- attention ----------------------------------------------------------------------------
 @torch.no_grad()
-def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Region attention of each expert for the chosen attributes: {"cExp"|"fExp": (N, A, H, W) float32}.
+def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequence[int], family: Any) -> dict[str, np.ndarray]:
+    """Region attention for the chosen attributes, one entry per map the family names
+    (`ModelFamily.attention_maps`; DEDN: "cExp", "fExp"): {name: (N, A, H, W) float32}.
 
-    features (N, C, H, W). The model's region_attention is (N, D, R) in the original attribute
-    order with R = H*W in row-major (H, W) order (the features' flatten order); an ablated
-    expert is absent from the result.
+    features (N, C, H, W). Each map is (N, D, R) in the original attribute order with R = H*W in
+    row-major (H, W) order (the features' flatten order); an ablated expert is absent.
     """
     net = getattr(model, "module", model)
     _, h, w = net.feature_shape
@@ -131,14 +130,11 @@ def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequ
         net.train(was_training)
     ids = torch.as_tensor(list(attribute_ids), dtype=torch.long)
     maps: dict[str, np.ndarray] = {}
-    for key, label in EXPERT_LABELS.items():
-        ex = getattr(out, key)
-        if ex is None:
-            continue
-        if ex.region_attention is None:
-            raise ValueError(f"{label}: the model returned no region attention with return_attention=True")
-        att = ex.region_attention.float()[:, ids.to(ex.region_attention.device)]  # (N, A, R)
+    for label, att in family.attention_maps(out).items():
+        att = att.float()[:, ids.to(att.device)]  # (N, A, R)
         maps[label] = att.reshape(att.shape[0], att.shape[1], h, w).cpu().numpy()  # (N, A, H, W)
+    if not maps:
+        raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.heatmap")
     return maps
 
 
@@ -199,9 +195,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
 # ---- the figure ---------------------------------------------------------------------------
 def heatmap_figure(maps: Mapping[str, np.ndarray], attribute_names: Sequence[str], *, image: np.ndarray | None = None,
                    title: str = "", semi_synthetic: bool = False, cmap: str | None = None, alpha: float = 0.5) -> Any:
-    """The Figure 4 layout for ONE image: rows = experts ("cExp", "fExp"), columns = attributes.
+    """The Figure 4 layout for ONE image: rows = the family's maps (DEDN: "cExp", "fExp"), columns = attributes.
 
-    maps: {"cExp"|"fExp": (A, H, W)} attention weights; attribute_names: A column titles.
+    maps: {name: (A, H, W)} attention weights, rows in their order; attribute_names: A column titles.
     With `image` (h, w[, 3]) each map is drawn over it with extent = the image, otherwise on
     the H x W grid with one cell per region. Each heat map's AxesImage holds the (H, W) array
     itself (gid "attention:<expert>:<column>"). One colour scale shared by all panels, from the
@@ -215,9 +211,9 @@ def heatmap_figure(maps: Mapping[str, np.ndarray], attribute_names: Sequence[str
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    experts = [e for e in ("cExp", "fExp") if e in maps]
+    experts = list(maps)
     if not experts:
-        raise ValueError("heatmap_figure: no expert maps (expected 'cExp' and/or 'fExp')")
+        raise ValueError("heatmap_figure: no attention maps")
     a = maps[experts[0]].shape[0]
     for e in experts:
         if maps[e].ndim != 3 or maps[e].shape[0] != len(attribute_names) or maps[e].shape != maps[experts[0]].shape:
@@ -282,12 +278,12 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     folder holding state.pt, or a folder of registry model files (weights.pt, config.yaml, ...).
     """
     from dedn.checkpoint import load_checkpoint
-    from dedn.distributed import STATE_FILE
-    from dedn.engine import model_from_state
+    from dedn.training.driver import STATE_FILE
+    from dedn.training.loop import model_from_state
 
     p = Path(path)
     if p.is_dir() and (p / "weights.pt").is_file():
-        from dedn.registry import predictor_from_files
+        from dedn.tracking.registry import predictor_from_files
 
         pred = predictor_from_files(p)
         return pred.model, pred.cfg
@@ -299,4 +295,4 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     if "model" not in state or "config" not in state:
         raise DatasetError(p, "checkpoint", "a dict with 'model' and 'config'", f"keys {sorted(state)[:8]}")
     cfg = DEDNConfig.from_dict(state["config"], source=str(p))
-    return model_from_state(cfg, dataset, state["model"]).eval(), cfg
+    return model_from_state(cfg, dataset, state["model"], state.get("meta")).eval(), cfg

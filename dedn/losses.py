@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-from dedn.config import LossConfig
-from dedn.model import DEDNOutput, ExpertOutput
 from dedn.protocol import ClassProtocol
 
 REFERENCE_BIAS = 1.0  # the reference code's calibration bias: +1 on seen logits in MAL, -1/+1 at distillation
@@ -121,51 +119,3 @@ def calibration_loss(scores: Tensor, seen: Tensor, unseen: Tensor, active: Tenso
     z = _mask_inactive(biased_scores(scores, seen, unseen), active)  # (B, K)
     log_mass = torch.logsumexp(z[:, unseen], -1) - torch.logsumexp(z, -1)  # (B,) log unseen mass
     return -(torch.logsumexp(log_mass, 0) - torch.log(torch.tensor(float(z.shape[0]), dtype=z.dtype, device=z.device)))
-
-
-def _classification(ex: ExpertOutput, labels: Tensor, seen: Tensor, active: Tensor, cfg: LossConfig, variant: str) -> Tensor:
-    if not cfg.mal:
-        return cross_entropy_loss(ex.scores, labels, active)
-    if variant == "reference":
-        return reference_mal_loss(ex.scores, labels, seen, active, cfg.reference_margin)
-    return mal_loss(ex.scores, labels, seen, active, cfg.epsilon)
-
-
-def dedn_loss(out: DEDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: LossConfig, variant: str) -> dict[str, Tensor]:
-    """Eq. 18: [MAL_c + beta align_c] + [MAL_f + beta align_f] + gamma distill (+ l_cal Cal).
-
-    labels (B,) int64 class ids. Returns {'loss': total, and the unweighted parts that are on:
-    'mal_c', 'mal_f', 'align_c', 'align_f', 'distill', 'cal_c', 'cal_f'}. Parts with zero
-    weight or switched off are not computed; one expert -> no distillation.
-    """
-    if variant not in ("paper", "reference"):
-        raise ValueError(f"variant: expected one of paper|reference, found {variant!r}")
-    dev = out.class_attributes.device
-    seen, unseen, active = protocol.seen_mask(dev), protocol.unseen_mask(dev), protocol.active_mask(dev)
-    labels = labels.to(dev).long()
-    parts: dict[str, Tensor] = {}
-    total: Tensor | None = None
-
-    def add(name: str, value: Tensor, weight: float) -> None:
-        nonlocal total
-        parts[name] = value
-        total = weight * value if total is None else total + weight * value
-
-    with torch.autocast(device_type=dev.type, enabled=False):
-        for tag, ex in (("c", out.coarse), ("f", out.fine)):
-            if ex is None:
-                continue
-            add(f"mal_{tag}", _classification(ex, labels, seen, active, cfg, variant), 1.0)
-            if cfg.align and cfg.beta > 0 and ex.o_channel is not None:
-                # eq. 7: softmax over attributes
-                add(f"align_{tag}", distance(ex.o_region, ex.o_channel, cfg.distance), cfg.beta)
-            if cfg.calibration_weight > 0:
-                add(f"cal_{tag}", calibration_loss(ex.scores, seen, unseen, active), cfg.calibration_weight)
-        if cfg.distill and cfg.gamma > 0 and out.coarse is not None and out.fine is not None:
-            pc, pf = out.coarse.scores, out.fine.scores
-            if variant == "reference":
-                pc, pf = biased_scores(pc, seen, unseen), biased_scores(pf, seen, unseen)
-            add("distill", distance(pc, pf, cfg.distance, mask=active), cfg.gamma)  # eq. 12
-    if total is None:
-        raise ValueError("dedn_loss: the model has no expert")
-    return {"loss": total, **parts}

@@ -1,4 +1,4 @@
-"""Generalized zero-shot metrics: per-class mean top-1 T, U, S and H, and the (lambda_rc, lambda_e) search.
+"""Generalized zero-shot metrics: per-class mean top-1 T, U, S and H, and the post-hoc weight search.
 
 * S: samples of the seen-side split, argmax over the phase's active classes (seen + unseen);
 * U: samples of the unseen-side split, argmax over the active classes;
@@ -11,15 +11,15 @@ from the seen-class scores before the GZSL argmax (not for T, where only unseen 
 
 Everything is accumulated as integer per-class counts held in ONE int64 tensor, so that a
 distributed evaluation does a single `all_reduce(SUM)` and every rank then computes the same
-figures. `LambdaSearch` keeps those counts for every point of a (lambda_rc, lambda_e) grid, from
-the four cached score parts P_rc, P_cc, P_rf, P_cf (eqs. 8 and 19 are linear in them), so any
-lambda is scored without running the network again.
+figures. `WeightSearch` keeps those counts for every point of a model family's grid of inference
+weights (DEDN: lambda_rc, lambda_e), from the cached score parts the family's inference score is
+linear in, so any weight is scored without running the network again (docs/method.md).
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -35,7 +35,6 @@ def format_pct(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{100.0 * v:.1f}"
 
 Side = Literal["seen", "unseen"]
-PART_NAMES = ("P_rc", "P_cc", "P_rf", "P_cf")  # region/channel x coarse/fine (dedn.model)
 
 # Rows of a GZSLCounts block: hits and totals per class.
 _S_HIT, _U_HIT, _T_HIT, _S_N, _U_N = range(5)
@@ -189,102 +188,66 @@ class GZSLCounts:
         return rows
 
 
-def lambda_grid(step: float) -> list[float]:
-    """0, step, 2 step, ..., 1 (1 always included), rounded so 0.05 * 3 prints as 0.15."""
-    if not 0 < step <= 1:
-        raise ConfigError("eval.lambda_grid_step", "in (0, 1]", step, "dedn.metrics")
-    n = int(math.floor(1.0 / step + 1e-9))
-    vals = [round(i * step, 10) for i in range(n + 1)]
-    if vals[-1] < 1.0:
-        vals.append(1.0)
-    return vals
+class WeightSearch:
+    """GZSL counts at every point of a family's post-hoc weight grid, from cached score parts.
 
-
-class LambdaSearch:
-    """GZSL counts at every (lambda_rc, lambda_e) of a grid, from cached score parts.
-
-    experts: "both" | "coarse" | "fine"; with one expert lambda_e is fixed (1 for coarse,
-    0 for fine); without channel attention lambda_rc is fixed at 1. `prefer` = the configured
-    (lambda_rc, lambda_e): among grid points with equal H, the closest one wins.
-    Counts live in `hits` (3, N_rc, N_e, K) (S, U, T) and `totals` (2, K) (seen, unseen side).
+    weights: `dedn.families.PostHocWeights` (names, the values of each); coefficients(point,
+    part names) -> the factor of each part in the inference score at that point (the family's
+    `coefficients`). `prefer` = the configured weights: among grid points with equal H, the
+    closest one wins. Counts live in `hits` (3, *shape, K) (S, U, T) and `totals` (2, K).
     """
 
-    def __init__(self, num_classes: int, step: float = 0.05, experts: str = "both", *, channel_attention: bool = True,
-                 calibration: float = 0.0, prefer: tuple[float, float] = (0.8, 0.9), max_elements: int = 1 << 24):
-        if experts not in ("both", "coarse", "fine"):
-            raise ConfigError("model.experts", "one of both|coarse|fine", experts, "LambdaSearch")
+    def __init__(self, num_classes: int, weights: Any, coefficients: Callable[[Mapping[str, float], Sequence[str]], Sequence[float]],
+                 *, calibration: float = 0.0, prefer: Mapping[str, float] | None = None, max_elements: int = 1 << 24):
         self.num_classes = int(num_classes)
-        self.experts, self.channel_attention, self.calibration = experts, channel_attention, float(calibration)
-        self.rc_values = lambda_grid(step) if channel_attention else [1.0]
-        self.e_values = lambda_grid(step) if experts == "both" else [1.0 if experts == "coarse" else 0.0]
-        self.prefer = (float(prefer[0]), float(prefer[1]))
-        self.max_elements = max_elements  # bounds the (n_rc, n_e, B, K) score block held at once
-        n_rc, n_e, k = len(self.rc_values), len(self.e_values), self.num_classes
-        self.hits = torch.zeros(3, n_rc, n_e, k, dtype=torch.int64)
-        self.totals = torch.zeros(2, k, dtype=torch.int64)
-        self._weight_cache: dict[tuple[str, ...], Tensor] = {}
+        self.weights, self.coefficients, self.calibration = weights, coefficients, float(calibration)
+        self.names: tuple[str, ...] = tuple(weights.names)
+        self.values: tuple[tuple[float, ...], ...] = tuple(tuple(float(x) for x in v) for v in weights.values)
+        self.shape = tuple(len(v) for v in self.values)
+        self.points: list[dict[str, float]] = weights.points()
+        self.prefer = {n: float((prefer or {}).get(n, 0.0)) for n in self.names}
+        self.max_elements = max_elements  # bounds the (G, B, K) score block held at once
+        self.hits = torch.zeros(3, len(self.points), self.num_classes, dtype=torch.int64)
+        self.totals = torch.zeros(2, self.num_classes, dtype=torch.int64)
+        self._table_cache: dict[tuple[str, ...], Tensor] = {}
 
-    @property
-    def grid(self) -> list[tuple[float, float]]:
-        return [(rc, e) for rc in self.rc_values for e in self.e_values]
-
-    def _weights(self, names: Sequence[str]) -> Tensor:
-        """(n_rc * n_e, len(names)) float64: each part's weight in eqs. 8 and 19 at every grid point.
-
-        P_r* get lambda_rc, P_c* get 1 - lambda_rc (or 1 without channel parts); coarse parts
-        get lambda_e, fine parts 1 - lambda_e (or 1 with one expert).
-        """
+    def _table(self, names: Sequence[str]) -> Tensor:
+        """(G, P) float64: each part's factor at every grid point (built once per set of part names)."""
         key = tuple(names)
-        if key in self._weight_cache:  # the same parts every batch: build the table once
-            return self._weight_cache[key]
-        both = any(n.endswith("c") for n in names) and any(n.endswith("f") for n in names)
-        rows = []
-        for rc in self.rc_values:
-            for e in self.e_values:
-                row = []
-                for n in names:
-                    w_rc = (rc if n.startswith("P_r") else 1.0 - rc) if self.channel_attention else 1.0
-                    w_e = (e if n.endswith("c") else 1.0 - e) if both else 1.0
-                    row.append(w_rc * w_e)
-                rows.append(row)
-        self._weight_cache[key] = torch.tensor(rows, dtype=torch.float64)
-        return self._weight_cache[key]
+        if key not in self._table_cache:
+            self._table_cache[key] = torch.tensor([list(self.coefficients(p, names)) for p in self.points],
+                                                  dtype=torch.float64).reshape(len(self.points), len(names))
+        return self._table_cache[key]
 
     @torch.no_grad()
-    def update(self, parts: dict[str, Tensor], labels: Tensor, protocol: ClassProtocol, *, side: Side) -> None:
-        """Add a batch of score parts {name: (B, K)} (DEDNOutput.score_parts()) with labels (B,).
+    def update(self, parts: Mapping[str, Tensor], labels: Tensor, protocol: ClassProtocol, *, side: Side) -> None:
+        """Add a batch of score parts {name: (B, K)} with labels (B,).
 
-        Scores of all grid points come from one GEMM, weights (G, P) x parts (P, B*A) over the
-        A active classes; counts equal GZSLCounts on `combine_score_parts` at each grid point
-        except where two classes' scores tie to within float rounding (the operation order differs).
+        Scores of all grid points come from one GEMM, factors (G, P) x parts (P, B*A) over the A
+        active classes; counts equal GZSLCounts on the combined scores at each point except where
+        two classes' scores tie to within float rounding (the operation order differs).
         """
-        need = {"coarse": ["P_rc"], "fine": ["P_rf"], "both": ["P_rc", "P_rf"]}[self.experts]
-        if self.channel_attention:
-            need += [n.replace("P_r", "P_c") for n in need]
-        missing = [n for n in need if n not in parts]
-        if missing:
-            raise ConfigError("score parts", f"parts {need} (experts={self.experts}, channel_attention={self.channel_attention})",
-                              f"missing {missing}", "LambdaSearch")
-        names = [n for n in PART_NAMES if n in need]
+        names = list(parts)
+        if not names:
+            raise ConfigError("score parts", "at least one (B, K) score part", "none", "WeightSearch")
         first = parts[names[0]]
         b, k = first.shape
         if k != self.num_classes:
-            raise ConfigError("score parts", f"(B, {self.num_classes})", tuple(first.shape), "LambdaSearch")
+            raise ConfigError("score parts", f"(B, {self.num_classes})", tuple(first.shape), "WeightSearch")
         dev = first.device
         labels = _check_labels(labels.to(dev), protocol, side, b)
         cols = _columns(protocol, dev)
         a = cols.active.numel()
         dtype = torch.promote_types(first.dtype, torch.float32)
         stacked = torch.stack([parts[n].detach().to(dtype)[:, cols.active] for n in names])  # (P, B, A)
-        w = self._weights(names).to(device=dev, dtype=dtype)  # (G, P)
+        w = self._table(names).to(device=dev, dtype=dtype)  # (G, P)
         g = w.shape[0]
-        n_rc, n_e = len(self.rc_values), len(self.e_values)
         rows = max(1, self.max_elements // max(1, g * a))  # samples per chunk: bounds the (G, b, A) block
         hits = torch.zeros(3, g, k, dtype=torch.int64, device=dev)
         for lo in range(0, b, rows):
             y = labels[lo:lo + rows]
             chunk = stacked[:, lo:lo + rows]  # (P, b, A)
-            scores = (w @ chunk.reshape(len(names), -1)).reshape(g, -1, a)  # (G, b, A) eqs. 8 + 19
+            scores = (w @ chunk.reshape(len(names), -1)).reshape(g, -1, a)  # (G, b, A)
             pred, pred_t = _predict(scores, cols, self.calibration, with_t=side == "unseen")  # (G, b)
             if side == "seen":
                 hits[0] += _bincount(y, pred == y, k)
@@ -292,7 +255,7 @@ class LambdaSearch:
                 assert pred_t is not None
                 hits[1] += _bincount(y, pred == y, k)
                 hits[2] += _bincount(y, pred_t == y, k)
-        self.hits += hits.reshape(3, n_rc, n_e, k).cpu()
+        self.hits += hits.cpu()
         self.totals[0 if side == "seen" else 1] += torch.bincount(labels, minlength=k).cpu()
 
     def tensor(self) -> Tensor:
@@ -304,37 +267,35 @@ class LambdaSearch:
         t = torch.as_tensor(t).reshape(-1).cpu()
         if t.numel() != self.hits.numel() + self.totals.numel() or t.dtype != torch.int64:
             raise ConfigError("counts", f"an int64 tensor of {self.hits.numel() + self.totals.numel()} counts",
-                              f"{t.dtype} of {t.numel()}", "LambdaSearch")
+                              f"{t.dtype} of {t.numel()}", "WeightSearch")
         self.hits = t[: self.hits.numel()].reshape(self.hits.shape).clone()
         self.totals = t[self.hits.numel():].reshape(self.totals.shape).clone()
 
-    def counts_at(self, i_rc: int, i_e: int) -> GZSLCounts:
-        """The GZSLCounts of grid point (rc_values[i_rc], e_values[i_e])."""
+    def counts_at(self, index: int) -> GZSLCounts:
+        """The GZSLCounts of grid point `points[index]`."""
         out = GZSLCounts(self.num_classes)
-        out.counts[_S_HIT], out.counts[_U_HIT], out.counts[_T_HIT] = self.hits[:, i_rc, i_e]
+        out.counts[_S_HIT], out.counts[_U_HIT], out.counts[_T_HIT] = self.hits[:, index]
         out.counts[_S_N], out.counts[_U_N] = self.totals
         return out
 
     def _blocks(self) -> Tensor:
-        """(n_rc, n_e, 5, K) counts in GZSLCounts row order."""
-        n_rc, n_e, k = self.hits.shape[1:]
-        tot = self.totals[:, None, None, :].expand(2, n_rc, n_e, k)
-        return torch.stack([self.hits[0], self.hits[1], self.hits[2], tot[0], tot[1]], dim=2)
+        """(G, 5, K) counts in GZSLCounts row order."""
+        g, k = self.hits.shape[1:]
+        tot = self.totals[:, None, :].expand(2, g, k)
+        return torch.stack([self.hits[0], self.hits[1], self.hits[2], tot[0], tot[1]], dim=1)
 
     def metrics_grid(self, protocol: ClassProtocol) -> dict[str, Tensor]:
-        """{'T', 'U', 'S', 'H'} each (n_rc, n_e) float64."""
-        return _metrics(self._blocks(), protocol)
+        """{'T', 'U', 'S', 'H'} each of `shape` (one axis per weight) float64."""
+        return {k: v.reshape(self.shape) for k, v in _metrics(self._blocks(), protocol).items()}
 
-    def best(self, protocol: ClassProtocol) -> tuple[float, float, dict[str, float]]:
-        """(lambda_rc, lambda_e, metrics) maximising H; ties -> closest to `prefer`, then the lowest grid index."""
-        grid = self.metrics_grid(protocol)
-        h = grid["H"]
-        rc = torch.tensor(self.rc_values, dtype=torch.float64)[:, None]
-        e = torch.tensor(self.e_values, dtype=torch.float64)[None, :]
-        dist = (rc - self.prefer[0]) ** 2 + (e - self.prefer[1]) ** 2  # (n_rc, n_e)
+    def best(self, protocol: ClassProtocol) -> tuple[dict[str, float], dict[str, float]]:
+        """(weights, metrics) maximising H; ties -> closest to `prefer`, then the lowest grid index."""
+        h = _metrics(self._blocks(), protocol)["H"]  # (G,)
+        dist = torch.tensor([sum((p[n] - self.prefer[n]) ** 2 for n in self.names) for p in self.points],
+                            dtype=torch.float64)
         top = h >= h.max() - 1e-12
         dist = torch.where(top, dist, torch.full_like(dist, float("inf")))
-        flat = int(torch.argmin(dist.reshape(-1)))  # argmin returns the first minimum: deterministic
-        i_rc, i_e = divmod(flat, len(self.e_values))
-        return self.rc_values[i_rc], self.e_values[i_e], {k: float(v[i_rc, i_e]) for k, v in grid.items()}
+        i = int(torch.argmin(dist))  # argmin returns the first minimum: deterministic
+        return dict(self.points[i]), self.counts_at(i).compute(protocol)
+
 

@@ -10,16 +10,14 @@ from dedn.metrics import METRICS
 
 __all__ = ["plot_training_curves"]
 
-# loss parts drawn on the left panel when present (dedn.losses keys)
-LOSS_KEYS = ("loss", "mal_c", "mal_f", "align_c", "align_f", "distill", "cal_c", "cal_f")
 VAL_KEYS = METRICS
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], *,
-                         title: str = "", semi_synthetic: bool = False) -> Path:
+                         loss_keys: Sequence[str] = ("loss",), title: str = "", semi_synthetic: bool = False) -> Path:
     """Loss parts (left) and validation T/U/S/H (right) against epoch; written atomically as PNG.
 
-    history: one dict per epoch with "epoch", loss parts (keys as in LOSS_KEYS) and optionally
+    history: one dict per epoch with "epoch", loss parts (`loss_keys`: the family's loss_parts) and optionally
     "val_T", "val_U", "val_S", "val_H" (fractions in [0, 1]).
     """
     import matplotlib
@@ -30,7 +28,7 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
     path = Path(path)
     epochs = [int(h["epoch"]) for h in history]
     fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    for key in LOSS_KEYS:
+    for key in loss_keys:
         ys = [h.get(key) for h in history]
         if any(y is not None for y in ys):
             ax_l.plot(epochs, [float("nan") if y is None else y for y in ys], marker="o", ms=3,

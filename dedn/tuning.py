@@ -1,15 +1,14 @@
-"""Hyper-parameter sweeps of DEDN with Ray Tune (Optuna TPE + ASHA), selected on validation H.
+"""Hyper-parameter sweeps of any model family with Ray Tune (Optuna TPE + ASHA), selected on validation H.
 
 What a sweep does (`run_sweep`):
 
-* the search space comes from a YAML file (`load_search_space`): beta, gamma, epsilon by default;
-  lambda_rc and lambda_e are NOT Tune dimensions unless `search_lambdas` — each trial refits
-  them on its cached validation expert outputs at every report (`dedn.metrics.LambdaSearch`)
-  and reports H at the best pair, with the pair;
-* every trial trains with the training job's own loop (`dedn.engine.run_phase`, phase
-  "select"), in-process (one worker) or as a Ray Train `TorchTrainer` (`dedn.distributed`);
-* trials run inside `forbid_splits(TEST_SPLITS)`, set in the trial function itself so the guard
-  holds in every Ray worker process; the dataset is opened without touching test shards;
+* the search space comes from a YAML file (`load_search_space`), by default the family's own
+  (`ModelFamily.search_space_file`; DEDN: beta, gamma, epsilon); the family's inference weights
+  are NOT Tune dimensions unless `search_lambdas` — each trial refits them on its cached
+  validation score parts at every report (`dedn.metrics.WeightSearch`) and reports H there;
+* every trial is the training job's own driver (`dedn.training.driver.train`, protocol
+  "select") with Tune's `TuneReportCallback`: a TorchTrainer of one or N workers, as in Ray's
+  Train/Tune interop examples; a selection run never opens a test shard;
 * the driver logs one MLflow parent run per sweep and one child run per trial
   (`MLflowSweepCallback`, driver-side, so the sqlite store has a single writer);
 * afterwards `summarise_sweep` picks the best (trial, epoch) on validation H, writes
@@ -34,23 +33,28 @@ from ray import tune
 
 from dedn.atomic import atomic_path, save_figure, write_text
 from dedn.config import DEDNConfig, known_keys
-from dedn.distributed import STATE_FILE  # the engine checkpoint dict inside a checkpoint folder
 from dedn.errors import ConfigError
+from dedn.families import family_of, get_family
 from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+from dedn.training.driver import STATE_FILE  # the loop's checkpoint dict inside a checkpoint folder
 
 __all__ = [
     "TEST_SPLITS", "SELECTION_SPLITS", "Dimension", "SearchSpace", "load_search_space", "default_space_path",
-    "SweepSpec", "SweepSummary", "SweepInterrupted", "train_trial", "MLflowSweepCallback", "run_sweep", "summarise_sweep",
-    "find_sweep", "run_final", "open_for_selection", "trial_metrics", "train_trial_distributed",
-    "validation_lambda_grid", "best_config", "plot_lambda_curves", "plot_hparams",
+    "SweepSpec", "SweepSummary", "SweepInterrupted", "trial", "MLflowSweepCallback", "run_sweep", "summarise_sweep",
+    "find_sweep", "run_final", "open_for_selection", "reported_metrics", "validation_weight_grid", "best_config",
+    "plot_lambda_curves", "plot_hparams",
 ]
 
 DRIVER_CPUS = 0.01  # what a distributed trial's own function holds
 DIM_TYPES = ("uniform", "loguniform", "int", "choice")
 BEST_CONFIG_FILE = "best_config.yaml"
 SWEEP_FILE = "sweep.json"
-# metric names a trial reports (besides Tune's own); MLflow child runs log exactly these
-REPORTED = ("val_H", "val_S", "val_U", "val_T", "lambda_rc", "lambda_e", "epoch", "loss", "best_val_H")
+
+
+def reported_metrics(model: str = "dedn") -> tuple[str, ...]:
+    """Metric names a trial's reports carry that a sweep reads and MLflow child runs log
+    (EpochReport.metrics of a selection epoch): validation, the family's weights, epoch, loss."""
+    return ("val_H", "val_S", "val_U", "val_T", *get_family(model).weight_names, "epoch", "loss", "best_val_H")
 
 
 # ---- search space -----------------------------------------------------------------------
@@ -101,14 +105,16 @@ class SearchSpace:
 
 
 def default_space_path(model: str = "dedn") -> Path:
-    """tuning/search_space.yaml (DEDN) or tuning/search_space_<model>.yaml next to the package (a source checkout)."""
-    name = "search_space.yaml" if model == "dedn" else f"search_space_{model}.yaml"
-    return Path(__file__).resolve().parent.parent / "tuning" / name
+    """The family's search_space.yaml, shipped inside the package (dedn/families/<model>/)."""
+    f = get_family(model).search_space_file()
+    if f is None:
+        raise ConfigError("space", f"a search-space YAML (model {model} ships none)", "none")
+    return Path(str(f))
 
 
-def _parse_dim(key: str, spec: Any, source: str) -> Dimension:
+def _parse_dim(key: str, spec: Any, source: str, model: str = "dedn") -> Dimension:
     where = f"space.{key}"
-    if key not in known_keys():
+    if key not in known_keys(model):
         raise ConfigError(where, "a dotted DEDNConfig key (dedn.config.known_keys())", key, source)
     if not isinstance(spec, Mapping):
         raise ConfigError(where, "a mapping {type, low, high} or {type: choice, values}", spec, source)
@@ -138,7 +144,7 @@ def _parse_dim(key: str, spec: Any, source: str) -> Dimension:
     # every extreme value must make a valid DEDNConfig (e.g. lambda in [0, 1], beta >= 0)
     for v in dim.corners():
         try:
-            DEDNConfig().replace(**{key: int(v) if kind == "int" else v})
+            DEDNConfig.for_family(model).replace(**{key: int(v) if kind == "int" else v})
         except ConfigError as e:
             raise ConfigError(where, f"values valid for {key} ({e.expected})", v, source) from None
     return dim
@@ -154,7 +160,7 @@ def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError("--space", "an existing search-space YAML file", src, "command line") from None
+        raise ConfigError("space", "an existing search-space YAML file", src) from None
     except yaml.YAMLError as e:
         raise ConfigError("<file>", "valid YAML", f"{type(e).__name__}: {e}", src) from None
     if not isinstance(doc, Mapping):
@@ -169,15 +175,16 @@ def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "
             raise ConfigError(name, "a mapping {dotted key: dimension}", block, src)
     if not space:
         raise ConfigError("space", "at least one dimension", "none", src)
-    bad = set(lambdas) - {"eval.lambda_rc", "eval.lambda_e"}
+    allowed = {f"eval.{w}" for w in get_family(model).weight_names}
+    bad = set(lambdas) - allowed
     if bad:
-        raise ConfigError("lambdas", "only eval.lambda_rc and eval.lambda_e", sorted(bad), src)
+        raise ConfigError("lambdas", "only the family's weights " + ", ".join(sorted(allowed)), sorted(bad), src)
     both = set(space) & set(lambdas)
     if both:
         raise ConfigError("lambdas", "keys not also under space", sorted(both), src)
     metric = doc.get("metric", "val_H")
-    if metric not in REPORTED:
-        raise ConfigError("metric", "one of " + "|".join(REPORTED), metric, src)
+    if metric not in reported_metrics(model):
+        raise ConfigError("metric", "one of " + "|".join(reported_metrics(model)), metric, src)
     mode = doc.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError("mode", "max or min", mode, src)
@@ -190,8 +197,8 @@ def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "
     if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
         raise ConfigError("asha.reduction_factor", "a number > 1", rf, src)
     return SearchSpace(
-        dims=tuple(_parse_dim(k, v, src) for k, v in space.items()),
-        lambda_dims=tuple(_parse_dim(k, v, src) for k, v in lambdas.items()),
+        dims=tuple(_parse_dim(k, v, src, model) for k, v in space.items()),
+        lambda_dims=tuple(_parse_dim(k, v, src, model) for k, v in lambdas.items()),
         metric=metric, mode=mode, grace_period=grace, reduction_factor=rf, source=src,
     )
 
@@ -208,113 +215,64 @@ def open_for_selection(path: str | os.PathLike[str]) -> Any:
     return FeatureDataset.open(path, splits=SELECTION_SPLITS)
 
 
-# ---- what one trial reports ----------------------------------------------------------------
-def trial_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """Tune metrics of one `run_phase` epoch report (phase select): validation only.
-
-    val_* are at the fitted (lambda_rc, lambda_e) when the trial fits them (`val_best`), else at
-    the configured pair; lambda_rc / lambda_e say which pair; best_val_H is the best epoch so far.
-    """
-    from dedn.distributed import epoch_metrics
-
-    m = epoch_metrics(report, images_per_s=0.0, epoch_time_s=0.0)  # the same keys a distributed trial reports
-    return {k: float(m[k]) for k in REPORTED if k in m}
-
-
 # ---- the trial function ---------------------------------------------------------------------
 def _trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lambdas: bool) -> DEDNConfig:
-    """The base config (a DEDNConfig dict) with this trial's sampled dotted keys applied."""
+    """The base config (a run config dict) with this trial's sampled dotted keys applied."""
     cfg = DEDNConfig.from_dict(base, source="sweep base config")
-    over = {k: v for k, v in config.items() if k in known_keys()}
+    over = {k: v for k, v in config.items() if k in known_keys(cfg.model.name)}
     over["protocol"] = "select"
     over["eval.fit_lambdas"] = not search_lambdas
     return cfg.replace(**over)
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False) -> None:
-    """Ray Tune function trainable: one selection run (`engine.run_phase`), reporting every epoch.
-
-    Runs in the trial's worker process, so the test-split guard is entered here (it is per
-    process). Each report carries a checkpoint (`state.pt`, the run_phase state with the best
-    epoch's weights) so an interrupted sweep resumes where it stopped.
-    """
-    from dedn import engine
-    from dedn.checkpoint import load_checkpoint, save_checkpoint
-    from dedn.reader import forbid_splits
-
-    with forbid_splits(TEST_SPLITS):
-        cfg = _trial_config(base, config, search_lambdas)
-        dataset = open_for_selection(data)
-        resume = None
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                resume = load_checkpoint(Path(d) / STATE_FILE)
-
-        def on_epoch_end(report: dict[str, Any]) -> None:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(Path(d) / STATE_FILE, report["state"]())
-                tune.report(trial_metrics(report), checkpoint=tune.Checkpoint.from_directory(d))
-
-        engine.run_phase(cfg, dataset, "select", device="cpu", on_epoch_end=on_epoch_end, resume=resume)
+def _trial_id() -> str:
+    try:
+        return tune.get_context().get_trial_id() or "trial"
+    except (RuntimeError, AttributeError):  # called outside a Tune session (tests)
+        return "trial"
 
 
-def _guarded_train_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker loop of `dedn.distributed`, inside the test-split guard of this worker process."""
-    from dedn.distributed import train_loop_per_worker
-    from dedn.reader import forbid_splits
+def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False, workers: int = 1,
+          cpus_per_worker: float = 1.0, storage: str = "") -> None:
+    """Ray Tune function trainable: one selection run through the training job's own driver.
 
-    with forbid_splits(TEST_SPLITS):
-        train_loop_per_worker(config)
-
-
-def train_trial_distributed(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False,
-                            workers: int = 2, cpus_per_worker: float = 0.5, storage: str = "") -> None:
-    """Ray Tune function trainable for `--workers-per-trial N > 1`: the training job's TorchTrainer.
-
-    The trainer comes from `dedn.distributed.build_trainer` (same loop, DDP, checkpoints as
-    jobs/train.py); its workers report through `TuneReportCallback`. MLflow stays with the Tune
-    driver (track=False here), and every worker enters the test-split guard.
+    A TorchTrainer of `workers` workers (`dedn.training.driver.train`, protocol select, so no
+    test shard is opened) whose reports reach Tune through `TuneReportCallback`. MLflow stays
+    with the Tune driver (track=False here). Re-running a trial of the same name and storage
+    resumes it from its last checkpoint (an interrupted sweep).
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dedn import distributed
-    from dedn.reader import forbid_splits
+    from dedn.training.driver import TrainSettings, train
 
-    with forbid_splits(TEST_SPLITS):
-        cfg = _trial_config(base, config, search_lambdas).replace(**{"data.path": data})
-        dataset = open_for_selection(data)
-        settings = distributed.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0,
-                                             num_to_keep=1, register=False, track=False, verbose=False)
-        trial_id = tune.get_context().get_trial_id() or "trial"
-        trainer = distributed.build_trainer(cfg, settings, run_id=None, tracking_uri=None,
-                                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=trial_id,
-                                            loop=_guarded_train_loop, callbacks=[TuneReportCallback()])
-        trainer.fit()
+    cfg = _trial_config(base, config, search_lambdas).replace(**{"data.path": data})
+    settings = TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
+                             register=False, track=False, verbose=False, storage_path=storage,
+                             name=_trial_id())
+    train(cfg, settings, callbacks=[TuneReportCallback()])
 
 
-# ---- validation H over the lambda grid (the paper's Figure 3) ---------------------------------
-def validation_lambda_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *,
+# ---- validation H over the weight grid (the paper's Figure 3) ---------------------------------
+def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
                            device: str = "cpu") -> dict[str, np.ndarray]:
-    """Validation T, U, S, H at every (lambda_rc, lambda_e) of the cfg.eval grid.
+    """Validation T, U, S, H at every point of the family's inference-weight grid.
 
-    One `engine.evaluate` pass over val_seen / val_unseen with the lambda fit on; its counts give
-    every grid point. Returns lambda_rc (n,), lambda_e (m,) and T, U, S, H each (n, m).
+    One `evaluate` pass over val_seen / val_unseen with the weight fit on; its counts give every
+    grid point. Returns each weight's values (n_i,) and T, U, S, H each of shape (n_1, n_2, ...).
     """
-    from dedn import engine
     from dedn.protocol import ClassProtocol
     from dedn.reader import ShardReader, forbid_splits
+    from dedn.training.loop import evaluate, model_from_state
 
     with forbid_splits(TEST_SPLITS):
-        model = engine.model_from_state(cfg, dataset, model_state).to(device)
+        model = model_from_state(cfg, dataset, model_state, meta).to(device)
         protocol = ClassProtocol.selection(dataset.class_side)
         seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
                         for split in ("val_seen", "val_unseen"))
-        search = engine.evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).lambda_search
+        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).search
         assert search is not None
-        grid = search.metrics_grid(protocol)  # {'T','U','S','H'}: (n_rc, n_e)
-    return {"lambda_rc": np.asarray(search.rc_values), "lambda_e": np.asarray(search.e_values),
-            **{k: v.numpy() for k, v in grid.items()}}
+        grid = search.metrics_grid(protocol)
+    return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}
 
 
 # ---- MLflow: one parent run per sweep, one child run per trial (driver side) ---------------
@@ -326,62 +284,39 @@ class MLflowSweepCallback(tune.Callback):
     run is found again by its `dedn.trial_id` tag instead of being created twice.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_name: str):
-        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
-        self.parent_run_id, self.sweep_name = parent_run_id, sweep_name
+    def __init__(self, experiment_name: str, parent_run_id: str, sweep_name: str, reported: Sequence[str]):
+        self.experiment_name, self.parent_run_id, self.sweep_name = experiment_name, parent_run_id, sweep_name
+        self.reported = tuple(reported)
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
-        self._client_obj: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client_obj": None}  # the client holds a DB engine
-
-    @property
-    def _client(self) -> Any:
-        if self._client_obj is None:
-            from mlflow.tracking import MlflowClient
-
-            # registry_uri explicitly, as tracking.client() does: a registry URI set earlier would win
-            self._client_obj = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
-        return self._client_obj
 
     def run_id(self, trial: Any) -> str:
         """The child run of `trial`, created (with its sampled params) on first sight."""
-        tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
-        found = self._client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`dedn.trial_id` = '{tid}'",
-        )
-        if found:
-            self._runs[tid] = found[0].info.run_id
-            return self._runs[tid]
-        from mlflow.entities import Param
+        from dedn import tracking
 
-        run = self._client.create_run(
-            self.experiment_id, run_name=f"{self.sweep_name}/{tid}",
-            tags={"mlflow.parentRunId": self.parent_run_id, "dedn.trial_id": tid, "dedn.sweep": self.sweep_name},
-        )
-        params = [Param(k, repr(v) if isinstance(v, float) else str(v)) for k, v in sorted(trial.config.items())]
-        self._client.log_batch(run.info.run_id, params=params)
-        self._runs[tid] = run.info.run_id
-        return run.info.run_id
+        tid = trial.trial_id
+        if tid not in self._runs:
+            found = tracking.find_child_run(self.experiment_name, self.parent_run_id, {tracking.TRIAL_TAG: tid})
+            self._runs[tid] = found or tracking.start_run(
+                f"{self.sweep_name}/{tid}", experiment=self.experiment_name, parent_run_id=self.parent_run_id,
+                tags={tracking.TRIAL_TAG: tid, tracking.SWEEP_TAG: self.sweep_name},
+                params={k: repr(v) if isinstance(v, float) else str(v) for k, v in sorted(trial.config.items())})[1]
+        return self._runs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
+        from dedn import tracking
 
-        step = int(result.get("training_iteration", 0))
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in REPORTED
-                   if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])]
+        metrics = {k: float(result[k]) for k in self.reported
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
         if metrics:
-            self._client.log_batch(self.run_id(trial), metrics=metrics)
+            tracking.log_metrics(self.run_id(trial), metrics, step=int(result.get("training_iteration", 0)))
 
     def _end(self, trial: Any, status: str) -> None:
-        self._client.set_terminated(self.run_id(trial), status)
+        from dedn import tracking
+
+        tracking.finish_run(self.run_id(trial), status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FINISHED")
@@ -411,12 +346,12 @@ class SweepSpec:
     verbose: int = 1
 
     def __post_init__(self) -> None:
-        for key, v, lo in (("--num-samples", self.num_samples, 1), ("--max-concurrent-trials", self.max_concurrent_trials, 1),
-                           ("--workers-per-trial", self.workers_per_trial, 1), ("--max-failures", self.max_failures, 0)):
+        for key, v, lo in (("num_samples", self.num_samples, 1), ("max_concurrent_trials", self.max_concurrent_trials, 1),
+                           ("workers_per_trial", self.workers_per_trial, 1), ("max_failures", self.max_failures, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(key, f"an int >= {lo}", v, "command line")
+                raise ConfigError(f"sweep.{key}", f"an int >= {lo}", v, "SweepSpec")
         if not self.cpus_per_trial > 0:
-            raise ConfigError("--cpus-per-trial", "> 0", self.cpus_per_trial, "command line")
+            raise ConfigError("sweep.cpus_per_trial", "> 0", self.cpus_per_trial, "SweepSpec")
 
 
 class SweepInterrupted(RuntimeError):
@@ -431,8 +366,7 @@ class SweepSummary:
     best_trial_id: str
     best_val_H: float
     best_epoch: int  # epochs trained when validation H peaked (= the final run's epochs)
-    lambda_rc: float
-    lambda_e: float
+    weights: dict[str, float]  # the family's inference weights fitted at that epoch
     best_params: dict[str, Any]
     num_trials: int
     best_config_path: str
@@ -443,15 +377,14 @@ class SweepSummary:
 
 def _trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, workers: int, cpus: float,
                sweep_dir: Path) -> Any:
-    """The Tune trainable with its resources: in-process trial, or a TorchTrainer driver."""
-    if workers <= 1:
-        fn = tune.with_parameters(train_trial, base=spec_base, data=data, search_lambdas=search_lambdas)
-        return tune.with_resources(fn, {"CPU": cpus})
-    # The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
+    """The Tune trainable with its resources: the trial function drives a TorchTrainer of `workers` workers.
+
+    The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
     # comes out of the trial's budget: with --cpus-per-trial 2 on a 2-CPU node, workers asking for
     # 1 CPU each next to it never started (the worker group timed out after 60 s, measured).
+    """
     per_worker = max(0.01, (cpus - DRIVER_CPUS) / workers)
-    fn = tune.with_parameters(train_trial_distributed, base=spec_base, data=data, search_lambdas=search_lambdas,
+    fn = tune.with_parameters(trial, base=spec_base, data=data, search_lambdas=search_lambdas,
                               workers=workers, cpus_per_worker=per_worker, storage=str(sweep_dir / "train"))
     return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
 
@@ -475,11 +408,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
         open_for_selection(data)  # fail here, before any trial, on a bad dataset directory
         if resume:
             if not tune.Tuner.can_restore(str(sweep_dir)) or not (sweep_dir / SWEEP_FILE).exists():
-                raise ConfigError("--resume", "the directory of an interrupted sweep", str(sweep_dir), "command line")
+                raise ConfigError("sweep.resume", "the directory of an interrupted sweep", str(sweep_dir), "run_sweep")
             meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
         else:
             if sweep_dir.exists():
-                raise ConfigError("--name", "a new sweep name (add --resume to continue that sweep)", name, "command line")
+                raise ConfigError("sweep.name", "a new sweep name (or resume that sweep)", name, "run_sweep")
             sweep_dir.mkdir(parents=True)
             meta = _start_parent_run(spec, name, data, sweep_dir)
         base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
@@ -488,7 +421,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
-            callback = MLflowSweepCallback(meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], name)
+            callback = MLflowSweepCallback(meta["experiment"], meta["parent_run_id"], name, reported_metrics(base.model.name))
             tuner = tune.Tuner(
                 trainable,
                 param_space=spec.space.param_space(spec.search_lambdas),
@@ -526,9 +459,7 @@ def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) ->
     from dedn import tracking
 
     uri = tracking.init_store()  # the sqlite tables exist before any trial starts
-    experiment_id = tracking.get_or_create_experiment(tracking.experiment_name(spec.base.dataset) + "-tune")
-    client = tracking.client()
-    run = client.create_run(experiment_id, run_name=name, tags={"dedn.sweep": name, tracking.KIND_TAG: "sweep"})
+    experiment = tracking.experiment_name(spec.base.dataset) + "-tune"
     params = {
         "sweep.num_samples": spec.num_samples, "sweep.max_concurrent_trials": spec.max_concurrent_trials,
         "sweep.cpus_per_trial": spec.cpus_per_trial, "sweep.workers_per_trial": spec.workers_per_trial,
@@ -536,23 +467,23 @@ def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) ->
         "sweep.metric": spec.space.metric, "sweep.mode": spec.space.mode, "data.path": data,
         **{f"base.{k}": v for k, v in spec.base.flat().items() if k != "data.path"},
     }
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    experiment_id, run_id = tracking.start_run(name, experiment=experiment, params=params,
+                                               tags={tracking.SWEEP_TAG: name, tracking.KIND_TAG: "sweep",
+                                                     tracking.MODEL_TAG: spec.base.model.name})
     meta = {
         "name": name, "data": data, "num_samples": spec.num_samples, "base": spec.base.to_dict(), "search_lambdas": spec.search_lambdas,
         "metric": spec.space.metric, "mode": spec.space.mode, "space": spec.space.source,
         "keys": list(spec.space.keys) + ([d.key for d in spec.space.lambda_dims] if spec.search_lambdas else []),
         "log_keys": [d.key for d in spec.space.dims + spec.space.lambda_dims if d.kind == "loguniform"],
-        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": run.info.run_id,
+        "tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id, "parent_run_id": run_id,
     }
     write_text(sweep_dir / SWEEP_FILE, json.dumps(meta, indent=2))
     return meta
 
 
 # ---- after the sweep --------------------------------------------------------------------------
-def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per trial that reported: its sampled values and its best report (metric, epoch, lambdas)."""
+def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str], weight_names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per trial that reported: its sampled values and its best report (metric, epoch, weights)."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
@@ -566,40 +497,41 @@ def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str]) -> li
         rows.append({
             "trial_id": str(row["trial_id"]), metric: float(row[metric]),
             "epoch": int(row["training_iteration"]), "epochs_run": int(df["training_iteration"].max()),
-            "lambda_rc": float(row["lambda_rc"]), "lambda_e": float(row["lambda_e"]),
+            "weights": {w: float(row[w]) for w in weight_names},
             "params": {k: r.config[k] for k in keys if k in r.config},
-            # in-process trials checkpoint through Tune; TorchTrainer trials report their checkpoint_path
-            "checkpoint": (r.checkpoint.path if r.checkpoint is not None
-                           else row.get("checkpoint_path") if isinstance(row.get("checkpoint_path"), str) else None),
+            # TorchTrainer trials report their checkpoint folder through TuneReportCallback
+            "checkpoint": (row.get("checkpoint_path") if isinstance(row.get("checkpoint_path"), str)
+                           else r.checkpoint.path if r.checkpoint is not None else None),
         })
     return rows
 
 
-def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, lambda_rc: float, lambda_e: float) -> DEDNConfig:
+def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weights: Mapping[str, float]) -> DEDNConfig:
     """The configuration the final run trains: sampled values, fitted lambdas, epochs = best epoch."""
-    from dedn.engine import final_config
+    from dedn.training.loop import final_config
 
-    return final_config(base.replace(**params), epochs, (lambda_rc, lambda_e))
+    return final_config(base.replace(**params), epochs, weights)
 
 
-def plot_lambda_curves(grid: Mapping[str, np.ndarray], lambda_rc: float, lambda_e: float, path: Path,
-                       title: str = "") -> Path:
-    """Figure 3 of the paper from a validation grid (`validation_lambda_grid`): H against lambda_e with
-    lambda_rc at its best value, and H against lambda_rc with lambda_e at its best value."""
+def plot_lambda_curves(grid: Mapping[str, np.ndarray], weights: Mapping[str, float], path: Path, title: str = "") -> Path:
+    """Figure 3 of the paper from a validation grid (`validation_weight_grid`): validation H against each
+    inference weight, the other weights held at their best values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rc, le, h = grid["lambda_rc"], grid["lambda_e"], grid["H"]  # (n,), (m,), (n, m)
-    i, j = int(np.argmin(np.abs(rc - lambda_rc))), int(np.argmin(np.abs(le - lambda_e)))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
-    axes[0].plot(le, 100 * h[i, :], marker="o", ms=3)
-    axes[0].axvline(le[j], ls=":", c="grey")
-    axes[0].set(xlabel=r"$\lambda_e$", ylabel="validation H (%)", title=rf"$\lambda_{{rc}}$ = {rc[i]:.2f}")
-    axes[1].plot(rc, 100 * h[:, j], marker="o", ms=3, c="C1")
-    axes[1].axvline(rc[i], ls=":", c="grey")
-    axes[1].set(xlabel=r"$\lambda_{rc}$", ylabel="validation H (%)", title=rf"$\lambda_e$ = {le[j]:.2f}")
+    names = list(weights)
+    h = np.asarray(grid["H"]).reshape([len(grid[n]) for n in names])
+    best_idx = [int(np.argmin(np.abs(np.asarray(grid[n]) - weights[n]))) for n in names]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), constrained_layout=True, squeeze=False)
+    for a, (ax, n) in enumerate(zip(axes[0], names)):
+        index = tuple(slice(None) if b == a else best_idx[b] for b in range(len(names)))
+        xs = np.asarray(grid[n])
+        ax.plot(xs, 100 * h[index], marker="o", ms=3, c=f"C{a}")
+        ax.axvline(xs[best_idx[a]], ls=":", c="grey")
+        others = ", ".join(f"{m} = {np.asarray(grid[m])[best_idx[b]]:.2f}" for b, m in enumerate(names) if b != a)
+        ax.set(xlabel=n, ylabel="validation H (%)", title=others)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, dpi=120)
@@ -640,16 +572,17 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
     from dedn import tracking
 
     metric, mode = meta["metric"], meta["mode"]
-    rows = _trial_rows(results, metric, mode, meta["keys"])
+    base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
+    fam = family_of(base)
+    rows = _trial_rows(results, metric, mode, meta["keys"], fam.weight_names)
     if not rows:
         errors = [str(r.error)[:300] for r in results if r.error is not None]
         raise RuntimeError(f"sweep {sweep_dir}: no trial reported {metric}; errors: {errors[:3]}")
     best = (max if mode == "max" else min)(rows, key=lambda r: r[metric])
-    base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
-    cfg = best_config(base, best["params"], best["epoch"], best["lambda_rc"], best["lambda_e"])
+    cfg = best_config(base, best["params"], best["epoch"], best["weights"])
     header = (f"# Best configuration of sweep {meta['name']} (trial {best['trial_id']}, epoch {best['epoch']}):\n"
-              f"# validation {metric} = {best[metric]:.4f} at lambda_rc = {best['lambda_rc']:.3f}, "
-              f"lambda_e = {best['lambda_e']:.3f}. Selected on validation only.\n"
+              f"# validation {metric} = {best[metric]:.4f} at "
+              + ", ".join(f"{k} = {v:.3f}" for k, v in best["weights"].items()) + ". Selected on validation only.\n"
               f"# Run:  python jobs/train.py --config {sweep_dir / BEST_CONFIG_FILE} --data {meta['data']}\n"
               f"#   or  python tuning/tune.py --final --name {meta['name']} --data {meta['data']}\n")
     best_path = sweep_dir / BEST_CONFIG_FILE
@@ -663,26 +596,24 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
         state = load_checkpoint(Path(best["checkpoint"]) / STATE_FILE)
         if state.get("best_model") is not None and int(state["best"]["epoch"]) == best["epoch"]:
             sel_cfg = _trial_config(meta["base"], best["params"], meta["search_lambdas"])
-            grid = validation_lambda_grid(sel_cfg, open_for_selection(meta["data"]), state["best_model"])
+            grid = validation_weight_grid(sel_cfg, open_for_selection(meta["data"]), state["best_model"], meta=state.get("meta"))
             with atomic_path(sweep_dir / "lambda_grid.npz", suffix=".npz") as tmp:
                 np.savez(tmp, **grid)
-            plots.append(plot_lambda_curves(grid, best["lambda_rc"], best["lambda_e"], sweep_dir / "lambda_curves.png",
+            plots.append(plot_lambda_curves(grid, best["weights"], sweep_dir / "lambda_curves.png",
                                             f"best trial {best['trial_id']}, validation" + ("  [semi-synthetic data]" if semi else "")))
     summary = SweepSummary(
         sweep_dir=str(sweep_dir), best_trial_id=best["trial_id"], best_val_H=best[metric], best_epoch=best["epoch"],
-        lambda_rc=best["lambda_rc"], lambda_e=best["lambda_e"], best_params=dict(best["params"]),
+        weights=dict(best["weights"]), best_params=dict(best["params"]),
         num_trials=len(rows), best_config_path=str(best_path), plots=tuple(str(p) for p in plots),
         parent_run_id=meta["parent_run_id"], trials=rows,
     )
     write_text(sweep_dir / "summary.json", json.dumps(summary.__dict__, indent=2, default=str))
-    client = tracking.client()
     run_id = meta["parent_run_id"]
     for p in (best_path, sweep_dir / "summary.json", *plots):
-        client.log_artifact(run_id, str(p))
-    client.log_metric(run_id, f"best_{metric}", best[metric])
-    client.log_metric(run_id, "best_epoch", best["epoch"])
-    client.set_tag(run_id, "dedn.best_trial_id", best["trial_id"])
-    client.set_terminated(run_id, "FINISHED")
+        tracking.log_artifact(run_id, p)
+    tracking.log_metrics(run_id, {f"best_{metric}": best[metric], "best_epoch": best["epoch"]})
+    tracking.set_tags(run_id, {tracking.BEST_TRIAL_TAG: best["trial_id"]})
+    tracking.finish_run(run_id)
     return summary
 
 
@@ -692,12 +623,12 @@ def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str =
     if name:
         d = root / name
         if not (d / SWEEP_FILE).exists():
-            raise ConfigError("--name", f"a sweep under {root} (with {SWEEP_FILE})", name, "command line")
+            raise ConfigError("sweep.name", f"a sweep under {root} (with {SWEEP_FILE})", name, "find_sweep")
         return d
     found = sorted((p for p in root.glob(f"dedn-{dataset.lower()}-*") if (p / SWEEP_FILE).exists()),
                    key=lambda p: p.stat().st_mtime)
     if not found:
-        raise ConfigError("--name", f"a sweep of {dataset} under {root}", "none", "command line")
+        raise ConfigError("sweep.name", f"a sweep of {dataset} under {root}", "none", "find_sweep")
     return found[-1]
 
 
@@ -705,21 +636,21 @@ def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str =
 def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_worker: float = 0.0) -> Any:
     """Retrain the sweep's best configuration on trainval, test once and register it.
 
-    This is the training job's own driver (`dedn.distributed.train`, as `jobs/train.py` calls it)
-    on `best_config.yaml`: protocol final, epochs = the best trial's best epoch, lambdas = its
-    fitted pair. Returns its TrainOutcome; the sweep's parent run is tagged with the final run id.
+    This is the training job's own driver (`dedn.training.driver.train`, as `jobs/train.py` calls
+    it) on `best_config.yaml`: protocol final, epochs = the best trial's best epoch, weights = its
+    fitted ones. Returns its TrainOutcome; the sweep's parent run is tagged with the final run id.
     """
-    from dedn import distributed, tracking
+    from dedn import tracking
+    from dedn.training import driver
 
     sweep_dir = Path(sweep_dir)
     meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
     path = sweep_dir / BEST_CONFIG_FILE
     if not path.exists():
-        raise ConfigError("--final", f"a finished sweep (with {BEST_CONFIG_FILE})", str(sweep_dir), "command line")
+        raise ConfigError("sweep", f"a finished sweep (with {BEST_CONFIG_FILE})", str(sweep_dir), "run_final")
     cfg = DEDNConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
-    settings = distributed.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker,
-                                         name=f"{meta['name']}-final")
-    outcome = distributed.train(cfg, settings)
+    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, name=f"{meta['name']}-final")
+    outcome = driver.train(cfg, settings)
     if outcome.run_id:
-        tracking.client().set_tag(meta["parent_run_id"], "dedn.final_run_id", outcome.run_id)
+        tracking.set_tags(meta["parent_run_id"], {tracking.FINAL_RUN_TAG: outcome.run_id})
     return outcome

@@ -5,8 +5,9 @@
     python jobs/ablate.py --data DIR --settings table3 --out results/ablation-cub
     python jobs/ablate.py --list                                        # the settings and what they change
 
-Each setting (dedn/ablation.py) is trained by the training job's own driver
-(`dedn.distributed.train`: the two-phase protocol on Ray Train, tracked in MLflow) as a child
+Each setting (the model family's studies: dedn/families/dedn/ablations.py for DEDN) is trained by
+the one training driver (`dedn.training.driver.train`: the two-phase protocol on Ray Train,
+tracked in MLflow) as a child
 run of one parent run in experiment `dedn-<dataset>-ablation`; ablated models are not registered.
 The table (rows = settings, columns T U S H in %, one decimal) is printed, written to --out as
 ablation.md / ablation.csv (plus cluster_study.png when a Figure 5 setting ran) and logged on the
@@ -20,14 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (stack notes)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md)
 
 from dedn.errors import ConfigError, DednError  # noqa: E402
-
-# Tags of the ablation runs (MLflow's own tag nests a run under its parent in the UI).
-SETTING_TAG = "dedn.ablation.setting"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,8 +31,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides applied to every setting, e.g. epochs=5 (not the switches the settings set)")
     p.add_argument("--data", default="", help="dataset directory (dataset.json)")
-    p.add_argument("--preset", default="", choices=["", "cub", "sun", "awa2"],
-                   help="paper settings of a dataset (default: the dataset's own name)")
+    p.add_argument("--preset", default="", help="preset of a dataset (default: the dataset's own name)")
+    p.add_argument("--model", default="dedn", help="model family whose studies run (default: dedn)")
     p.add_argument("--settings", default="", help="comma-separated setting keys or groups table3|figure5 (default: all)")
     p.add_argument("--list", action="store_true", help="print the settings and exit")
     p.add_argument("--out", default="", help="folder for ablation.md / ablation.csv (default: <DEDN_HOME>/ablations/<run>)")
@@ -50,11 +46,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def list_settings() -> str:
-    from dedn.ablation import FULL, SETTINGS
+def list_settings(model: str) -> str:
+    from dedn.ablation import family_settings
 
-    lines = [f"{'key':<16} {'paper label':<26} changes (from DEDN full: {', '.join(f'{k}={v}' for k, v in FULL.items())})"]
-    for s in SETTINGS.values():
+    settings = family_settings(model)
+    full = next(iter(settings.values())).full
+    lines = [f"{'key':<16} {'paper label':<26} changes (from the full model: {', '.join(f'{k}={v}' for k, v in full)})"]
+    for s in settings.values():
         changes = ", ".join(f"{k}={v}" for k, v in s.changes) or "-"
         lines.append(f"{s.key:<16} {s.label:<26} {changes}  ({s.description})")
     return "\n".join(lines)
@@ -62,38 +60,35 @@ def list_settings() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.list:
-        print(list_settings())
-        return 0
-    from dedn import ablation, tracking
-    from dedn.clusters import resolve_clusters
-    from dedn.config import config_for_dataset, parse_overrides
-    from dedn.dataset import FeatureDataset
-    from dedn.distributed import TrainSettings, train
-
     try:
+        if args.list:
+            print(list_settings(args.model))
+            return 0
+        from dedn import ablation, tracking
+        from dedn.config import config_for_dataset, parse_overrides
+        from dedn.dataset import FeatureDataset
+        from dedn.training.driver import TrainSettings, train
+        from dedn.training.loop import build_model
+
         if not args.data:
             raise ConfigError("--data", "a dataset directory (dataset.json)", "", "command line")
         data = Path(args.data).expanduser().resolve()
         ds = FeatureDataset.open(data)
-        user = parse_overrides(args.overrides)
-        ablation.check_base_overrides(user)
-        settings = ablation.select_settings(args.settings.split(",") if args.settings else None)
+        user = {**parse_overrides(args.overrides), "model.name": args.model}
+        ablation.check_base_overrides({k: v for k, v in user.items() if k != "model.name"}, args.model)
+        settings = ablation.select_settings(args.settings.split(",") if args.settings else None, args.model)
         base = config_for_dataset(ds.name, str(data), args.preset or None, user)
-        for s in settings:  # every configuration and its clusters are valid before the first run starts
-            c = ablation.setting_config(base, s)
-            resolve_clusters(ds.class_side, c.model.clusters, c.model.num_clusters, c.optim.seed)
+        for s in settings:  # every configuration (clusters included) is valid before the first run starts
+            build_model(ablation.setting_config(base, s), ds.class_side, ds.feature_shape)
         experiment = args.experiment or tracking.experiment_name(base.dataset) + "-ablation"
         semi = ds.semi_synthetic
 
         tracking.init_store()  # in the driver, before any Ray worker touches the store
-        tracking.get_or_create_experiment(experiment)
-        client = tracking.client()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         parent_name = f"ablation-{base.dataset.lower()}-{stamp}"
         parent_tags = tracking.run_tags(base, semi_synthetic=semi, data_path=str(data),
                                         extra={tracking.KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
-        _, parent_id = tracking.start_run(base, run_name=parent_name, tags=parent_tags, experiment=experiment)
+        _, parent_id = tracking.start_run(parent_name, experiment=experiment, tags=parent_tags, params=base.flat())
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         ts = TrainSettings(num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                            storage_path=args.storage_path, name=ray_name, experiment=experiment, register=False,
                            verbose=not args.quiet, parent_run_id=parent_id,
-                           tags={tracking.KIND_TAG: "ablation", SETTING_TAG: setting.key})
+                           tags={tracking.KIND_TAG: "ablation", tracking.SETTING_TAG: setting.key})
         out = train(cfg, ts)
         return ablation.AblationResult(setting, metrics=out.test_metrics, run_id=out.run_id, seconds=out.seconds)
 
     def on_result(r: ablation.AblationResult) -> None:
         if r.ok:
             m = r.metrics or {}
-            client.log_batch(parent_id, metrics=[_metric(f"{r.setting.key}.{k}", m[k]) for k in ablation.METRICS if k in m])
+            tracking.log_metrics(parent_id, {f"{r.setting.key}.{k}": m[k] for k in ablation.METRICS if k in m})
             print(f"--- {r.setting.key}: " + "  ".join(f"{k} {100 * m[k]:.1f}" for k in ablation.METRICS if k in m)
                   + f" ({r.seconds:.0f} s)", flush=True)
         else:
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = ablation.run_ablation(base, settings, train_one, on_result=on_result, keep_going=not args.stop_on_error)
     except BaseException:
-        client.set_terminated(parent_id, "FAILED")
+        tracking.finish_run(parent_id, "FAILED")
         raise
 
     out_dir = Path(args.out).expanduser().resolve() if args.out else tracking.dedn_home() / "ablations" / parent_name
@@ -133,20 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     paths = ablation.write_table(results, out_dir, ds.name, semi_synthetic=semi, note=note)
     plot = ablation.plot_cluster_study(results, out_dir / "cluster_study.png", ds.name, semi_synthetic=semi)
     for p in [*paths.values(), *([plot] if plot else [])]:
-        client.log_artifact(parent_id, str(p))
+        tracking.log_artifact(parent_id, p)
     failed = [r for r in results if not r.ok]
-    client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    tracking.finish_run(parent_id, "FAILED" if failed else "FINISHED")
 
     print("\n" + paths["markdown"].read_text())
     print(f"Written: {', '.join(str(p) for p in [*paths.values(), *([plot] if plot else [])])}")
     print(f"MLflow parent run {parent_id} (experiment {experiment}, store {tracking.tracking_uri()})")
     return 1 if failed else 0
-
-
-def _metric(key: str, value: float):
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), 0)
 
 
 if __name__ == "__main__":

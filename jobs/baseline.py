@@ -9,9 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import DednError  # noqa: E402
+from dedn.errors import DednError
 
 
 def main(argv: list[str] | None = None) -> int:

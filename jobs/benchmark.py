@@ -32,8 +32,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 B, C, D, G, K = 50, 2048, 312, 300, 200
 CUB_CLUSTER_SIZES = (112, 87, 24, 40, 15, 34)
 

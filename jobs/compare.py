@@ -1,13 +1,14 @@
-"""Train DEDN and MSDN with the same data, seed and budget and write one comparison table.
+"""Train every model family (DEDN, MSDN, ...) with the same data, seed and budget; write one comparison table.
 
     python jobs/compare.py --data DIR [--preset cub] --epochs 30 [key=value ...]
     python jobs/compare.py --epochs 2 --max-steps 20        # no --data: a small CUB-shaped semi-synthetic set
     python jobs/compare.py --data DIR --protocol two_phase --out results/compare --no-track
 
-Each model starts from its own preset (dedn/presets/<ds>.yaml, dedn/presets/msdn_<ds>.yaml); seed,
-epochs, steps per epoch, protocol and data are forced equal (dedn.compare). Writes compare.md and
-compare.csv to --out and, unless --no-track, logs both as artifacts of an MLflow run in experiment
-`dedn-compare-<dataset>` with each model's T/U/S/H and images/s as metrics.
+Each model starts from its family's preset for the dataset (dedn/families/<model>/presets/); seed,
+epochs, steps per epoch, protocol and data are forced equal (dedn.compare). Every model trains on
+Ray Train through the one training driver. Writes compare.md and compare.csv to --out and, unless
+--no-track, opens a parent MLflow run in experiment `dedn-compare-<dataset>` that holds each
+model's training run as a child, its T/U/S/H and images/s as metrics, and both tables.
 """
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import DednError  # noqa: E402
+from dedn.errors import DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every model")
     p.add_argument("--data", default="", help="dataset directory; default: write a CUB-shaped semi-synthetic set")
-    p.add_argument("--preset", default="", choices=["", "cub", "sun", "awa2"], help="default: the dataset's name")
-    p.add_argument("--models", nargs="+", default=["dedn", "msdn"], choices=["dedn", "msdn"])
+    p.add_argument("--preset", default="", help="dataset preset of every family (default: the dataset's name)")
+    p.add_argument("--models", nargs="+", default=None, help="model families (default: every registered one)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="training steps per epoch (0 = full passes)")
@@ -52,26 +52,30 @@ def _synthetic_cub(args: argparse.Namespace) -> Path:
     return root
 
 
-def _track(rows, files: tuple[Path, Path], args: argparse.Namespace, data: Path, semi: bool) -> str:
-    from mlflow.entities import Param
-
+def _start_parent(args: argparse.Namespace, ds, models: list[str]) -> str:
     from dedn import tracking
 
-    exp = tracking.get_or_create_experiment(f"dedn-compare-{rows[0].dataset.lower()}")
-    run = tracking.client().create_run(exp, run_name="compare-" + "-".join(args.models), tags={
-        "dataset": rows[0].dataset, "semi_synthetic": str(semi).lower(), "data_path": str(data),
-        **({"git_commit": c} if (c := tracking.git_commit()) else {})})
-    log = tracking.RunLogger(run.info.run_id)
-    params = {"models": ",".join(args.models), "epochs": args.epochs, "seed": args.seed,
-              "max_steps_per_epoch": args.max_steps, "protocol": args.protocol, "overrides": " ".join(args.overrides)}
-    log.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    tracking.init_store()
+    _, run_id = tracking.start_run(
+        "compare-" + "-".join(models), experiment=f"dedn-compare-{ds.name.lower()}",
+        tags={tracking.KIND_TAG: "comparison", "dataset": ds.name, "semi_synthetic": str(ds.semi_synthetic).lower(),
+              "data_path": str(ds.root), **({"git_commit": c} if (c := tracking.git_commit()) else {})},
+        params={"models": ",".join(models), "epochs": args.epochs, "seed": args.seed, "max_steps_per_epoch": args.max_steps,
+                "protocol": args.protocol, "overrides": " ".join(args.overrides), "num_workers": args.num_workers})
+    return run_id
+
+
+def _finish_parent(run_id: str, rows, files: tuple[Path, Path]) -> None:
+    from dedn import tracking
+
+    metrics: dict[str, float] = {}
     for r in rows:
-        log.log_metrics({f"{r.model}.{m}": getattr(r, m) for m in ("T", "U", "S", "H", "images_per_s")}
-                        | {f"{r.model}.parameters": r.parameters}, step=0)
+        metrics.update({f"{r.model}.{m}": getattr(r, m) for m in ("T", "U", "S", "H", "images_per_s")})
+        metrics[f"{r.model}.parameters"] = r.parameters
+    tracking.log_metrics(run_id, metrics)
     for path in files:
-        log.client.log_artifact(run.info.run_id, str(path))
-    log.finish()
-    return run.info.run_id
+        tracking.log_artifact(run_id, path)
+    tracking.finish_run(run_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,19 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     from dedn.compare import compare_models, write_table
     from dedn.dataset import FeatureDataset
 
+    from dedn.families import family_names
+    from dedn.training.driver import TrainSettings
+
+    run_id = ""
     try:
         data = Path(args.data).expanduser().resolve() if args.data else _synthetic_cub(args)
         ds = FeatureDataset.open(data)
-
-        def progress(model: str, report: dict) -> None:
-            t = report["train"]
-            print(f"  {model} {report['phase']} epoch {report['epoch']}/{report['epochs']}: loss {t.get('loss', float('nan')):.4f}, "
-                  f"{t['images_per_s']:.1f} img/s", flush=True)
-
-        rows = compare_models(ds, preset=args.preset or None, models=args.models, epochs=args.epochs, seed=args.seed,
+        models = args.models or list(family_names())
+        if not args.no_track:
+            run_id = _start_parent(args, ds, models)
+        settings = TrainSettings(num_workers=args.num_workers, track=not args.no_track, register=False, max_failures=0)
+        rows = compare_models(ds, preset=args.preset or None, models=models, epochs=args.epochs, seed=args.seed,
                               max_steps_per_epoch=args.max_steps, protocol=args.protocol, overrides=args.overrides,
-                              on_epoch_end=progress)
+                              settings=settings, parent_run_id=run_id)
     except DednError as e:
+        if run_id:
+            from dedn import tracking
+
+            tracking.finish_run(run_id, "FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2
     c, h, w = ds.feature_shape
@@ -100,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     md_path, csv_path = write_table(rows, args.out, title=title)
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path}")
-    if not args.no_track:
-        run_id = _track(rows, (md_path, csv_path), args, data, ds.semi_synthetic)
-        print(f"MLflow run {run_id} (artifacts compare.md, compare.csv)")
+    if run_id:
+        _finish_parent(run_id, rows, (md_path, csv_path))
+        print(f"MLflow run {run_id} (artifacts compare.md, compare.csv; one child run per model)")
     return 0
 
 

@@ -17,9 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import ConfigError, DednError  # noqa: E402
+from dedn.errors import ConfigError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,26 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from dedn import heatmap
     from dedn.dataset import FeatureDataset
+    from dedn.families import family_of
 
     try:
         ds = FeatureDataset.open(args.data)
         if args.model:
             from dedn import tracking
-            from dedn.registry import load_predictor
+            from dedn.tracking.registry import load_predictor
 
             tracking.init_store()
             pred = load_predictor(args.model)
-            model, source = pred.model, args.model
+            model, cfg, source = pred.model, pred.cfg, args.model
             if tuple(pred.feature_shape) != tuple(ds.feature_shape):
                 raise ConfigError("--data", f"features of shape {pred.feature_shape} (the model's)", ds.feature_shape,
                                   "command line")
         else:
-            model, _ = heatmap.load_model_from_checkpoint(args.checkpoint, ds)
+            model, cfg = heatmap.load_model_from_checkpoint(args.checkpoint, ds)
             source = args.checkpoint
         names = ds.class_side.attribute_names
         attr_ids = heatmap.resolve_attributes(args.attributes.split(","), names)
         rows = heatmap.read_samples(ds, args.split, heatmap.parse_indices(args.samples))
-        maps = heatmap.attention_maps(model, rows.features, attr_ids)  # {"cExp"|"fExp": (N, A, H, W)}
+        maps = heatmap.attention_maps(model, rows.features, attr_ids, family_of(cfg))  # DEDN: {"cExp"|"fExp": (N, A, H, W)}
         files = heatmap.image_files(args.image_files or None)
         if args.image_root and files is None:
             print("note: --image-root needs --image-files (the image list): drawing on the feature grid",
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tracking.init_store()
         for p in written:
-            tracking.client().log_artifact(run_id, str(p), "heatmaps")
+            tracking.log_artifact(run_id, p, "heatmaps")
         print(f"logged {len(written)} PNG(s) to MLflow run {run_id} (artifacts/heatmaps)")
     print(f"model {source}; experts {', '.join(maps)}; attributes {', '.join(names[a] for a in attr_ids)}")
     for p in written:

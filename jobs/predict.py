@@ -18,9 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import ConfigError, DednError  # noqa: E402
+from dedn.errors import ConfigError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dedn.registry import load_predictor, read_extra_classes, registered_name
+    from dedn.tracking.registry import load_predictor, read_extra_classes, registered_name
 
     try:
         uri = args.model

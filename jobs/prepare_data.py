@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import DednError  # noqa: E402
+from dedn.errors import DednError
 
 
 def _common(p: argparse.ArgumentParser) -> None:

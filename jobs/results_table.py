@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.errors import DednError  # noqa: E402
+from dedn.errors import DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +29,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn import atomic, results, tracking
+    from dedn import atomic, tracking
+    from dedn.tracking import results
 
     try:
         entries = results.collect(args.datasets, args.source, variant=args.variant or None)

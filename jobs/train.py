@@ -19,8 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (stack notes)
 
 from dedn.errors import DednError  # noqa: E402
@@ -34,9 +32,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.beta=0.01 epochs=3")
     p.add_argument("--data", default="", help="dataset directory (dataset.json); default: build the semi-synthetic demo")
-    p.add_argument("--preset", default="", choices=["", "cub", "sun", "awa2"],
-                   help="paper settings of a dataset (default: the dataset's own name); with model=msdn, "
-                        "MSDN's settings for it (presets/msdn_<dataset>.yaml)")
+    p.add_argument("--preset", default="",
+                   help="a dataset's preset of the model family (default: the dataset's own name, when the family "
+                        "has one): DEDN's paper settings, with model=msdn MSDN's (dedn/families/<model>/presets/)")
     p.add_argument("--config", default="", help="a YAML config file applied over the preset (e.g. a sweep's best_config.yaml)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from dedn import tracking
     from dedn.config import config_for_dataset
     from dedn.dataset import FeatureDataset
-    from dedn.distributed import TrainSettings, train
+    from dedn.training.driver import TrainSettings, train
 
     try:
         overrides = list(args.overrides)
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = " (semi-synthetic data)" if ds.semi_synthetic else ""
     print("\n" + "=" * 78)
     print(f"Done in {out.seconds:.0f} s. {ds.name}{tag}, variant {cfg.variant}:")
-    print(f"  selected epoch {out.best_epoch}, lambda_rc {out.lambdas[0]:.2f}, lambda_e {out.lambdas[1]:.2f}")
+    print(f"  selected epoch {out.best_epoch}, " + ", ".join(f"{k} {v:.2f}" for k, v in out.weights.items()))
     print(f"  validation (%): {_pct(out.val_metrics)}")
     print(f"  test       (%): {_pct(out.test_metrics)}")
     print(f"  checkpoints: {out.storage_dir}")

@@ -12,21 +12,26 @@ import torch
 
 from dedn import ablation
 from dedn.config import build_config
+from dedn.families.dedn import ablations as dedn_ablations
 from dedn.errors import ConfigError
 from toydata import TOY_SHAPE, load_job, toy_class_side, write_toy_dataset
 
 
 # ---- the settings -----------------------------------------------------------------------------
 def test_settings_cover_table3_and_figure5_in_paper_order():
-    assert [s.label for s in ablation.TABLE3] == [
+    assert [s.label for s in dedn_ablations.TABLE3] == [
         "cExp w/o L_distill", "fExp w/o L_distill", "DEDN w/o L_distill", "DAN w/o CA", "DEDN w/o L_mal",
         "DAN w/o L_align", "DEDN (full)"]
-    assert [s.key for s in ablation.FIGURE5] == ["kmeans", "halved"]
-    for s in ablation.SETTINGS.values():  # each names every switch, so the base config cannot leak in
-        assert set(s.overrides) == set(ablation.ABLATION_KEYS)
-    assert ablation.SETTINGS["full"].overrides == ablation.FULL
+    assert [s.key for s in dedn_ablations.FIGURE5] == ["kmeans", "halved"]
+    settings = ablation.family_settings("dedn")  # what the DEDN family declares
+    assert tuple(settings.values()) == dedn_ablations.SETTINGS
+    for s in settings.values():  # each names every switch of Table 3, so the base config cannot leak in
+        assert set(s.overrides) >= set(dedn_ablations.FULL)
+    assert settings["full"].overrides == dedn_ablations.FULL
+    # the cluster studies use the paper's cluster layout whatever the variant (SUN's reference slip is manual-only)
+    assert settings["kmeans"].overrides["model.cluster_layout"] == settings["halved"].overrides["model.cluster_layout"] == "paper"
     # two settings never mean the same thing
-    assert len({tuple(sorted(s.overrides.items())) for s in ablation.SETTINGS.values()}) == len(ablation.SETTINGS)
+    assert len({tuple(sorted(s.overrides.items())) for s in settings.values()}) == len(settings)
 
 
 def test_select_settings_keys_groups_and_errors():
@@ -40,7 +45,7 @@ def test_select_settings_keys_groups_and_errors():
 def test_user_overrides_of_switches_are_refused():
     ablation.check_base_overrides({"epochs": "1", "loss.beta": "0.01"})
     for key in ("distill", "model.experts", "channel_attention", "loss.mal"):
-        with pytest.raises(ConfigError, match=rf"^command line: {key}: expected a key the ablation settings do not set"):
+        with pytest.raises(ConfigError, match=rf"^overrides: {key}: expected a key the ablation settings do not set"):
             ablation.check_base_overrides({key: "false"})
 
 
@@ -50,8 +55,9 @@ def _param_names(model: torch.nn.Module) -> set[str]:
 
 def test_every_setting_builds_a_different_model_and_loss():
     """The full list at config/model level: parameters, clusters and loss parts show each switch."""
-    from dedn.engine import build_model
-    from dedn.losses import cross_entropy_loss, dedn_loss
+    from dedn.families.dedn.losses import dedn_loss
+    from dedn.losses import cross_entropy_loss
+    from dedn.training.loop import build_model
     from dedn.protocol import ClassProtocol
 
     cs = toy_class_side()
@@ -93,7 +99,7 @@ def test_every_setting_builds_a_different_model_and_loss():
 
 # ---- the table --------------------------------------------------------------------------------
 def _results() -> list[ablation.AblationResult]:
-    s = ablation.SETTINGS
+    s = ablation.family_settings("dedn")
     return [
         ablation.AblationResult(s["cexp_no_distill"], {"T": 0.746, "U": 0.624, "S": 0.714, "H": 0.666}, run_id="r1"),
         ablation.AblationResult(s["no_ca"], error="RuntimeError: boom"),
@@ -144,7 +150,7 @@ def test_run_ablation_records_failures_and_keeps_going():
 def test_cluster_study_plot_is_labelled(tmp_path):
     import matplotlib.image as mpimg
 
-    s = ablation.SETTINGS
+    s = ablation.family_settings("dedn")
     res = [ablation.AblationResult(s["full"], {"T": 0.77, "U": 0.7, "S": 0.7, "H": 0.70}),
            ablation.AblationResult(s["kmeans"], {"T": 0.76, "U": 0.7, "S": 0.7, "H": 0.69}),
            ablation.AblationResult(s["halved"], {"T": 0.76, "U": 0.7, "S": 0.7, "H": 0.698})]

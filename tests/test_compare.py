@@ -1,4 +1,4 @@
-"""dedn.compare and jobs/compare.py: both models trained with the same seed and budget, one table."""
+"""dedn.compare and jobs/compare.py: every family trained by the one driver (Ray Train) with the same seed and budget, one table."""
 from __future__ import annotations
 
 import csv
@@ -12,9 +12,35 @@ from dedn.errors import ConfigError
 
 
 
+pytestmark = pytest.mark.ray
+
+
 @pytest.fixture(scope="module")
-def rows(tiny_dataset) -> list[ComparisonRow]:
-    return compare_models(tiny_dataset, epochs=1, seed=3, max_steps_per_epoch=2, protocol="final")
+def ray_home(tmp_path_factory):
+    """An embedded 2-CPU Ray and a private DEDN_HOME (Ray Train storage) for this module."""
+    import os
+
+    import ray
+
+    home = tmp_path_factory.mktemp("compare_home")
+    saved = os.environ.get("DEDN_HOME")
+    os.environ["DEDN_HOME"] = str(home)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield home
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("DEDN_HOME", None)
+        else:
+            os.environ["DEDN_HOME"] = saved
+
+
+@pytest.fixture(scope="module")
+def rows(ray_home, tiny_dataset) -> list[ComparisonRow]:
+    return compare_models(tiny_dataset, models=["dedn", "msdn"], epochs=1, seed=3, max_steps_per_epoch=2, protocol="final")
 
 
 def test_same_seed_and_budget_for_both_models(rows, tiny_dataset) -> None:
@@ -50,10 +76,10 @@ def test_unknown_model_or_preset() -> None:
     with pytest.raises(ConfigError, match="model"):
         model_config("gpt", "cub")
     with pytest.raises(ConfigError, match="preset"):
-        model_config("msdn", "imagenet")
+        model_config("msdn", "CUB", preset="imagenet")
 
 
-def test_job_writes_the_table(tiny_dataset, tmp_path) -> None:
+def test_job_writes_the_table(ray_home, tiny_dataset, tmp_path) -> None:
     job = load_job("compare")
     out = tmp_path / "job"
     rc = job.main(["--data", str(tiny_dataset.root), "--models", "msdn", "--max-steps", "1", "--out", str(out),

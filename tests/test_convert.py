@@ -6,7 +6,6 @@ shared files), with tiny feature sizes.
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,9 +18,9 @@ from dedn.convert import convert_hdf5, convert_xlsa17
 from dedn.dataset import FeatureDataset
 from dedn.errors import DatasetError
 from dedn.sources import LOC_FIELDS, load_asset
+from toydata import load_job
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import prepare_data  # noqa: E402
+prepare_data = load_job("prepare_data")  # jobs/prepare_data.py, loaded by file path (jobs/ is no package)
 
 N, K, D = 11788, 200, 312
 

@@ -43,7 +43,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
 
 def _run(tiny_dataset, home: Path, name: str, **debug):
     from dedn.config import build_config
-    from dedn.distributed import DebugHooks, TrainSettings, train
+    from dedn.training.driver import DebugHooks, TrainSettings, train
 
     cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
     record = home / f"record-{name}"
@@ -58,7 +58,7 @@ def baseline(ray_env, tiny_dataset):
 
 
 def _split_digests(ds, split: str) -> set[str]:
-    from dedn.distributed import feature_digest
+    from dedn.training.driver import feature_digest
     from dedn.reader import ShardReader
 
     out: list[str] = []
@@ -134,7 +134,7 @@ def test_worker_failure_resumes_from_checkpoint_and_matches_uninterrupted_run(ba
     # Tolerance: exact. Same seed on CPU/gloo, and the restart resumes from the epoch-1 checkpoint.
     assert out.val_metrics == base.val_metrics
     assert out.test_metrics == base.test_metrics
-    assert out.best_epoch == base.best_epoch and out.lambdas == base.lambdas
+    assert out.best_epoch == base.best_epoch and out.weights == base.weights
     assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
     # the redone epoch is not logged twice
     steps = [m.step for m in tracking.client().get_metric_history(out.run_id, "val_H")]
@@ -146,15 +146,16 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
     import numpy as np
     import torch
 
-    from dedn import engine, tracking
+    from dedn import tracking
     from dedn.config import build_config
-    from dedn.distributed import TrainSettings, train
     from dedn.reader import ShardReader
-    from dedn.registry import load_predictor
+    from dedn.tracking.registry import load_predictor
+    from dedn.training import loop as engine
+    from dedn.training.driver import TrainSettings, train
 
     cfg = build_config("cub", ["model=msdn", "epochs=2", "optim.lr=0.001", "optim.max_steps_per_epoch=3",
                                "eval.batch_size=64", f"data.path={tiny_dataset.root}"])
-    assert cfg.model.name == "msdn" and cfg.loss.distance == "cubic"  # presets/msdn_cub.yaml, not DEDN's
+    assert cfg.model.name == "msdn" and cfg.loss.distance == "cubic"  # families/msdn/presets/cub.yaml, not DEDN's
     out = train(cfg, TrainSettings(num_workers=2, name="msdn", verbose=False, max_failures=0))
     run = tracking.client().get_run(out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["model"] == "msdn"
@@ -168,5 +169,5 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
     net = engine.build_model(pred.cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
     net.load_state_dict(state["model"])
     with torch.no_grad():
-        want = net.eval()(x).inference_scores(pred.cfg.eval.lambda_rc, pred.cfg.eval.lambda_e).numpy()
+        want = net.eval()(x).inference_scores(pred.cfg.eval.w1).numpy()
     np.testing.assert_allclose(pred.scores(x), want, rtol=1e-5, atol=1e-6)

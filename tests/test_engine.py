@@ -1,14 +1,15 @@
-"""Tests of dedn.engine and dedn.checkpoint: bit-identical resume, non-finite loss, split hygiene, learning."""
+"""Tests of dedn.training.loop and dedn.checkpoint: bit-identical resume, non-finite loss, split hygiene, learning."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import dedn.engine as engine
+import dedn.training.loop as engine
 from dedn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig, build_config
-from dedn.engine import NonFiniteLossError, build_model, build_optimizer, evaluate, fit, run_phase, train_one_epoch
-from dedn.errors import DatasetError
+from dedn.errors import DatasetError, NonFiniteLossError
+from dedn.families import get_family
+from dedn.training.loop import build_model, evaluate, run_phase, run_protocol, train_one_epoch
 from dedn.protocol import ClassProtocol
 from dedn.reader import Batch, ShardReader, forbid_splits
 
@@ -25,12 +26,30 @@ def _params(state: dict) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+def build_optimizer(cfg, model):
+    return get_family(cfg.model.name).optimizers(cfg, model)
+
+
+class Collect:
+    """A sink that keeps every report (and, when asked, saves the checkpoint of each epoch)."""
+
+    def __init__(self, save_to=None, action=None):
+        self.reports, self.save_to, self.action = [], save_to, action
+
+    def on_epoch(self, report, state):
+        self.reports.append(report)
+        if self.save_to is not None:
+            save_checkpoint(self.save_to, state())
+        if self.action is not None:
+            self.action()
+
+
 def test_resume_is_bit_identical(tiny_dataset, tmp_path):
     cfg = tiny_cfg(**{"protocol": "select"})
     straight = run_phase(cfg, tiny_dataset, "select", epochs=2)
 
     path = tmp_path / "ckpt" / "epoch1.pt"
-    run_phase(cfg, tiny_dataset, "select", epochs=1, on_epoch_end=lambda r: save_checkpoint(path, r["state"]()))
+    run_phase(cfg, tiny_dataset, "select", epochs=1, sinks=[Collect(save_to=path)])
     state = load_checkpoint(path)
     assert state["epoch"] == 1 and state["phase"] == "select" and state["config"] == cfg.to_dict()
     assert not list(path.parent.glob("*.tmp"))  # written via a temporary name
@@ -41,10 +60,10 @@ def test_resume_is_bit_identical(tiny_dataset, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # RMSprop's running averages continue identically too
-    sa, sb = straight.state["optimizer"]["state"], resumed.state["optimizer"]["state"]
+    sa, sb = straight.state["optimizers"]["model"]["state"], resumed.state["optimizers"]["model"]["state"]
     assert all(torch.equal(sa[i]["square_avg"], sb[i]["square_avg"]) for i in sa)
-    assert [h["val"] for h in straight.history] == [h["val"] for h in resumed.history]
-    assert resumed.best_epoch == straight.best_epoch and resumed.lambdas == straight.lambdas
+    assert [h.val for h in straight.history] == [h.val for h in resumed.history]
+    assert resumed.best == straight.best
 
 
 def test_checkpoint_errors(tmp_path):
@@ -83,8 +102,9 @@ def test_train_one_epoch_stats(tiny_dataset):
     reader = ShardReader(tiny_dataset, "train", batch_size=16, shuffle=False)
     stats = train_one_epoch(model, reader, build_optimizer(cfg, model), protocol, cfg, max_steps=2)
     assert stats["steps"] == 2 and stats["images"] == 32
-    assert {"loss", "mal_c", "mal_f", "align_c", "align_f", "distill"} <= stats.keys()
-    assert 0 <= stats["data_wait_frac"] <= 1 and stats["images_per_s"] > 0
+    assert {"loss", "mal_c", "mal_f", "align_c", "align_f", "distill"} <= stats["losses"].keys()
+    assert set(stats["losses"]) <= set(get_family("dedn").loss_parts)  # the names logs and plots know
+    assert 0 <= stats["data_wait_frac"] <= 1 and stats["seconds"] > 0
 
 
 def test_model_init_depends_on_the_seed_only(tiny_dataset):
@@ -108,11 +128,19 @@ def test_evaluate_all_reduce_and_lambda_search(tiny_dataset):
 
     plain = evaluate(model, *readers(), protocol, cfg)
     calls = []
-    # Two identical "ranks": every count doubles, so every fraction is unchanged.
-    doubled = evaluate(model, *readers(), protocol, cfg, all_reduce=lambda t: calls.append(t.numel()) or t.mul_(2))
-    assert len(calls) == 2  # one all_reduce for the counts, one for the whole lambda grid
+
+    class Doubling:  # two identical "ranks": every count doubles, so every fraction is unchanged
+        def sum_(self, t):
+            calls.append(t.numel())
+            t.mul_(2)
+
+        def max_(self, t):
+            raise AssertionError("evaluation only sums")
+
+    doubled = evaluate(model, *readers(), protocol, cfg, collective=Doubling())
+    assert len(calls) == 2  # one all_reduce for the counts, one for the whole weight grid
     assert doubled.metrics == plain.metrics and doubled.best_metrics == plain.best_metrics
-    assert doubled.best_lambdas == plain.best_lambdas
+    assert doubled.best_weights == plain.best_weights and set(plain.best_weights) == {"lambda_rc", "lambda_e"}
     assert plain.best_metrics["H"] >= plain.metrics["H"] - 1e-9  # the grid holds the configured point
     assert [r.n for r in doubled.per_class] == [2 * r.n for r in plain.per_class]
     assert sum(r.n for r in plain.per_class) == tiny_dataset.split("val_seen").num_rows + tiny_dataset.split("val_unseen").num_rows
@@ -131,21 +159,24 @@ def test_select_never_reads_test_splits_and_fit_runs_both_phases(tiny_dataset, m
     with forbid_splits({"trainval"}):  # select must not need trainval either
         sel = run_phase(cfg, tiny_dataset, "select")
     assert set(opened) == {"train", "val_seen", "val_unseen"}
-    assert 1 <= sel.best_epoch <= 2 and sel.best_state is not None and len(sel.history) == 2
+    assert 1 <= sel.best.epoch <= 2 and sel.best_state is not None and len(sel.history) == 2
 
     # the select phase forbids the test splits itself
     with pytest.raises(DatasetError, match="test_seen"):
-        run_phase(cfg, tiny_dataset, "select", on_epoch_end=lambda r: ShardReader(tiny_dataset, "test_seen", batch_size=4))
+        run_phase(cfg, tiny_dataset, "select", sinks=[Collect(action=lambda: ShardReader(tiny_dataset, "test_seen", batch_size=4))])
 
     opened.clear()
-    reports = []
-    res = fit(cfg, tiny_dataset, on_epoch_end=reports.append)
+    sink = Collect()
+    res = run_protocol(cfg, tiny_dataset, sinks=[sink])
+    reports = sink.reports
     assert res.protocol == "two_phase" and res.test_metrics is not None
-    sel_reports = [r for r in reports if r["phase"] == "select"]
-    fin_reports = [r for r in reports if r["phase"] == "final"]
-    assert len(sel_reports) == 2 and len(fin_reports) == res.selection.best_epoch == res.best_epoch
-    assert res.lambdas == res.selection.lambdas  # the final phase used the selected lambdas
-    assert "test" in fin_reports[-1] and all("test" not in r for r in reports[:-1])  # tested once, at the end
+    sel_reports = [r for r in reports if r.phase == "select"]
+    fin_reports = [r for r in reports if r.phase == "final"]
+    assert len(sel_reports) == 2 and len(fin_reports) == res.selection.epoch == res.final.epochs
+    # the final phase used the selected weights
+    assert get_family("dedn").configured_weights(res.final_cfg) == res.selection.weights
+    assert res.final.state["selection"] == res.selection.to_dict()  # its checkpoints know the selection
+    assert fin_reports[-1].test and all(r.test is None for r in reports[:-1])  # tested once, at the end
     assert opened.index("test_seen") > opened.index("trainval") and opened.count("test_seen") == 1
     assert set(res.test_metrics) == {"T", "U", "S", "H"}
 
@@ -172,8 +203,8 @@ CHANCE_H = 1 / 150  # 150 active classes during selection (100 train + 50 val)
 
 def _val_h(ds, *overrides: str) -> float:
     res = run_phase(build_config("cub", LEARN + list(overrides)), ds, "select")
-    print(overrides, "best epoch", res.best_epoch, "lambdas", res.lambdas, "val", res.best_metrics)
-    return res.best_metrics["H"]
+    print(overrides, "best", res.best)
+    return res.best.metrics["H"]
 
 
 @pytest.fixture(scope="module")

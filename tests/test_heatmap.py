@@ -15,8 +15,10 @@ from torch import nn  # noqa: E402
 from dedn import heatmap  # noqa: E402
 from dedn.config import build_config  # noqa: E402
 from dedn.errors import ConfigError, DatasetError  # noqa: E402
+from dedn.families import get_family  # noqa: E402
 from toydata import TOY_SHAPE, load_job, toy_class_side, write_toy_dataset  # noqa: E402
 
+DEDN_FAMILY = get_family("dedn")  # which maps a model has is the family's to say
 NAMES = ("has_bill_shape::curved", "has_belly_color::grey", "has_belly_color::white", "leg_color::white")
 
 
@@ -29,7 +31,7 @@ def test_resolve_attributes_by_name_part_and_id():
     with pytest.raises(ConfigError, match="7"):
         heatmap.resolve_attributes(["7"], NAMES)
     assert heatmap.parse_indices("0, 5") == [0, 5]
-    with pytest.raises(ConfigError, match="--samples"):
+    with pytest.raises(ConfigError, match="heatmap.samples"):
         heatmap.parse_indices("a,1")
 
 
@@ -62,7 +64,7 @@ class _FakeNet(nn.Module):
 
 def test_attention_maps_pick_attributes_and_lay_regions_out_row_major():
     net = _FakeNet(d=5, h=3, w=4)
-    maps = heatmap.attention_maps(net, torch.zeros(2, 2, 3, 4), [4, 1])
+    maps = heatmap.attention_maps(net, torch.zeros(2, 2, 3, 4), [4, 1], DEDN_FAMILY)
     assert set(maps) == {"cExp", "fExp"} and maps["cExp"].shape == (2, 2, 3, 4)
     for n in range(2):
         for a, d in enumerate([4, 1]):
@@ -70,21 +72,21 @@ def test_attention_maps_pick_attributes_and_lay_regions_out_row_major():
                 for j in range(4):
                     assert maps["cExp"][n, a, i, j] == 1000 * n + 100 * d + (i * 4 + j)
     np.testing.assert_array_equal(maps["fExp"], maps["cExp"] + 0.5)
-    assert set(heatmap.attention_maps(_FakeNet(5, 3, 4, fine=False), torch.zeros(1, 2, 3, 4), [0])) == {"cExp"}
+    assert set(heatmap.attention_maps(_FakeNet(5, 3, 4, fine=False), torch.zeros(1, 2, 3, 4), [0], DEDN_FAMILY)) == {"cExp"}
 
 
 def test_attention_maps_of_a_real_dedn_are_distributions():
-    from dedn.engine import build_model
+    from dedn.training.loop import build_model
 
     model = build_model(build_config(None, {"dataset": "TOY"}), toy_class_side(), TOY_SHAPE)
     x = torch.rand(3, *TOY_SHAPE)
-    maps = heatmap.attention_maps(model, x, [0, 7, 11])
+    maps = heatmap.attention_maps(model, x, [0, 7, 11], DEDN_FAMILY)
     for e in ("cExp", "fExp"):
         assert maps[e].shape == (3, 3, 3, 4)
         np.testing.assert_allclose(maps[e].sum(axis=(2, 3)), 1.0, rtol=1e-5)
     # against the paper's materialising form (impl="direct", one sub-network at a time): fExp's
     # attribute 7 lies in the "wing" cluster (ids 6-8), and the map must be that attribute's
-    from dedn.model import DEDN
+    from dedn.families.dedn.model import DEDN
 
     cs = toy_class_side()
     direct = DEDN(model.cfg, word_vectors=torch.from_numpy(cs.word_vectors),
@@ -155,7 +157,7 @@ def test_image_paths(tmp_path):
 def test_heatmap_job_from_a_checkpoint(tmp_path, capsys, monkeypatch):
     from dedn.checkpoint import save_checkpoint
     from dedn.dataset import FeatureDataset
-    from dedn.engine import build_model
+    from dedn.training.loop import build_model
 
     data = write_toy_dataset(tmp_path / "toy")
     ds = FeatureDataset.open(data)

@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.config import LossConfig
+from dedn.families.dedn.config import DEDNLossConfig as LossConfig
+from dedn.families.dedn.losses import dedn_loss
 from dedn.losses import (
     calibration_loss,
     cubic_distance,
     mean_squared_distance,
-    dedn_loss,
     jsd,
     mal_loss,
     reference_mal_loss,
     squared_distance,
 )
-from dedn.model import DEDNOutput, ExpertOutput
+from dedn.families.dedn.model import DEDNOutput, ExpertOutput
 from dedn.protocol import ClassProtocol
 
 # K = 4: classes 0, 1 seen, 2 unseen, 3 inactive (e.g. a test class during selection)

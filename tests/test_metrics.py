@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from dedn.errors import DatasetError
-from dedn.metrics import GZSLCounts, LambdaSearch, gzsl_predictions, lambda_grid
-from dedn.model import combine_score_parts
+from dedn.families.base import lambda_grid
+from dedn.families.dedn.lambdas import LambdaSearch
+from dedn.metrics import GZSLCounts, gzsl_predictions
+from dedn.families.dedn.model import combine_score_parts
 from dedn.protocol import ClassProtocol
 
 # K = 5: seen 0, 1; unseen 2, 3; class 4 belongs to neither (excluded from every argmax).

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dedn.config import ModelConfig
+from dedn.families.dedn.config import DEDNModelConfig as ModelConfig
 from dedn.errors import ConfigError
-from dedn.model import DEDN, DEDNOutput, combine_score_parts
+from dedn.families.dedn.model import DEDN, DEDNOutput, combine_score_parts
 
 B, C, H, W, D, G, K = 2, 5, 2, 2, 7, 4, 5
 CLUSTERS = [[0, 3, 5], [1, 6], [2, 4]]  # Q = 3, deliberately not contiguous

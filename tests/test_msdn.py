@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dedn import engine
-from dedn.config import LossConfig, ModelConfig, build_config
+from dedn.training import loop as engine
+from dedn.config import build_config
+from dedn.families import get_family
+from dedn.families.msdn.config import MSDNLossConfig as LossConfig, MSDNModelConfig as ModelConfig
 from dedn.errors import ConfigError
 from dedn.metrics import gzsl_predictions
-from dedn.model import combine_score_parts
-from dedn.msdn import MSDN, attribute_branch, build, msdn_loss
+from dedn.families.msdn.model import MSDN, attribute_branch, msdn_loss
 from dedn.protocol import ClassProtocol
 
 B, C, H, W, D, G, K = 3, 5, 2, 2, 4, 6, 5
@@ -26,7 +27,7 @@ AUTHORS_LOSS = LossConfig(calibration_weight=0.1, gamma=1e-3, distance="cubic") 
 
 def _model(impl: str = "fused", cfg: ModelConfig | None = None, random_weights: bool = True) -> MSDN:
     g = torch.Generator().manual_seed(1)
-    m = MSDN(cfg or ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G, generator=g, dtype=torch.float64),
+    m = MSDN(cfg or ModelConfig(), word_vectors=torch.randn(D, G, generator=g, dtype=torch.float64),
              class_attributes=torch.rand(K, D, generator=g, dtype=torch.float64), feature_shape=(C, H, W), impl=impl)
     if random_weights:  # the zero inits would hide errors in W2, W1_1, W2_1
         with torch.no_grad():
@@ -188,7 +189,7 @@ def test_gradients_reach_every_trained_parameter_and_only_those() -> None:
 
 def test_word_vectors_renormalised_per_forward_only_when_configured() -> None:
     for flag in (False, True):
-        m = _model(cfg=ModelConfig(name="msdn", channel_attention=False, normalize_word_vectors=flag))  # random weights: V rows not unit any more
+        m = _model(cfg=ModelConfig(normalize_word_vectors=flag))  # random weights: V rows not unit any more
         norms = m.word_vectors().norm(dim=1)
         assert torch.allclose(norms, torch.ones(D, dtype=torch.float64)) == flag
 
@@ -209,17 +210,19 @@ def test_inference_combination_equals_the_authors_margin_included_score() -> Non
     out = _model()(_features())
     protocol = ClassProtocol((0, 1, 2), (3, 4), K)
     w1 = 0.9
-    torch.testing.assert_close(out.inference_scores(1.0, w1), combine_score_parts(out.score_parts(), 1.0, w1))
-    torch.testing.assert_close(out.inference_scores(0.3, w1), w1 * out.scores_av + (1 - w1) * out.scores_va)
+    fam = get_family("msdn")
+    cfg = build_config("cub", ["model=msdn", f"eval.w1={w1}"])
+    torch.testing.assert_close(out.inference_scores(w1), fam.combine(cfg, fam.score_parts(out)))
+    torch.testing.assert_close(out.inference_scores(w1), w1 * out.scores_av + (1 - w1) * out.scores_va)
     margin = torch.tensor([-1.0, -1, -1, 1, 1], dtype=torch.float64)
     authors = w1 * (out.scores_av + margin) + (1 - w1) * (out.scores_va + margin)  # msdn.md §6
-    pred, pred_t = gzsl_predictions(out.inference_scores(1.0, w1), protocol, calibration=2.0)
+    pred, pred_t = gzsl_predictions(out.inference_scores(w1), protocol, calibration=2.0)
     assert torch.equal(pred, authors.argmax(1))
     assert torch.equal(pred_t, torch.tensor([3, 4])[authors[:, 3:].argmax(1)])
 
 
 def test_bf16_autocast_is_close_to_fp32() -> None:
-    m = MSDN(ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, H, W))
+    m = MSDN(ModelConfig(), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, H, W))
     x = torch.rand(B, C, H, W)
     ref = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,7 +241,7 @@ def test_presets_carry_the_authors_settings() -> None:
         cfg = build_config(name, ["model=msdn"])
         assert cfg.model.name == "msdn" and cfg.dataset == name.upper()
         assert (cfg.loss.calibration_weight, cfg.loss.gamma, cfg.optim.epochs, cfg.optim.momentum,
-                cfg.model.normalize_word_vectors, cfg.data.class_balanced, cfg.optim.batch_size, cfg.eval.lambda_e,
+                cfg.model.normalize_word_vectors, cfg.data.class_balanced, cfg.optim.batch_size, cfg.eval.w1,
                 cfg.optim.seed) == (lam, gamma, epochs, mom, nv, bal, bs, w1, seed)
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.eval.calibration, cfg.loss.distance) == (1e-4, 1e-4, 2.0, "cubic")
     assert build_config("cub", ["model=msdn", "epochs=2"]).optim.epochs == 2
@@ -247,19 +250,21 @@ def test_presets_carry_the_authors_settings() -> None:
 def test_bad_configuration_is_reported() -> None:
     with pytest.raises(ConfigError, match="preset"):
         build_config("imagenet", ["model=msdn"])
-    with pytest.raises(ConfigError, match="eval.lambda_e"):  # w1
-        build_config("cub", ["model=msdn", "lambda_e=1.5"])
-    cfg = build_config("cub", ["model=msdn"]).replace(**{"model.channel_attention": True})
-    with pytest.raises(ConfigError, match="model.channel_attention"):
-        build(cfg, None, (C, H, W))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="eval.w1"):
+        build_config("cub", ["model=msdn", "w1=1.5"])
+    with pytest.raises(ConfigError, match="model.channel_attention"):  # DEDN's key means nothing to MSDN
+        build_config("cub", ["model=msdn", "model.channel_attention=true"])
+    with pytest.raises(ConfigError, match="eval.lambda_e"):  # nor does DEDN's weight
+        build_config("cub", ["model=msdn", "eval.lambda_e=0.5"])
 
 
 def test_trains_through_the_engine(tiny_dataset) -> None:
     cfg = build_config("cub", ["model=msdn", "epochs=3", "optim.lr=0.003", "protocol=final", "optim.seed=0"])
     res = engine.run_phase(cfg, tiny_dataset, "final")
-    losses = [h["train"]["loss"] for h in res.history]
+    losses = [h.losses["loss"] for h in res.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert set(res.history[0]["train"]) >= {"ce_av", "ce_va", "cal_av", "cal_va", "distill"}
+    assert set(res.history[0].losses) >= {"ce_av", "ce_va", "cal_av", "cal_va", "distill"}
+    assert set(res.history[0].losses) <= set(get_family("msdn").loss_parts)  # what logs and plots draw
     assert res.test is not None and 0 <= res.test.metrics["H"] <= 1
     model = engine.build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
     c = tiny_dataset.feature_shape[0]

@@ -17,14 +17,16 @@ def _predict_main():
 @pytest.fixture()
 def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset):
     """A DEDN (random init, calibration 0.5 so calibrated stacking matters) registered in a private store."""
-    from dedn import engine, registry, tracking
+    from dedn import tracking
+    from dedn.tracking import registry
+    from dedn.training import loop as engine
     from dedn.config import build_config
 
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = build_config("cub", ["eval.calibration=0.5", f"data.path={tiny_dataset.root}"])
     model = engine.build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape).eval()
-    _, run_id = tracking.start_run(cfg, run_name="t", tags={})
+    run_id = tracking.start_training_run(cfg, name="t", semi_synthetic=True).run_id
     registry.register_model(model, cfg, tiny_dataset.class_side, run_id=run_id, val_metrics={"H": 0.1},
                             test_metrics={"H": 0.1})
     return registry.load_predictor("models:/dedn-cub@champion")

@@ -16,7 +16,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _model_and_batch(ds, seed: int = 0):
-    from dedn import engine
+    from dedn.training import loop as engine
     from dedn.config import build_config
     from dedn.reader import ShardReader
 
@@ -27,9 +27,10 @@ def _model_and_batch(ds, seed: int = 0):
 
 
 def _register(cfg, model, ds, val_h: float, example=None):
-    from dedn import registry, tracking
+    from dedn import tracking
+    from dedn.tracking import registry
 
-    _, run_id = tracking.start_run(cfg, run_name="t", tags={"dataset": cfg.dataset})
+    run_id = tracking.start_training_run(cfg, name="t", semi_synthetic=True).run_id
     val = {"T": 0.5, "U": 0.4, "S": 0.3, "H": val_h}
     return registry.register_model(model, cfg, ds.class_side, run_id=run_id, val_metrics=val,
                                    test_metrics={"T": 0.1, "U": 0.1, "S": 0.1, "H": 0.1},
@@ -40,7 +41,8 @@ def _register(cfg, model, ds, val_h: float, example=None):
 def test_round_trip_by_alias_scores_match_in_process_model(store, tiny_dataset):
     import mlflow
 
-    from dedn import registry, tracking
+    from dedn import tracking
+    from dedn.tracking import registry
 
     cfg, model, x = _model_and_batch(tiny_dataset)
     v = _register(cfg, model, tiny_dataset, val_h=0.2, example=x)
@@ -76,7 +78,7 @@ def test_champion_moves_only_on_better_validation_h(store, tiny_dataset):
 
 @pytest.mark.timeout(120)
 def test_new_class_attribute_vector_adds_a_score_column(store, tiny_dataset):
-    from dedn import registry
+    from dedn.tracking import registry
 
     cfg, model, x = _model_and_batch(tiny_dataset)
     _register(cfg, model, tiny_dataset, val_h=0.2)
@@ -109,7 +111,7 @@ def test_new_class_attribute_vector_adds_a_score_column(store, tiny_dataset):
 
 def test_extra_classes_file_errors_name_the_file(tmp_path: Path):
     from dedn.errors import DatasetError
-    from dedn.registry import read_extra_classes
+    from dedn.tracking.registry import read_extra_classes
 
     p = tmp_path / "new.csv"
     p.write_text("name,a1,a2\nzebra_like,1,0\n")

@@ -1,9 +1,9 @@
-"""Tests of dedn.results and jobs/results_table.py against a throw-away MLflow store."""
+"""Tests of dedn.tracking.results and jobs/results_table.py against a throw-away MLflow store."""
 from __future__ import annotations
 
 import pytest
 
-from dedn import results
+from dedn.tracking import results
 from dedn.errors import ConfigError
 from toydata import load_job
 

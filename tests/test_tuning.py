@@ -32,11 +32,11 @@ def test_msdn_space_is_msdn_hyperparameters_and_valid_keys() -> None:
     from dedn.config import build_config, known_keys
 
     space = load_search_space(model="msdn")
-    assert space.source.endswith("search_space_msdn.yaml")
+    assert Path(space.source).parts[-3:] == ("families", "msdn", "search_space.yaml")  # shipped in the package
     keys = {d.key for d in space.dims}
     assert keys == {"loss.gamma", "loss.calibration_weight", "eval.calibration"}
-    assert {d.key for d in space.lambda_dims} == {"eval.lambda_e"}  # w1; MSDN has no region/channel split
-    assert keys <= set(known_keys())
+    assert {d.key for d in space.lambda_dims} == {"eval.w1"}  # MSDN's own weight, under its own name
+    assert keys <= set(known_keys("msdn"))
     cfg = build_config("cub", ["model=msdn"])  # the sweep's base: MSDN's own preset
     for d in space.dims:  # every corner of the space is a valid MSDN config
         for v in (d.low, d.high):
@@ -84,7 +84,7 @@ def test_bad_space_names_the_field(tmp_path: Path, doc: object, field: str) -> N
 
 
 def test_missing_space_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--space"):
+    with pytest.raises(ConfigError, match="space: expected an existing search-space YAML file"):
         load_search_space(tmp_path / "none.yaml")
 
 
@@ -102,7 +102,7 @@ def test_best_config_is_a_final_run() -> None:
     from dedn.config import build_config
 
     base = build_config("cub", ["optim.epochs=30"])
-    cfg = best_config(base, {"loss.beta": 0.02, "loss.epsilon": 1.5}, 7, 0.65, 0.85)
+    cfg = best_config(base, {"loss.beta": 0.02, "loss.epsilon": 1.5}, 7, {"lambda_rc": 0.65, "lambda_e": 0.85})
     assert (cfg.protocol, cfg.optim.epochs, cfg.loss.beta, cfg.loss.epsilon) == ("final", 7, 0.02, 1.5)
     assert (cfg.eval.lambda_rc, cfg.eval.lambda_e, cfg.eval.fit_lambdas) == (0.65, 0.85, False)
     assert cfg.loss.gamma == base.loss.gamma
@@ -111,10 +111,11 @@ def test_best_config_is_a_final_run() -> None:
 def test_plots_are_written(tmp_path: Path) -> None:
     rc = le = np.round(np.arange(0, 1.0001, 0.05), 2)
     h = np.outer(1 - (rc - 0.3) ** 2, 1 - (le - 0.8) ** 2) * 0.5  # (21, 21)
-    p1 = plot_lambda_curves({"lambda_rc": rc, "lambda_e": le, "H": h}, 0.3, 0.8, tmp_path / "l.png")
+    p1 = plot_lambda_curves({"lambda_rc": rc, "lambda_e": le, "H": h}, {"lambda_rc": 0.3, "lambda_e": 0.8}, tmp_path / "l.png")
+    p3 = plot_lambda_curves({"w1": rc, "H": h[:, 0]}, {"w1": 0.3}, tmp_path / "w.png")  # one weight (MSDN)
     rows = [{"val_H": 0.1 * i, "params": {"loss.beta": 10.0 ** -i, "loss.epsilon": i / 2}} for i in range(1, 4)]
     p2 = plot_hparams(rows, ["loss.beta", "loss.epsilon"], ["loss.beta"], "val_H", tmp_path / "h.png")
-    for p in (p1, p2):
+    for p in (p1, p2, p3):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
@@ -132,43 +133,54 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
 
 
-def test_trial_function_forbids_the_test_split(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The guard is entered by the trial function itself (so it holds in every Ray worker process)."""
-    from dedn import engine
-    from dedn.errors import DatasetError
-    from dedn.reader import ShardReader, _is_forbidden
-    from dedn.tuning import TEST_SPLITS, train_trial
+def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial is `dedn.training.driver.train` (the one driver) with protocol select and Tune's
+    report callback; a selection run's dataset is opened without its test shards."""
+    import shutil
+
+    from ray.tune.integration import ray_train
+
+    from dedn.config import build_config
+    from dedn.training import driver
+    from dedn.tuning import trial
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    poisoned = _poison_test_shards(data)
 
     seen: dict[str, object] = {}
 
-    def fake_run_phase(cfg, dataset, phase, **kw):  # noqa: ANN001, ANN003, ANN202 - test double
-        seen.update(phase=phase, protocol=cfg.protocol, fit=cfg.eval.fit_lambdas, beta=cfg.loss.beta,
-                    forbidden={s: _is_forbidden(s) for s in ("test_seen", "test_unseen", "train")})
-        with pytest.raises(DatasetError, match="test_unseen"):
-            ShardReader(dataset, "test_unseen", batch_size=4)
-        return None
+    def fake_train(cfg, settings, *, callbacks=()):  # noqa: ANN001, ANN202 - test double
+        seen.update(protocol=cfg.protocol, fit=cfg.eval.fit_lambdas, beta=cfg.loss.beta, data=cfg.data.path,
+                    track=settings.track, register=settings.register, workers=settings.num_workers,
+                    callbacks=[type(c) for c in callbacks])
+        driver.open_dataset(cfg)  # the driver's own check of a selection run's dataset
 
-    from dedn.config import build_config
+    class TuneReportCallback:  # the real one refuses to exist outside a Tune session
+        pass
 
-    monkeypatch.setattr(engine, "run_phase", fake_run_phase)
+    monkeypatch.setattr(ray_train, "TuneReportCallback", TuneReportCallback)
+    monkeypatch.setattr(driver, "train", fake_train)
     base = build_config("awa2", TINY).to_dict()
-    train_trial({"loss.beta": 0.02}, base=base, data=str(tiny_data))
-    assert seen == {"phase": "select", "protocol": "select", "fit": True, "beta": 0.02,
-                    "forbidden": {"test_seen": True, "test_unseen": True, "train": False}}
-    assert not any(_is_forbidden(s) for s in TEST_SPLITS)  # released after the trial
-    train_trial({"eval.lambda_rc": 0.3}, base=base, data=str(tiny_data), search_lambdas=True)
+    trial({"loss.beta": 0.02}, base=base, data=str(data), workers=2)
+    assert seen == {"protocol": "select", "fit": True, "beta": 0.02, "data": str(data), "track": False,
+                    "register": False, "workers": 2, "callbacks": [TuneReportCallback]}
+    trial({"eval.lambda_rc": 0.3}, base=base, data=str(data), search_lambdas=True)
     assert seen["fit"] is False
+    for p, junk in poisoned.items():
+        assert p.stat().st_atime == 1_000 and p.read_bytes() == junk, f"{p} was read"
 
 
 def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> None:
     """The fit on cached score parts picks the same (lambda_rc, lambda_e) and H as running the
     network at every grid point (ties: closest to the configured pair, then the lowest grid index)."""
-    from dedn import engine
     from dedn.config import build_config
-    from dedn.metrics import lambda_grid
+    from dedn.families.base import lambda_grid
     from dedn.protocol import ClassProtocol
     from dedn.reader import ShardReader
-    from dedn.tuning import open_for_selection, validation_lambda_grid
+    from dedn.training import loop as engine
+    from dedn.tuning import open_for_selection, validation_weight_grid
 
     def evaluate_at_lambdas(cfg, ds, model_state, pairs):  # the brute force: the network once per pair
         model = engine.model_from_state(cfg, ds, model_state)
@@ -183,7 +195,7 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
     cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.lambda_grid_step=0.125", "protocol=select"])
     ds = open_for_selection(tiny_data)
     res = engine.run_phase(cfg, ds, "select")
-    assert res.best_state is not None and res.best_metrics is not None
+    assert res.best_state is not None and res.best.metrics is not None
     grid = lambda_grid(cfg.eval.lambda_grid_step)
     pairs = [(rc, e) for rc in grid for e in grid]
     brute = evaluate_at_lambdas(cfg, ds, res.best_state, pairs)
@@ -192,11 +204,11 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
     top = np.flatnonzero(h >= h.max() - 1e-12)
     dist = [(pairs[i][0] - cfg.eval.lambda_rc) ** 2 + (pairs[i][1] - cfg.eval.lambda_e) ** 2 for i in top]
     i_best = int(top[int(np.argmin(dist))])
-    assert res.lambdas == pytest.approx(pairs[i_best], abs=1e-9)
+    assert (res.best.weights["lambda_rc"], res.best.weights["lambda_e"]) == pytest.approx(pairs[i_best], abs=1e-9)
     for k in ("H", "S", "U", "T"):
-        assert res.best_metrics[k] == pytest.approx(brute[i_best][k], abs=1e-12)
+        assert res.best.metrics[k] == pytest.approx(brute[i_best][k], abs=1e-12)
     # the sweep's Figure 3 grid (LambdaSearch counts from one pass) equals the brute force everywhere
-    fig3 = validation_lambda_grid(cfg, ds, res.best_state)
+    fig3 = validation_weight_grid(cfg, ds, res.best_state)
     np.testing.assert_allclose(fig3["H"], h.reshape(len(grid), len(grid)), rtol=0, atol=1e-12)
     np.testing.assert_allclose(fig3["lambda_rc"], grid)
 
@@ -204,7 +216,11 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
 # ---- a whole sweep on Ray ----------------------------------------------------------------------------
 @pytest.fixture
 def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    """A 2-CPU embedded Ray with DEDN_HOME and the MLflow store under tmp_path."""
+    """A 2-CPU embedded Ray with DEDN_HOME and the MLflow store under tmp_path.
+
+    With the dashboard, as `tuning/tune.py` starts it: every trial is a TorchTrainer, and without
+    the dashboard's State API a finished run's resources come back only after a minute or more.
+    """
     import ray
 
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
@@ -213,7 +229,7 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         yield tmp_path / "home"
     finally:
@@ -288,12 +304,13 @@ def test_sweep_of_four_trials(tiny_data: Path, tmp_path: Path, ray_local: Path) 
     assert sweep_dir == (ray_local / "tune" / "sweep").resolve()
     best = DEDNConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
     assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
-    assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (summary.lambda_rc, summary.lambda_e, False)
+    assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (
+        summary.weights["lambda_rc"], summary.weights["lambda_e"], False)
     assert best.loss.beta == summary.best_params["loss.beta"] and 1e-4 <= best.loss.beta <= 1e-1
     assert 1 <= summary.best_epoch <= 2
     grid = np.load(sweep_dir / "lambda_grid.npz")  # the Figure 3 grid, recomputed from the best weights
-    i = int(np.argmin(np.abs(grid["lambda_rc"] - summary.lambda_rc)))
-    j = int(np.argmin(np.abs(grid["lambda_e"] - summary.lambda_e)))
+    i = int(np.argmin(np.abs(grid["lambda_rc"] - summary.weights["lambda_rc"])))
+    j = int(np.argmin(np.abs(grid["lambda_e"] - summary.weights["lambda_e"])))
     assert grid["H"].shape == (21, 21) and grid["H"].max() == pytest.approx(summary.best_val_H, abs=1e-12)
     assert grid["H"][i, j] == pytest.approx(summary.best_val_H, abs=1e-12)
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dedn.sources import ASSET_DIR, load_source, source_to_arrays  # noqa: E402
+from dedn.sources import ASSET_DIR, load_source, source_to_arrays
 
 
 def pack(name: str, data_dir: Path, out_dir: Path = ASSET_DIR) -> Path:

@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
     from dedn.config import build_config
-    from dedn.distributed import init_ray
+    from dedn.training.driver import init_ray
     from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
 
     try:
         base = build_config(args.preset, args.overrides)
         data = str(Path(args.data).expanduser().resolve())
         base = base.replace(**{"data.path": data})
-        # TorchTrainer trials need the dashboard's State API: without it the next trial waited > 60 s
-        # for the CPUs of a finished one (measured)
-        init_ray(dashboard=args.workers_per_trial > 1)
+        # Every trial is a TorchTrainer: they need the dashboard's State API, without it the next
+        # trial waited > 60 s for the CPUs of a finished one (docs/stack-notes.md)
+        init_ray(dashboard=True)
         finished = None  # --final --name NAME on a finished sweep: no new trials
         if args.final and args.name and not args.resume:
             d = find_sweep(args.storage, base.dataset, args.name)
@@ -72,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             summary = run_sweep(spec, resume=args.resume)
             sweep_dir = Path(summary.sweep_dir)
+            weights = ", ".join(f"{k} = {v:.2f}" for k, v in summary.weights.items())
             print(f"best trial {summary.best_trial_id}: validation H = {summary.best_val_H:.4f} at epoch "
-                  f"{summary.best_epoch}, lambda_rc = {summary.lambda_rc:.2f}, lambda_e = {summary.lambda_e:.2f}")
+                  f"{summary.best_epoch}, {weights}")
             print(f"best configuration: {summary.best_config_path}")
         if args.final:
             out = run_final(sweep_dir, workers=args.workers_per_trial)
-            print(f"final run (trainval, {out.best_epoch} epochs, lambdas {out.lambdas}): test {out.test_metrics}")
+            print(f"final run (trainval, {out.best_epoch} epochs, weights {out.weights}): test {out.test_metrics}")
             if out.registered is not None:
                 print(f"registered {out.registered.name} version {out.registered.version}")
     except DednError as e:

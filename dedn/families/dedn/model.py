@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from dedn.attention import channel_branch, compute_dtype, dan_direct, normalize_features, region_branch
-from dedn.config import ModelConfig
+from dedn.clusters import apply_cluster_layout
+from dedn.families.dedn.config import DEDNModelConfig as ModelConfig
 from dedn.errors import ConfigError
 
 Impl = Literal["fused", "loop", "direct"]
@@ -102,18 +103,26 @@ class DANSubnet(nn.Module):
     """Parameters of one DAN sub-network (eqs. 1-6): its own word vectors V_q and W1..W4.
 
     W1, W3 ~ N(0, 1); W2, W4 = 0 so both attentions start uniform; no biases. With
-    `region_rank` > 0, W1 = W1a W1b (reference code, SUN).
+    `region_rank` > 0, W1 = W1a W1b (reference code, SUN): W1a ~ N(0, 1) and W1b ~ N(0, 1/rank)
+    (`region_init="scaled"`, W1's entries unit-variance like the full-rank W1) or W1b ~ N(0, 1)
+    (`region_init="unit"`, as the reference code starts both factors; W1's entries then have
+    variance rank, std 16 at rank 256). Both draw the same random numbers.
     """
 
-    def __init__(self, word_vectors: Tensor, channels: int, regions: int, *, channel_attention: bool, region_rank: int = 0):
+    def __init__(self, word_vectors: Tensor, channels: int, regions: int, *, channel_attention: bool, region_rank: int = 0,
+                 region_init: str = "scaled"):
         super().__init__()
         g = word_vectors.shape[1]
         self.v = nn.Parameter(word_vectors.detach().clone())  # (D_q, G), trained, never renormalised
         self.region_rank = region_rank
         if region_rank > 0:
             self.w1a = nn.Parameter(torch.randn(g, region_rank, dtype=word_vectors.dtype))  # (G, rank)
-            # 1/sqrt(rank) keeps entries of W1a W1b at unit variance, like the full-rank W1.
-            self.w1b = nn.Parameter(torch.randn(region_rank, channels, dtype=word_vectors.dtype) / math.sqrt(region_rank))
+            if region_init not in ("scaled", "unit"):
+                raise ConfigError("model.region_init", "one of scaled|unit", region_init, "DANSubnet")
+            w1b = torch.randn(region_rank, channels, dtype=word_vectors.dtype)  # (rank, C)
+            if region_init == "scaled":  # 1/sqrt(rank) keeps entries of W1a W1b at unit variance, like the full-rank W1
+                w1b = w1b / math.sqrt(region_rank)
+            self.w1b = nn.Parameter(w1b)
         else:
             self.w1 = nn.Parameter(torch.randn(g, channels, dtype=word_vectors.dtype))  # (G, C)
         self.w2 = nn.Parameter(torch.zeros(g, channels, dtype=word_vectors.dtype))  # (G, C)
@@ -201,10 +210,11 @@ class DEDN(nn.Module):
         v = nn.functional.normalize(word_vectors, dim=1)  # all-zero rows stay zero
         self.register_buffer("class_attributes", nn.functional.normalize(class_attributes, dim=1), persistent=True)
 
-        kw = dict(channel_attention=cfg.channel_attention, region_rank=cfg.region_rank)
+        kw = dict(channel_attention=cfg.channel_attention, region_rank=cfg.region_rank, region_init=cfg.region_init)
         self.coarse = DANSubnet(v, c, r, **kw) if cfg.experts in ("both", "coarse") else None  # type: ignore[arg-type]
         self.fine: nn.ModuleList | None = None
-        self.clusters = [list(map(int, q)) for q in clusters]
+        # model.cluster_layout on the given clusters (idempotent: a saved model's pass unchanged)
+        self.clusters = apply_cluster_layout(clusters, cfg.cluster_layout)
         if cfg.experts in ("both", "fine"):
             flat = [a for q in self.clusters for a in q]
             if sorted(flat) != list(range(d)) or any(len(q) == 0 for q in self.clusters):

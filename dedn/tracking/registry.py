@@ -1,17 +1,18 @@
-"""The MLflow model registry for DEDN: log, register, alias, load; and the inference wrapper.
+"""The MLflow model registry for every model family: log, register, alias, load; and the inference wrapper.
 
-A model is logged as an MLflow pyfunc *from code* (`dedn/pyfunc_model.py`), never as a pickle:
+A model is logged as an MLflow pyfunc *from code* (`dedn/tracking/pyfunc_model.py`), never as a pickle:
 loading it runs our own code, which reads
 
 * `weights.pt`   — a plain state_dict of tensors, read with `torch.load(weights_only=True)`;
-* `config.yaml`  — the resolved `DEDNConfig` (lambda_rc / lambda_e at their selected values);
+* `config.yaml`  — the resolved run config (the family's inference weights at their selected values);
 * `class_side.npz` — A (K, D), word vectors, class names, seen/unseen ids (allow_pickle=False);
-* `model_meta.json` — feature shape and the attribute clusters the network was built with.
+* `model_meta.json` — feature shape, family and what the family needs to rebuild the network
+  (`ModelFamily.model_meta`: DEDN's attribute clusters).
 
 Registered name `<model>-<dataset lowercase>` (`dedn-cub`, `msdn-cub`); each version carries its validation and test
 metrics as tags; alias `champion` moves to a new version only when its validation H beats the
 current champion's `val_H` tag. `load_predictor("models:/dedn-cub@champion")` gives a
-`DEDNPredictor` with `.scores(features, extra_class_attributes=None)` and `.predict(...)`.
+`Predictor` with `.scores(features, extra_class_attributes=None)` and `.predict(...)`.
 Loading needs the `dedn` package importable (installed), like any models-from-code model.
 """
 from __future__ import annotations
@@ -32,8 +33,9 @@ from torch import nn
 
 from dedn.class_side import ClassSide, normalize_rows
 from dedn.config import DEDNConfig
-from dedn.engine import model_spec, unwrap_model
 from dedn.errors import ConfigError, DatasetError
+from dedn.families import family_of
+from dedn.training.loop import unwrap_model
 
 try:  # the wrapper subclasses PythonModel when MLflow is there; the predictor itself needs no MLflow
     from mlflow.pyfunc import PythonModel as _PythonModel
@@ -41,7 +43,7 @@ except ImportError:  # pragma: no cover - mlflow is a dependency
     _PythonModel = object  # type: ignore[assignment,misc]
 
 __all__ = [
-    "CHAMPION", "registered_name", "DEDNPredictor", "DEDNPyfuncModel", "write_model_files", "log_model",
+    "CHAMPION", "registered_name", "Predictor", "PyfuncModel", "write_model_files", "log_model",
     "RegisteredVersion", "register_model", "load_predictor", "pip_requirements", "read_extra_classes",
 ]
 
@@ -57,10 +59,11 @@ def registered_name(dataset: str, model: str = "dedn") -> str:
 
 
 # ---- the predictor ---------------------------------------------------------------------------
-class DEDNPredictor:
-    """Scores feature maps against every class (and optional new classes) with a trained DEDN.
+class Predictor:
+    """Scores feature maps against every class (and optional new classes) with a trained network of any family.
 
-    scores = eq. 8 / eq. 19 combination at the config's (lambda_rc, lambda_e); `predict` applies
+    scores = the family's combination of its score parts at the config's inference weights
+    (DEDN: eqs. 8 and 19 at lambda_rc, lambda_e; MSDN: w1); `predict` applies
     calibrated stacking (eval.calibration subtracted from seen classes) and takes the argmax over
     seen, unseen and new classes (generalised zero-shot).
     """
@@ -69,6 +72,7 @@ class DEDNPredictor:
                  seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = ()):
         self.model = model.eval()
         self.cfg = cfg
+        self.family = family_of(cfg)
         self.class_names = tuple(map(str, class_names))
         self.attribute_names = tuple(map(str, attribute_names))
         self.seen_classes = np.asarray(seen_classes, dtype=np.int64)
@@ -89,9 +93,9 @@ class DEDNPredictor:
             return None
         e = torch.as_tensor(np.asarray(extra, dtype=np.float32))
         if e.ndim != 2 or e.shape[1] != self.num_attributes:
-            raise ConfigError("extra_class_attributes", f"an (E, {self.num_attributes}) matrix", tuple(e.shape), "DEDNPredictor")
+            raise ConfigError("extra_class_attributes", f"an (E, {self.num_attributes}) matrix", tuple(e.shape), "Predictor")
         if not torch.isfinite(e).all():
-            raise ConfigError("extra_class_attributes", "finite values", "NaN or inf", "DEDNPredictor")
+            raise ConfigError("extra_class_attributes", "finite values", "NaN or inf", "Predictor")
         return torch.from_numpy(normalize_rows(e.numpy()))  # (E, D), like the training A
 
     @torch.no_grad()
@@ -100,7 +104,7 @@ class DEDNPredictor:
         """features (N, C, H, W) -> scores (N, K + E) float32; E = rows of extra_class_attributes (E, D)."""
         x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.feature_shape:
-            raise ConfigError("features", f"(N, {', '.join(map(str, self.feature_shape))})", tuple(x.shape), "DEDNPredictor")
+            raise ConfigError("features", f"(N, {', '.join(map(str, self.feature_shape))})", tuple(x.shape), "Predictor")
         extra = self._extra(extra_class_attributes)
         a = self.class_attributes if extra is None else torch.cat([self.class_attributes, extra], 0)  # (K+E, D)
         bs = batch_size or self.cfg.eval.batch_size
@@ -109,8 +113,8 @@ class DEDNPredictor:
         out = []
         for i in range(0, x.shape[0], bs):
             o = self.model(x[i:i + bs].to(device=device, dtype=torch.float32))
-            o = dataclasses.replace(o, class_attributes=a)  # scores are O A^T: new classes need only their row of A
-            out.append(o.inference_scores(self.cfg.eval.lambda_rc, self.cfg.eval.lambda_e).float().cpu())  # (b, K+E)
+            parts = self.family.score_parts(o, class_attributes=a)  # scores are O A^T: new classes need only their row of A
+            out.append(self.family.combine(self.cfg, parts).float().cpu())  # (b, K+E)
         return torch.cat(out, 0).numpy() if out else np.zeros((0, a.shape[0]), np.float32)
 
     def calibrated(self, scores: np.ndarray) -> np.ndarray:
@@ -146,20 +150,20 @@ class DEDNPredictor:
         return out
 
 
-def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], clusters: Sequence[Sequence[int]],
+def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                    feature_shape: Sequence[int]) -> nn.Module:
-    """The network of cfg.model.name through the engine's model table, with the clusters it was trained with."""
+    """The network of cfg.model.name through its family, with what it was built with (`meta`)."""
     no_ids = np.zeros(0, np.int64)
     class_side = ClassSide(
         name=cfg.dataset, class_names=tuple(map(str, cs["class_names"])), attribute_names=tuple(map(str, cs["attribute_names"])),
         attributes_raw=cs.get("attributes_raw", cs["attributes"]), attributes=cs["attributes"], word_vectors=cs["word_vectors"],
         seen_classes=cs["seen_classes"], unseen_classes=cs["unseen_classes"], train_classes=no_ids, val_classes=no_ids,
     )
-    return model_spec(cfg).build(cfg, class_side, tuple(int(x) for x in feature_shape), [list(q) for q in clusters])
+    return family_of(cfg).build(cfg, class_side, tuple(int(x) for x in feature_shape), meta)
 
 
-def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], device: str = "cpu") -> DEDNPredictor:
-    """A DEDNPredictor from the four model files (a folder, or MLflow's artifact-name -> path map)."""
+def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], device: str = "cpu") -> Predictor:
+    """A Predictor from the four model files (a folder, or MLflow's artifact-name -> path map)."""
     paths = dict(directory) if isinstance(directory, Mapping) else {
         k: str(Path(directory) / f) for k, f in
         (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("class_side", CLASS_SIDE_FILE), ("meta", META_FILE))}
@@ -171,23 +175,23 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
             cs = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise DatasetError(paths["class_side"], "file", "an npz without pickles", f"{type(e).__name__}: {e}") from None
-    model = _build_network(cfg, cs, meta["clusters"], meta["feature_shape"])
+    model = _build_network(cfg, cs, meta.get("family_meta", {}), meta["feature_shape"])
     state = torch.load(paths["weights"], map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(device)
-    return DEDNPredictor(model, cfg, cs["class_names"].tolist(), cs["seen_classes"], cs["unseen_classes"],
+    return Predictor(model, cfg, cs["class_names"].tolist(), cs["seen_classes"], cs["unseen_classes"],
                          cs["attribute_names"].tolist())
 
 
 # ---- the pyfunc wrapper (models from code: dedn/pyfunc_model.py) ----------------------------
-class DEDNPyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
+class PyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
     """MLflow pyfunc: predict(features (N, C, H, W) float32) -> scores (N, K) float32.
 
     params {"output": "class_id"} returns class ids (N,) instead (calibrated, GZSL argmax).
-    The DEDNPredictor is `.predictor` (reach it with `PyFuncModel.unwrap_python_model()`).
+    The Predictor is `.predictor` (reach it with `PyFuncModel.unwrap_python_model()`).
     """
 
-    predictor: DEDNPredictor | None = None
+    predictor: Predictor | None = None
 
     def load_context(self, context: Any) -> None:
         self.predictor = predictor_from_files(context.artifacts)
@@ -222,9 +226,8 @@ def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, 
         seen_classes=np.asarray(class_side.seen_classes, np.int64),
         unseen_classes=np.asarray(class_side.unseen_classes, np.int64),
     )
-    clusters = getattr(net, "clusters", [])  # DEDN's fExp clusters; MSDN has none
-    meta = {"feature_shape": list(net.feature_shape), "clusters": [list(map(int, q)) for q in clusters],
-            "model": cfg.model.name, "dataset": cfg.dataset, "variant": cfg.variant, "format": 1}
+    meta = {"feature_shape": list(net.feature_shape), "family_meta": family_of(cfg).model_meta(net),
+            "model": cfg.model.name, "dataset": cfg.dataset, "variant": cfg.variant, "format": 2}
     (out / META_FILE).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS_FILE), "config": str(out / CONFIG_FILE),
             "class_side": str(out / CLASS_SIDE_FILE), "meta": str(out / META_FILE)}
@@ -295,7 +298,7 @@ def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, 
     """
     from mlflow.exceptions import MlflowException
 
-    from dedn import tracking
+    from dedn.tracking import store as tracking
 
     tracking.init_store()
     name = registered_name(cfg.dataset, cfg.model.name)
@@ -319,16 +322,16 @@ def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, 
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def load_predictor(uri: str) -> DEDNPredictor:
-    """`models:/dedn-cub@champion`, `models:/dedn-cub/3`, `runs:/<id>/model` -> DEDNPredictor."""
+def load_predictor(uri: str) -> Predictor:
+    """`models:/dedn-cub@champion`, `models:/msdn-cub/3`, `runs:/<id>/model` -> Predictor."""
     import mlflow.pyfunc
 
-    from dedn import tracking
+    from dedn.tracking import store as tracking
 
     tracking.init_store()
     wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    if not isinstance(wrapper, DEDNPyfuncModel) or wrapper.predictor is None:
-        raise ConfigError("model uri", "a DEDN model logged by dedn.registry", f"{uri} ({type(wrapper).__name__})", "load_predictor")
+    if not isinstance(wrapper, PyfuncModel) or wrapper.predictor is None:
+        raise ConfigError("model uri", "a model logged by dedn.tracking.registry", f"{uri} ({type(wrapper).__name__})", "load_predictor")
     return wrapper.predictor
 
 

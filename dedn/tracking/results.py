@@ -4,7 +4,7 @@ Two sources in the MLflow store (`dedn.tracking`):
 
 * `registry`: the version behind alias `champion` of `dedn-<dataset>`; its tags hold the
   validation and test metrics (`val_H`, `test_T`, ... as fractions, written by
-  `dedn.registry.register_model`) and the run id;
+  `dedn.tracking.registry.register_model`) and the run id;
 * `runs`: the finished training runs of experiment `dedn-<dataset>` that reached a test
   evaluation (metric `test_H`), ablation/sweep children excluded; the best is chosen on
   VALIDATION H (`selected_val_H`), never on test; runs without validation (protocol final)
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from dedn.errors import ConfigError
 from dedn.metrics import METRICS, format_pct
-from dedn.tracking import KIND_TAG
+from dedn.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG
 
 __all__ = [
     "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
@@ -35,7 +35,7 @@ PAPER_DEDN: dict[str, dict[str, float]] = {
     "AWA2": {"T": 75.8, "U": 68.0, "S": 76.5, "H": 72.0},
 }
 # Tags that mark runs which are not a plain training run of the dataset.
-CHILD_TAGS = ("mlflow.parentRunId", KIND_TAG, "dedn.sweep")
+CHILD_TAGS = (PARENT_TAG, KIND_TAG, SWEEP_TAG)
 SEMI_TAG = "semi_synthetic"
 
 
@@ -88,7 +88,7 @@ def from_registry(dataset: str, client: Any | None = None, alias: str = "champio
     """The `alias` version of `dedn-<dataset>` with its tagged test metrics; None when there is none."""
     from mlflow.exceptions import MlflowException
 
-    from dedn.registry import registered_name
+    from dedn.tracking.registry import registered_name
 
     c = _client(client)
     name = registered_name(dataset)

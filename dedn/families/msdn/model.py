@@ -1,6 +1,6 @@
 """MSDN: Mutually Semantic Distillation Network, Chen et al., CVPR 2022, as its authors' code implements it.
 
-Spec: docs/msdn.md (github.com/shiming-chen/MSDN @ ec3598b). Indices b batch, i attribute (D),
+Spec: docs/msdn.md (the authors' code, github.com/shiming-chen/MSDN @ ec3598b). Indices b batch, i attribute (D),
 r region (R), k class (K), g word dimension (G), c channel (C).
 
 * attribute->visual sub-net (§2): s1 = V W1 F (B, D, R); alpha = softmax_r(V W2 F);
@@ -40,12 +40,10 @@ W2 = 0 (G, C); W1_1 = 0 (C, G); W2_1 = 0 (G, C). The authors' W3 (G, C) and W3_1
 zero, feed only commented-out code and never receive a gradient: they are NOT created here
 (an unused parameter would also make DDP fail). Class attributes A (K, D) are a frozen buffer.
 
-Integration with the DEDN pipeline: the model knows nothing of seen/unseen classes (design.md);
-the +-1 margin is added by `msdn_loss` (from the `ClassProtocol`) and at evaluation by
-calibrated stacking (`eval.calibration = 2.0`). `MSDNOutput.score_parts()` puts S1 in the
-slot of the "first expert" (`P_rc`) and S2 in that of the second (`P_rf`), so
-`combine_score_parts(parts, lambda_rc, lambda_e) = lambda_e S1 + (1 - lambda_e) S2`, i.e.
-`eval.lambda_e` is w1, and `LambdaSearch(experts="both", channel_attention=False)` searches w1.
+Integration with the pipeline: the model knows nothing of seen/unseen classes (design.md); the
++-1 margin is added by `msdn_loss` (from the `ClassProtocol`) and at evaluation by calibrated
+stacking (`eval.calibration = 2.0`). The family (`dedn.families.msdn`) exposes S1 and S2 as
+the score parts `S_av`, `S_va` and their weight as `eval.w1`.
 """
 from __future__ import annotations
 
@@ -58,17 +56,12 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from dedn.attention import compute_dtype, normalize_features, region_branch
-from dedn.class_side import ClassSide
-from dedn.config import DEDNConfig, LossConfig, ModelConfig
-from dedn.errors import ConfigError
+from dedn.families.msdn.config import MSDNLossConfig, MSDNModelConfig
 from dedn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance
 from dedn.protocol import ClassProtocol
 
-__all__ = [
-    "NAME", "MSDN", "MSDNOutput", "attribute_branch", "msdn_loss", "build", "loss",
-]
+__all__ = ["MSDN", "MSDNOutput", "attribute_branch", "msdn_loss"]
 
-NAME = "msdn"  # cfg.model.name and the engine's MODELS key
 Impl = Literal["fused", "direct"]
 
 
@@ -106,22 +99,9 @@ class MSDNOutput:
         """S2 - m = psi2 A^T (B, K), float32 (or float64)."""
         return self._scores(self.psi_va)
 
-    def score_parts(self) -> dict[str, Tensor]:
-        """{'P_rc': S1, 'P_rf': S2} (B, K): the slots whose lambda_e-combination is w1 S1 + w2 S2.
-
-        Same names as DEDNOutput.score_parts so `dedn.metrics.LambdaSearch(experts="both",
-        channel_attention=False)` and `dedn.model.combine_score_parts` work unchanged.
-        """
-        return {"P_rc": self.scores_av, "P_rf": self.scores_va}
-
-    def inference_scores(self, lambda_rc: float = 1.0, lambda_e: float = 0.9) -> Tensor:
-        """w1 S1 + (1 - w1) S2 (B, K) with w1 = lambda_e (msdn.md §6, margin left to calibrated stacking).
-
-        Same signature as DEDNOutput.inference_scores; lambda_rc has no meaning for MSDN (no
-        region/channel split) and is ignored.
-        """
-        w1 = float(lambda_e)
-        return w1 * self.scores_av + (1.0 - w1) * self.scores_va
+    def inference_scores(self, w1: float = 0.9) -> Tensor:
+        """w1 S1 + (1 - w1) S2 (B, K) (msdn.md §6, margin left to calibrated stacking)."""
+        return float(w1) * self.scores_av + (1.0 - float(w1)) * self.scores_va
 
 
 # ---- the visual->attribute branch ---------------------------------------------------------
@@ -154,7 +134,7 @@ class MSDN(nn.Module):
     tensors; "direct" follows the spec's formulas literally (tests, benchmark baseline).
     """
 
-    def __init__(self, cfg: ModelConfig, *, word_vectors: Tensor, class_attributes: Tensor,
+    def __init__(self, cfg: MSDNModelConfig, *, word_vectors: Tensor, class_attributes: Tensor,
                  feature_shape: tuple[int, int, int] | Sequence[int], impl: Impl = "fused"):
         super().__init__()
         word_vectors = torch.as_tensor(word_vectors)
@@ -226,8 +206,7 @@ class MSDN(nn.Module):
 
 
 # ---- objective ------------------------------------------------------------------------------
-def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: LossConfig,
-              variant: str = "reference") -> dict[str, Tensor]:
+def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSDNLossConfig) -> dict[str, Tensor]:
     """msdn.md §4: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (cubic + JSD)(S1, S2).
 
     labels (B,) int class ids. lam = cfg.calibration_weight, gamma = cfg.gamma (0 or
@@ -237,8 +216,7 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: Los
     phase; selection excludes the test-unseen classes as the pipeline requires). CE uses the
     scores without the margin, Cal and the distillation the scores with it (seen -1, unseen +1,
     `dedn.losses.biased_scores`). Where the authors' cubic term is NaN (S1 = S2 for a sample),
-    `dedn.losses.cubic_distance` gives 0. `variant` is accepted for the engine's signature;
-    MSDN has one form.
+    `dedn.losses.cubic_distance` gives 0.
     """
     dev = out.class_attributes.device
     seen, unseen, active = protocol.seen_mask(dev), protocol.unseen_mask(dev), protocol.active_mask(dev)
@@ -260,28 +238,3 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: Los
                                         cfg.distance, mask=active)
             total = total + gamma * parts["distill"]
     return {"loss": total, **parts}
-
-
-# ---- the model-family interface (engine.MODELS) --------------------------------------------
-def build(cfg: DEDNConfig, class_side: ClassSide, feature_shape: tuple[int, int, int] | Sequence[int],
-          clusters: Sequence[Sequence[int]] | None = None) -> MSDN:
-    """MSDN for a pipeline config; `clusters` is accepted for the engine's signature and unused.
-
-    Requires model.experts=both and model.channel_attention=false (the msdn presets set them):
-    evaluation reads the two sub-nets' scores through the lambda_e slots (see module docstring).
-    """
-    if cfg.model.name != NAME:
-        raise ConfigError("model.name", NAME, cfg.model.name, "dedn.msdn.build")
-    if cfg.model.experts != "both":
-        raise ConfigError("model.experts", "both for model=msdn (its two sub-nets; use a msdn_* preset)",
-                          cfg.model.experts, "dedn.msdn.build")
-    if cfg.model.channel_attention:
-        raise ConfigError("model.channel_attention", "false for model=msdn (no channel branch; use a msdn_* preset)",
-                          True, "dedn.msdn.build")
-    return MSDN(cfg.model,
-                word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
-                class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
-                feature_shape=tuple(int(x) for x in feature_shape))
-
-
-loss = msdn_loss  # the engine's `ModelSpec(build=msdn.build, loss=msdn.loss)`

@@ -1,4 +1,4 @@
-"""MLflow tracking for `dedn`: where the store lives, experiments, and what a training run logs.
+"""The MLflow store: where it lives, experiments, runs (parent and child), tags, and a run logger.
 
 The store is a fixed, documented place, so runs started directly (`python jobs/train.py`) and
 runs submitted to a cluster (`ray job submit`, whose working directory is a Ray temp folder)
@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -32,12 +33,24 @@ if TYPE_CHECKING:
 __all__ = [
     "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment",
     "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH",
+    "Run", "start_training_run", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics",
+    "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG",
+    "find_child_run", "child_runs", "model_version_by_alias",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
 
-
-KIND_TAG = "dedn.kind"  # what made a run that is not a training run: "ablation", "sweep"
+# Tag keys, once. MLflow's own nesting tag makes a run a child in its UI.
+PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "dedn.kind"  # what made a run that is not a training run: "ablation", "sweep", "comparison"
+CHECKPOINT_TAG = "dedn.checkpoint_dir"  # a training run's last Ray Train checkpoint folder
+REGISTERED_TAG = "registered_model_version"  # "<name>/<version>" of the model a run registered
+SWEEP_TAG = "dedn.sweep"  # the sweep a run belongs to
+TRIAL_TAG = "dedn.trial_id"
+BEST_TRIAL_TAG = "dedn.best_trial_id"
+FINAL_RUN_TAG = "dedn.final_run_id"
+SETTING_TAG = "dedn.ablation.setting"
+MODEL_TAG = "model"
 
 def dedn_home() -> Path:
     """`$DEDN_HOME`, default `~/.dedn`: the MLflow store, Ray Train storage and the demo dataset live here."""
@@ -144,7 +157,7 @@ def ray_job_id() -> str | None:
 def run_tags(cfg: "DEDNConfig", *, semi_synthetic: bool, data_path: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Tags every training run carries: dataset, variant, protocol, git commit, Ray job, semi_synthetic."""
     tags = {
-        "dataset": cfg.dataset, "model": cfg.model.name, "variant": cfg.variant, "protocol": cfg.protocol,
+        "dataset": cfg.dataset, MODEL_TAG: cfg.model.name, "variant": cfg.variant, "protocol": cfg.protocol,
         "semi_synthetic": str(bool(semi_synthetic)).lower(), "data_path": data_path,
     }
     sha = git_commit()
@@ -158,17 +171,77 @@ def run_tags(cfg: "DEDNConfig", *, semi_synthetic: bool, data_path: str, extra: 
     return tags
 
 
-def start_run(cfg: "DEDNConfig", *, run_name: str, tags: Mapping[str, str], experiment: str | None = None) -> tuple[str, str]:
-    """Create the run in the driver; log the full resolved config as params. Returns (experiment_id, run_id)."""
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Params of a run, values cut to MLflow's length limit, in batches of 100 (log_batch's limit)."""
     from mlflow.entities import Param
 
-    exp_id = get_or_create_experiment(experiment or experiment_name(cfg.dataset))
     c = client()
-    run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
-    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-        c.log_batch(run.info.run_id, params=params[i:i + 100])
+    items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Metrics of a run at one step, in one batch."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step)) for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def log_artifact(run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status)
+
+
+def start_run(name: str, *, experiment: str, tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None,
+              parent_run_id: str = "") -> tuple[str, str]:
+    """Create a run (a child of parent_run_id when given) in the driver. Returns (experiment_id, run_id)."""
+    exp_id = get_or_create_experiment(experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client().create_run(exp_id, run_name=name, tags=all_tags)
+    if params:
+        log_params(run.info.run_id, params)
     return exp_id, run.info.run_id
+
+
+@dataclass
+class Run:
+    """A run created by the driver: its ids and where it lives."""
+
+    run_id: str
+    experiment_id: str
+    experiment_name: str
+    tracking_uri: str
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        set_tags(self.run_id, tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        finish_run(self.run_id, status)
+
+
+def start_training_run(cfg: "DEDNConfig", *, name: str, semi_synthetic: bool, experiment: str = "",
+                       parent_run_id: str = "", tags: Mapping[str, str] | None = None) -> Run:
+    """A training run: the full resolved config as params, the run tags, nested when parent_run_id is given."""
+    exp = experiment or experiment_name(cfg.dataset)
+    all_tags = run_tags(cfg, semi_synthetic=semi_synthetic, data_path=cfg.data.path,
+                        extra={"ray_train_run": name, **(tags or {})})
+    exp_id, run_id = start_run(name, experiment=exp, tags=all_tags, params=cfg.flat(), parent_run_id=parent_run_id)
+    return Run(run_id, exp_id, exp, tracking_uri())
 
 
 class RunLogger:
@@ -238,3 +311,30 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def find_child_run(experiment: str, parent_run_id: str, tags: Mapping[str, str]) -> str | None:
+    """The id of a child run of `parent_run_id` carrying `tags` (e.g. a resumed sweep's trial), or None."""
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = " and ".join([f"tags.`{PARENT_TAG}` = '{parent_run_id}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    found = client().search_runs([exp.experiment_id], filter_string=flt, max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def child_runs(parent_run_id: str, experiment_id: str) -> list[Any]:
+    """Every child run of a parent (MLflow Run objects), oldest first."""
+    runs = client().search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                order_by=["attributes.start_time ASC"])
+    return list(runs)
+
+
+def model_version_by_alias(name: str, alias: str) -> Any | None:
+    """The registered model version `name@alias`, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None

@@ -1,0 +1,68 @@
+"""MSDN (Chen et al., CVPR 2022) as a model family: two sub-nets, mutual distillation, w1 S1 + w2 S2.
+
+Score parts S_av (attribute->visual, S1) and S_va (visual->attribute, S2), each psi A^T (B, K)
+without the +-1 margin (calibrated stacking applies it at evaluation). One post-hoc weight,
+`eval.w1` (w2 = 1 - w1). The network and its loss: `dedn.families.msdn.model`; docs/msdn.md.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dedn.families import register_family
+from dedn.families.base import ModelFamily
+from dedn.families.msdn.config import MSDNEvalConfig, MSDNLossConfig, MSDNModelConfig
+
+if TYPE_CHECKING:
+    from dedn.class_side import ClassSide
+    from dedn.config import DEDNConfig
+    from dedn.protocol import ClassProtocol
+
+__all__ = ["MSDNFamily", "FAMILY"]
+
+
+class MSDNFamily(ModelFamily):
+    name = "msdn"
+    title = "MSDN"
+    model_config = MSDNModelConfig
+    loss_config = MSDNLossConfig
+    eval_config = MSDNEvalConfig
+    loss_parts = ("loss", "ce_av", "ce_va", "cal_av", "cal_va", "distill")
+    score_part_names = ("S_av", "S_va")
+    weight_names = ("w1",)
+    package = "dedn.families.msdn"
+
+    def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
+              meta: Mapping[str, Any] | None = None) -> nn.Module:
+        from dedn.families.msdn.model import MSDN
+
+        return MSDN(cfg.model, word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
+                    class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
+                    feature_shape=tuple(int(x) for x in feature_shape))
+
+    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
+        from dedn.families.msdn.model import msdn_loss
+
+        return msdn_loss(out, labels, protocol, cfg.loss)
+
+    def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
+        if class_attributes is not None:
+            import dataclasses
+
+            out = dataclasses.replace(out, class_attributes=class_attributes)
+        return {"S_av": out.scores_av, "S_va": out.scores_va}
+
+    def coefficients(self, cfg: "DEDNConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
+        w1 = float(weights["w1"])
+        table = {"S_av": w1, "S_va": 1.0 - w1}
+        return [table[n] for n in names]
+
+    def attention_maps(self, out: Any) -> dict[str, Tensor]:
+        return {k: v for k, v in (("attribute->visual", out.attention_av), ("visual->attribute", out.attention_va))
+                if v is not None}
+
+
+FAMILY = register_family(MSDNFamily())

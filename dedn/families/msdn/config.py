@@ -1,0 +1,43 @@
+"""MSDN's config blocks (docs/msdn.md §5-§7): `model`, `loss` and `eval` with its weight w1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dedn.config import EvalConfig, _check
+
+__all__ = ["MSDNModelConfig", "MSDNLossConfig", "MSDNEvalConfig"]
+
+
+@dataclass(frozen=True)
+class MSDNModelConfig:
+    name: str = "msdn"
+    normalize_features: bool = True  # each region's C-vector L2-normalised
+    normalize_word_vectors: bool = False  # AWA2: re-normalise V's rows at every forward
+
+
+@dataclass(frozen=True)
+class MSDNLossConfig:
+    """docs/msdn.md §4: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (distance + JSD)(S1, S2)."""
+
+    gamma: float = 1e-3  # mutual distillation weight
+    calibration_weight: float = 0.1  # lam of the self-calibration terms
+    distill: bool = True
+    distance: Literal["mse", "sse", "cubic"] = "cubic"
+
+    def __post_init__(self) -> None:
+        for key in ("gamma", "calibration_weight"):
+            v = getattr(self, key)
+            _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
+        _check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
+
+
+@dataclass(frozen=True)
+class MSDNEvalConfig(EvalConfig):
+    """Inference w1 S1 + (1 - w1) S2 (docs/msdn.md §6); the authors fix w1 per dataset."""
+
+    w1: float = 0.9  # weight of the attribute->visual sub-net's scores S1; w2 = 1 - w1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.w1 <= 1, "eval.w1", "in [0, 1]", self.w1)

@@ -1,0 +1,476 @@
+"""The one training driver: a Ray Train function run by a `TorchTrainer`, for every job and trial.
+
+`train(cfg, settings)` (driver side) opens the dataset, creates the MLflow run, starts a
+TorchTrainer whose workers run `train_func` — the one train function: `jobs/train.py`, the
+ablations, the comparison, every Tune trial (one worker or N) and a sweep's final retrain all
+come through here, as in Ray's own Train/Tune interop examples. A trial passes Tune's
+`TuneReportCallback`; a run of protocol `select` never opens a test shard.
+
+`train_func` (every worker): the dataset streamed by rank (`ShardReader(rank, world_size)`),
+DDP over gloo (CPU) or NCCL (GPU, bf16 autocast), evaluation counts summed over ranks, and
+`dedn.training.loop.run_protocol` with its sinks: console progress (rank 0), MLflow (rank 0,
+`dedn.tracking.MLflowSink`) and Ray Train (`RayTrainSink`: every rank reports, rank 0 writes
+the checkpoint). After a worker failure Ray restarts the group (`FailureConfig`) and the loop
+continues from `ray.train.get_checkpoint()`; the checkpoint carries model, optimisers, history,
+best-so-far, RNG state and, in the final phase, the selection.
+
+Test hooks (`DebugHooks`): record which samples each rank trained on and a digest of its
+parameters, and make one rank raise once at a given epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from dedn.atomic import write_text
+from dedn.checkpoint import load_checkpoint, save_checkpoint
+from dedn.config import DEDNConfig
+from dedn.dataset import FeatureDataset
+from dedn.errors import ConfigError
+from dedn.families import family_of
+from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn
+
+__all__ = [
+    "STATE_FILE", "SCORE_ATTRIBUTE", "TrainSettings", "DebugHooks", "TrainOutcome", "init_ray", "cpus_per_worker",
+    "train_func", "build_trainer", "train", "feature_digest", "params_digest", "read_outcome",
+]
+
+STATE_FILE = "state.pt"  # the loop's checkpoint dict (torch.save of tensors and plain values)
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by DebugHooks.fail_* to exercise fault tolerance."""
+
+
+@dataclass(frozen=True)
+class DebugHooks:
+    """Test switches, off by default.
+
+    record_dir: each rank writes `rank<r>.json` there: per phase and epoch the digests of the
+    feature rows it trained on (see `feature_digest`), and a digest of its final parameters.
+    fail_rank / fail_epoch / fail_marker: rank `fail_rank` raises InjectedFault in the middle of
+    epoch `fail_epoch` of the select phase (after its first training step) if `fail_marker` does
+    not exist yet; it creates the marker first, so the fault happens once per marker.
+    """
+
+    record_dir: str = ""
+    fail_rank: int = 1
+    fail_epoch: int = 0  # 0 = never
+    fail_marker: str = ""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a run is distributed, checkpointed and tracked (not part of the model config)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0  # 0 = fit the cluster: min(1, CPUs / workers) without a GPU
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    num_to_keep: int = 2  # checkpoints kept (best val H; the latest is always kept)
+    storage_path: str = ""  # Ray Train storage; "" = <DEDN_HOME>/ray_results
+    name: str = ""  # Ray Train run name; "" = <model>-<dataset>-<time>-<id> (a new run)
+    experiment: str = ""  # MLflow experiment; "" = dedn-<dataset>
+    register: bool = True  # register the final model (needs protocol two_phase or final)
+    track: bool = True  # MLflow on; False = no run, no registry
+    parent_run_id: str = ""  # nest the MLflow run under this run (ablations, comparisons)
+    tags: Mapping[str, str] = field(default_factory=dict)  # extra MLflow tags of the run
+    verbose: bool = True  # rank-0 progress lines on stdout
+    ray_info_logs: bool = False  # Ray Train's own INFO logs (one line per report and rank)
+    debug: DebugHooks = field(default_factory=DebugHooks)
+
+    def __post_init__(self) -> None:
+        for key, v, lo in (("num_workers", self.num_workers, 1), ("max_failures", self.max_failures, 0),
+                           ("num_to_keep", self.num_to_keep, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"settings.{key}", f"an int >= {lo}", v, "TrainSettings")
+        if self.cpus_per_worker < 0:
+            raise ConfigError("settings.cpus_per_worker", ">= 0", self.cpus_per_worker, "TrainSettings")
+
+
+@dataclass
+class TrainOutcome:
+    """What `train` hands back: where things went, the selection, the test metrics, the registered version."""
+
+    run_id: str | None
+    experiment_id: str | None
+    tracking_uri: str | None
+    storage_dir: str
+    checkpoint_dir: str | None
+    val_metrics: dict[str, float] | None
+    test_metrics: dict[str, float] | None
+    best_epoch: int
+    weights: dict[str, float]  # the selected (or configured) inference weights
+    history: list[EpochReport] = field(default_factory=list)  # the last phase's epochs
+    registered: Any = None  # dedn.tracking.registry.RegisteredVersion
+    seconds: float = 0.0
+
+
+# ---- Ray -------------------------------------------------------------------------------------
+def init_ray(dashboard: bool = False) -> None:
+    """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
+
+    dashboard: give the embedded Ray its dashboard (its State API frees each finished Ray Train
+    run's placement group at once; a sweep of TorchTrainer trials needs that).
+
+    `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
+    start` leaves its address on the node); otherwise an embedded Ray starts, without the
+    dashboard (about 1 GB RSS) unless asked. Ray-internal loggers are raised to ERROR there
+    (docs/stack-notes.md: the placement-group cleaner's once-a-second warning); our progress
+    lines are written to stdout, not logged, so they still show.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
+            raise
+        # Ray Train 2.60 starts a PreemptionWatcher actor (max_restarts=-1, worker handles as
+        # arguments) and Ray core logs an error-level line about it on every run. It only watches
+        # node drains, which a single-node embedded Ray never has; real clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if dashboard:
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+
+
+def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0, available: float | None = None) -> float:
+    """CPUs each worker asks Ray for: `requested`, else what fits `available` (default: the cluster's).
+
+    On a 2-CPU machine 2 workers get 1 CPU each (Train V2's controller needs none); fractional
+    values keep small clusters schedulable.
+    """
+    if requested > 0:
+        return float(requested)
+    if available is None:
+        import ray
+
+        available = float(ray.cluster_resources().get("CPU", 1.0))
+    per = available / num_workers
+    # CPU training: one core each is what a worker uses well; GPU workers get a few for the reader
+    return max(0.25, min(per, 4.0 if use_gpu else 1.0))
+
+
+def torch_threads(cpus: float) -> int:
+    """Intra-op threads of a worker: its whole CPUs, at least one (more would oversubscribe the node)."""
+    return max(1, int(math.floor(cpus)))
+
+
+# ---- digests (test hooks) ---------------------------------------------------------------------
+def feature_digest(features: torch.Tensor) -> list[str]:
+    """One short hex digest per row of features (B, ...): identifies a sample by its exact feature bytes."""
+    rows = features.detach().to("cpu", torch.float32).contiguous().reshape(features.shape[0], -1).numpy()
+    return [hashlib.blake2b(r.tobytes(), digest_size=8).hexdigest() for r in rows]
+
+
+def params_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name order): equal digests = bitwise-equal models."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Recorder:
+    """Forward pre-hook on the training model (digests of the rows seen, the injected fault) and a sink
+    (which epoch comes next)."""
+
+    def __init__(self, hooks: DebugHooks, rank: int, phase: str, epoch: int):
+        self.hooks, self.rank = hooks, rank
+        self.phase, self.epoch, self.steps = phase, epoch, 0
+        self.seen: dict[str, dict[str, list[str]]] = {}
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not module.training:
+            return
+        h = self.hooks
+        if (h.fail_epoch and self.rank == h.fail_rank and self.phase == "select" and self.epoch == h.fail_epoch
+                and self.steps >= 1 and h.fail_marker and not os.path.exists(h.fail_marker)):
+            Path(h.fail_marker).write_text(f"rank {self.rank} failed at epoch {self.epoch}\n")
+            raise InjectedFault(f"injected fault: rank {self.rank}, select epoch {self.epoch}")
+        self.steps += 1
+        if h.record_dir:
+            self.seen.setdefault(self.phase, {}).setdefault(str(self.epoch), []).extend(feature_digest(args[0]))
+
+    def on_epoch(self, report: EpochReport, state: StateFn) -> None:
+        # the final phase follows the last selection epoch
+        last_select = report.phase == "select" and report.epoch == report.epochs
+        self.phase, self.epoch, self.steps = ("final", 1, 0) if last_select else (report.phase, report.epoch + 1, 0)
+
+    def write(self, model: nn.Module) -> None:
+        if self.hooks.record_dir:
+            write_text(Path(self.hooks.record_dir) / f"rank{self.rank}.json",
+                       json.dumps({"rank": self.rank, "seen": self.seen, "params": params_digest(model)}))
+
+
+# ---- the worker --------------------------------------------------------------------------------
+class _TorchCollective:
+    """Sum and max over the worker group with torch.distributed."""
+
+    def sum_(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def max_(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+class RayTrainSink:
+    """Every rank calls ray.train.report with the epoch's metrics; rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_epoch(self, report: EpochReport, state: StateFn) -> None:
+        import ray.train
+
+        metrics = report.metrics()
+        # final-phase epochs have no validation: NaN ranks them below every selection epoch
+        # (Ray keeps the latest checkpoint whatever its score)
+        metrics.setdefault(SCORE_ATTRIBUTE, float("nan"))
+        metrics.update(phase=report.phase, epoch=int(report.epoch))
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint(Path(d) / STATE_FILE, state())
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{report.phase}-epoch{report.epoch:04d}")
+
+
+def _quiet_ray_train_reports(keep: bool) -> None:
+    """Ray Train V2 logs every `report` (metrics dict included) at INFO on every rank, on a logger named
+    after its module file, which LoggingConfig does not reach; the progress lines replace it."""
+    if keep:
+        return
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _resume_state() -> dict[str, Any] | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_checkpoint(Path(d) / STATE_FILE)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The one train function (every Ray Train worker of every run): `run_protocol` with DDP and sinks.
+
+    config: {"cfg": run config dict (data.path absolute), "use_gpu", "threads", "run_id",
+    "tracking_uri", "semi_synthetic", "debug": DebugHooks fields, "verbose", "ray_info_logs"}.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dedn.reader import forbid_splits
+    from dedn.training.loop import run_protocol, unwrap_model
+
+    _quiet_ray_train_reports(bool(config.get("ray_info_logs")))
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    cfg = DEDNConfig.from_dict(config["cfg"], source="train_loop_config")
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    # a selection-only run (a sweep's trial) must not touch a test shard: the guard is per process
+    guard = forbid_splits(TEST_SPLITS) if cfg.protocol == "select" else nullcontext()
+    with guard:
+        # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
+        dataset = FeatureDataset.open(cfg.data.path, verify="none")
+        resume = _resume_state()
+        phase = resume["phase"] if resume else ("select" if cfg.protocol != "final" else "final")
+        recorder = _Recorder(DebugHooks(**config.get("debug", {})), rank, phase, int(resume["epoch"]) + 1 if resume else 1)
+
+        def wrap(model: nn.Module) -> nn.Module:
+            wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+            wrapped.register_forward_pre_hook(recorder)
+            return wrapped
+
+        sinks: list[Any] = [recorder]
+        if rank == 0 and config.get("verbose", True):
+            sinks.append(ConsoleSink(world_size))
+        if rank == 0 and config.get("run_id"):
+            from dedn.tracking import MLflowSink
+
+            sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
+                                    semi_synthetic=bool(config.get("semi_synthetic"))))
+        sinks.append(RayTrainSink(rank))
+        result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
+                              device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
+                              autocast_dtype=autocast_dtype)
+        last = result.final or result.select
+        assert last is not None
+        recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
+
+
+def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDataset) -> nn.Module:
+    """The network of a checkpoint dict (its own config and meta), on CPU."""
+    from dedn.training.loop import model_from_state
+
+    run_cfg = DEDNConfig.from_dict(state["config"], source="checkpoint") if "config" in state else cfg
+    return model_from_state(run_cfg, dataset, state["model"], state.get("meta"))
+
+
+# ---- the driver ------------------------------------------------------------------------------
+def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
+                  semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's TuneReportCallback."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cpus = cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker)
+    resources: dict[str, float] = {"CPU": cpus}
+    if settings.use_gpu:
+        resources["GPU"] = 1.0
+    loop_config = {
+        "cfg": cfg.to_dict(), "use_gpu": settings.use_gpu, "threads": torch_threads(cpus), "run_id": run_id,
+        "tracking_uri": tracking_uri, "semi_synthetic": semi_synthetic, "verbose": settings.verbose,
+        "debug": dataclasses.asdict(settings.debug), "ray_info_logs": settings.ray_info_logs,
+    }
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep, checkpoint_score_attribute=SCORE_ATTRIBUTE,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            # Ray Train logs every report at INFO; our rank-0 progress lines say what matters
+            logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "WARNING"),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
+def run_name(cfg: DEDNConfig) -> str:
+    return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
+    """The run's dataset, checked in the driver; a selection-only run never opens a test shard."""
+    if not cfg.data.path:
+        raise ConfigError("data.path", "a dataset directory", "", "config")
+    data = str(Path(cfg.data.path).expanduser().resolve())
+    splits = SELECTION_SPLITS if cfg.protocol == "select" else None
+    dataset = FeatureDataset.open(data, splits=splits)
+    if dataset.name.upper() != cfg.dataset.upper():
+        raise ConfigError("dataset", f"the dataset's name {dataset.name!r} (from {data}/dataset.json)", cfg.dataset, "config")
+    family_of(cfg)  # an unknown model.name fails here, before Ray starts
+    return cfg.replace(**{"data.path": data}), dataset
+
+
+def read_outcome(ckpt_dir: str | None, cfg: DEDNConfig) -> dict[str, Any]:
+    """Selection and test metrics from a run's last checkpoint folder (the loop's state dict)."""
+    fam = family_of(cfg)
+    if ckpt_dir is None:
+        return {"val": None, "test": None, "best_epoch": 0, "weights": fam.configured_weights(cfg), "state": None}
+    state = load_checkpoint(Path(ckpt_dir) / STATE_FILE)
+    history = [EpochReport.from_dict(h) for h in state.get("history", [])]
+    sel = state.get("selection") if state["phase"] == "final" else state.get("best")
+    test = history[-1].test if state["phase"] == "final" and history else None
+    weights = dict(sel["weights"]) if sel else fam.configured_weights(cfg)
+    return {"val": sel.get("metrics") if sel else None, "test": test,
+            "best_epoch": int(sel["epoch"]) if sel else int(state["epoch"]), "weights": weights, "state": state,
+            "history": history}
+
+
+def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: Sequence[Any] = ()) -> TrainOutcome:
+    """Run cfg.protocol on Ray Train (initialising Ray if needed), track it, register the final model.
+
+    cfg.data.path must name a dataset directory. Returns a TrainOutcome; raises what the
+    workers raised once `max_failures` restarts are used up.
+    """
+    from dedn import tracking
+
+    settings = settings or TrainSettings()
+    t0 = time.perf_counter()
+    cfg, dataset = open_dataset(cfg)
+    name = settings.name or run_name(cfg)
+    storage = str(Path(settings.storage_path).expanduser().resolve()) if settings.storage_path else str(tracking.dedn_home() / "ray_results")
+    Path(storage).mkdir(parents=True, exist_ok=True)
+
+    run = None
+    if settings.track:
+        tracking.init_store()  # in the driver, before any worker touches the store
+    init_ray()  # before the run's tags: they name the Ray job
+    if settings.track:
+        run = tracking.start_training_run(cfg, name=name, semi_synthetic=dataset.semi_synthetic, experiment=settings.experiment,
+                                          parent_run_id=settings.parent_run_id,
+                                          tags={"num_workers": str(settings.num_workers),
+                                                "device": "gpu" if settings.use_gpu else "cpu", **settings.tags})
+        if settings.verbose:
+            print(f"MLflow: run {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}", flush=True)
+
+    trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
+                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks)
+    try:
+        result = trainer.fit()
+        if result.error is not None:  # older behaviour: the error on the result instead of raised
+            raise result.error
+    except BaseException:
+        if run is not None:
+            run.finish("FAILED")
+        raise
+
+    ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None
+    got = read_outcome(ckpt_dir, cfg)
+    outcome = TrainOutcome(run.run_id if run else None, run.experiment_id if run else None, run.tracking_uri if run else None,
+                           str(Path(storage) / name), ckpt_dir, got["val"], got["test"], got["best_epoch"], got["weights"],
+                           got.get("history", []))
+    if run is not None:
+        if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
+            run.set_tags({tracking.CHECKPOINT_TAG: ckpt_dir})
+        if settings.register and got["test"] is not None:
+            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, got["val"] or {}, got["test"])
+            run.set_tags({tracking.REGISTERED_TAG: f"{outcome.registered.name}/{outcome.registered.version}"})
+        run.finish("FINISHED")
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _register(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
+              val: Mapping[str, float], test: Mapping[str, float]) -> Any:
+    """Rebuild the final weights from the last checkpoint and register them (driver side)."""
+    from dedn.reader import ShardReader
+    from dedn.tracking import registry
+
+    final_cfg = DEDNConfig.from_dict(state["config"], source=f"checkpoint of run {run_id}")
+    model = last_model(state, final_cfg, dataset)
+    example = next(iter(ShardReader(dataset, "trainval", batch_size=1, shuffle=False))).features.numpy()  # (1, C, H, W)
+    return registry.register_model(model, final_cfg, dataset.class_side, run_id=run_id, val_metrics=val,
+                                   test_metrics=test, input_example=example, semi_synthetic=dataset.semi_synthetic)

@@ -1,0 +1,448 @@
+"""The training loop: build, train one epoch, evaluate, and `run_phase` / `run_protocol`.
+
+Fixed phases (docs/design.md#the-training-loop): setup -> per epoch train_one_epoch -> evaluate
+-> report to the sinks -> cleanup. No Ray, no MLflow: `dedn.training.driver.train_func` (the
+one Ray Train function every job, trial and retrain runs) calls `run_protocol` with a DDP
+wrapper, a `torch.distributed` collective and its sinks; unit tests call it in-process.
+Everything model-specific comes from the run's family (`dedn.families`).
+
+Protocol `two_phase`: **select** trains on `train` and evaluates `val_seen` / `val_unseen`
+every epoch, keeping the epoch and the family's inference weights with the best validation H;
+**final** retrains on `trainval` from the same seed for that many epochs and evaluates
+`test_seen` / `test_unseen` once, at the selected weights. The test splits are forbidden
+during selection.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dedn.checkpoint import CheckpointError, rng_state, set_rng_state
+from dedn.class_side import ClassSide
+from dedn.config import DEDNConfig
+from dedn.dataset import FeatureDataset
+from dedn.errors import ConfigError, NonFiniteLossError
+from dedn.families import ModelFamily, family_of
+from dedn.families.base import StepContext
+from dedn.metrics import ClassAccuracy, GZSLCounts, WeightSearch
+from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
+from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
+from dedn.training.report import Best, EpochReport, Sink, emit
+
+__all__ = [
+    "NonFiniteLossError", "Collective", "EvalResult", "PhaseResult", "ProtocolResult", "build_model", "model_from_state",
+    "unwrap_model", "train_one_epoch", "evaluate", "run_phase", "run_protocol", "final_config", "phase_seed",
+]
+
+
+class Collective(Protocol):
+    """In-place reductions over the ranks of a group (torch.distributed on a worker group)."""
+
+    def sum_(self, t: Tensor) -> None: ...
+
+    def max_(self, t: Tensor) -> None: ...
+
+
+# ---- models ------------------------------------------------------------------------------
+def build_model(cfg: DEDNConfig, class_side: ClassSide, feature_shape: Sequence[int],
+                meta: Mapping[str, Any] | None = None) -> nn.Module:
+    """The run's family's network, initialised from cfg.optim.seed alone (identical on every rank).
+
+    The global RNG is left as it was: initialisation draws from a forked generator.
+    """
+    family = family_of(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.optim.seed)
+        return family.build(cfg, class_side, tuple(int(x) for x in feature_shape), meta)  # type: ignore[arg-type]
+
+
+def model_from_state(cfg: DEDNConfig, dataset: FeatureDataset, model_state: Mapping[str, Tensor],
+                     meta: Mapping[str, Any] | None = None) -> nn.Module:
+    """The network of a checkpoint's model state, built for `dataset`, on CPU."""
+    model = build_model(cfg, dataset.class_side, dataset.feature_shape, meta)
+    model.load_state_dict(dict(model_state))
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside a DDP (or similar) wrapper; the model itself otherwise."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
+    """Yields (batch, seconds spent waiting for it)."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
+
+
+# ---- one epoch ---------------------------------------------------------------------------
+def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapping[str, torch.optim.Optimizer],
+                    protocol: ClassProtocol, cfg: DEDNConfig, *, device: str | torch.device = "cpu",
+                    autocast_dtype: torch.dtype | None = None, max_steps: int = 0, epoch: int = 0) -> dict[str, Any]:
+    """One pass over `batches` (features (B, C, H, W), labels (B,)); at most `max_steps` steps when > 0.
+
+    Each step is the family's `train_step`. Returns {"losses": mean of every loss part,
+    "steps", "images", "seconds", "data_wait_frac"}. A NaN/inf loss raises NonFiniteLossError
+    before any update of that step.
+    """
+    device = torch.device(device)
+    family = family_of(cfg)
+    ctx = StepContext(cfg=cfg, protocol=protocol, optimizers=optimizers, device=device, autocast_dtype=autocast_dtype,
+                      epoch=epoch)
+    model.train()
+    sums: dict[str, float] = {}
+    steps = images = 0
+    wait = 0.0
+    t_start = time.perf_counter()
+    for batch, waited in _timed(batches):
+        wait += waited
+        x = batch.features.to(device, non_blocking=True)  # (B, C, H, W)
+        y = batch.labels.to(device, non_blocking=True)  # (B,)
+        ctx.step = steps + 1
+        for k, v in family.train_step(model, x, y, ctx).items():
+            sums[k] = sums.get(k, 0.0) + v
+        steps += 1
+        images += int(y.shape[0])
+        if max_steps and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - t_start
+    return {"losses": {k: v / max(1, steps) for k, v in sums.items()}, "steps": steps, "images": images,
+            "seconds": seconds, "data_wait_frac": wait / seconds if seconds > 0 else 0.0}
+
+
+@dataclass
+class EvalResult:
+    """metrics {'T','U','S','H'} at the configured weights; the grid's best when searched; per-class rows."""
+
+    metrics: dict[str, float]
+    best_weights: dict[str, float] | None
+    best_metrics: dict[str, float] | None
+    per_class: list[ClassAccuracy]
+    weights: dict[str, float]  # the configured weights of `metrics`
+    seconds: float = 0.0
+    search: WeightSearch | None = None  # counts at every grid point, when fitted (Figure 3)
+
+
+def weight_search(cfg: DEDNConfig, num_classes: int, family: ModelFamily | None = None) -> WeightSearch:
+    """An empty search over the family's post-hoc weight grid for a run config."""
+    family = family or family_of(cfg)
+    return WeightSearch(num_classes, family.weight_grid(cfg), lambda w, names: family.coefficients(cfg, w, names),
+                        calibration=cfg.eval.calibration, prefer=family.configured_weights(cfg))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, seen_batches: Iterable[Batch], unseen_batches: Iterable[Batch], protocol: ClassProtocol,
+             cfg: DEDNConfig, *, device: str | torch.device = "cpu", collective: Collective | None = None,
+             autocast_dtype: torch.dtype | None = None, fit_lambdas: bool | None = None) -> EvalResult:
+    """GZSL metrics of the model on a seen-side and an unseen-side split.
+
+    Counts at cfg.eval's weights and calibration, and at every grid point when `fit_lambdas`
+    (default cfg.eval.fit_lambdas); `collective` sums each count tensor over ranks (every rank
+    then returns the same result). Never fit weights on test splits.
+    """
+    device = torch.device(device)
+    family = family_of(cfg)
+    ev = cfg.eval
+    fit = ev.fit_lambdas if fit_lambdas is None else fit_lambdas
+    weights = family.configured_weights(cfg)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    counts = GZSLCounts(protocol.num_classes)
+    search = weight_search(cfg, protocol.num_classes, family) if fit else None
+    try:
+        for side, batches in (("seen", seen_batches), ("unseen", unseen_batches)):
+            for batch in batches:
+                x = batch.features.to(device, non_blocking=True)  # (B, C, H, W)
+                y = batch.labels.to(device, non_blocking=True)
+                with _autocast(device, autocast_dtype):
+                    out = model(x)
+                parts = family.score_parts(out)  # {name: (B, K)} in float32
+                counts.update(family.combine(cfg, parts, weights), y, protocol, side=side,  # type: ignore[arg-type]
+                              calibration=ev.calibration)
+                if search is not None:
+                    search.update(parts, y, protocol, side=side)  # type: ignore[arg-type]
+    finally:
+        model.train(was_training)
+    if collective is not None:
+        t = counts.tensor().to(device)
+        collective.sum_(t)
+        counts = GZSLCounts.from_tensor(t.cpu())
+        if search is not None:
+            s = search.tensor().to(device)
+            collective.sum_(s)
+            search.load_tensor(s.cpu())
+    best_w = best_m = None
+    if search is not None:
+        best_w, best_m = search.best(protocol)
+    return EvalResult(metrics=counts.compute(protocol), best_weights=best_w, best_metrics=best_m,
+                      per_class=counts.per_class_accuracy(protocol), weights=weights,
+                      seconds=time.perf_counter() - t0, search=search)
+
+
+# ---- one phase ---------------------------------------------------------------------------
+@dataclass
+class PhaseResult:
+    """What a phase produced.
+
+    select: best (epoch, validation metrics and weights of the best epoch), best_state (CPU
+    model state of that epoch). final: best = the last epoch with its test metrics; test.
+    Both: history (one EpochReport per epoch), state (the checkpoint dict after the last epoch).
+    """
+
+    phase: str
+    epochs: int
+    best: Best
+    history: list[EpochReport]
+    state: dict[str, Any]
+    best_state: dict[str, Tensor] | None = None
+    test: EvalResult | None = None
+
+
+def phase_seed(seed: int, rank: int) -> int:
+    """A torch/numpy/random seed for (seed, rank): runtime randomness differs per rank, reproducibly."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of nested dicts/lists with every tensor copied to the CPU (checkpoints load anywhere)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:
+    """The reader itself, or a DataLoader over it with `workers` processes."""
+    if workers <= 0:
+        return reader
+    return torch.utils.data.DataLoader(ShardIterableDataset(reader, workers), batch_size=None, num_workers=workers)
+
+
+def _check_resume(resume: Mapping[str, Any], cfg: DEDNConfig, phase: str, epochs: int) -> int:
+    for key in ("model", "optimizers", "epoch", "phase"):
+        if key not in resume:
+            raise CheckpointError("resume", f"a run_phase checkpoint dict with {key!r}", f"keys {sorted(resume)}")
+    if resume["phase"] != phase:
+        raise CheckpointError("resume", f"a checkpoint of phase {phase!r}", repr(resume["phase"]))
+    start = int(resume["epoch"]) + 1
+    if start > epochs + 1:
+        raise CheckpointError("resume", f"a checkpoint at epoch <= {epochs}", resume["epoch"])
+    saved = resume.get("config", {}).get("model")
+    if saved is not None and saved != cfg.to_dict()["model"]:
+        raise CheckpointError("resume", f"model config {cfg.to_dict()['model']}", saved)
+    return start
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _group_stats(stats: Mapping[str, Any], collective: Collective | None) -> tuple[int, float, float, float]:
+    """(images of the group, slowest rank's seconds, worst data-wait share, worst peak RSS MiB)."""
+    imgs = torch.tensor([float(stats["images"])], dtype=torch.float64)
+    worst = torch.tensor([stats["seconds"], stats["data_wait_frac"], _peak_rss_mib()], dtype=torch.float64)
+    if collective is not None:
+        collective.sum_(imgs)
+        collective.max_(worst)
+    return int(imgs[0]), float(worst[0]), float(worst[1]), float(worst[2])
+
+
+def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int = 0, world_size: int = 1,
+              device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+              collective: Collective | None = None, sinks: Sequence[Sink] = (), resume: Mapping[str, Any] | None = None,
+              epochs: int | None = None, autocast_dtype: torch.dtype | None = None,
+              extra_state: Mapping[str, Any] | None = None) -> PhaseResult:
+    """Train one phase ("select" or "final"); the only training loop (see module docstring).
+
+    epochs: defaults to cfg.optim.epochs. final evaluates the test splits once, after the last
+    epoch, at cfg.eval's weights (set them to the selected ones). Every epoch's EpochReport
+    goes to each sink with a function returning the checkpoint dict (extra_state merged in).
+    resume: a checkpoint dict of this phase; training continues at its epoch + 1.
+    """
+    if phase not in PHASES:
+        raise ConfigError("phase", f"one of {'|'.join(PHASES)}", phase, "run_phase")
+    epochs = cfg.optim.epochs if epochs is None else int(epochs)
+    if epochs < 1:
+        raise ConfigError("optim.epochs", ">= 1", epochs, "run_phase")
+    with forbid_splits(TEST_SPLITS) if phase == "select" else nullcontext():
+        return _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
+                      epochs, dict(extra_state or {})).run(wrap_model, sinks, resume)
+
+
+class _Phase:
+    """The state of one phase between epochs (model, optimisers, readers, best so far, history)."""
+
+    def __init__(self, cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world_size: int,
+                 device: torch.device, collective: Collective | None, autocast_dtype: torch.dtype | None,
+                 epochs: int, extra_state: dict[str, Any]):
+        self.cfg, self.ds, self.phase, self.rank, self.world_size = cfg, ds, phase, rank, world_size
+        self.device, self.collective, self.autocast_dtype, self.epochs = device, collective, autocast_dtype, epochs
+        self.extra_state = extra_state
+        self.family = family_of(cfg)
+        self.protocol = ClassProtocol.for_phase(phase, ds.class_side)
+        _seed_everything(phase_seed(cfg.optim.seed, rank))
+        # setup: model (identical init on every rank), optimisers
+        self.model = build_model(cfg, ds.class_side, ds.feature_shape).to(device)
+        self.optimizers = self.family.optimizers(cfg, self.model)
+        self.epoch = 0
+        self.history: list[EpochReport] = []
+        self.best = Best(weights=self.family.configured_weights(cfg))
+        self.best_state: dict[str, Tensor] | None = None
+
+    def restore(self, resume: Mapping[str, Any]) -> int:
+        start = _check_resume(resume, self.cfg, self.phase, self.epochs)
+        self.model.load_state_dict(resume["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(resume["optimizers"][name])
+        self.history = [EpochReport.from_dict(h) for h in resume.get("history", [])]
+        self.best = Best.from_dict(resume["best"]) if "best" in resume else self.best
+        self.best_state = resume.get("best_model")
+        if "rng" in resume:
+            set_rng_state(resume["rng"])
+        self.epoch = start - 1
+        return start
+
+    def state(self) -> dict[str, Any]:
+        st: dict[str, Any] = {
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizers": {k: _to_cpu(o.state_dict()) for k, o in self.optimizers.items()},
+            "config": self.cfg.to_dict(), "phase": self.phase, "epoch": self.epoch, "epochs": self.epochs,
+            "best": self.best.to_dict(), "history": [h.to_dict() for h in self.history], "rng": rng_state(),
+            "meta": self.family.model_meta(self.model), **copy.deepcopy(self.extra_state),
+        }
+        if self.best_state is not None:
+            st["best_model"] = self.best_state
+        return st
+
+    def _readers(self, split: str, train: bool) -> ShardReader:
+        o, d, ds = self.cfg.optim, self.cfg.data, self.ds
+        if train:
+            row_bytes = ds.feature_size * np.dtype(ds.storage_dtype).itemsize
+            return ShardReader(ds, split, batch_size=o.batch_size, shuffle=True, seed=o.seed, rank=self.rank,
+                               world_size=self.world_size, buffer_rows=d.shuffle_rows(row_bytes),
+                               class_balanced=d.class_balanced, equal_rows=True)
+        return ShardReader(ds, split, batch_size=self.cfg.eval.batch_size, shuffle=False, rank=self.rank,
+                           world_size=self.world_size, equal_rows=False)
+
+    def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
+        return evaluate(self.model, self._readers(seen, False), self._readers(unseen, False), self.protocol, self.cfg,
+                        device=self.device, collective=self.collective, autocast_dtype=self.autocast_dtype,
+                        fit_lambdas=fit)
+
+    def run(self, wrap_model: Callable[[nn.Module], nn.Module], sinks: Sequence[Sink],
+            resume: Mapping[str, Any] | None) -> PhaseResult:
+        start = self.restore(resume) if resume is not None else 1
+        wrapped = wrap_model(self.model)
+        train_split, seen_split, unseen_split = PHASES[self.phase]
+        train_reader = self._readers(train_split, True)
+        test: EvalResult | None = None
+        for epoch in range(start, self.epochs + 1):
+            self.epoch = epoch
+            t0 = time.perf_counter()
+            train_reader.set_epoch(epoch)
+            stats = train_one_epoch(wrapped, _loader(train_reader, self.cfg.data.loader_workers), self.optimizers,
+                                    self.protocol, self.cfg, device=self.device, autocast_dtype=self.autocast_dtype,
+                                    max_steps=self.cfg.optim.max_steps_per_epoch, epoch=epoch)
+            images, seconds, wait, rss = _group_stats(stats, self.collective)
+            report = EpochReport(self.phase, epoch, self.epochs, stats["losses"], stats["steps"], images, seconds, wait,
+                                 rss, self.best)
+            if self.phase == "select":
+                res = self._evaluate(seen_split, unseen_split)
+                chosen = res.best_metrics if res.best_weights is not None else res.metrics
+                weights = res.best_weights if res.best_weights is not None else res.weights
+                assert chosen is not None
+                if chosen["H"] > self.best.H:  # strict: the earliest epoch wins ties
+                    self.best = Best(epoch, chosen["H"], dict(chosen), dict(weights))
+                    self.best_state = _to_cpu(unwrap_model(self.model).state_dict())
+                report.val, report.val_fitted, report.weights, report.eval_seconds = (
+                    res.metrics, res.best_metrics, dict(weights), res.seconds)
+            else:
+                if epoch == self.epochs:
+                    # The only look at the test splits: once, with the final weights, at the given weights.
+                    test = self._evaluate(seen_split, unseen_split, fit=False)
+                    report.test, report.test_per_class = test.metrics, [tuple(r) for r in test.per_class]
+                self.best = Best(epoch, test.metrics["H"] if test else -1.0, dict(test.metrics) if test else None,
+                                 self.family.configured_weights(self.cfg))
+            report.best = copy.deepcopy(self.best)
+            report.epoch_time_s = time.perf_counter() - t0
+            self.history.append(report)
+            emit(sinks, report, self.state)
+        return PhaseResult(self.phase, self.epochs, copy.deepcopy(self.best), list(self.history), self.state(),
+                           self.best_state, test)
+
+
+# ---- the protocol ------------------------------------------------------------------------
+def final_config(cfg: DEDNConfig, best_epoch: int, weights: Mapping[str, float]) -> DEDNConfig:
+    """What the final phase trains after a selection: protocol final, the selected epoch count and
+    inference weights, no weight fitting. The training job and sweeps all use it."""
+    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.fit_lambdas": False,
+                          **{f"eval.{k}": float(v) for k, v in weights.items()}})
+
+
+@dataclass
+class ProtocolResult:
+    """A whole protocol: the selection (None for protocol final) and the final phase (None for select)."""
+
+    protocol: str
+    selection: Best | None
+    select: PhaseResult | None
+    final: PhaseResult | None
+    final_cfg: DEDNConfig | None
+
+    @property
+    def test_metrics(self) -> dict[str, float] | None:
+        return self.final.test.metrics if self.final is not None and self.final.test is not None else None
+
+
+def run_protocol(cfg: DEDNConfig, dataset: FeatureDataset, *, sinks: Sequence[Sink] = (),
+                 resume: Mapping[str, Any] | None = None, **phase_kw: Any) -> ProtocolResult:
+    """cfg.protocol: two_phase (select -> final), select, or final; resumes from a checkpoint dict.
+
+    The final phase's checkpoints carry the selection that produced them ("selection"), so a
+    resumed run knows it without re-running the selection.
+    """
+    selection = Best.from_dict(resume["selection"]) if resume is not None and resume.get("selection") else None
+    sel = None
+    if cfg.protocol in ("two_phase", "select") and selection is None:
+        sel_resume = resume if resume is not None and resume.get("phase") == "select" else None
+        sel = run_phase(cfg, dataset, "select", sinks=sinks, resume=sel_resume, **phase_kw)
+        selection = sel.best
+        resume = None
+        if cfg.protocol == "select":
+            return ProtocolResult(cfg.protocol, selection, sel, None, None)
+    final_cfg = final_config(cfg, selection.epoch, selection.weights) if selection is not None else cfg
+    fin_resume = resume if resume is not None and resume.get("phase") == "final" else None
+    extra = {"selection": selection.to_dict()} if selection is not None else {}
+    fin = run_phase(final_cfg, dataset, "final", sinks=sinks, resume=fin_resume, epochs=final_cfg.optim.epochs,
+                    extra_state=extra, **phase_kw)
+    return ProtocolResult(cfg.protocol, selection, sel, fin, final_cfg)
