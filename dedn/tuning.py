@@ -339,7 +339,7 @@ class SweepSpec:
     cpus_per_trial: float = 1.0
     workers_per_trial: int = 1
     search_lambdas: bool = False
-    name: str = ""  # "" = dedn-<dataset>-<UTC time>
+    name: str = ""  # "" = <model>-<dataset>-<UTC time>
     storage: str = ""  # "" = $DEDN_HOME/tune
     seed: int = 0  # Optuna TPE seed
     max_failures: int = 0  # retries of a failed trial (from its last checkpoint)
@@ -390,7 +390,7 @@ def _trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, worke
 
 
 def _sweep_name(cfg: DEDNConfig) -> str:
-    return f"dedn-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
@@ -499,11 +499,19 @@ def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str], weigh
             "epoch": int(row["training_iteration"]), "epochs_run": int(df["training_iteration"].max()),
             "weights": {w: float(row[w]) for w in weight_names},
             "params": {k: r.config[k] for k in keys if k in r.config},
-            # TorchTrainer trials report their checkpoint folder through TuneReportCallback
-            "checkpoint": (row.get("checkpoint_path") if isinstance(row.get("checkpoint_path"), str)
-                           else r.checkpoint.path if r.checkpoint is not None else None),
+            # the trial's last checkpoint (Ray Train always keeps the latest): its state holds the best
+            # epoch's weights ("best_model"); TorchTrainer trials report the folder through TuneReportCallback
+            "checkpoint": _last_checkpoint(df, r),
         })
     return rows
+
+
+def _last_checkpoint(df: Any, result: Any) -> str | None:
+    last = df.loc[df["training_iteration"].idxmax()]
+    path = last.get("checkpoint_path")
+    if isinstance(path, str):
+        return path
+    return result.checkpoint.path if result.checkpoint is not None else None
 
 
 def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weights: Mapping[str, float]) -> DEDNConfig:
@@ -617,15 +625,15 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
     return summary
 
 
-def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str = "") -> Path:
-    """The named sweep's directory, or the newest `dedn-<dataset>-*` sweep under storage."""
+def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str = "", model: str = "dedn") -> Path:
+    """The named sweep's directory, or the newest `<model>-<dataset>-*` sweep under storage."""
     root = Path(storage or _tune_root()).expanduser().resolve()
     if name:
         d = root / name
         if not (d / SWEEP_FILE).exists():
             raise ConfigError("sweep.name", f"a sweep under {root} (with {SWEEP_FILE})", name, "find_sweep")
         return d
-    found = sorted((p for p in root.glob(f"dedn-{dataset.lower()}-*") if (p / SWEEP_FILE).exists()),
+    found = sorted((p for p in root.glob(f"{model}-{dataset.lower()}-*") if (p / SWEEP_FILE).exists()),
                    key=lambda p: p.stat().st_mtime)
     if not found:
         raise ConfigError("sweep.name", f"a sweep of {dataset} under {root}", "none", "find_sweep")

@@ -1,11 +1,15 @@
-"""Ray Tune sweep of DEDN's beta, gamma, epsilon (and lambda_rc, lambda_e), selected on validation H.
+"""Ray Tune sweep of a model family's hyper-parameters (DEDN: beta, gamma, epsilon), selected on validation H.
 
-    python tuning/tune.py --data DIR --preset cub [--space tuning/search_space.yaml] [--num-samples 8]
-    python tuning/tune.py --data DIR --preset cub model=msdn     # MSDN: tuning/search_space_msdn.yaml
+    python tuning/tune.py --data DIR [--preset cub] [--space FILE] [--num-samples 8]
+    python tuning/tune.py --data DIR model=msdn     # MSDN and its own search space
         [--max-concurrent-trials 2] [--cpus-per-trial 1] [--workers-per-trial 1] [--search-lambdas]
         [--name NAME] [--resume] [--final] [key=value ...]
 
-`key=value` overrides the preset for every trial (e.g. `optim.epochs=20`). `--resume` continues
+The default search space is the family's own (dedn/families/<model>/search_space.yaml); the
+family's inference weights (DEDN: lambda_rc, lambda_e) are refitted on validation at every
+report unless --search-lambdas makes them Tune dimensions. Every trial is the training job's own
+driver: a TorchTrainer of --workers-per-trial workers. `key=value` overrides the preset for every
+trial (e.g. `optim.epochs=20`). `--resume` continues
 an interrupted sweep (`--name`, or the newest sweep of the dataset). `--final` retrains the
 best configuration on trainval, tests once and registers the model (after the sweep, or alone
 to use a finished sweep). Works embedded or under `ray job submit`.
@@ -16,24 +20,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from dedn.config import PRESETS
 from dedn.errors import DednError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (dataset.json)")
-    p.add_argument("--preset", default="cub", choices=PRESETS)
-    p.add_argument("--space", default=None,
-                   help="search-space YAML (default: tuning/search_space.yaml; search_space_msdn.yaml with model=msdn)")
+    p.add_argument("--preset", default="", help="a dataset's preset of the family (default: the dataset's own name)")
+    p.add_argument("--space", default=None, help="search-space YAML (default: the model family's own)")
     p.add_argument("--num-samples", type=int, default=8, help="trials")
     p.add_argument("--max-concurrent-trials", type=int, default=2)
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help=">1: each trial is a Ray Train TorchTrainer")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each trial")
     p.add_argument("--search-lambdas", action="store_true",
-                   help="make lambda_rc, lambda_e Tune dimensions instead of fitting them on validation")
+                   help="make the family's inference weights Tune dimensions instead of fitting them on validation")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE seed")
-    p.add_argument("--name", default="", help="sweep name (default dedn-<dataset>-<UTC time>)")
+    p.add_argument("--name", default="", help="sweep name (default <model>-<dataset>-<UTC time>)")
     p.add_argument("--storage", default="", help="sweep storage root (default $DEDN_HOME/tune)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (or the newest)")
     p.add_argument("--final", action="store_true", help="retrain the best configuration on trainval and register it")
@@ -45,20 +47,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
-    from dedn.config import build_config
+    from dedn.config import config_for_dataset
+    from dedn.dataset import FeatureDataset
+    from dedn.protocol import SELECTION_SPLITS
     from dedn.training.driver import init_ray
     from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
 
     try:
-        base = build_config(args.preset, args.overrides)
         data = str(Path(args.data).expanduser().resolve())
-        base = base.replace(**{"data.path": data})
+        name = FeatureDataset.open(data, splits=SELECTION_SPLITS).name  # never the test shards
+        base = config_for_dataset(name, data, args.preset or None, args.overrides)
         # Every trial is a TorchTrainer: they need the dashboard's State API, without it the next
         # trial waited > 60 s for the CPUs of a finished one (docs/stack-notes.md)
         init_ray(dashboard=True)
         finished = None  # --final --name NAME on a finished sweep: no new trials
         if args.final and args.name and not args.resume:
-            d = find_sweep(args.storage, base.dataset, args.name)
+            d = find_sweep(args.storage, base.dataset, args.name, base.model.name)
             finished = d if (d / "summary.json").exists() else None
         if finished is not None:
             sweep_dir = finished
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=data, base=base, space=load_search_space(args.space, base.model.name), num_samples=args.num_samples,
                 max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
                 workers_per_trial=args.workers_per_trial, search_lambdas=args.search_lambdas, seed=args.seed,
-                name=args.name or (find_sweep(args.storage, base.dataset).name if args.resume else ""),
+                name=args.name or (find_sweep(args.storage, base.dataset, model=base.model.name).name if args.resume else ""),
                 storage=args.storage, max_failures=args.max_failures,
             )
             summary = run_sweep(spec, resume=args.resume)
