@@ -1,8 +1,9 @@
 """Checkpoints: one dict of tensors and plain Python values, written atomically, read with weights_only=True.
 
 A checkpoint holds what `dedn.training.loop.run_phase` needs to continue bit-identically: the
-unwrapped model state_dict, the optimizer state_dict, the config (`cfg.to_dict()`), phase,
-epoch, the best-so-far record and the RNG states. Only types that `torch.load(weights_only=True)`
+unwrapped model state_dict, the state_dict of each of the family's optimisers (by name), the
+config (`cfg.to_dict()`), phase, epoch, the best-so-far record, the history and the RNG states
+(the full key list: docs/design.md#checkpoints). Only types that `torch.load(weights_only=True)`
 accepts are stored (tensors, dicts, lists, str, int, float, bool, None), so loading never runs
 arbitrary pickle code.
 """

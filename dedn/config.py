@@ -9,7 +9,6 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 

@@ -13,7 +13,8 @@ Everything is accumulated as integer per-class counts held in ONE int64 tensor, 
 distributed evaluation does a single `all_reduce(SUM)` and every rank then computes the same
 figures. `WeightSearch` keeps those counts for every point of a model family's grid of inference
 weights (DEDN: lambda_rc, lambda_e), from the cached score parts the family's inference score is
-linear in, so any weight is scored without running the network again (docs/method.md).
+linear in, so any weight is scored without running the network again
+(docs/method.md#post-hoc-lambda-fit).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dedn.class_side import ClassSide
+from dedn.data.class_side import ClassSide
 
 # phase -> (training split, evaluation split of seen classes, evaluation split of unseen classes)
 PHASES: dict[str, tuple[str, str, str]] = {

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.errors import ConfigError, DednError  # noqa: E402
 
@@ -47,7 +47,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def list_settings(model: str) -> str:
-    from dedn.ablation import family_settings
+    from dedn.analysis.ablation import family_settings
 
     settings = family_settings(model)
     full = next(iter(settings.values())).full
@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_settings(args.model))
             return 0
-        from dedn import ablation, tracking
+        from dedn import tracking
+        from dedn.analysis import ablation
         from dedn.config import config_for_dataset, parse_overrides
-        from dedn.dataset import FeatureDataset
+        from dedn.data import FeatureDataset
         from dedn.training.driver import TrainSettings, train
         from dedn.training.loop import build_model
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         parent_name = f"ablation-{base.dataset.lower()}-{stamp}"
         parent_tags = tracking.run_tags(base, semi_synthetic=semi, data_path=str(data),
-                                        extra={tracking.KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
+                                        extra={tracking.KIND_TAG: "ablation", "dedn.analysis.ablation.settings": ",".join(s.key for s in settings)})
         _, parent_id = tracking.start_run(parent_name, experiment=experiment, tags=parent_tags, params=base.flat())
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.01, help="ridge penalty per sample on standardised features")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    from dedn.baseline import run_baseline
-    from dedn.dataset import FeatureDataset
+    from dedn.analysis.baseline import run_baseline
+    from dedn.data import FeatureDataset
 
     try:
         result = run_baseline(FeatureDataset.open(args.dataset), args.phase, args.alpha)

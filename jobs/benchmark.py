@@ -8,9 +8,10 @@ Shapes: B=50, C=2048, D=312, G=300, K=200 (150 seen / 50 unseen), Q=6 with CUB's
 cluster sizes 112/87/24/40/15/34, R=49 (7x7) and/or R=196 (14x14). Random features.
 A training step = forward + dedn_loss + backward + RMSprop step.
 
-Work is counted as performance-notes.md says: FLOP/step = 48 B D C R for both experts
-(24 B D C R for one expert), so "GFLOP/s" and "of GEMM" mean the same in every report.
-MSDN (dedn/msdn.py): four (D x C) @ (C x R) products per sample, 24 B D C R per training step.
+Work is counted as docs/performance.md#counting-work says: FLOP/step = 48 B D C R for both
+experts (24 B D C R for one expert), so "GFLOP/s" and "of GEMM" mean the same in every report.
+MSDN (dedn/families/msdn/model.py): four (D x C) @ (C x R) products per sample, 24 B D C R per
+training step (docs/msdn.md#work-per-step).
 The GEMM rate is measured in the same run (4096^3 torch.mm, fp32 and bf16).
 
 Peak memory: each configuration runs in its own subprocess; "peak MiB" is the increase of
@@ -57,10 +58,10 @@ def gemm_rate(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
 
 def run_config(cfg: dict) -> dict:
     """One configuration in this process: returns seconds/step (min, median) and memory."""
-    from dedn.config import LossConfig, ModelConfig
-    from dedn.losses import dedn_loss
-    from dedn.model import DEDN
-    from dedn.msdn import MSDN, msdn_loss
+    from dedn.config import DEDNConfig, build_config
+    from dedn.families import get_family
+    from dedn.families.dedn.model import DEDN
+    from dedn.families.msdn.model import MSDN
     from dedn.protocol import ClassProtocol
 
     torch.manual_seed(0)
@@ -72,20 +73,13 @@ def run_config(cfg: dict) -> dict:
         clusters.append(perm[s : s + n])
         s += n
     if cfg["variant"].startswith("msdn"):
-        model = MSDN(ModelConfig(name="msdn", channel_attention=False), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D),
-                     feature_shape=(C, h, h))
-        # the authors' CUB objective (presets/msdn_cub.yaml)
-        objective, loss_cfg = msdn_loss, LossConfig(calibration_weight=0.1, gamma=1e-3, distance="cubic")
+        run_cfg = build_config("cub", ["model=msdn"])  # the authors' CUB objective (families/msdn/presets/cub.yaml)
+        model = MSDN(run_cfg.model, word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, h, h))
     else:
-        model = DEDN(
-            ModelConfig(experts=cfg["experts"]),
-            word_vectors=torch.randn(D, G),
-            class_attributes=torch.rand(K, D),
-            clusters=clusters,
-            feature_shape=(C, h, h),
-            impl=cfg["impl"],
-        )
-        objective, loss_cfg = dedn_loss, LossConfig()
+        run_cfg = DEDNConfig.for_family("dedn").replace(**{"model.experts": cfg["experts"]})
+        model = DEDN(run_cfg.model, word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), clusters=clusters,
+                     feature_shape=(C, h, h), impl=cfg["impl"])
+    family = get_family(run_cfg.model.name)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4, alpha=0.99)
     protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
     x = torch.rand(B, C, h, h)
@@ -95,14 +89,14 @@ def run_config(cfg: dict) -> dict:
     def train_step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
-            loss = objective(out, y, protocol, loss_cfg, "paper" if objective is dedn_loss else "reference")["loss"]
+            loss = family.loss(out, y, protocol, run_cfg)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def infer_step() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(x).inference_scores(0.8, 0.9)
+            family.combine(run_cfg, family.score_parts(model(x)))
 
     step = train_step if cfg["mode"] == "train" else infer_step
     base = _rss_mib()

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dedn.class_side import ClassSide, normalize_rows
-from dedn.dataset import SPLITS, DatasetWriter, FeatureDataset, split_classes
-from dedn.reader import ShardReader
+from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data import SPLITS, DatasetWriter, FeatureDataset, split_classes
+from dedn.data.reader import ShardReader
 
 
 def random_class_side(k: int = 20, d: int = 16, g: int = 8, seed: int = 0) -> ClassSide:

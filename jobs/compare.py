@@ -5,7 +5,7 @@
     python jobs/compare.py --data DIR --protocol two_phase --out results/compare --no-track
 
 Each model starts from its family's preset for the dataset (dedn/families/<model>/presets/); seed,
-epochs, steps per epoch, protocol and data are forced equal (dedn.compare). Every model trains on
+epochs, steps per epoch, protocol and data are forced equal (dedn.analysis.compare). Every model trains on
 Ray Train through the one training driver. Writes compare.md and compare.csv to --out and, unless
 --no-track, opens a parent MLflow run in experiment `dedn-compare-<dataset>` that holds each
 model's training run as a child, its T/U/S/H and images/s as metrics, and both tables.
@@ -40,8 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _synthetic_cub(args: argparse.Namespace) -> Path:
-    from dedn.dataset import MANIFEST_FILE
-    from dedn.synthetic import write_synthetic
+    from dedn.data import MANIFEST_FILE
+    from dedn.data.synthetic import write_synthetic
     from dedn.tracking import dedn_home
 
     root = dedn_home() / "data" / f"compare-cub-{args.channels}x{args.size}x{args.size}-{args.images_per_class}"
@@ -80,8 +80,8 @@ def _finish_parent(run_id: str, rows, files: tuple[Path, Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn.compare import compare_models, write_table
-    from dedn.dataset import FeatureDataset
+    from dedn.analysis.compare import compare_models, write_table
+    from dedn.data import FeatureDataset
 
     from dedn.families import family_names
     from dedn.training.driver import TrainSettings

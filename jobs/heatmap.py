@@ -44,8 +44,8 @@ def _active_run_id(explicit: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn import heatmap
-    from dedn.dataset import FeatureDataset
+    from dedn.analysis import heatmap
+    from dedn.data import FeatureDataset
     from dedn.families import family_of
 
     try:

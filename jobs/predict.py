@@ -43,8 +43,8 @@ def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, in
     from dedn.errors import DatasetError
 
     if args.data:
-        from dedn.dataset import FeatureDataset
-        from dedn.reader import ShardReader
+        from dedn.data import FeatureDataset
+        from dedn.data.reader import ShardReader
 
         ds = FeatureDataset.open(args.data)
         if tuple(ds.feature_shape) != tuple(feature_shape):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if not uri:
             if not args.data:
                 raise ConfigError("--model", "a model URI when --features is given", "none", "command line")
-            from dedn.dataset import FeatureDataset
+            from dedn.data import FeatureDataset
 
             uri = f"models:/{registered_name(FeatureDataset.open(args.data, verify='none').name, args.family)}@champion"
         predictor = load_predictor(uri)

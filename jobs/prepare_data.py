@@ -1,4 +1,4 @@
-"""Prepare a dataset directory (docs/design.md, "Dataset directory").
+"""Prepare a dataset directory (docs/design.md#dataset-directory-schema_version-1).
 
     python jobs/prepare_data.py synthetic --name CUB --out data/cub-synth [--channels 2048 --height 7 --width 7]
     python jobs/prepare_data.py from-hdf5 --features CUB.h5 --att-splits att_splits.mat \\
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     try:
         if args.command == "synthetic":
-            from dedn.synthetic import write_synthetic
+            from dedn.data.synthetic import write_synthetic
 
             out = write_synthetic(args.out, args.name, args.source_dir, channels=args.channels, height=args.height,
                                   width=args.width, images_per_class=args.images_per_class, seed=args.seed, **common)
         else:
-            from dedn.convert import convert_hdf5, convert_xlsa17
+            from dedn.data.convert import convert_hdf5, convert_xlsa17
 
             files = dict(att_splits=args.att_splits, word_vectors=args.word_vectors, name=args.name, out=args.out,
                          attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed, **common)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dedn.dataset import FeatureDataset
+    from dedn.data import FeatureDataset
 
     print(FeatureDataset.open(out))
     return 0

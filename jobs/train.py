@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (stack notes)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.errors import DednError  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from dedn import tracking
     from dedn.config import config_for_dataset
-    from dedn.dataset import FeatureDataset
+    from dedn.data import FeatureDataset
     from dedn.training.driver import TrainSettings, train
 
     try:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             data = Path(args.data).expanduser().resolve()
         else:
-            from dedn.demo import ensure_demo_dataset
+            from dedn.data.demo import ensure_demo_dataset
 
             data, created = ensure_demo_dataset()
             print(f"{'Built' if created else 'Using'} the SEMI-SYNTHETIC demo dataset at {data} "

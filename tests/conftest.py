@@ -29,8 +29,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
 
     Small enough for engine and distributed smoke tests (trainval 300 rows, train 200 rows).
     """
-    from dedn.dataset import FeatureDataset
-    from dedn.synthetic import write_synthetic
+    from dedn.data import FeatureDataset
+    from dedn.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("tiny") / "cub_tiny"
     write_synthetic(root, "CUB", cub_source(), channels=16, height=2, width=2, images_per_class=2, seed=0,

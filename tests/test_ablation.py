@@ -1,4 +1,4 @@
-"""Tests of dedn.ablation and jobs/ablate.py: the settings really differ, the table, a reduced run on Ray Train."""
+"""Tests of dedn.analysis.ablation and jobs/ablate.py: the settings really differ, the table, a reduced run on Ray Train."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedn import ablation
+from dedn.analysis import ablation
 from dedn.config import build_config
 from dedn.families.dedn import ablations as dedn_ablations
 from dedn.errors import ConfigError
@@ -56,7 +56,7 @@ def _param_names(model: torch.nn.Module) -> set[str]:
 def test_every_setting_builds_a_different_model_and_loss():
     """The full list at config/model level: parameters, clusters and loss parts show each switch."""
     from dedn.families.dedn.losses import dedn_loss
-    from dedn.losses import cross_entropy_loss
+    from dedn.nn.losses import cross_entropy_loss
     from dedn.training.loop import build_model
     from dedn.protocol import ClassProtocol
 
@@ -208,7 +208,7 @@ def test_ablation_job_end_to_end(ray_cluster, tmp_path, monkeypatch, capsys):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
-    children = {r.data.tags["dedn.ablation.setting"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["dedn.analysis.ablation.setting"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"full", "no_ca", "cexp_no_distill"}
     assert {r["run_id"] for r in rows} == {c.info.run_id for c in children.values()}
     assert children["no_ca"].data.params["model.channel_attention"] == "False"

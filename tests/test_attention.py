@@ -1,4 +1,4 @@
-"""DAN kernels (dedn.attention) against plain per-sample, per-attribute loops."""
+"""DAN kernels (dedn.nn.attention) against plain per-sample, per-attribute loops."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dedn.attention import channel_branch, channel_branch_sdpa, dan_direct, normalize_features, region_branch
+from dedn.nn.attention import channel_branch, channel_branch_sdpa, dan_direct, normalize_features, region_branch
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +42,7 @@ def _params(d=3, g=4, c=5, r=4, b=2, dtype=torch.float64):
     return v, w, f
 
 
+# docs/method.md#region-attention, docs/method.md#channel-attention
 def test_direct_matches_loops():
     v, (w1, w2, w3, w4), f = _params()
     o_r, o_c, a_r = dan_direct(v, w1, w2, w3, w4, f)
@@ -51,6 +52,7 @@ def test_direct_matches_loops():
     torch.testing.assert_close(a_r.sum(-1), torch.ones(2, 3, dtype=f.dtype))
 
 
+# docs/performance.md#channel-branch-without-dxc-tensors
 @pytest.mark.parametrize("r", [1, 4, 9])
 def test_fast_branches_match_direct_values_and_grads(r):
     v, ws, f = _params(r=r)
@@ -72,6 +74,7 @@ def test_fast_branches_match_direct_values_and_grads(r):
         torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
 
 
+# docs/performance.md#channel-branch-without-dxc-tensors
 def test_channel_kernel_feature_gradient_and_sdpa_agree():
     v, (_, _, w3, w4), f = _params()
     m3, m4 = (v @ w3).requires_grad_(), (v @ w4).requires_grad_()
@@ -86,6 +89,7 @@ def test_channel_kernel_feature_gradient_and_sdpa_agree():
     torch.testing.assert_close(channel_branch_sdpa(m3, m4, f), ref, rtol=0, atol=1e-10)
 
 
+# docs/method.md#inputs-and-normalisation
 def test_normalize_features_unit_norm_per_region():
     x = torch.randn(2, 5, 3, 3)
     f = normalize_features(x)

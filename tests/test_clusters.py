@@ -1,4 +1,4 @@
-"""dedn.clusters: manual tables, halving, k-means, resolution."""
+"""dedn.data.clusters: manual tables, halving, k-means, resolution."""
 from __future__ import annotations
 
 import warnings
@@ -6,10 +6,10 @@ import warnings
 import numpy as np
 import pytest
 
-from dedn.clusters import halved_clusters, kmeans_clusters, manual_clusters, resolve_clusters
-from dedn.dataset import validate_clusters
+from dedn.data.clusters import halved_clusters, kmeans_clusters, manual_clusters, resolve_clusters
+from dedn.data import validate_clusters
 from dedn.errors import ConfigError, DatasetError
-from dedn.sources import build_class_side, load_asset
+from dedn.data.sources import build_class_side, load_asset
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def sides():
         return {n: build_class_side(load_asset(n)) for n in ("CUB", "SUN", "AWA2")}
 
 
+# docs/method.md#attribute-clusters
 @pytest.mark.parametrize("name,d,sizes", [
     ("CUB", 312, [112, 87, 24, 40, 15, 34]),
     ("SUN", 102, [38, 27, 17, 20]),
@@ -32,6 +33,7 @@ def test_manual_sizes_and_partition(name, d, sizes):
     validate_clusters(m, d, name)
 
 
+# docs/method.md#attribute-clusters
 def test_manual_exact_ranges():
     cub = manual_clusters("CUB", 312)
     assert cub["leg"] == list(range(263, 278))
@@ -45,6 +47,7 @@ def test_manual_exact_ranges():
         manual_clusters("CUB", 300)
 
 
+# docs/method.md#attribute-clusters
 def test_halved():
     h = halved_clusters(manual_clusters("CUB", 312))
     assert list(h) == ["head+torso", "wing+tail", "leg+whole"]
@@ -54,6 +57,7 @@ def test_halved():
     assert list(halved_clusters({"a": [0], "b": [1], "c": [2]})) == ["a+b", "c"]
 
 
+# docs/method.md#attribute-clusters
 def test_kmeans_deterministic_partition(sides):
     wv = sides["SUN"].word_vectors  # has an all-zero row
     a, b = kmeans_clusters(wv, 4, seed=0), kmeans_clusters(wv, 4, seed=0)

@@ -1,4 +1,4 @@
-"""dedn.compare and jobs/compare.py: every family trained by the one driver (Ray Train) with the same seed and budget, one table."""
+"""dedn.analysis.compare and jobs/compare.py: every family trained by the one driver (Ray Train) with the same seed and budget, one table."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ import io
 import pytest
 from toydata import load_job
 
-from dedn.compare import ComparisonRow, compare_models, model_config, to_csv, to_markdown, write_table
+from dedn.analysis.compare import ComparisonRow, compare_models, model_config, to_csv, to_markdown, write_table
 from dedn.errors import ConfigError
 
 

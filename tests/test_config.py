@@ -37,6 +37,7 @@ def test_every_preset_yaml_loads_with_paper_hyperparameters(name, variant):
                 assert f"{section}.{k}" in known_keys()
 
 
+# docs/reference-variant.md#the-differences
 def test_reference_variant_switches_to_the_authors_code():
     paper, ref = load_preset("cub", "paper"), load_preset("cub", "reference")
     assert paper.loss.distance == "mse" and ref.loss.distance == "cubic"
@@ -48,6 +49,7 @@ def test_reference_variant_switches_to_the_authors_code():
     assert load_preset("sun").data.class_balanced is False
 
 
+# docs/reference-variant.md#selecting-it
 def test_variant_on_command_line_selects_the_reference_block_before_other_overrides():
     cfg = build_config("cub", ["variant=reference", "loss.distance=mse", "epochs=3", "beta=0.01"])
     assert cfg.variant == "reference"

@@ -1,4 +1,4 @@
-"""dedn.convert and jobs/prepare_data.py: HDF5 feature maps and xlsa17 res101.mat into dataset directories.
+"""dedn.data.convert and jobs/prepare_data.py: HDF5 feature maps and xlsa17 res101.mat into dataset directories.
 
 Inputs are built in tmp_path from the real CUB class side (the packaged asset, equal to the
 shared files), with tiny feature sizes.
@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.io
 
-from dedn.convert import convert_hdf5, convert_xlsa17
-from dedn.dataset import FeatureDataset
+from dedn.data.convert import convert_hdf5, convert_xlsa17
+from dedn.data import FeatureDataset
 from dedn.errors import DatasetError
-from dedn.sources import LOC_FIELDS, load_asset
+from dedn.data.sources import LOC_FIELDS, load_asset
 from toydata import load_job
 
 prepare_data = load_job("prepare_data")  # jobs/prepare_data.py, loaded by file path (jobs/ is no package)

@@ -1,4 +1,4 @@
-"""Tests of dedn.dataset: the writer, the manifest, and every check FeatureDataset.open makes."""
+"""Tests of dedn.data: the writer, the manifest, and every check FeatureDataset.open makes."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedn.class_side import ClassSide, normalize_rows
-from dedn.dataset import (
+from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data import (
     SCHEMA_VERSION, SPLITS, DatasetWriter, FeatureDataset, ShardInfo, sha256_file, split_classes,
     validate_class_side, validate_clusters,
 )
@@ -424,7 +424,7 @@ def test_shard_with_labels_of_the_wrong_side(dataset_dir):
     FeatureDataset.open(root, verify="rows")  # footers cannot see labels
     with pytest.raises(DatasetError, match=r"trainval-00000.parquet: label: expected classes of seen_classes \(split trainval\), found other classes \[5\]"):
         FeatureDataset.open(root, verify="full")
-    from dedn.reader import ShardReader  # the reader checks labels as it streams
+    from dedn.data.reader import ShardReader  # the reader checks labels as it streams
 
     reader = ShardReader(FeatureDataset.open(root), "trainval", batch_size=4, shuffle=False)
     with pytest.raises(DatasetError, match=r"trainval-00000.parquet: label: expected classes of split trainval"):

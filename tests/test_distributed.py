@@ -43,7 +43,8 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
 
 def _run(tiny_dataset, home: Path, name: str, **debug):
     from dedn.config import build_config
-    from dedn.training.driver import DebugHooks, TrainSettings, train
+    from dedn.training.debug import DebugHooks
+    from dedn.training.driver import TrainSettings, train
 
     cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
     record = home / f"record-{name}"
@@ -58,8 +59,8 @@ def baseline(ray_env, tiny_dataset):
 
 
 def _split_digests(ds, split: str) -> set[str]:
-    from dedn.training.driver import feature_digest
-    from dedn.reader import ShardReader
+    from dedn.training.debug import feature_digest
+    from dedn.data.reader import ShardReader
 
     out: list[str] = []
     for b in ShardReader(ds, split, batch_size=512, shuffle=False):
@@ -148,7 +149,7 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
 
     from dedn import tracking
     from dedn.config import build_config
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
     from dedn.tracking.registry import load_predictor
     from dedn.training import loop as engine
     from dedn.training.driver import TrainSettings, train

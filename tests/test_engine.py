@@ -9,9 +9,10 @@ from dedn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig, build_config
 from dedn.errors import DatasetError, NonFiniteLossError
 from dedn.families import get_family
-from dedn.training.loop import build_model, evaluate, run_phase, run_protocol, train_one_epoch
+from dedn.training.evaluate import evaluate
+from dedn.training.loop import build_model, run_phase, run_protocol, train_one_epoch
 from dedn.protocol import ClassProtocol
-from dedn.reader import Batch, ShardReader, forbid_splits
+from dedn.data.reader import Batch, ShardReader, forbid_splits
 
 # Tiny and fast: 3 steps an epoch, no lambda search unless a test asks for it.
 TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_lambdas": False,
@@ -77,6 +78,7 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "obj.pt")
 
 
+# docs/method.md#optimisation
 def test_non_finite_loss_raises_with_epoch_step_and_parts(tiny_dataset):
     cfg = tiny_cfg()
     model = build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
@@ -118,6 +120,7 @@ def test_model_init_depends_on_the_seed_only(tiny_dataset):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+# docs/method.md#post-hoc-lambda-fit
 def test_evaluate_all_reduce_and_lambda_search(tiny_dataset):
     cfg = tiny_cfg(**{"eval.fit_lambdas": True, "eval.lambda_grid_step": 0.1})  # (0.8, 0.9) is on the grid
     model = build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
@@ -146,6 +149,7 @@ def test_evaluate_all_reduce_and_lambda_search(tiny_dataset):
     assert sum(r.n for r in plain.per_class) == tiny_dataset.split("val_seen").num_rows + tiny_dataset.split("val_unseen").num_rows
 
 
+# docs/method.md#two-phase-protocol
 def test_select_never_reads_test_splits_and_fit_runs_both_phases(tiny_dataset, monkeypatch):
     opened: list[str] = []
 
@@ -186,8 +190,8 @@ def test_select_never_reads_test_splits_and_fit_runs_both_phases(tiny_dataset, m
 def cub_small(tmp_path_factory):
     """Semi-synthetic CUB: C=64, 3x3 maps, 12 images per class and split (train 1200 rows, val 1779)."""
     from conftest import cub_source
-    from dedn.dataset import FeatureDataset
-    from dedn.synthetic import write_synthetic
+    from dedn.data import FeatureDataset
+    from dedn.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("learn") / "cub_small"
     write_synthetic(root, "CUB", cub_source(), channels=64, height=3, width=3, images_per_class=12, seed=0, progress=False)
@@ -219,6 +223,7 @@ def learned(cub_small) -> dict[str, float]:
     }
 
 
+# docs/method.md#coarse-and-fine-experts
 @pytest.mark.slow
 def test_both_experts_learn_and_beat_single_experts(learned):
     # Observed (torch 2.13 CPU, seed 0): coarse 0.244, fine 0.248, both experts (no distillation) 0.314.
@@ -226,6 +231,7 @@ def test_both_experts_learn_and_beat_single_experts(learned):
     assert learned["both_no_distill"] > max(learned["coarse"], learned["fine"]), learned
 
 
+# docs/method.md#divergence-and-distance-terms
 @pytest.mark.slow
 def test_full_dedn_learns_and_the_mean_squared_distillation_is_what_lets_it(learned):
     # Observed (torch 2.13 CPU, seed 0): DEDN (JSD + mean squared error) 0.237; with the summed

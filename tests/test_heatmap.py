@@ -1,4 +1,4 @@
-"""Tests of dedn.heatmap and jobs/heatmap.py: attention selection and layout, the figure, the PNG, the job."""
+"""Tests of dedn.analysis.heatmap and jobs/heatmap.py: attention selection and layout, the figure, the PNG, the job."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dedn import heatmap  # noqa: E402
+from dedn.analysis import heatmap  # noqa: E402
 from dedn.config import build_config  # noqa: E402
 from dedn.errors import ConfigError, DatasetError  # noqa: E402
 from dedn.families import get_family  # noqa: E402
@@ -156,7 +156,7 @@ def test_image_paths(tmp_path):
 # ---- the job --------------------------------------------------------------------------------
 def test_heatmap_job_from_a_checkpoint(tmp_path, capsys, monkeypatch):
     from dedn.checkpoint import save_checkpoint
-    from dedn.dataset import FeatureDataset
+    from dedn.data import FeatureDataset
     from dedn.training.loop import build_model
 
     data = write_toy_dataset(tmp_path / "toy")

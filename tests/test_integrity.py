@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import dedn.dataset as dataset_mod
-from dedn.dataset import SPLITS, DatasetWriter, FeatureDataset, nonfinite_rows, sha256_file, split_classes
+import dedn.data.format as dataset_mod  # where check_shard_sha256 finds sha256_file
+from dedn.data import SPLITS, DatasetWriter, FeatureDataset, nonfinite_rows, sha256_file, split_classes
 from dedn.errors import DatasetError
-from dedn.reader import ShardIterableDataset, ShardReader
+from dedn.data.reader import ShardIterableDataset, ShardReader
 from toydata import TOY_SHAPE, toy_class_side
 
 FEATURE_SIZE = int(np.prod(TOY_SHAPE))

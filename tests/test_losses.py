@@ -7,7 +7,7 @@ import torch
 
 from dedn.families.dedn.config import DEDNLossConfig as LossConfig
 from dedn.families.dedn.losses import dedn_loss
-from dedn.losses import (
+from dedn.nn.losses import (
     calibration_loss,
     cubic_distance,
     mean_squared_distance,
@@ -56,6 +56,7 @@ def _np_jsd(a, b):
     return 0.5 * (v[:, 0].mean() + v[:, 1].mean())
 
 
+# docs/method.md#margin-aware-loss
 def test_mal_eq15_by_hand():
     eps = 0.7
     z = []
@@ -78,6 +79,7 @@ def test_mal_eq15_by_hand():
     assert abs(mal_loss(_t(p2), torch.tensor(Y), torch.tensor(SEEN), torch.tensor(ACTIVE), eps).item() - expected) < 1e-12
 
 
+# docs/reference-variant.md#mal-as-coded
 def test_mal_eps1_equals_reference_m3():
     rng = np.random.default_rng(0)
     p = rng.normal(size=(5, 4))
@@ -91,6 +93,7 @@ def test_mal_eps1_equals_reference_m3():
     assert abs(c.item() - _np_ce(z, y.numpy())) < 1e-12
 
 
+# docs/method.md#divergence-and-distance-terms (cubic: docs/reference-variant.md#distance-term)
 def test_jsd_and_distances_by_hand():
     a = np.array([[0.1, 0.9, -0.4], [1.0, 0.0, 0.3]])
     b = np.array([[0.5, -0.2, 0.2], [1.0, 0.0, 0.3]])  # second row identical: d = 0
@@ -106,6 +109,7 @@ def test_jsd_and_distances_by_hand():
     assert torch.isfinite(ta.grad).all() and ta.grad[1].abs().sum() == 0  # d = 0 guarded
 
 
+# docs/reference-variant.md#calibration-at-test-and-self-calibration
 def test_calibration_by_hand():
     z = P - SEEN * 1.0 + UNSEEN * 1.0  # biased scores
     mass = []
@@ -134,6 +138,7 @@ def _n(x):
     return x.detach().numpy()
 
 
+# docs/method.md#total-loss
 @pytest.mark.parametrize("distance", ["mse", "sse", "cubic"])
 def test_total_eq18_paper(distance):
     cfg = LossConfig(beta=0.3, gamma=0.2, epsilon=1.0, distance=distance)
@@ -160,6 +165,7 @@ def test_total_eq18_paper(distance):
     assert torch.isfinite(out.coarse.o_channel.grad).all() and out.fine.o_region.grad.abs().sum() > 0
 
 
+# docs/reference-variant.md#distillation-on-biased-scores
 def test_reference_variant_distills_biased_scores_and_uses_margin():
     cfg = LossConfig(beta=0.0, gamma=1.0, distance="cubic", reference_margin=2.0, calibration_weight=0.5)
     out = _out(1)
@@ -176,6 +182,7 @@ def test_reference_variant_distills_biased_scores_and_uses_margin():
     assert abs(parts["loss"].item() - total.item()) < 1e-12
 
 
+# docs/method.md#total-loss
 def test_switches():
     y = torch.tensor(Y)
     out = _out(2)

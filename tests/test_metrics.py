@@ -39,6 +39,7 @@ def _counts(calibration: float) -> GZSLCounts:
     return c
 
 
+# docs/method.md#gzsl-metrics
 def test_hand_computed_metrics():
     m = _counts(0.0).compute(PROTO)
     # S: class 0 1/2, class 1 1/1 -> 0.75 (per-class mean; the sample mean would be 2/3)
@@ -46,6 +47,7 @@ def test_hand_computed_metrics():
     assert m == pytest.approx({"T": 0.75, "U": 0.5, "S": 0.75, "H": 0.6})
 
 
+# docs/method.md#calibrated-stacking
 def test_calibration_shifts_seen_scores_only_for_gzsl():
     m = _counts(1.0).compute(PROTO)
     # S: class 0 1/2 (row 2 becomes [0, 1, 0, 0] -> 1), class 1 0/1 -> 0.25
@@ -53,12 +55,14 @@ def test_calibration_shifts_seen_scores_only_for_gzsl():
     assert m == pytest.approx({"T": 0.75, "U": 0.75, "S": 0.25, "H": 0.375})
 
 
+# docs/method.md#class-scores
 def test_excluded_class_never_predicted():
     pred, pred_t = gzsl_predictions(torch.cat([SEEN_SCORES, UNSEEN_SCORES]), PROTO)
     assert 4 not in pred.tolist() and set(pred_t.tolist()) <= {2, 3}
     assert pred.tolist() == [0, 1, 1, 0, 2, 3, 2]
 
 
+# docs/method.md#gzsl-metrics
 def test_per_class_rows():
     rows = _counts(0.0).per_class_accuracy(PROTO)
     assert [(r.class_id, r.side, r.t_acc, r.gzsl_acc, r.n) for r in rows] == [
@@ -66,6 +70,7 @@ def test_per_class_rows():
     ]
 
 
+# docs/method.md#gzsl-metrics
 def test_empty_side_and_zero_h():
     c = GZSLCounts(5)
     assert c.compute(PROTO) == {"T": 0.0, "U": 0.0, "S": 0.0, "H": 0.0}
@@ -95,6 +100,7 @@ def test_tensor_round_trip_and_sum_of_shards():
     assert torch.equal(GZSLCounts.from_tensor(a.tensor() + b.tensor()).counts, whole.counts)
 
 
+# docs/method.md#post-hoc-lambda-fit
 def test_lambda_grid():
     assert lambda_grid(0.05) == pytest.approx([i / 20 for i in range(21)])
     assert len(lambda_grid(0.05)) == 21 and lambda_grid(0.05)[3] == 0.15
@@ -138,6 +144,7 @@ def _brute_force(parts, labels, side, rc, e, calibration) -> np.ndarray:
     return out
 
 
+# docs/method.md#post-hoc-lambda-fit
 @pytest.mark.parametrize("experts,names,calibration", [
     ("both", ("P_rc", "P_cc", "P_rf", "P_cf"), 0.0),
     ("both", ("P_rc", "P_cc", "P_rf", "P_cf"), 0.7),
@@ -186,6 +193,7 @@ def test_lambda_search_tensor_round_trip():
     assert merged.best(P7) == whole.best(P7)
 
 
+# docs/method.md#post-hoc-lambda-fit
 def test_best_ties_go_to_the_configured_lambdas():
     p = _random_parts(30, 5, ("P_rc",))["P_rc"]
     parts = {k: p for k in ("P_rc", "P_cc", "P_rf", "P_cf")}  # every lambda gives the same scores
@@ -197,6 +205,7 @@ def test_best_ties_go_to_the_configured_lambdas():
         assert (rc, e) == pytest.approx(expected)
 
 
+# docs/method.md#post-hoc-lambda-fit
 def test_best_finds_the_only_good_lambda():
     # Coarse parts know the truth, fine parts are anti-correlated: lambda_e = 1 must win.
     y_s, y_u = _labels(50, P7.seen, 8), _labels(50, P7.unseen, 9)

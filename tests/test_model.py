@@ -38,6 +38,7 @@ def _run(m: DEDN, x: torch.Tensor):
     return out, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
+# docs/performance.md#the-fused-form
 @pytest.mark.parametrize("hw", [(2, 2), (1, 1), (3, 3)])
 @pytest.mark.parametrize("channel_attention", [True, False])
 def test_fused_equals_loop_and_direct(hw, channel_attention):
@@ -63,6 +64,7 @@ def test_fused_equals_loop_and_direct(hw, channel_attention):
             assert g.abs().sum() > 0, n
 
 
+# docs/method.md#coarse-and-fine-experts
 def test_fine_expert_matches_independent_subnetworks_in_original_order():
     m = _make()
     x = torch.randn(B, C, H, W, dtype=torch.float64)
@@ -80,6 +82,7 @@ def test_fine_expert_matches_independent_subnetworks_in_original_order():
     torch.testing.assert_close(out.coarse.o_channel, c, rtol=0, atol=1e-12)
 
 
+# docs/method.md#inputs-and-normalisation, docs/method.md#region-attention (uniform start)
 def test_init_state_inputs_normalised_and_uniform_attention():
     v, a = torch.randn(D, G) * 3, torch.rand(K, D) * 5
     m = DEDN(ModelConfig(), word_vectors=v, class_attributes=a, clusters=CLUSTERS, feature_shape=(C, H, W))
@@ -93,6 +96,7 @@ def test_init_state_inputs_normalised_and_uniform_attention():
     torch.testing.assert_close(out.fine.region_attention, torch.full((B, D, H * W), 1 / (H * W)))
 
 
+# docs/method.md#region-attention
 def test_attention_maps_sum_to_one_and_shapes():
     m = _make(hw=(3, 3))
     out = m(torch.randn(B, C, 3, 3, dtype=torch.float64), return_attention=True)
@@ -103,6 +107,7 @@ def test_attention_maps_sum_to_one_and_shapes():
     assert m(torch.randn(B, C, 3, 3, dtype=torch.float64)).coarse.region_attention is None
 
 
+# docs/method.md#inference (and #combining-region-and-channel, #class-scores)
 def test_inference_scores_and_parts():
     m = _make()
     out = m(torch.randn(B, C, H, W, dtype=torch.float64))
@@ -121,6 +126,7 @@ def test_inference_scores_and_parts():
     assert combine_score_parts(stacked, lrc, le).shape == (1, B, K)
 
 
+# docs/method.md#coarse-and-fine-experts
 def test_ablation_switches_change_exactly_their_part():
     full = _make()
     names = {n for n, _ in full.named_parameters()}
@@ -147,6 +153,7 @@ def test_ablation_switches_change_exactly_their_part():
     assert out.coarse is None and set(out.score_parts()) == {"P_rf", "P_cf"}
 
 
+# docs/reference-variant.md#sun-the-authors-cluster-slip-and-low-rank-initialisation
 def test_region_rank_low_rank_path():
     m = _make(region_rank=2)
     names = {n for n, _ in m.named_parameters()}
@@ -159,6 +166,7 @@ def test_region_rank_low_rank_path():
         torch.testing.assert_close(g, res["direct"][1][n], rtol=0, atol=1e-10)
 
 
+# docs/performance.md#precision-bf16
 def test_bf16_autocast_close_to_fp32():
     torch.manual_seed(3)
     c, d = 64, 20

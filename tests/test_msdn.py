@@ -1,5 +1,6 @@
-"""MSDN (dedn.msdn): every equation of msdn.md against plain numpy loops in float64, the fast path
-against the literal form, gradients, checkpoints, presets and the engine integration."""
+"""MSDN (dedn.families.msdn.model): every equation of docs/msdn.md against plain numpy loops in
+float64, the fast path against the literal form, gradients, checkpoints, presets and the
+training-loop integration (dedn.training.loop)."""
 from __future__ import annotations
 
 import math
@@ -46,7 +47,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _numpy_forward(m: MSDN, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """msdn.md §1-§3 with explicit loops over b, i, r."""
+    """docs/msdn.md §1-§3 with explicit loops over b, i, r
+    (docs/msdn.md#1-inputs-and-preprocessing .. #3-visualattribute-sub-net)."""
     v = m.v.detach().numpy()
     w1, w2, w11, w21 = (getattr(m, n).detach().numpy() for n in ("w1", "w2", "w1_1", "w2_1"))
     a = m.class_attributes.numpy()
@@ -74,6 +76,7 @@ def _numpy_forward(m: MSDN, x: torch.Tensor) -> dict[str, np.ndarray]:
     return out
 
 
+# docs/msdn.md#2-attributevisual-sub-net, docs/msdn.md#3-visualattribute-sub-net
 @pytest.mark.parametrize("impl", ["fused", "direct"])
 def test_forward_matches_hand_computed_loops(impl: str) -> None:
     m = _model(impl)
@@ -88,6 +91,7 @@ def test_forward_matches_hand_computed_loops(impl: str) -> None:
     assert not np.allclose(ref["beta"].sum(2), 1.0)
 
 
+# docs/msdn.md#2-attributevisual-sub-net, docs/msdn.md#3-visualattribute-sub-net
 def test_initial_state_as_the_authors_code() -> None:
     m = _model(random_weights=False)
     out = m(_features(), return_attention=True)
@@ -100,6 +104,7 @@ def test_initial_state_as_the_authors_code() -> None:
     assert {n for n, _ in m.named_parameters()} == TRAINED  # W3, W3_1: zero and unused upstream, not created
 
 
+# docs/msdn.md#work-per-step
 def test_fused_equals_direct_outputs_and_gradients_float64() -> None:
     fused, direct = _model("fused"), _model("direct")
     direct.load_state_dict(fused.state_dict())
@@ -118,6 +123,7 @@ def test_fused_equals_direct_outputs_and_gradients_float64() -> None:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+# docs/msdn.md#3-visualattribute-sub-net
 def test_attribute_branch_is_softmax_over_attributes() -> None:
     g = torch.Generator().manual_seed(3)
     n12 = torch.randn(2 * D, C, generator=g, dtype=torch.float64)
@@ -130,7 +136,7 @@ def test_attribute_branch_is_softmax_over_attributes() -> None:
 
 
 def _numpy_loss(s1: np.ndarray, s2: np.ndarray, y: np.ndarray, protocol: ClassProtocol, lam: float, gamma: float):
-    """msdn.md §4 on the active classes, with explicit loops."""
+    """docs/msdn.md#4-losses on the active classes, with explicit loops."""
     act = sorted(protocol.seen + protocol.unseen)
     m = np.array([1.0 if k in protocol.unseen else -1.0 for k in range(K)])
     parts = {}
@@ -158,6 +164,7 @@ def _numpy_loss(s1: np.ndarray, s2: np.ndarray, y: np.ndarray, protocol: ClassPr
     return parts
 
 
+# docs/msdn.md#4-losses
 @pytest.mark.parametrize("protocol", [ClassProtocol((0, 1, 2), (3, 4), K), ClassProtocol((0, 2), (4,), K)],
                          ids=["all-active", "class-1-3-inactive"])
 def test_loss_matches_hand_computed(protocol: ClassProtocol) -> None:
@@ -170,6 +177,7 @@ def test_loss_matches_hand_computed(protocol: ClassProtocol) -> None:
         assert math.isclose(float(parts[k].detach()), v, rel_tol=1e-10), k
 
 
+# docs/msdn.md#4-losses
 def test_loss_parts_with_zero_weight_are_not_computed() -> None:
     out = _model()(_features())
     parts = msdn_loss(out, torch.tensor([0, 1, 2]), ClassProtocol((0, 1, 2), (3, 4), K),
@@ -178,6 +186,7 @@ def test_loss_parts_with_zero_weight_are_not_computed() -> None:
     torch.testing.assert_close(parts["loss"], parts["ce_av"] + parts["ce_va"])
 
 
+# docs/msdn.md#5-training-and-parameters
 def test_gradients_reach_every_trained_parameter_and_only_those() -> None:
     m = _model()
     parts = msdn_loss(m(_features()), torch.tensor([0, 1, 2]), ClassProtocol((0, 1, 2), (3, 4), K), AUTHORS_LOSS)
@@ -187,6 +196,7 @@ def test_gradients_reach_every_trained_parameter_and_only_those() -> None:
     assert not any(b.requires_grad for b in m.buffers())  # A is frozen
 
 
+# docs/msdn.md#1-inputs-and-preprocessing
 def test_word_vectors_renormalised_per_forward_only_when_configured() -> None:
     for flag in (False, True):
         m = _model(cfg=ModelConfig(normalize_word_vectors=flag))  # random weights: V rows not unit any more
@@ -206,6 +216,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path) -> None:
     assert set(m.state_dict()) == TRAINED | {"class_attributes"}
 
 
+# docs/msdn.md#6-inference
 def test_inference_combination_equals_the_authors_margin_included_score() -> None:
     out = _model()(_features())
     protocol = ClassProtocol((0, 1, 2), (3, 4), K)
@@ -215,12 +226,13 @@ def test_inference_combination_equals_the_authors_margin_included_score() -> Non
     torch.testing.assert_close(out.inference_scores(w1), fam.combine(cfg, fam.score_parts(out)))
     torch.testing.assert_close(out.inference_scores(w1), w1 * out.scores_av + (1 - w1) * out.scores_va)
     margin = torch.tensor([-1.0, -1, -1, 1, 1], dtype=torch.float64)
-    authors = w1 * (out.scores_av + margin) + (1 - w1) * (out.scores_va + margin)  # msdn.md §6
+    authors = w1 * (out.scores_av + margin) + (1 - w1) * (out.scores_va + margin)  # docs/msdn.md#6-inference
     pred, pred_t = gzsl_predictions(out.inference_scores(w1), protocol, calibration=2.0)
     assert torch.equal(pred, authors.argmax(1))
     assert torch.equal(pred_t, torch.tensor([3, 4])[authors[:, 3:].argmax(1)])
 
 
+# docs/performance.md#precision-bf16
 def test_bf16_autocast_is_close_to_fp32() -> None:
     m = MSDN(ModelConfig(), word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, H, W))
     x = torch.rand(B, C, H, W)
@@ -232,7 +244,8 @@ def test_bf16_autocast_is_close_to_fp32() -> None:
 
 
 def test_presets_carry_the_authors_settings() -> None:
-    expect = {  # msdn.md §7: lambda, gamma, epochs, momentum, normalize_V, balanced, batch, w1, seed
+    # docs/msdn.md#7-per-dataset-settings-and-reported-results
+    expect = {  # docs/msdn.md §7: lambda, gamma, epochs, momentum, normalize_V, balanced, batch, w1, seed
         "cub": (0.1, 1e-3, 30, 0.9, False, False, 50, 0.9, 214),
         "sun": (1e-4, 1e-2, 70, 0.9, False, True, 50, 0.7, 2339),
         "awa2": (0.12, 1e-7, 50, 0.0, True, True, 40, 1.0, 87778),

@@ -34,7 +34,7 @@ def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset):
 
 @pytest.mark.timeout(120)
 def test_predict_split_and_feature_file_agree_with_the_predictor(registered, tiny_dataset, tmp_path: Path):
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
 
     main = _predict_main()
     out = tmp_path / "pred.parquet"
@@ -59,7 +59,7 @@ def test_predict_split_and_feature_file_agree_with_the_predictor(registered, tin
 
 @pytest.mark.timeout(120)
 def test_extra_classes_can_win_without_retraining(registered, tiny_dataset, tmp_path: Path):
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
 
     cs = tiny_dataset.class_side
     k, d = cs.num_classes, cs.num_attributes

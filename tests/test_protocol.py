@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.class_side import ClassSide, normalize_rows
+from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.protocol import PHASES, ClassProtocol
 
 
@@ -16,6 +16,7 @@ def _side():
     )
 
 
+# docs/method.md#two-phase-protocol
 def test_selection_excludes_test_unseen_classes():
     p = ClassProtocol.selection(_side())
     assert p.seen == (0, 1, 2) and p.unseen == (3,)

@@ -1,4 +1,4 @@
-"""Tests of dedn.reader: rank partition, seeded shuffling, class-balanced batches, workers, forbid_splits."""
+"""Tests of dedn.data.reader: rank partition, seeded shuffling, class-balanced batches, workers, forbid_splits."""
 from __future__ import annotations
 
 import threading
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dedn.dataset import FeatureDataset
+from dedn.data import FeatureDataset
 from dedn.errors import ConfigError, DatasetError
-from dedn.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits, partition_rows
+from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits, partition_rows
 from test_dataset import FEATURE_SHAPE, ROWS, write_dataset  # the shared tiny-dataset builder
 
 
@@ -146,6 +146,7 @@ def test_len_matches_batches_yielded(data, kw, split):
             assert len(_ids(batches)) == r.num_rows
 
 
+# docs/reference-variant.md#shared-by-both-variants
 @pytest.mark.parametrize("split,k", [("trainval", 4), ("train", 3), ("val_unseen", 1), ("test_unseen", 2)])
 def test_class_balanced_batches_have_distinct_labels(data, split, k):
     ds, written = data
@@ -226,9 +227,10 @@ def test_bad_arguments(data, kw, key):
 
 
 def test_memory_is_bounded_by_buffer_and_row_group(data, monkeypatch):
-    """The buffer never holds more than buffer_rows + one row group (6 rows here)."""
+    """The buffer never holds more than buffer_rows + one row group (6 rows here).
+    docs/performance.md#data-path"""
     ds, _ = data
-    import dedn.reader as reader_mod
+    import dedn.data.reader as reader_mod
 
     peak = []
     original = reader_mod._Buffer.push

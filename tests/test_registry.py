@@ -18,7 +18,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _model_and_batch(ds, seed: int = 0):
     from dedn.training import loop as engine
     from dedn.config import build_config
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
 
     cfg = build_config("cub", [f"optim.seed={seed}", "eval.lambda_rc=0.7", "eval.lambda_e=0.6", f"data.path={ds.root}"])
     model = engine.build_model(cfg, ds.class_side, ds.feature_shape).eval()

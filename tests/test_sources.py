@@ -1,4 +1,4 @@
-"""dedn.sources: xlsa17 files, safe word-vector loading, packaged assets, class side, splits."""
+"""dedn.data.sources: xlsa17 files, safe word-vector loading, packaged assets, class side, splits."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 
 from dedn.errors import DatasetError
-from dedn.sources import (LOC_FIELDS, build_class_side, load_asset, load_att_splits, load_source,
+from dedn.data.sources import (LOC_FIELDS, build_class_side, load_asset, load_att_splits, load_source,
                           load_word_vectors, make_splits)
 
 SHARED = Path("/work/shared/data")
@@ -83,7 +83,7 @@ def test_packaged_assets_equal_shared_files(name):
     np.testing.assert_array_equal(shared.labels, packed.labels)
     for f in LOC_FIELDS:
         np.testing.assert_array_equal(shared.locs[f], packed.locs[f])
-    assert (SHARED.parent / "data").is_dir() and (Path(__file__).parents[1] / "dedn/assets" / f"{name}.npz").stat().st_size < 1.5 * 2**20
+    assert (SHARED.parent / "data").is_dir() and (Path(__file__).parents[1] / "dedn/data/assets" / f"{name}.npz").stat().st_size < 1.5 * 2**20
 
 
 @needs_shared

@@ -1,6 +1,7 @@
 """SUN `variant=reference`: the authors' cluster slip (64/27/9/2) and unit low-rank W1 factors.
 
 The paper's 38/27/17/20 clusters and the scaled factor stay the default.
+Every test here: docs/reference-variant.md#sun-the-authors-cluster-slip-and-low-rank-initialisation
 """
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import warnings
 import pytest
 import torch
 
-from dedn.clusters import MANUAL_CLUSTERS, apply_cluster_layout, reference_sun_clusters, resolve_clusters
+from dedn.data.clusters import MANUAL_CLUSTERS, apply_cluster_layout, reference_sun_clusters, resolve_clusters
 from dedn.config import build_config
 from dedn.families.dedn.config import DEDNModelConfig as ModelConfig
 from dedn.training.loop import build_model
 from dedn.errors import ConfigError
 from dedn.families.dedn.model import DEDN
-from dedn.sources import build_class_side, load_asset
+from dedn.data.sources import build_class_side, load_asset
 
 FEATURES = (16, 2, 2)  # C, H, W: tiny, the W1 factors are (G, 256) and (256, C)
 

@@ -1,4 +1,4 @@
-"""dedn.synthetic: the semi-synthetic generator; dedn.baseline on it."""
+"""dedn.data.synthetic: the semi-synthetic generator; dedn.analysis.baseline on it."""
 from __future__ import annotations
 
 import warnings
@@ -6,11 +6,11 @@ import warnings
 import numpy as np
 import pytest
 
-from dedn.baseline import evaluate_baseline, harmonic, per_class_accuracy, pooled_split
-from dedn.dataset import SPLITS, FeatureDataset, split_classes
+from dedn.analysis.baseline import evaluate_baseline, harmonic, per_class_accuracy, pooled_split
+from dedn.data import SPLITS, FeatureDataset, split_classes
 from dedn.errors import ConfigError
-from dedn.sources import build_class_side, load_asset
-from dedn.synthetic import SyntheticConfig, build_model, generate, plan_splits, presence_probability, render, write_synthetic
+from dedn.data.sources import build_class_side, load_asset
+from dedn.data.synthetic import SyntheticConfig, build_model, generate, plan_splits, presence_probability, render, write_synthetic
 
 
 @pytest.fixture(scope="module")

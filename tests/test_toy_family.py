@@ -61,8 +61,8 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
     from dedn import tracking
     from dedn.checkpoint import load_checkpoint
     from dedn.config import DEDNConfig
-    from dedn.dataset import FeatureDataset
-    from dedn.reader import ShardReader
+    from dedn.data import FeatureDataset
+    from dedn.data.reader import ShardReader
     from dedn.tracking.registry import load_predictor
     from dedn.training.loop import model_from_state
 

@@ -13,6 +13,7 @@ from dedn.tuning import Dimension, best_config, default_space_path, load_search_
 
 
 # ---- search space ------------------------------------------------------------------------------
+# README.md#hyper-parameter-sweeps-ray-tune (the default space, dedn/families/dedn/search_space.yaml)
 def test_default_space_matches_the_brief() -> None:
     space = load_search_space(default_space_path())
     dims = {d.key: d for d in space.dims}
@@ -126,7 +127,7 @@ TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """AWA2's real class side (85 attributes, 50 classes) with 16 x 2 x 2 synthetic feature maps."""
-    from dedn.synthetic import write_synthetic
+    from dedn.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("data") / "awa2"
     with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
@@ -174,12 +175,14 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
 
 def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> None:
     """The fit on cached score parts picks the same (lambda_rc, lambda_e) and H as running the
-    network at every grid point (ties: closest to the configured pair, then the lowest grid index)."""
+    network at every grid point (ties: closest to the configured pair, then the lowest grid index).
+    docs/method.md#post-hoc-lambda-fit"""
     from dedn.config import build_config
     from dedn.families.base import lambda_grid
     from dedn.protocol import ClassProtocol
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
     from dedn.training import loop as engine
+    from dedn.training.evaluate import evaluate
     from dedn.tuning import open_for_selection, validation_weight_grid
 
     def evaluate_at_lambdas(cfg, ds, model_state, pairs):  # the brute force: the network once per pair
@@ -189,7 +192,7 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
         for rc, e in pairs:
             at = cfg.replace(**{"eval.lambda_rc": float(rc), "eval.lambda_e": float(e)})
             seen, unseen = (ShardReader(ds, s, batch_size=cfg.eval.batch_size, shuffle=False) for s in ("val_seen", "val_unseen"))
-            out.append(engine.evaluate(model, seen, unseen, protocol, at, fit_lambdas=False).metrics)
+            out.append(evaluate(model, seen, unseen, protocol, at, fit_lambdas=False).metrics)
         return out
 
     cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.lambda_grid_step=0.125", "protocol=select"])
@@ -207,7 +210,7 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
     assert (res.best.weights["lambda_rc"], res.best.weights["lambda_e"]) == pytest.approx(pairs[i_best], abs=1e-9)
     for k in ("H", "S", "U", "T"):
         assert res.best.metrics[k] == pytest.approx(brute[i_best][k], abs=1e-12)
-    # the sweep's Figure 3 grid (LambdaSearch counts from one pass) equals the brute force everywhere
+    # the sweep's Figure 3 grid (WeightSearch counts from one pass) equals the brute force everywhere
     fig3 = validation_weight_grid(cfg, ds, res.best_state)
     np.testing.assert_allclose(fig3["H"], h.reshape(len(grid), len(grid)), rtol=0, atol=1e-12)
     np.testing.assert_allclose(fig3["lambda_rc"], grid)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dedn.class_side import ClassSide, normalize_rows
-from dedn.dataset import SPLITS, DatasetWriter, split_classes
+from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data import SPLITS, DatasetWriter, split_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_SHAPE = (6, 3, 4)  # C, H, W: H != W so that grid orientation mistakes show

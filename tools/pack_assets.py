@@ -1,9 +1,9 @@
-"""Write dedn/assets/<DS>.npz (the class side and image labels of CUB, SUN, AWA2) from a shared-style data folder.
+"""Write dedn/data/assets/<DS>.npz (the class side and image labels of CUB, SUN, AWA2) from a shared-style data folder.
 
     python tools/pack_assets.py [--data-dir /work/shared/data] [--names CUB SUN AWA2]
 
 The assets are plain compressed npz archives (no pickles, strings as fixed-width unicode), so
-`dedn.sources.load_source(name)` works on a machine without the original files.
+`dedn.data.sources.load_source(name)` works on a machine without the original files.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dedn.sources import ASSET_DIR, load_source, source_to_arrays
+from dedn.data.sources import ASSET_DIR, load_source, source_to_arrays
 
 
 def pack(name: str, data_dir: Path, out_dir: Path = ASSET_DIR) -> Path:

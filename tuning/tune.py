@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
     from dedn.config import config_for_dataset
-    from dedn.dataset import FeatureDataset
+    from dedn.data import FeatureDataset
     from dedn.protocol import SELECTION_SPLITS
     from dedn.training.driver import init_ray
     from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         name = FeatureDataset.open(data, splits=SELECTION_SPLITS).name  # never the test shards
         base = config_for_dataset(name, data, args.preset or None, args.overrides)
         # Every trial is a TorchTrainer: they need the dashboard's State API, without it the next
-        # trial waited > 60 s for the CPUs of a finished one (docs/stack-notes.md)
+        # trial waited > 60 s for the CPUs of a finished one (docs/stack-notes.md#ray-connecting-and-authentication)
         init_ray(dashboard=True)
         finished = None  # --final --name NAME on a finished sweep: no new trials
         if args.final and args.name and not args.resume:

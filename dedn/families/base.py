@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dedn.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
-    from dedn.class_side import ClassSide
+    from dedn.data.class_side import ClassSide
     from dedn.config import DEDNConfig
     from dedn.protocol import ClassProtocol
 
@@ -106,7 +106,7 @@ class ModelFamily:
     score_part_names: tuple[str, ...] = ()
     weight_names: tuple[str, ...] = ()  # eval.<name> keys, each a float in [0, 1]
     package: str = ""  # import path of the package holding presets/ and search_space.yaml ("" = none)
-    ablations: tuple[Any, ...] = ()  # dedn.ablation.Setting rows this family defines (Table 3 for DEDN)
+    ablations: tuple[Any, ...] = ()  # dedn.analysis.ablation.Setting rows this family defines (Table 3 for DEDN)
 
     # ---- presets and search space ------------------------------------------------------
     def _folder(self) -> Traversable | None:

@@ -7,9 +7,11 @@
 * `registry` — log, register, alias `champion`, load (`Predictor`), models from code;
 * `pyfunc_model` — the models-from-code entry file MLflow requires (it imports mlflow too).
 """
-from dedn.tracking.store import *  # noqa: F401,F403
-from dedn.tracking.store import (  # noqa: F401
-    BEST_TRIAL_TAG, FINAL_RUN_TAG, SETTING_TAG, __all__ as _store_all,
+from dedn.tracking.store import (
+    BEST_TRIAL_TAG, CHECKPOINT_TAG, FINAL_RUN_TAG, KIND_TAG, MAX_PARAM_LENGTH, MODEL_TAG, PARENT_TAG, REGISTERED_TAG,
+    SETTING_TAG, SWEEP_TAG, TRIAL_TAG, Run, RunLogger, artifact_root, child_runs, client, dedn_home, experiment_name,
+    find_child_run, finish_run, get_or_create_experiment, git_commit, init_store, log_artifact, log_metrics, log_params,
+    model_version_by_alias, ray_job_id, run_tags, set_tags, start_run, start_training_run, tracking_uri,
 )
 
 
@@ -25,4 +27,10 @@ def __getattr__(name: str):  # the sink and the registry import torch and the mo
     raise AttributeError(name)
 
 
-__all__ = [*_store_all, "BEST_TRIAL_TAG", "FINAL_RUN_TAG", "SETTING_TAG", "MLflowSink", "registry"]
+__all__ = [
+    "BEST_TRIAL_TAG", "CHECKPOINT_TAG", "FINAL_RUN_TAG", "KIND_TAG", "MAX_PARAM_LENGTH", "MODEL_TAG", "PARENT_TAG",
+    "REGISTERED_TAG", "SETTING_TAG", "SWEEP_TAG", "TRIAL_TAG", "Run", "RunLogger", "artifact_root", "child_runs",
+    "client", "dedn_home", "experiment_name", "find_child_run", "finish_run", "get_or_create_experiment", "git_commit",
+    "init_store", "log_artifact", "log_metrics", "log_params", "model_version_by_alias", "ray_job_id", "run_tags",
+    "set_tags", "start_run", "start_training_run", "tracking_uri", "MLflowSink", "registry",
+]

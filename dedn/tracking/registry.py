@@ -17,7 +17,6 @@ Loading needs the `dedn` package importable (installed), like any models-from-co
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -31,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from dedn.class_side import ClassSide, normalize_rows
+from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.config import DEDNConfig
 from dedn.errors import ConfigError, DatasetError
 from dedn.families import family_of
@@ -183,7 +182,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
                          cs["attribute_names"].tolist())
 
 
-# ---- the pyfunc wrapper (models from code: dedn/pyfunc_model.py) ----------------------------
+# ---- the pyfunc wrapper (models from code: dedn/tracking/pyfunc_model.py) -------------------
 class PyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
     """MLflow pyfunc: predict(features (N, C, H, W) float32) -> scores (N, K) float32.
 
@@ -196,8 +195,9 @@ class PyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
     def load_context(self, context: Any) -> None:
         self.predictor = predictor_from_files(context.artifacts)
 
-    # No type hints on predict: MLflow would try (and fail) to derive a schema from them.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    # np.ndarray is the one input hint MLflow takes without deriving a schema from it (the signature
+    # is given explicitly at logging); with no hint at all it warns on every import of this module.
+    def predict(self, context, model_input: np.ndarray, params=None):  # type: ignore[no-untyped-def]
         assert self.predictor is not None, "load_context was not called"
         if isinstance(model_input, Mapping):  # a named tensor input arrives as {name: array}
             model_input = next(iter(model_input.values()))
@@ -234,7 +234,7 @@ def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, 
 
 
 def pip_requirements() -> list[str]:
-    """Given explicitly: inferring them costs 5-7 s per log_model (stack notes). Local labels (+cpu) dropped."""
+    """Given explicitly: inferring them costs 5-7 s per log_model (docs/stack-notes.md#mlflow-3172). Local labels (+cpu) dropped."""
     import importlib.metadata as md
 
     reqs = []

@@ -30,7 +30,7 @@ class MLflowSink:
             self._final_artifacts(report, state())
 
     def _final_artifacts(self, report: Any, st: Mapping[str, Any]) -> None:
-        from dedn.plots import plot_training_curves
+        from dedn.analysis.plots import plot_training_curves
 
         cfg, log = self.cfg, self.logger
         fam = family_of(cfg)

@@ -49,7 +49,7 @@ SWEEP_TAG = "dedn.sweep"  # the sweep a run belongs to
 TRIAL_TAG = "dedn.trial_id"
 BEST_TRIAL_TAG = "dedn.best_trial_id"
 FINAL_RUN_TAG = "dedn.final_run_id"
-SETTING_TAG = "dedn.ablation.setting"
+SETTING_TAG = "dedn.analysis.ablation.setting"
 MODEL_TAG = "model"
 
 def dedn_home() -> Path:

@@ -14,14 +14,12 @@ the checkpoint). After a worker failure Ray restarts the group (`FailureConfig`)
 continues from `ray.train.get_checkpoint()`; the checkpoint carries model, optimisers, history,
 best-so-far, RNG state and, in the final phase, the selection.
 
-Test hooks (`DebugHooks`): record which samples each rank trained on and a digest of its
-parameters, and make one rank raise once at a given epoch.
+Test hooks (`dedn.training.debug.DebugHooks`): record which samples each rank trained on and a
+digest of its parameters, and make one rank raise once at a given epoch.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -36,42 +34,21 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from dedn.atomic import write_text
 from dedn.checkpoint import load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
-from dedn.dataset import FeatureDataset
+from dedn.data import FeatureDataset
 from dedn.errors import ConfigError
 from dedn.families import family_of
 from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+from dedn.training.debug import DebugHooks, _Recorder
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn
 
 __all__ = [
-    "STATE_FILE", "SCORE_ATTRIBUTE", "TrainSettings", "DebugHooks", "TrainOutcome", "init_ray", "cpus_per_worker",
-    "train_func", "build_trainer", "train", "feature_digest", "params_digest", "read_outcome",
+    "STATE_FILE", "SCORE_ATTRIBUTE", "TrainSettings", "TrainOutcome", "init_ray", "cpus_per_worker", "train_func",
+    "build_trainer", "train", "read_outcome", "open_dataset", "last_model",
 ]
 
 STATE_FILE = "state.pt"  # the loop's checkpoint dict (torch.save of tensors and plain values)
-
-
-class InjectedFault(RuntimeError):
-    """Raised on purpose by DebugHooks.fail_* to exercise fault tolerance."""
-
-
-@dataclass(frozen=True)
-class DebugHooks:
-    """Test switches, off by default.
-
-    record_dir: each rank writes `rank<r>.json` there: per phase and epoch the digests of the
-    feature rows it trained on (see `feature_digest`), and a digest of its final parameters.
-    fail_rank / fail_epoch / fail_marker: rank `fail_rank` raises InjectedFault in the middle of
-    epoch `fail_epoch` of the select phase (after its first training step) if `fail_marker` does
-    not exist yet; it creates the marker first, so the fault happens once per marker.
-    """
-
-    record_dir: str = ""
-    fail_rank: int = 1
-    fail_epoch: int = 0  # 0 = never
-    fail_marker: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,8 +108,9 @@ def init_ray(dashboard: bool = False) -> None:
     `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
     start` leaves its address on the node); otherwise an embedded Ray starts, without the
     dashboard (about 1 GB RSS) unless asked. Ray-internal loggers are raised to ERROR there
-    (docs/stack-notes.md: the placement-group cleaner's once-a-second warning); our progress
-    lines are written to stdout, not logged, so they still show.
+    (docs/stack-notes.md#ray-connecting-and-authentication: the placement-group cleaner's
+    once-a-second warning); our progress lines are written to stdout, not logged, so they
+    still show.
     """
     import ray
 
@@ -173,54 +151,6 @@ def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0, ava
 def torch_threads(cpus: float) -> int:
     """Intra-op threads of a worker: its whole CPUs, at least one (more would oversubscribe the node)."""
     return max(1, int(math.floor(cpus)))
-
-
-# ---- digests (test hooks) ---------------------------------------------------------------------
-def feature_digest(features: torch.Tensor) -> list[str]:
-    """One short hex digest per row of features (B, ...): identifies a sample by its exact feature bytes."""
-    rows = features.detach().to("cpu", torch.float32).contiguous().reshape(features.shape[0], -1).numpy()
-    return [hashlib.blake2b(r.tobytes(), digest_size=8).hexdigest() for r in rows]
-
-
-def params_digest(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name order): equal digests = bitwise-equal models."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class _Recorder:
-    """Forward pre-hook on the training model (digests of the rows seen, the injected fault) and a sink
-    (which epoch comes next)."""
-
-    def __init__(self, hooks: DebugHooks, rank: int, phase: str, epoch: int):
-        self.hooks, self.rank = hooks, rank
-        self.phase, self.epoch, self.steps = phase, epoch, 0
-        self.seen: dict[str, dict[str, list[str]]] = {}
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not module.training:
-            return
-        h = self.hooks
-        if (h.fail_epoch and self.rank == h.fail_rank and self.phase == "select" and self.epoch == h.fail_epoch
-                and self.steps >= 1 and h.fail_marker and not os.path.exists(h.fail_marker)):
-            Path(h.fail_marker).write_text(f"rank {self.rank} failed at epoch {self.epoch}\n")
-            raise InjectedFault(f"injected fault: rank {self.rank}, select epoch {self.epoch}")
-        self.steps += 1
-        if h.record_dir:
-            self.seen.setdefault(self.phase, {}).setdefault(str(self.epoch), []).extend(feature_digest(args[0]))
-
-    def on_epoch(self, report: EpochReport, state: StateFn) -> None:
-        # the final phase follows the last selection epoch
-        last_select = report.phase == "select" and report.epoch == report.epochs
-        self.phase, self.epoch, self.steps = ("final", 1, 0) if last_select else (report.phase, report.epoch + 1, 0)
-
-    def write(self, model: nn.Module) -> None:
-        if self.hooks.record_dir:
-            write_text(Path(self.hooks.record_dir) / f"rank{self.rank}.json",
-                       json.dumps({"rank": self.rank, "seen": self.seen, "params": params_digest(model)}))
 
 
 # ---- the worker --------------------------------------------------------------------------------
@@ -293,7 +223,7 @@ def train_func(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dedn.reader import forbid_splits
+    from dedn.data.reader import forbid_splits
     from dedn.training.loop import run_protocol, unwrap_model
 
     _quiet_ray_train_reports(bool(config.get("ray_info_logs")))
@@ -466,7 +396,7 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
 def _register(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
               val: Mapping[str, float], test: Mapping[str, float]) -> Any:
     """Rebuild the final weights from the last checkpoint and register them (driver side)."""
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
     from dedn.tracking import registry
 
     final_cfg = DEDNConfig.from_dict(state["config"], source=f"checkpoint of run {run_id}")

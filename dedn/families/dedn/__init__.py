@@ -2,7 +2,7 @@
 
 Score parts P_rc, P_cc (coarse expert: region, channel) and P_rf, P_cf (fine expert), each
 O A^T (B, K). Post-hoc weights lambda_rc (eq. 8, region vs channel within an expert) and
-lambda_e (eq. 19, coarse vs fine). docs/method.md states the equations.
+lambda_e (eq. 19, coarse vs fine). docs/method.md#inference states the equations.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dedn.families.base import ModelFamily, PostHocWeights, lambda_grid
 from dedn.families.dedn.config import DEDNEvalConfig, DEDNLossConfig, DEDNModelConfig
 
 if TYPE_CHECKING:
-    from dedn.class_side import ClassSide
+    from dedn.data.class_side import ClassSide
     from dedn.config import DEDNConfig
     from dedn.protocol import ClassProtocol
 
@@ -50,7 +50,7 @@ class DEDNFamily(ModelFamily):
         if meta and meta.get("clusters"):
             clusters = [list(map(int, q)) for q in meta["clusters"]]
         else:  # only DEDN's fine expert has clusters: resolved (k-means, ...) here
-            from dedn.clusters import resolve_clusters
+            from dedn.data.clusters import resolve_clusters
 
             m = cfg.model
             clusters = resolve_clusters(class_side, m.clusters, m.num_clusters, cfg.optim.seed, layout=m.cluster_layout)

@@ -42,7 +42,7 @@ class DEDNModelConfig:
 
 @dataclass(frozen=True)
 class DEDNLossConfig:
-    """Training objective, eqs. 15-18 (paper) or the reference code's form (docs/reference-variant.md)."""
+    """Training objective, eqs. 15-18 (paper) or the reference code's form (docs/reference-variant.md#the-differences)."""
 
     beta: float = 1e-3  # weight of the region/channel alignment terms (eq. 16, 17)
     gamma: float = 0.1  # weight of the expert distillation term (eq. 18)

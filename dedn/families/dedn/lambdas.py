@@ -2,7 +2,7 @@
 
 experts: "both" | "coarse" | "fine"; with one expert lambda_e is fixed (1 for coarse, 0 for
 fine); without channel attention lambda_rc is fixed at 1. `prefer` = the configured pair:
-among grid points with equal H, the closest one wins (docs/method.md).
+among grid points with equal H, the closest one wins (docs/method.md#post-hoc-lambda-fit).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """DEDN's objective, eq. 18: each expert's MAL (eq. 15) and alignment (eqs. 16, 17), and their distillation (eq. 12).
 
-The building blocks (MAL, JSD, the distances, calibration) are shared in `dedn.losses`;
-docs/method.md#the-objective states the equations, docs/reference-variant.md the coded form.
+The building blocks (MAL, JSD, the distances, calibration) are shared in `dedn.nn.losses`;
+docs/method.md#the-objective states the equations, docs/reference-variant.md#the-differences
+the coded form.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from dedn.families.dedn.config import DEDNLossConfig as LossConfig
 from dedn.families.dedn.model import DEDNOutput, ExpertOutput
-from dedn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance, mal_loss, reference_mal_loss
+from dedn.nn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance, mal_loss, reference_mal_loss
 from dedn.protocol import ClassProtocol
 
 __all__ = ["dedn_loss"]

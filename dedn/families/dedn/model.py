@@ -1,11 +1,12 @@
 """DEDN: Dual Expert Distillation Network, Rao et al., IJCAI 2024, eqs. 1-11, 8 and 19.
 
-cExp is one DAN sub-network (dedn.attention) over all D attributes; fExp is Q sub-networks,
+cExp is one DAN sub-network (dedn.nn.attention) over all D attributes; fExp is Q sub-networks,
 one per attribute cluster, whose outputs are scattered back to the original attribute order
 (eq. 10's concatenation, undone so that P = O A^T uses A as given).
 
 Speed: every sub-network of both experts contributes its rows to ONE stacked matrix per
-branch, so the features are multiplied once per step for everything (performance-notes.md):
+branch, so the features are multiplied once per step for everything
+(docs/performance.md#the-fused-form):
 region branch = one GEMM of [M1; M2] (all rows) against F; channel branch = one blocked
 attention call. Parameters stay separate per sub-network (each owns its V_q and W's).
 `impl="loop"` runs the same kernels one sub-network at a time and `impl="direct"` runs
@@ -20,8 +21,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from dedn.attention import channel_branch, compute_dtype, dan_direct, normalize_features, region_branch
-from dedn.clusters import apply_cluster_layout
+from dedn.nn.attention import channel_branch, compute_dtype, dan_direct, normalize_features, region_branch
+from dedn.data.clusters import apply_cluster_layout
 from dedn.families.dedn.config import DEDNModelConfig as ModelConfig
 from dedn.errors import ConfigError
 

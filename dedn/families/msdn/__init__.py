@@ -2,7 +2,8 @@
 
 Score parts S_av (attribute->visual, S1) and S_va (visual->attribute, S2), each psi A^T (B, K)
 without the +-1 margin (calibrated stacking applies it at evaluation). One post-hoc weight,
-`eval.w1` (w2 = 1 - w1). The network and its loss: `dedn.families.msdn.model`; docs/msdn.md.
+`eval.w1` (w2 = 1 - w1; docs/msdn.md#6-inference). The network and its loss:
+`dedn.families.msdn.model`; the spec: docs/msdn.md.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dedn.families.base import ModelFamily
 from dedn.families.msdn.config import MSDNEvalConfig, MSDNLossConfig, MSDNModelConfig
 
 if TYPE_CHECKING:
-    from dedn.class_side import ClassSide
+    from dedn.data.class_side import ClassSide
     from dedn.config import DEDNConfig
     from dedn.protocol import ClassProtocol
 

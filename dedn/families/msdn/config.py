@@ -1,4 +1,5 @@
-"""MSDN's config blocks (docs/msdn.md §5-§7): `model`, `loss` and `eval` with its weight w1."""
+"""MSDN's config blocks (docs/msdn.md §5-§7: #5-training-and-parameters to
+#7-per-dataset-settings-and-reported-results): `model`, `loss` and `eval` with its weight w1."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ class MSDNModelConfig:
 
 @dataclass(frozen=True)
 class MSDNLossConfig:
-    """docs/msdn.md §4: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (distance + JSD)(S1, S2)."""
+    """docs/msdn.md#4-losses: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (distance + JSD)(S1, S2)."""
 
     gamma: float = 1e-3  # mutual distillation weight
     calibration_weight: float = 0.1  # lam of the self-calibration terms
@@ -34,7 +35,7 @@ class MSDNLossConfig:
 
 @dataclass(frozen=True)
 class MSDNEvalConfig(EvalConfig):
-    """Inference w1 S1 + (1 - w1) S2 (docs/msdn.md §6); the authors fix w1 per dataset."""
+    """Inference w1 S1 + (1 - w1) S2 (docs/msdn.md#6-inference); the authors fix w1 per dataset."""
 
     w1: float = 0.9  # weight of the attribute->visual sub-net's scores S1; w2 = 1 - w1
 

@@ -20,7 +20,7 @@ would go through a product and its backward. By associativity
 
 which is exactly DEDN's region branch (eqs. 1-3): one GEMM of the stacked maps [M1; M2]
 (2D, C) against the features with the batch folded into the columns (C, B*R), a softmax over R
-and a row-wise sum (`dedn.attention.region_branch`, reused). M1 is formed once per step
+and a row-wise sum (`dedn.nn.attention.region_branch`, reused). M1 is formed once per step
 (D x G x C), not per sample. The "attention" softmax(..) F^T is therefore never materialised:
 only its contraction with M1, which needs the (D, R) maps alone. An SDPA call would not help:
 its keys are the R regions (R = 196) and its value dimension C = 2048 is the large one, so it
@@ -40,7 +40,8 @@ W2 = 0 (G, C); W1_1 = 0 (C, G); W2_1 = 0 (G, C). The authors' W3 (G, C) and W3_1
 zero, feed only commented-out code and never receive a gradient: they are NOT created here
 (an unused parameter would also make DDP fail). Class attributes A (K, D) are a frozen buffer.
 
-Integration with the pipeline: the model knows nothing of seen/unseen classes (design.md); the
+Integration with the pipeline: the model knows nothing of seen/unseen classes
+(docs/design.md#model-families); the
 +-1 margin is added by `msdn_loss` (from the `ClassProtocol`) and at evaluation by calibrated
 stacking (`eval.calibration = 2.0`). The family (`dedn.families.msdn`) exposes S1 and S2 as
 the score parts `S_av`, `S_va` and their weight as `eval.w1`.
@@ -50,14 +51,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from dedn.attention import compute_dtype, normalize_features, region_branch
+from dedn.nn.attention import compute_dtype, normalize_features, region_branch
 from dedn.families.msdn.config import MSDNLossConfig, MSDNModelConfig
-from dedn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance
+from dedn.errors import ConfigError
+from dedn.nn.losses import biased_scores, calibration_loss, cross_entropy_loss, distance
 from dedn.protocol import ClassProtocol
 
 __all__ = ["MSDN", "MSDNOutput", "attribute_branch", "msdn_loss"]
@@ -100,7 +101,7 @@ class MSDNOutput:
         return self._scores(self.psi_va)
 
     def inference_scores(self, w1: float = 0.9) -> Tensor:
-        """w1 S1 + (1 - w1) S2 (B, K) (msdn.md §6, margin left to calibrated stacking)."""
+        """w1 S1 + (1 - w1) S2 (B, K) (docs/msdn.md#6-inference, margin left to calibrated stacking)."""
         return float(w1) * self.scores_av + (1.0 - float(w1)) * self.scores_va
 
 
@@ -207,7 +208,7 @@ class MSDN(nn.Module):
 
 # ---- objective ------------------------------------------------------------------------------
 def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSDNLossConfig) -> dict[str, Tensor]:
-    """msdn.md §4: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (cubic + JSD)(S1, S2).
+    """docs/msdn.md#4-losses: (CE_1 + lam Cal_1) + (CE_2 + lam Cal_2) + gamma (cubic + JSD)(S1, S2).
 
     labels (B,) int class ids. lam = cfg.calibration_weight, gamma = cfg.gamma (0 or
     cfg.distill false: no distillation), cfg.distance the term (authors: cubic). Returns {'loss',
@@ -215,8 +216,8 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSD
     parts). "All K classes" of the spec = the protocol's active classes (all K in the final
     phase; selection excludes the test-unseen classes as the pipeline requires). CE uses the
     scores without the margin, Cal and the distillation the scores with it (seen -1, unseen +1,
-    `dedn.losses.biased_scores`). Where the authors' cubic term is NaN (S1 = S2 for a sample),
-    `dedn.losses.cubic_distance` gives 0.
+    `dedn.nn.losses.biased_scores`). Where the authors' cubic term is NaN (S1 = S2 for a sample),
+    `dedn.nn.losses.cubic_distance` gives 0.
     """
     dev = out.class_attributes.device
     seen, unseen, active = protocol.seen_mask(dev), protocol.unseen_mask(dev), protocol.active_mask(dev)
@@ -233,7 +234,7 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSD
             parts["cal_va"] = calibration_loss(s2, seen, unseen, active)
             total = total + lam * (parts["cal_av"] + parts["cal_va"])
         if gamma > 0 and cfg.distill:
-            # both directions get gradients: no teacher, no stop-gradient (msdn.md §4)
+            # both directions get gradients: no teacher, no stop-gradient (docs/msdn.md#4-losses)
             parts["distill"] = distance(biased_scores(s1, seen, unseen), biased_scores(s2, seen, unseen),
                                         cfg.distance, mask=active)
             total = total + gamma * parts["distill"]

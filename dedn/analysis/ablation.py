@@ -54,7 +54,7 @@ def family_settings(model: str = "dedn") -> dict[str, Setting]:
 
     rows = get_family(model).ablations
     if not rows:
-        raise ConfigError("model.name", "a model family that declares ablation settings", model, "dedn.ablation")
+        raise ConfigError("model.name", "a model family that declares ablation settings", model, "dedn.analysis.ablation")
     return {s.key: s for s in rows}
 
 

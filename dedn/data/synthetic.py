@@ -17,7 +17,7 @@ feature maps are drawn from a generative model that mimics how a CNN sees attrib
 
 Everything is non-negative like post-ReLU maps; 1 x 1 grids work (the bump is then 1).
 The difficulty knobs live in `SyntheticConfig`; the defaults were tuned so that a ridge-regression
-baseline (`dedn.baseline`) on CUB is well above chance and far from perfect.
+baseline (`dedn.analysis.baseline`) on CUB is well above chance and far from perfect.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from dedn.clusters import MANUAL_CLUSTERS, kmeans_clusters
-from dedn.dataset import SPLITS
+from dedn.data.clusters import MANUAL_CLUSTERS, kmeans_clusters
+from dedn.data import SPLITS
 from dedn.errors import ConfigError
-from dedn.sources import ClassSideSource, build_class_side, load_source, make_splits
+from dedn.data.sources import ClassSideSource, build_class_side, load_source, make_splits
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def write_synthetic(root: str | Path, name: str, source_dir: str | Path | None =
     sizes: SyntheticConfig fields (channels, height, width, images_per_class, seed, ...).
     source_dir: a shared-style folder with the real files; None = the packaged asset.
     """
-    from dedn.convert import write_dataset
+    from dedn.data.convert import write_dataset
 
     cfg = SyntheticConfig(**sizes)  # type: ignore[arg-type]
     src = load_source(name, source_dir)

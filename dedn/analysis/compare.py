@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from dedn.atomic import write_text
 from dedn.config import DEDNConfig, apply_overrides, config_for_dataset, parse_overrides
-from dedn.dataset import FeatureDataset
+from dedn.data import FeatureDataset
 from dedn.errors import ConfigError
 from dedn.families import family_names, get_family
 
@@ -80,7 +80,7 @@ def compare_models(dataset: FeatureDataset | str | os.PathLike[str], *, preset: 
     from dedn.training.driver import TrainSettings, train
 
     if protocol not in ("two_phase", "final"):  # both end with a test evaluation; checked before any training
-        raise ConfigError("protocol", "two_phase or final (a test evaluation)", protocol, "dedn.compare")
+        raise ConfigError("protocol", "two_phase or final (a test evaluation)", protocol, "dedn.analysis.compare")
     ds = dataset if isinstance(dataset, FeatureDataset) else FeatureDataset.open(dataset)
     models = list(models) if models else list(family_names())
     shared: dict[str, Any] = {
@@ -90,7 +90,7 @@ def compare_models(dataset: FeatureDataset | str | os.PathLike[str], *, preset: 
     user = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     base = settings or TrainSettings(num_workers=1, track=False, register=False, verbose=False)
     # every config first: a bad key or preset fails before any model trains
-    cfgs = [apply_overrides(model_config(name, ds.name, preset, user, str(ds.root)), shared, source="dedn.compare")
+    cfgs = [apply_overrides(model_config(name, ds.name, preset, user, str(ds.root)), shared, source="dedn.analysis.compare")
             for name in models]
     rows: list[ComparisonRow] = []
     for name, cfg in zip(models, cfgs):

@@ -3,7 +3,7 @@
 Schemes, each a partition of the D attributes {cluster name: [attribute ids]}:
 
 * ``manual``: the paper's semantic groups (CUB and SUN as the paper intends, AWA2 as the
-  reference code has them; ranges in /work/shared/docs/reference-behaviour.md).
+  reference code has them; docs/method.md#attribute-clusters, ranges in `MANUAL_CLUSTERS` below).
 * ``halved``: consecutive pairs of the manual clusters merged, in order (CUB 6 -> 3, SUN 4 -> 2,
   AWA2 4 -> 2). The paper's "half the clusters" ablation does not say which clusters merge;
   merging neighbours in the paper's own order keeps related groups together (CUB head+torso,
@@ -20,7 +20,8 @@ Layouts (``model.cluster_layout``, `apply_cluster_layout`) rewrite resolved manu
   written with '-' instead of ':' are subtractions, i.e. the single negative indices -9, -3
   and -17, so only attributes 93 (-> 2), 99 and 85 (-> 3) move. Cluster q is then
   ``indicator == q`` in ascending id order: {0-37, 65-76, 86-92, 94-98, 100, 101} (64),
-  {38-64} (27), {77-84, 93} (9), {85, 99} (2). Only defined on SUN's manual division.
+  {38-64} (27), {77-84, 93} (9), {85, 99} (2). Only defined on SUN's manual division
+  (docs/reference-variant.md#sun-the-authors-cluster-slip-and-low-rank-initialisation).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dedn.class_side import ClassSide, normalize_rows
+from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.errors import ConfigError, DatasetError
 
 SCHEMES = ("manual", "halved", "kmeans")
@@ -40,7 +41,7 @@ def _ranges(*spans: tuple[int, int]) -> list[int]:
     return [a for lo, hi in spans for a in range(lo, hi + 1)]
 
 
-# 0-based inclusive ranges (reference-behaviour.md, "Attribute clusters").
+# 0-based inclusive ranges (docs/method.md#attribute-clusters).
 MANUAL_CLUSTERS: dict[str, dict[str, list[int]]] = {
     "CUB": {
         "head": _ranges((0, 8), (94, 104), (120, 166), (182, 196), (278, 307)),
@@ -107,7 +108,7 @@ def apply_cluster_layout(clusters: Sequence[Sequence[int]], layout: str) -> list
 
 
 def _validate(clusters: Mapping[str, Sequence[int]], num_attributes: int, where: str, field: str) -> None:
-    from dedn.dataset import validate_clusters
+    from dedn.data import validate_clusters
 
     validate_clusters(clusters, num_attributes, where, field)
 

@@ -1,5 +1,9 @@
 """Streaming, rank-partitioned, seeded reading of a split's Parquet shards into feature batches.
 
+(One module of ~490 lines on purpose: the partition, the shuffle buffer, the read-ahead thread
+and the integrity checks all work on the same (shard, row group) units; apart, each would have
+to re-derive or pass around that bookkeeping.)
+
 Partition (every sample of a split is read exactly once per epoch across ranks):
 
 1. units = (shard, row group) in manifest order, each with its row count (Parquet footers only);
@@ -52,9 +56,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dedn.dataset import (DatasetError, FeatureDataset, arrow_error, check_finite_features, check_shard_schema,
-                          check_shard_sha256, split_classes)
-from dedn.errors import ConfigError
+from dedn.data.dataset import FeatureDataset
+from dedn.data.format import arrow_error, check_finite_features, check_shard_schema, check_shard_sha256, split_classes
+from dedn.errors import ConfigError, DatasetError
 
 __all__ = ["Batch", "ShardReader", "ShardIterableDataset", "forbid_splits", "forbidden_splits", "partition_rows"]
 
@@ -82,7 +86,7 @@ def forbid_splits(splits: Iterable[str]) -> Iterator[None]:
                 del _forbidden[n]
 
 
-forbidden_splits = forbid_splits  # alias: the brief names the hook both ways
+forbidden_splits = forbid_splits  # alias: both names are public (`__all__`); the package itself uses forbid_splits
 
 
 def _is_forbidden(split: str) -> bool:

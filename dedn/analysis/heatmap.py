@@ -90,7 +90,7 @@ class SampleRows:
 
 def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRows:
     """The rows at `positions` (0-based, in the split's stored order) of a FeatureDataset split."""
-    from dedn.reader import ShardReader
+    from dedn.data.reader import ShardReader
 
     n = dataset.split(split).num_rows
     bad = [p for p in positions if not 0 <= p < n]
@@ -134,7 +134,7 @@ def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequ
         att = att.float()[:, ids.to(att.device)]  # (N, A, R)
         maps[label] = att.reshape(att.shape[0], att.shape[1], h, w).cpu().numpy()  # (N, A, H, W)
     if not maps:
-        raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.heatmap")
+        raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.analysis.heatmap")
     return maps
 
 
@@ -274,7 +274,7 @@ def _short(name: str, limit: int = 34) -> str:
 def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tuple[nn.Module, DEDNConfig]:
     """The network of a training checkpoint, on CPU, built on the dataset's class side.
 
-    path: an engine checkpoint file (state.pt: {"model", "config", ...}), a Ray Train checkpoint
+    path: a training-loop checkpoint file (state.pt: {"model", "config", ...}), a Ray Train checkpoint
     folder holding state.pt, or a folder of registry model files (weights.pt, config.yaml, ...).
     """
     from dedn.checkpoint import load_checkpoint

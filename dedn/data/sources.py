@@ -1,15 +1,17 @@
 """The class side of a dataset as published: xlsa17 `att_splits.mat`, attribute word vectors, image labels.
 
+(~430 lines: each published file's reader sits next to the checks that name its fields.)
+
 Two ways in, one result (`ClassSideSource`):
 
 * a folder laid out like ``../shared/data/<DS>`` (``att_splits.mat``, ``<DS>_attribute.pkl``,
   ``image_labels.npz`` and an attribute-name file), read by `load_source(name, source_dir)`;
-* a packaged asset ``dedn/assets/<DS>.npz`` (plain arrays, no pickles) written from such a folder by
+* a packaged asset ``dedn/data/assets/<DS>.npz`` (plain arrays, no pickles) written from such a folder by
   ``tools/pack_assets.py``, read by `load_source(name)`, so that a demo runs without the folder.
 
 All locations are converted to 0-based on the way in. `build_class_side` turns a source into
 the `ClassSide` the model uses; `make_splits` turns labels and locations into the six splits of
-docs/design.md.
+docs/design.md#dataset-directory-schema_version-1.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dedn.class_side import ClassSide, normalize_rows
+from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.errors import DatasetError
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
@@ -326,7 +328,7 @@ def source_to_arrays(src: ClassSideSource) -> dict[str, np.ndarray]:
 
 
 def load_asset(name: str, path: str | Path | None = None) -> ClassSideSource:
-    """A source from a packaged npz asset (default dedn/assets/<name>.npz)."""
+    """A source from a packaged npz asset (default dedn/data/assets/<name>.npz)."""
     p = Path(path) if path is not None else asset_path(name)
     if not p.is_file():
         known = sorted(q.stem for q in ASSET_DIR.glob("*.npz"))
@@ -384,7 +386,7 @@ def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, l
                       stacklevel=2)
         raw = np.maximum(raw, 0.0)
     if clusters is None:
-        from dedn.clusters import default_clusters
+        from dedn.data.clusters import default_clusters
 
         clusters = default_clusters(src.name, src.num_attributes)
     return ClassSide(
@@ -396,7 +398,7 @@ def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, l
 
 
 def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
-    """Image indices of the six splits (docs/design.md): xlsa17 trainval/test_*; train/val_seen from train_loc; val_unseen = val_loc.
+    """Image indices of the six splits (docs/design.md#dataset-directory-schema_version-1): xlsa17 trainval/test_*; train/val_seen from train_loc; val_unseen = val_loc.
 
     xlsa17's train_loc and val_loc predate the Proposed Split and together cover every
     seen-class image, test_seen included (CUB: 5875 + 2946 = 7057 trainval + 1764 test_seen).

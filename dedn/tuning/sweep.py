@@ -21,261 +21,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import yaml
 from ray import tune
 
-from dedn.atomic import atomic_path, save_figure, write_text
-from dedn.config import DEDNConfig, known_keys
+from dedn.atomic import atomic_path, write_text
+from dedn.config import DEDNConfig
 from dedn.errors import ConfigError
-from dedn.families import family_of, get_family
-from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
-from dedn.training.driver import STATE_FILE  # the loop's checkpoint dict inside a checkpoint folder
+from dedn.families import family_of
+from dedn.protocol import TEST_SPLITS
+from dedn.training.driver import STATE_FILE
+from dedn.tuning.space import reported_metrics, SearchSpace
+from dedn.tuning.plots import plot_lambda_curves, plot_hparams
+from dedn.tuning.trial import open_for_selection, trial_config, tune_trainable, validation_weight_grid
 
-__all__ = [
-    "TEST_SPLITS", "SELECTION_SPLITS", "Dimension", "SearchSpace", "load_search_space", "default_space_path",
-    "SweepSpec", "SweepSummary", "SweepInterrupted", "trial", "MLflowSweepCallback", "run_sweep", "summarise_sweep",
-    "find_sweep", "run_final", "open_for_selection", "reported_metrics", "validation_weight_grid", "best_config",
-    "plot_lambda_curves", "plot_hparams",
-]
 
-DRIVER_CPUS = 0.01  # what a distributed trial's own function holds
-DIM_TYPES = ("uniform", "loguniform", "int", "choice")
 BEST_CONFIG_FILE = "best_config.yaml"
+
+
 SWEEP_FILE = "sweep.json"
 
 
-def reported_metrics(model: str = "dedn") -> tuple[str, ...]:
-    """Metric names a trial's reports carry that a sweep reads and MLflow child runs log
-    (EpochReport.metrics of a selection epoch): validation, the family's weights, epoch, loss."""
-    return ("val_H", "val_S", "val_U", "val_T", *get_family(model).weight_names, "epoch", "loss", "best_val_H")
-
-
-# ---- search space -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dimension:
-    """One searched config key: a uniform / log-uniform / integer range or a categorical choice."""
-
-    key: str  # dotted DEDNConfig key, e.g. "loss.beta"
-    kind: Literal["uniform", "loguniform", "int", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: tuple[Any, ...] = ()
-
-    def to_tune(self) -> Any:
-        if self.kind == "uniform":
-            return tune.uniform(self.low, self.high)
-        if self.kind == "loguniform":
-            return tune.loguniform(self.low, self.high)
-        if self.kind == "int":
-            return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
-        return tune.choice(list(self.values))
-
-    def corners(self) -> list[Any]:
-        """The extreme values (checked against DEDNConfig when the space is loaded)."""
-        return list(self.values) if self.kind == "choice" else [self.low, self.high]
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """A validated search space: dimensions, the lambda dimensions, metric/mode and ASHA knobs."""
-
-    dims: tuple[Dimension, ...]
-    lambda_dims: tuple[Dimension, ...]
-    metric: str = "val_H"
-    mode: Literal["max", "min"] = "max"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    source: str = "search space"
-
-    def param_space(self, search_lambdas: bool) -> dict[str, Any]:
-        """Tune's param_space: {dotted key: Domain}; lambda dims join only with search_lambdas."""
-        dims = self.dims + (self.lambda_dims if search_lambdas else ())
-        return {d.key: d.to_tune() for d in dims}
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(d.key for d in self.dims)
-
-
-def default_space_path(model: str = "dedn") -> Path:
-    """The family's search_space.yaml, shipped inside the package (dedn/families/<model>/)."""
-    f = get_family(model).search_space_file()
-    if f is None:
-        raise ConfigError("space", f"a search-space YAML (model {model} ships none)", "none")
-    return Path(str(f))
-
-
-def _parse_dim(key: str, spec: Any, source: str, model: str = "dedn") -> Dimension:
-    where = f"space.{key}"
-    if key not in known_keys(model):
-        raise ConfigError(where, "a dotted DEDNConfig key (dedn.config.known_keys())", key, source)
-    if not isinstance(spec, Mapping):
-        raise ConfigError(where, "a mapping {type, low, high} or {type: choice, values}", spec, source)
-    kind = spec.get("type")
-    if kind not in DIM_TYPES:
-        raise ConfigError(f"{where}.type", "one of " + "|".join(DIM_TYPES), kind, source)
-    unknown = set(spec) - {"type", "low", "high", "values"}
-    if unknown:
-        raise ConfigError(where, "only the fields type, low, high, values", sorted(unknown), source)
-    if kind == "choice":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.values", "a non-empty list", values, source)
-        dim = Dimension(key, kind, values=tuple(values))
-    else:
-        lo, hi = spec.get("low"), spec.get("high")
-        for name, v in (("low", lo), ("high", hi)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{where}.{name}", "a finite number", v, source)
-        if not lo < hi:
-            raise ConfigError(where, "low < high", f"low={lo}, high={hi}", source)
-        if kind == "loguniform" and lo <= 0:
-            raise ConfigError(f"{where}.low", "> 0 for a loguniform dimension", lo, source)
-        if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
-            raise ConfigError(where, "integer bounds for an int dimension", f"low={lo}, high={hi}", source)
-        dim = Dimension(key, kind, float(lo), float(hi))
-    # every extreme value must make a valid DEDNConfig (e.g. lambda in [0, 1], beta >= 0)
-    for v in dim.corners():
-        try:
-            DEDNConfig.for_family(model).replace(**{key: int(v) if kind == "int" else v})
-        except ConfigError as e:
-            raise ConfigError(where, f"values valid for {key} ({e.expected})", v, source) from None
-    return dim
-
-
-def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "dedn") -> SearchSpace:
-    """Read and validate a search-space YAML (format: tuning/search_space.yaml); ConfigError names the field.
-
-    Without a path: the default space of `model` (tuning/search_space.yaml for DEDN).
-    """
-    path = Path(path) if path is not None else default_space_path(model)
-    src = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("space", "an existing search-space YAML file", src) from None
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", "valid YAML", f"{type(e).__name__}: {e}", src) from None
-    if not isinstance(doc, Mapping):
-        raise ConfigError("<root>", "a mapping", type(doc).__name__, src)
-    unknown = set(doc) - {"metric", "mode", "space", "lambdas", "asha"}
-    if unknown:
-        raise ConfigError("<root>", "only the keys metric, mode, space, lambdas, asha", sorted(unknown), src)
-    space = doc.get("space") or {}
-    lambdas = doc.get("lambdas") or {}
-    for name, block in (("space", space), ("lambdas", lambdas)):
-        if not isinstance(block, Mapping):
-            raise ConfigError(name, "a mapping {dotted key: dimension}", block, src)
-    if not space:
-        raise ConfigError("space", "at least one dimension", "none", src)
-    allowed = {f"eval.{w}" for w in get_family(model).weight_names}
-    bad = set(lambdas) - allowed
-    if bad:
-        raise ConfigError("lambdas", "only the family's weights " + ", ".join(sorted(allowed)), sorted(bad), src)
-    both = set(space) & set(lambdas)
-    if both:
-        raise ConfigError("lambdas", "keys not also under space", sorted(both), src)
-    metric = doc.get("metric", "val_H")
-    if metric not in reported_metrics(model):
-        raise ConfigError("metric", "one of " + "|".join(reported_metrics(model)), metric, src)
-    mode = doc.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise ConfigError("mode", "max or min", mode, src)
-    asha = doc.get("asha") or {}
-    if not isinstance(asha, Mapping) or set(asha) - {"grace_period", "reduction_factor"}:
-        raise ConfigError("asha", "a mapping with grace_period and/or reduction_factor", asha, src)
-    grace, rf = asha.get("grace_period", 1), asha.get("reduction_factor", 2)
-    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
-        raise ConfigError("asha.grace_period", "an int >= 1", grace, src)
-    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
-        raise ConfigError("asha.reduction_factor", "a number > 1", rf, src)
-    return SearchSpace(
-        dims=tuple(_parse_dim(k, v, src, model) for k, v in space.items()),
-        lambda_dims=tuple(_parse_dim(k, v, src, model) for k, v in lambdas.items()),
-        metric=metric, mode=mode, grace_period=grace, reduction_factor=rf, source=src,
-    )
-
-
-# ---- the dataset, opened without touching the test split -------------------------------
-def open_for_selection(path: str | os.PathLike[str]) -> Any:
-    """Open a dataset directory and check only the selection splits' shards.
-
-    A plain `FeatureDataset.open` reads the footer of every shard, test ones included; a sweep
-    must not open test files at all.
-    """
-    from dedn.dataset import FeatureDataset
-
-    return FeatureDataset.open(path, splits=SELECTION_SPLITS)
-
-
-# ---- the trial function ---------------------------------------------------------------------
-def _trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lambdas: bool) -> DEDNConfig:
-    """The base config (a run config dict) with this trial's sampled dotted keys applied."""
-    cfg = DEDNConfig.from_dict(base, source="sweep base config")
-    over = {k: v for k, v in config.items() if k in known_keys(cfg.model.name)}
-    over["protocol"] = "select"
-    over["eval.fit_lambdas"] = not search_lambdas
-    return cfg.replace(**over)
-
-
-def _trial_id() -> str:
-    try:
-        return tune.get_context().get_trial_id() or "trial"
-    except (RuntimeError, AttributeError):  # called outside a Tune session (tests)
-        return "trial"
-
-
-def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False, workers: int = 1,
-          cpus_per_worker: float = 1.0, storage: str = "") -> None:
-    """Ray Tune function trainable: one selection run through the training job's own driver.
-
-    A TorchTrainer of `workers` workers (`dedn.training.driver.train`, protocol select, so no
-    test shard is opened) whose reports reach Tune through `TuneReportCallback`. MLflow stays
-    with the Tune driver (track=False here). Re-running a trial of the same name and storage
-    resumes it from its last checkpoint (an interrupted sweep).
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from dedn.training.driver import TrainSettings, train
-
-    cfg = _trial_config(base, config, search_lambdas).replace(**{"data.path": data})
-    settings = TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
-                             register=False, track=False, verbose=False, storage_path=storage,
-                             name=_trial_id())
-    train(cfg, settings, callbacks=[TuneReportCallback()])
-
-
-# ---- validation H over the weight grid (the paper's Figure 3) ---------------------------------
-def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
-                           device: str = "cpu") -> dict[str, np.ndarray]:
-    """Validation T, U, S, H at every point of the family's inference-weight grid.
-
-    One `evaluate` pass over val_seen / val_unseen with the weight fit on; its counts give every
-    grid point. Returns each weight's values (n_i,) and T, U, S, H each of shape (n_1, n_2, ...).
-    """
-    from dedn.protocol import ClassProtocol
-    from dedn.reader import ShardReader, forbid_splits
-    from dedn.training.loop import evaluate, model_from_state
-
-    with forbid_splits(TEST_SPLITS):
-        model = model_from_state(cfg, dataset, model_state, meta).to(device)
-        protocol = ClassProtocol.selection(dataset.class_side)
-        seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
-                        for split in ("val_seen", "val_unseen"))
-        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).search
-        assert search is not None
-        grid = search.metrics_grid(protocol)
-    return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}
-
-
-# ---- MLflow: one parent run per sweep, one child run per trial (driver side) ---------------
 class MLflowSweepCallback(tune.Callback):
     """Tune callback that mirrors every trial into an MLflow child run of the sweep's parent run.
 
@@ -325,8 +96,6 @@ class MLflowSweepCallback(tune.Callback):
         self._end(trial, "FAILED")
 
 
-
-# ---- the sweep -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepSpec:
     """Everything one sweep needs; `tuning/tune.py` builds it from the command line."""
@@ -375,20 +144,6 @@ class SweepSummary:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, workers: int, cpus: float,
-               sweep_dir: Path) -> Any:
-    """The Tune trainable with its resources: the trial function drives a TorchTrainer of `workers` workers.
-
-    The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
-    # comes out of the trial's budget: with --cpus-per-trial 2 on a 2-CPU node, workers asking for
-    # 1 CPU each next to it never started (the worker group timed out after 60 s, measured).
-    """
-    per_worker = max(0.01, (cpus - DRIVER_CPUS) / workers)
-    fn = tune.with_parameters(trial, base=spec_base, data=data, search_lambdas=search_lambdas,
-                              workers=workers, cpus_per_worker=per_worker, storage=str(sweep_dir / "train"))
-    return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
-
-
 def _sweep_name(cfg: DEDNConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
@@ -398,7 +153,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from dedn.reader import forbid_splits
+    from dedn.data.reader import forbid_splits
 
     storage = Path(spec.storage or _tune_root()).expanduser().resolve()
     data = str(Path(spec.data).expanduser().resolve())
@@ -416,8 +171,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
             sweep_dir.mkdir(parents=True)
             meta = _start_parent_run(spec, name, data, sweep_dir)
         base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
-        trainable = _trainable(base.to_dict(), meta["data"], meta["search_lambdas"], spec.workers_per_trial, spec.cpus_per_trial,
-                               sweep_dir)
+        trainable = tune_trainable(base.to_dict(), meta["data"], meta["search_lambdas"], spec.workers_per_trial,
+                                   spec.cpus_per_trial, sweep_dir)
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
@@ -447,7 +202,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
         return summarise_sweep(results, sweep_dir, meta)
 
 
-# ---- MLflow parent run and the sweep record ----------------------------------------------
 def _tune_root() -> Path:
     from dedn import tracking
 
@@ -481,7 +235,6 @@ def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) ->
     return meta
 
 
-# ---- after the sweep --------------------------------------------------------------------------
 def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str], weight_names: Sequence[str]) -> list[dict[str, Any]]:
     """One row per trial that reported: its sampled values and its best report (metric, epoch, weights)."""
     rows = []
@@ -521,60 +274,6 @@ def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weight
     return final_config(base.replace(**params), epochs, weights)
 
 
-def plot_lambda_curves(grid: Mapping[str, np.ndarray], weights: Mapping[str, float], path: Path, title: str = "") -> Path:
-    """Figure 3 of the paper from a validation grid (`validation_weight_grid`): validation H against each
-    inference weight, the other weights held at their best values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(weights)
-    h = np.asarray(grid["H"]).reshape([len(grid[n]) for n in names])
-    best_idx = [int(np.argmin(np.abs(np.asarray(grid[n]) - weights[n]))) for n in names]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), constrained_layout=True, squeeze=False)
-    for a, (ax, n) in enumerate(zip(axes[0], names)):
-        index = tuple(slice(None) if b == a else best_idx[b] for b in range(len(names)))
-        xs = np.asarray(grid[n])
-        ax.plot(xs, 100 * h[index], marker="o", ms=3, c=f"C{a}")
-        ax.axvline(xs[best_idx[a]], ls=":", c="grey")
-        others = ", ".join(f"{m} = {np.asarray(grid[m])[best_idx[b]]:.2f}" for b, m in enumerate(names) if b != a)
-        ax.set(xlabel=n, ylabel="validation H (%)", title=others)
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path, dpi=120)
-
-
-def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_keys: Sequence[str], metric: str,
-                 path: Path, title: str = "") -> Path:
-    """Each trial's best validation H against each searched hyper-parameter (log axes for log-uniform ones)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(isinstance(r["params"].get(k), (int, float)) for r in rows)] or list(keys)[:1]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), constrained_layout=True, squeeze=False,
-                             sharey=True)
-    best = max(r[metric] for r in rows)
-    for ax, k in zip(axes[0], keys):
-        xs = [r["params"].get(k) for r in rows]
-        if k in log_keys:  # log10 on a linear axis: readable ticks also when the trials span < 1 decade
-            xs = [math.log10(x) if isinstance(x, (int, float)) and x > 0 else float("nan") for x in xs]
-        ys = [100 * r[metric] for r in rows]
-        is_best = [r[metric] == best for r in rows]
-        ax.scatter([x for x, b in zip(xs, is_best) if not b], [y for y, b in zip(ys, is_best) if not b], c="C0", s=24,
-                   label="trial (best epoch)")
-        ax.scatter([x for x, b in zip(xs, is_best) if b], [y for y, b in zip(ys, is_best) if b], c="C3", s=30,
-                   label="best validation H")
-        ax.set(xlabel=f"log10({k})" if k in log_keys else k)
-    axes[0][0].set_ylabel(f"{metric} (%)")
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path, dpi=120)
-
-
 def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> SweepSummary:
     """Pick the best (trial, epoch) on validation, write best_config.yaml, plots and summary.json; log them."""
     from dedn import tracking
@@ -603,7 +302,7 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
 
         state = load_checkpoint(Path(best["checkpoint"]) / STATE_FILE)
         if state.get("best_model") is not None and int(state["best"]["epoch"]) == best["epoch"]:
-            sel_cfg = _trial_config(meta["base"], best["params"], meta["search_lambdas"])
+            sel_cfg = trial_config(meta["base"], best["params"], meta["search_lambdas"])
             grid = validation_weight_grid(sel_cfg, open_for_selection(meta["data"]), state["best_model"], meta=state.get("meta"))
             with atomic_path(sweep_dir / "lambda_grid.npz", suffix=".npz") as tmp:
                 np.savez(tmp, **grid)
@@ -640,7 +339,6 @@ def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str =
     return found[-1]
 
 
-# ---- the final run ----------------------------------------------------------------------------
 def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_worker: float = 0.0) -> Any:
     """Retrain the sweep's best configuration on trainval, test once and register it.
 

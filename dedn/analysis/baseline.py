@@ -1,7 +1,7 @@
 """A ridge-regression zero-shot baseline: pooled features -> class attributes -> nearest class (cosine).
 
 Used to check that a (semi-synthetic) dataset is learnable but not trivial, and as a floor any
-DEDN run must beat. Per-class mean top-1 accuracies as in docs/design.md ("Metrics"):
+DEDN run must beat. Per-class mean top-1 accuracies as in docs/method.md#gzsl-metrics:
 S on seen-split images and U on unseen-split images with argmax over seen ∪ unseen classes,
 T on unseen-split images with argmax over unseen classes only, H = 2SU / (S + U). No calibration.
 """
@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dedn.class_side import ClassSide, normalize_rows
+from dedn.data.class_side import ClassSide, normalize_rows
 
 # phase -> (training split, seen evaluation split, unseen evaluation split); mirrors dedn.protocol.PHASES.
 BASELINE_PHASES = {"select": ("train", "val_seen", "val_unseen"), "final": ("trainval", "test_seen", "test_unseen")}

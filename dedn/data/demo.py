@@ -1,7 +1,7 @@
 """The small semi-synthetic demo dataset that `make demo` trains on when no `--data` is given.
 
-Real AWA2 class side (attributes, word vectors, xlsa17 splits, packaged in `dedn/assets`) with
-generated feature maps (`dedn.synthetic`), kept small so a 2-core machine trains it in minutes.
+Real AWA2 class side (attributes, word vectors, xlsa17 splits, packaged in `dedn/data/assets`) with
+generated feature maps (`dedn.data.synthetic`), kept small so a 2-core machine trains it in minutes.
 Numbers obtained on it are semi-synthetic and say nothing about DEDN on real images.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dedn.dataset import MANIFEST_FILE, FeatureDataset
+from dedn.data import MANIFEST_FILE, FeatureDataset
 from dedn.errors import DatasetError
 
 __all__ = ["DEMO_SIZES", "demo_dir", "ensure_demo_dataset"]
@@ -30,7 +30,7 @@ def demo_dir() -> Path:
 
 def ensure_demo_dataset(root: str | os.PathLike[str] | None = None, *, progress: bool = True) -> tuple[Path, bool]:
     """The demo dataset directory, written first when missing or unreadable. Returns (path, created)."""
-    from dedn.synthetic import write_synthetic
+    from dedn.data.synthetic import write_synthetic
 
     path = Path(root) if root else demo_dir()
     if (path / MANIFEST_FILE).exists():

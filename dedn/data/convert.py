@@ -1,4 +1,4 @@
-"""Turn published feature files into a dataset directory (docs/design.md, schema_version 1).
+"""Turn published feature files into a dataset directory (docs/design.md#dataset-directory-schema_version-1).
 
 * `convert_hdf5`: DAZLE/MSDN/DEDN-style HDF5 feature maps, keys ``feature_map`` (N, C, H, W),
   ``labels`` (N,) 0-based, ``trainval_loc`` / ``test_seen_loc`` / ``test_unseen_loc`` 0-based;
@@ -6,7 +6,7 @@
 * `convert_xlsa17`: xlsa17 ``res101.mat`` (``features`` 2048 x N pooled, ``labels`` N x 1 1-based)
   as 1 x 1 maps.
 
-The class side always comes from att_splits.mat and a word-vector file (`dedn.sources`); the
+The class side always comes from att_splits.mat and a word-vector file (`dedn.data.sources`); the
 selection splits (train / val_seen / val_unseen) from att_splits' train_loc / val_loc.
 `write_dataset` is the one place that routes feature chunks to the six splits; the
 semi-synthetic generator uses it too.
@@ -19,10 +19,10 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from dedn.class_side import ClassSide
-from dedn.dataset import SPLITS, DatasetWriter
+from dedn.data.class_side import ClassSide
+from dedn.data import SPLITS, DatasetWriter
 from dedn.errors import DatasetError
-from dedn.sources import ClassSideSource, build_class_side, load_xlsa17, make_splits
+from dedn.data.sources import ClassSideSource, build_class_side, load_xlsa17, make_splits
 
 HDF5_KEYS = ("feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc")
 

@@ -12,7 +12,8 @@ Region branch (eqs. 1-3):  O_r[i] = sum_r softmax_r(M2 F)[i, r] * (M1 F)[i, r]
 Channel branch (eqs. 4-6): O_c[i] = sum_c softmax_c(M4 F^T)[i, c] * (M3 F^T)[i, c]
                                   = sum_r M3[i, r] * (softmax(M4 F^T) F)[i, r]
 
-The second form of the channel branch (performance-notes.md) is exact: the bracket is
+The second form of the channel branch (docs/performance.md#channel-branch-without-dxc-tensors)
+is exact: the bracket is
 attention with queries M4, keys = values = the C channel rows of F, scale 1. It never forms
 S_c = M3 F^T, and its (N, C) attention matrix lives one batch chunk at a time
 (`ChannelAttention` recomputes it per sample in the backward pass instead of storing

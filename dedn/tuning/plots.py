@@ -1,0 +1,64 @@
+"""Sweep figures: validation H against each inference weight (the paper's Figure 3) and against each hyper-parameter."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dedn.atomic import save_figure
+
+
+def plot_lambda_curves(grid: Mapping[str, np.ndarray], weights: Mapping[str, float], path: Path, title: str = "") -> Path:
+    """Figure 3 of the paper from a validation grid (`validation_weight_grid`): validation H against each
+    inference weight, the other weights held at their best values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(weights)
+    h = np.asarray(grid["H"]).reshape([len(grid[n]) for n in names])
+    best_idx = [int(np.argmin(np.abs(np.asarray(grid[n]) - weights[n]))) for n in names]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), constrained_layout=True, squeeze=False)
+    for a, (ax, n) in enumerate(zip(axes[0], names)):
+        index = tuple(slice(None) if b == a else best_idx[b] for b in range(len(names)))
+        xs = np.asarray(grid[n])
+        ax.plot(xs, 100 * h[index], marker="o", ms=3, c=f"C{a}")
+        ax.axvline(xs[best_idx[a]], ls=":", c="grey")
+        others = ", ".join(f"{m} = {np.asarray(grid[m])[best_idx[b]]:.2f}" for b, m in enumerate(names) if b != a)
+        ax.set(xlabel=n, ylabel="validation H (%)", title=others)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_keys: Sequence[str], metric: str,
+                 path: Path, title: str = "") -> Path:
+    """Each trial's best validation H against each searched hyper-parameter (log axes for log-uniform ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(isinstance(r["params"].get(k), (int, float)) for r in rows)] or list(keys)[:1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), constrained_layout=True, squeeze=False,
+                             sharey=True)
+    best = max(r[metric] for r in rows)
+    for ax, k in zip(axes[0], keys):
+        xs = [r["params"].get(k) for r in rows]
+        if k in log_keys:  # log10 on a linear axis: readable ticks also when the trials span < 1 decade
+            xs = [math.log10(x) if isinstance(x, (int, float)) and x > 0 else float("nan") for x in xs]
+        ys = [100 * r[metric] for r in rows]
+        is_best = [r[metric] == best for r in rows]
+        ax.scatter([x for x, b in zip(xs, is_best) if not b], [y for y, b in zip(ys, is_best) if not b], c="C0", s=24,
+                   label="trial (best epoch)")
+        ax.scatter([x for x, b in zip(xs, is_best) if b], [y for y, b in zip(ys, is_best) if b], c="C3", s=30,
+                   label="best validation H")
+        ax.set(xlabel=f"log10({k})" if k in log_keys else k)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=120)

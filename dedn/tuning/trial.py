@@ -1,0 +1,106 @@
+"""One trial of a sweep: the training job's own driver on a selection run, as a Tune function trainable.
+
+Every trial is `dedn.training.driver.train` (protocol select, so no test shard is opened) with
+Tune's `TuneReportCallback`: a TorchTrainer of one or N workers, as in Ray's Train/Tune interop
+examples. The trial function holds a sliver of CPU; its workers share the rest of the trial's
+budget. MLflow stays with the Tune driver (`dedn.tuning.sweep.MLflowSweepCallback`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from ray import tune
+
+from dedn.config import DEDNConfig, known_keys
+from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+
+
+DRIVER_CPUS = 0.01  # what a distributed trial's own function holds
+
+
+def open_for_selection(path: str | os.PathLike[str]) -> Any:
+    """Open a dataset directory and check only the selection splits' shards.
+
+    A plain `FeatureDataset.open` reads the footer of every shard, test ones included; a sweep
+    must not open test files at all.
+    """
+    from dedn.data import FeatureDataset
+
+    return FeatureDataset.open(path, splits=SELECTION_SPLITS)
+
+
+def trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lambdas: bool) -> DEDNConfig:
+    """The base config (a run config dict) with this trial's sampled dotted keys applied."""
+    cfg = DEDNConfig.from_dict(base, source="sweep base config")
+    over = {k: v for k, v in config.items() if k in known_keys(cfg.model.name)}
+    over["protocol"] = "select"
+    over["eval.fit_lambdas"] = not search_lambdas
+    return cfg.replace(**over)
+
+
+def _trial_id() -> str:
+    try:
+        return tune.get_context().get_trial_id() or "trial"
+    except (RuntimeError, AttributeError):  # called outside a Tune session (tests)
+        return "trial"
+
+
+def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False, workers: int = 1,
+          cpus_per_worker: float = 1.0, storage: str = "") -> None:
+    """Ray Tune function trainable: one selection run through the training job's own driver.
+
+    A TorchTrainer of `workers` workers (`dedn.training.driver.train`, protocol select, so no
+    test shard is opened) whose reports reach Tune through `TuneReportCallback`. MLflow stays
+    with the Tune driver (track=False here). Re-running a trial of the same name and storage
+    resumes it from its last checkpoint (an interrupted sweep).
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dedn.training.driver import TrainSettings, train
+
+    cfg = trial_config(base, config, search_lambdas).replace(**{"data.path": data})
+    settings = TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
+                             register=False, track=False, verbose=False, storage_path=storage,
+                             name=_trial_id())
+    train(cfg, settings, callbacks=[TuneReportCallback()])
+
+
+def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
+                           device: str = "cpu") -> dict[str, np.ndarray]:
+    """Validation T, U, S, H at every point of the family's inference-weight grid.
+
+    One `evaluate` pass over val_seen / val_unseen with the weight fit on; its counts give every
+    grid point. Returns each weight's values (n_i,) and T, U, S, H each of shape (n_1, n_2, ...).
+    """
+    from dedn.protocol import ClassProtocol
+    from dedn.data.reader import ShardReader, forbid_splits
+    from dedn.training.evaluate import evaluate
+    from dedn.training.loop import model_from_state
+
+    with forbid_splits(TEST_SPLITS):
+        model = model_from_state(cfg, dataset, model_state, meta).to(device)
+        protocol = ClassProtocol.selection(dataset.class_side)
+        seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
+                        for split in ("val_seen", "val_unseen"))
+        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).search
+        assert search is not None
+        grid = search.metrics_grid(protocol)
+    return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}
+
+
+def tune_trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, workers: int, cpus: float,
+               sweep_dir: Path) -> Any:
+    """The Tune trainable with its resources: the trial function drives a TorchTrainer of `workers` workers.
+
+    The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
+    comes out of the trial's budget: with --cpus-per-trial 2 on a 2-CPU node, workers asking for
+    1 CPU each next to it never started (the worker group timed out after 60 s, measured;
+    docs/stack-notes.md#ray-tune).
+    """
+    per_worker = max(0.01, (cpus - DRIVER_CPUS) / workers)
+    fn = tune.with_parameters(trial, base=spec_base, data=data, search_lambdas=search_lambdas,
+                              workers=workers, cpus_per_worker=per_worker, storage=str(sweep_dir / "train"))
+    return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
