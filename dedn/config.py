@@ -180,7 +180,7 @@ def known_keys(model: str = "dedn") -> list[str]:
     return keys
 
 
-def resolve_key(key: str, source: str = "command line", model: str = "dedn") -> str:
+def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str:
     """Accept dotted keys, unique leaf names (`beta=`) and `model=NAME` as model.name."""
     keys = known_keys(model)
     if key in keys:
@@ -247,7 +247,7 @@ def _model_name(overrides: Mapping[str, Any], default: str) -> str:
     return default
 
 
-def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str = "command line") -> DEDNConfig:
+def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str = "overrides") -> DEDNConfig:
     """Return cfg with dotted-key overrides applied; unknown keys and bad values raise ConfigError.
 
     A different model.name switches the model, loss and eval blocks to that family's defaults
@@ -281,7 +281,7 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for a in args:
         if "=" not in a:
-            raise ConfigError(a, "key=value", a, "command line")
+            raise ConfigError(a, "key=value", a, "overrides")
         k, v = a.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -306,8 +306,7 @@ def load_preset(name: str, variant: str | None = None, model: str = "dedn") -> D
     A preset without a block for the variant keeps its own settings (MSDN has a single form).
     """
     if name.lower() not in available_presets(model):
-        raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name,
-                          "command line")
+        raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name)
     path = preset_path(name, model)
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
@@ -315,7 +314,7 @@ def load_preset(name: str, variant: str | None = None, model: str = "dedn") -> D
     cfg = apply_overrides(DEDNConfig.for_family(model), _flatten(doc, str(path)), source=str(path))
     variant = variant or cfg.variant
     if variant not in VARIANTS:
-        raise ConfigError("variant", "one of paper|reference", variant, "command line")
+        raise ConfigError("variant", "one of paper|reference", variant, "overrides")
     block = variants.get(variant, {}) or {}
     return apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path))}, source=f"{path} [variants.{variant}]")
 

@@ -84,7 +84,7 @@ def test_bad_overrides_are_rejected_with_the_key_and_the_expectation(override, m
     with pytest.raises(ConfigError) as e:
         build_config("cub", [override])
     assert message in str(e.value)
-    assert str(e.value).startswith("command line: ")
+    assert str(e.value).startswith("overrides: ")
 
 
 def test_ambiguous_leaf_name_is_rejected():

@@ -85,7 +85,7 @@ def test_table1_layout_golden():
     assert "- SUN: nothing in the store" in lines
     assert "DEDN (paper" not in results.format_table1(entries, include_paper=False)
     assert "†" not in results.format_table1({"AWA2": entries["AWA2"]})
-    with pytest.raises(ConfigError, match="--source"):
+    with pytest.raises(ConfigError, match="results.source"):
         results.collect(["CUB"], "tensorboard", client=object())
 
 

@@ -179,7 +179,7 @@ def image_path(files: np.ndarray | None, sample_id: int, image_root: str | os.Pa
     for c in candidates:
         if c.is_file():
             return c
-    raise DatasetError(candidates[0], "image", f"the image of sample {sample_id} under --image-root", "no such file")
+    raise DatasetError(candidates[0], "image", f"the image of sample {sample_id} under the image root", "no such file")
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

@@ -332,7 +332,7 @@ def load_asset(name: str, path: str | Path | None = None) -> ClassSideSource:
     p = Path(path) if path is not None else asset_path(name)
     if not p.is_file():
         known = sorted(q.stem for q in ASSET_DIR.glob("*.npz"))
-        raise DatasetError(p, "file", f"a packaged class side (one of {known}) or --source-dir with the xlsa17 files", "no such file")
+        raise DatasetError(p, "file", f"a packaged class side (one of {known}) or a source folder with the xlsa17 files", "no such file")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -152,7 +152,7 @@ def collect(datasets: Sequence[str], source: str = "registry", client: Any | Non
             variant: str | None = None) -> dict[str, ResultEntry | None]:
     """dataset -> its entry (None when the store has nothing for it), in the order given."""
     if source not in SOURCES:
-        raise ConfigError("--source", "one of " + "|".join(SOURCES), source, "command line")
+        raise ConfigError("results.source", "one of " + "|".join(SOURCES), source, "collect")
     c = _client(client)
     out: dict[str, ResultEntry | None] = {}
     for ds in datasets:

@@ -40,6 +40,12 @@ __all__ = [
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
 
+# MLflow's INFO chatter (schema migration of a new store, input-example validation) and its
+# artifact-download progress bars drown the training progress; our own lines say what was
+# logged and registered. A user's own setting of either variable wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 # Tag keys, once. MLflow's own nesting tag makes a run a child in its UI.
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "dedn.kind"  # what made a run that is not a training run: "ablation", "sweep", "comparison"
