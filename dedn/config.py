@@ -49,6 +49,7 @@ class OptimConfig:
         _check(self.epochs >= 1, "optim.epochs", ">= 1", self.epochs)
         _check(self.max_steps_per_epoch >= 0, "optim.max_steps_per_epoch", ">= 0", self.max_steps_per_epoch)
         _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
+        _check(0 <= self.seed < 2**63, "optim.seed", "an integer in [0, 2**63)", self.seed)  # numpy SeedSequence range
 
 
 @dataclass(frozen=True)

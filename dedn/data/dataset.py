@@ -190,6 +190,14 @@ def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) 
         check_shard_schema(path, pf.schema_arrow, ds.storage_dtype, ds.feature_size)
         if pf.metadata.num_rows != shard.num_rows:
             raise DatasetError(path, "num_rows", f"{shard.num_rows} (dataset.json)", pf.metadata.num_rows)
+        if not full:
+            # the label column alone (a few KiB a shard): a manifest whose class sets disagree with
+            # the shards fails here, in the driver, not at the test step inside a worker
+            try:
+                labels = pf.read(columns=["label"]).column("label").to_numpy()
+            except (OSError, pa.ArrowException) as e:
+                raise DatasetError(path, "label", "a readable label column", arrow_error(e)) from None
+            _check_labels(path, labels, ds, split)
     if full:  # the checksum first: a corrupt shard is named as such, not by what its bytes decode to
         check_shard_sha256(path, shard.sha256)
         with pq.ParquetFile(path) as pf:
@@ -201,12 +209,17 @@ def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) 
                 except (OSError, pa.ArrowException) as e:
                     raise DatasetError(path, f"row group {g}", "a readable Parquet row group",
                                        arrow_error(e)) from None
-                labels = table.column("label").to_numpy()
-                wrong = np.setdiff1d(labels, allowed)
-                if wrong.size:
-                    raise DatasetError(path, "label", f"classes of {_SPLIT_SIDE[split]} (split {split})",
-                                       f"other classes {_brief(wrong)}")
+                _check_labels(path, table.column("label").to_numpy(), ds, split, allowed)
                 feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 check_finite_features(path, feats.reshape(table.num_rows, ds.feature_size),
                                       table.column("sample_id").to_numpy(), first_row)
                 first_row += table.num_rows
+
+
+def _check_labels(path: Path, labels: np.ndarray, ds: FeatureDataset, split: str,
+                  allowed: np.ndarray | None = None) -> None:
+    allowed = split_classes(ds.class_side, split) if allowed is None else allowed
+    wrong = np.setdiff1d(labels, allowed)
+    if wrong.size:
+        raise DatasetError(path, "label", f"classes of {_SPLIT_SIDE[split]} (split {split}, dataset.json)",
+                           f"other classes {_brief(wrong)}")

@@ -127,6 +127,12 @@ class ModelFamily:
         folder = self._folder()
         return folder / "search_space.yaml" if folder is not None and (folder / "search_space.yaml").is_file() else None
 
+    # ---- before a run ---------------------------------------------------------------------
+    def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
+        """The run config with this family's dataset-dependent defaults filled in (the driver calls it
+        before any worker starts); raise ConfigError for what cannot work on this dataset."""
+        return cfg
+
     # ---- the network ---------------------------------------------------------------------
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:

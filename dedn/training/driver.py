@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -34,10 +35,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from dedn.atomic import write_text
 from dedn.checkpoint import load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
-from dedn.errors import ConfigError
+from dedn.errors import ConfigError, DednError
 from dedn.families import family_of
 from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder
@@ -216,15 +218,16 @@ def train_func(config: dict[str, Any]) -> None:
     """The one train function (every Ray Train worker of every run): `run_protocol` with DDP and sinks.
 
     config: {"cfg": run config dict (data.path absolute), "use_gpu", "threads", "run_id",
-    "tracking_uri", "semi_synthetic", "debug": DebugHooks fields, "verbose", "ray_info_logs"}.
+    "tracking_uri", "semi_synthetic", "debug": DebugHooks fields, "verbose", "ray_info_logs",
+    "fatal_file"}. A deterministic error (a non-retryable DednError: bad data, a non-finite loss) is
+    recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
+    training again, and the driver raises it to the user as itself.
     """
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dedn.data.reader import forbid_splits
-    from dedn.training.loop import run_protocol, unwrap_model
 
     _quiet_ray_train_reports(bool(config.get("ray_info_logs")))
     ctx = ray.train.get_context()
@@ -236,33 +239,52 @@ def train_func(config: dict[str, Any]) -> None:
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     # a selection-only run (a sweep's trial) must not touch a test shard: the guard is per process
     guard = forbid_splits(TEST_SPLITS) if cfg.protocol == "select" else nullcontext()
-    with guard:
-        # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
-        dataset = FeatureDataset.open(cfg.data.path, verify="none")
-        resume = _resume_state()
-        phase = resume["phase"] if resume else ("select" if cfg.protocol != "final" else "final")
-        recorder = _Recorder(DebugHooks(**config.get("debug", {})), rank, phase, int(resume["epoch"]) + 1 if resume else 1)
+    fatal = Path(config["fatal_file"]) if config.get("fatal_file") else None
+    recorded = _read_fatal(fatal) if fatal is not None else None
+    if recorded is not None:  # a restart after a deterministic error: it would happen again, end now
+        raise recorded
+    try:
+        with guard:
+            _train_worker(config, cfg, rank, world_size, device, autocast_dtype, distributed)
+    except DednError as e:
+        if fatal is not None and not e.retryable:
+            _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
+        raise
 
-        def wrap(model: nn.Module) -> nn.Module:
-            wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
-            wrapped.register_forward_pre_hook(recorder)
-            return wrapped
 
-        sinks: list[Any] = [recorder]
-        if rank == 0 and config.get("verbose", True):
-            sinks.append(ConsoleSink(world_size))
-        if rank == 0 and config.get("run_id"):
-            from dedn.tracking import MLflowSink
+def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size: int, device: torch.device,
+                  autocast_dtype: torch.dtype | None, distributed: bool) -> None:
+    """train_func's body: the dataset, the sinks, then run_protocol under DDP."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-            sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
-                                    semi_synthetic=bool(config.get("semi_synthetic"))))
-        sinks.append(RayTrainSink(rank))
-        result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
-                              device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
-                              autocast_dtype=autocast_dtype)
-        last = result.final or result.select
-        assert last is not None
-        recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
+    from dedn.training.loop import run_protocol, unwrap_model
+
+    # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
+    dataset = FeatureDataset.open(cfg.data.path, verify="none")
+    resume = _resume_state()
+    phase = resume["phase"] if resume else ("select" if cfg.protocol != "final" else "final")
+    recorder = _Recorder(DebugHooks(**config.get("debug", {})), rank, phase, int(resume["epoch"]) + 1 if resume else 1)
+
+    def wrap(model: nn.Module) -> nn.Module:
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+        wrapped.register_forward_pre_hook(recorder)
+        return wrapped
+
+    sinks: list[Any] = [recorder]
+    if rank == 0 and config.get("verbose", True):
+        sinks.append(ConsoleSink(world_size))
+    if rank == 0 and config.get("run_id"):
+        from dedn.tracking import MLflowSink
+
+        sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
+                                semi_synthetic=bool(config.get("semi_synthetic"))))
+    sinks.append(RayTrainSink(rank))
+    result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
+                          device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
+                          autocast_dtype=autocast_dtype)
+    last = result.final or result.select
+    assert last is not None
+    recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
 
 
 def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDataset) -> nn.Module:
@@ -275,7 +297,8 @@ def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDatase
 
 # ---- the driver ------------------------------------------------------------------------------
 def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
-                  semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = ()) -> Any:
+                  semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = (),
+                  fatal_file: str = "") -> Any:
     """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's TuneReportCallback."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -287,7 +310,7 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
     loop_config = {
         "cfg": cfg.to_dict(), "use_gpu": settings.use_gpu, "threads": torch_threads(cpus), "run_id": run_id,
         "tracking_uri": tracking_uri, "semi_synthetic": semi_synthetic, "verbose": settings.verbose,
-        "debug": dataclasses.asdict(settings.debug), "ray_info_logs": settings.ray_info_logs,
+        "debug": dataclasses.asdict(settings.debug), "ray_info_logs": settings.ray_info_logs, "fatal_file": fatal_file,
     }
     return TorchTrainer(
         train_func,
@@ -324,6 +347,78 @@ def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
     return cfg.replace(**{"data.path": data}), dataset
 
 
+def preflight(cfg: DEDNConfig, settings: TrainSettings) -> tuple[DEDNConfig, FeatureDataset, Path]:
+    """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
+
+    The dataset (manifest, shard footers, the label columns against the manifest's class sets),
+    the family's dataset-dependent defaults (`ModelFamily.resolve`), the network built once
+    (clusters, sizes: every check the family makes at build time), and the checkpoint location:
+    writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
+    the Ray Train storage folder.
+    """
+    from dedn import tracking
+    from dedn.training.loop import build_model
+
+    cfg, dataset = open_dataset(cfg)
+    cfg = family_of(cfg).resolve(cfg, dataset.class_side)
+    model = build_model(cfg, dataset.class_side, dataset.feature_shape)
+    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else tracking.dedn_home() / "ray_results"
+    _check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
+    if settings.track and tracking.tracking_uri().startswith("sqlite:"):
+        _check_writable(tracking.dedn_home(), "DEDN_HOME")
+    # a checkpoint holds the weights, the optimiser state (RMSprop: about as much again, with momentum
+    # twice) and the best epoch's weights: 4x the weights is a safe bound; num_to_keep + 1 are on disk
+    # while the newest is written
+    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) * (settings.num_to_keep + 1)
+    free = shutil.disk_usage(storage).free
+    if free < need:
+        raise ConfigError("settings.storage_path", f"{need / 2**20:.0f} MiB free for {settings.num_to_keep + 1} checkpoints",
+                          f"{free / 2**20:.0f} MiB free at {storage}", "preflight")
+    return cfg, dataset, storage
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """mkdir and write a probe file: a read-only or missing location fails here, with its name."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dedn-write-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
+
+
+# ---- deterministic errors end the run --------------------------------------------------------
+FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
+
+
+def _write_fatal(path: Path, exc: DednError) -> None:
+    """The error as data (class, args, attributes), written atomically; rank 0 of the restart re-raises it."""
+    import json
+
+    state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
+    doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
+           "state": state}
+    write_text(path, json.dumps(doc))
+
+
+def _read_fatal(path: Path) -> DednError | None:
+    """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
+    import importlib
+    import json
+
+    from dedn.errors import _rebuild
+
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    cls: Any = DednError
+    if str(doc.get("module", "")).startswith("dedn."):
+        found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)
+        if isinstance(found, type) and issubclass(found, DednError):
+            cls = found
+    return _rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
+
+
 def read_outcome(ckpt_dir: str | None, cfg: DEDNConfig) -> dict[str, Any]:
     """Selection and test metrics from a run's last checkpoint folder (the loop's state dict)."""
     fam = family_of(cfg)
@@ -349,10 +444,11 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
 
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
-    cfg, dataset = open_dataset(cfg)
+    cfg, dataset, storage_dir = preflight(cfg, settings)  # user errors stop here: no Ray, no MLflow run yet
     name = settings.name or run_name(cfg)
-    storage = str(Path(settings.storage_path).expanduser().resolve()) if settings.storage_path else str(tracking.dedn_home() / "ray_results")
-    Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = str(storage_dir)
+    fatal = storage_dir / name / FATAL_FILE
+    fatal.unlink(missing_ok=True)  # a resumed run starts without the error that stopped it before
 
     run = None
     if settings.track:
@@ -367,14 +463,18 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
             print(f"MLflow: run {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}", flush=True)
 
     trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
-                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks)
+                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks,
+                            fatal_file=str(fatal))
     try:
         result = trainer.fit()
         if result.error is not None:  # older behaviour: the error on the result instead of raised
             raise result.error
-    except BaseException:
+    except BaseException as e:
         if run is not None:
             run.finish("FAILED")
+        recorded = _read_fatal(fatal)
+        if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
+            raise recorded from e
         raise
 
     ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None

@@ -6,6 +6,7 @@ lambda_e (eq. 19, coarse vs fine). docs/method.md#inference states the equations
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +43,20 @@ class DEDNFamily(ModelFamily):
         from dedn.families.dedn.ablations import SETTINGS
 
         return SETTINGS
+
+    def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
+        """model.clusters=manual on a dataset without manual clusters (APY, your own) becomes k-means,
+        with a warning that says so: the default config then runs on any dataset."""
+        from dedn.data.clusters import MANUAL_CLUSTERS
+
+        m = cfg.model
+        has_manual = "manual" in (class_side.clusters or {}) or class_side.name in MANUAL_CLUSTERS
+        if m.clusters == "manual" and not has_manual:
+            warnings.warn(f"model.clusters: {class_side.name} has no manual attribute clusters; using k-means on the "
+                          f"attribute word vectors instead (model.clusters=kmeans, "
+                          f"{m.num_clusters or 'default'} clusters)", UserWarning, stacklevel=2)
+            return cfg.replace(**{"model.clusters": "kmeans", "model.cluster_layout": "paper"})
+        return cfg
 
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:

@@ -1,0 +1,114 @@
+"""User errors stop in the driver before Ray or MLflow start; a deterministic error inside a worker
+ends the run as itself (issue 12, items 1 and 2)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dedn.config import build_config
+from dedn.errors import ConfigError, DatasetError
+from dedn.training.driver import FATAL_FILE, TrainSettings, preflight, train
+
+QUICK = ["epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64"]
+
+
+def _cfg(ds_root: Path, *over: str):
+    return build_config("cub", QUICK + [f"data.path={ds_root}", *over])
+
+
+def _settings(tmp_path: Path, **kw) -> TrainSettings:
+    return TrainSettings(num_workers=1, track=False, register=False, verbose=False,
+                         storage_path=str(kw.pop("storage", tmp_path / "ray")), **kw)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_yet():
+    import ray
+
+    assert not ray.is_initialized(), "a previous test left Ray running"
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.num_clusters=1000", "model.num_clusters"),  # k-means asked for more clusters than attributes
+    ("dataset=SUN", "dataset"),                          # the config names another dataset than the directory
+])
+def test_config_errors_stop_before_ray_starts(tiny_dataset, tmp_path, override, key):
+    import ray
+
+    over = [override] + (["model.clusters=kmeans"] if "num_clusters" in override else [])
+    with pytest.raises(ConfigError, match=key):
+        train(_cfg(tiny_dataset.root, *over), _settings(tmp_path))
+    assert not ray.is_initialized()
+
+
+def test_unwritable_storage_is_named(tiny_dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"settings.storage_path: expected a writable folder"):
+        preflight(_cfg(tiny_dataset.root), _settings(tmp_path, storage=blocker / "ray"))
+
+
+def test_manifest_class_sets_that_disagree_with_the_shards_fail_in_the_driver(tiny_dataset, tmp_path):
+    import ray
+
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset.root, root)
+    m = json.loads((root / "dataset.json").read_text())
+    moved = m["unseen_classes"][0]  # one unseen class declared seen: test_unseen's labels no longer agree
+    m["unseen_classes"] = m["unseen_classes"][1:]
+    m["seen_classes"] = sorted(m["seen_classes"] + [moved])
+    (root / "dataset.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=rf"test_unseen-00000.parquet: label: expected classes of unseen_classes "
+                                           rf"\(split test_unseen, dataset.json\), found other classes \[{moved}\]"):
+        train(_cfg(root), _settings(tmp_path))
+    assert not ray.is_initialized()
+
+
+def test_a_dataset_without_manual_clusters_runs_on_kmeans_with_a_warning(tmp_path):
+    from dedn.families.dedn.config import DEDNModelConfig
+    from toydata import write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy")
+    m = json.loads((root / "dataset.json").read_text())
+    m["name"], m["clusters"] = "MYDATA", {}  # a dataset of one's own: no manual attribute clusters
+    (root / "dataset.json").write_text(json.dumps(m))
+    cfg = build_config(None, {"dataset": "MYDATA", "data.path": str(root)})
+    assert cfg.model.clusters == DEDNModelConfig().clusters == "manual"
+    with pytest.warns(UserWarning, match="model.clusters: MYDATA has no manual attribute clusters; using k-means"):
+        resolved, _, _ = preflight(cfg, _settings(tmp_path))
+    assert resolved.model.clusters == "kmeans"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, tmp_path, monkeypatch):
+    """Bytes flipped in a training shard pass the driver's footer checks; the worker's reader finds the
+    checksum wrong. With max_failures=2 the restarts re-raise the recorded error without training,
+    and the user gets the DatasetError naming the shard, not Ray's wrapper."""
+    import ray
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset.root, root)
+    m = json.loads((root / "dataset.json").read_text())
+    shard = root / m["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    shard.write_bytes(bytes(data))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    settings = _settings(tmp_path, max_failures=2, name="corrupt")
+    with pytest.raises(DatasetError, match=rf"{shard.name}: sha256: expected") as e:
+        train(_cfg(root), settings)
+    assert type(e.value) is DatasetError and Path(e.value.file).name == shard.name
+    assert (tmp_path / "ray" / "corrupt" / FATAL_FILE).is_file()
+    # the same name again (the user fixed the data): the old record does not stop the new run
+    shutil.copy2(Path(tiny_dataset.root) / m["splits"]["train"]["shards"][0]["file"], shard)
+    out = train(_cfg(root, "protocol=final"), settings)
+    assert out.test_metrics is not None and not (tmp_path / "ray" / "corrupt" / FATAL_FILE).exists()
