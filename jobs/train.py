@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def _pct(m: dict[str, float] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if argv is None:  # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow
+        # run is marked failed and the embedded Ray shuts down (atexit) instead of being left behind
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from dedn import tracking
     from dedn.config import config_for_dataset
     from dedn.data import FeatureDataset

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - mlflow is a dependency
 
 __all__ = [
     "CHAMPION", "registered_name", "Predictor", "PyfuncModel", "write_model_files", "log_model",
-    "RegisteredVersion", "register_model", "load_predictor", "pip_requirements", "read_extra_classes",
+    "RegisteredVersion", "register_model", "promote_best", "best_version", "load_predictor", "pip_requirements", "read_extra_classes",
 ]
 
 CHAMPION = "champion"
@@ -292,7 +292,7 @@ def _metric_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
 def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str,
                    val_metrics: Mapping[str, float], test_metrics: Mapping[str, float],
                    input_example: np.ndarray | None = None, semi_synthetic: bool = False) -> RegisteredVersion:
-    """Log + register as `<model>-<dataset>`, tag the version with its metrics, move `champion` if val H is better.
+    """Log + register as `<model>-<dataset>`, tag the version with its metrics, point `champion` at the best version.
 
     val_metrics / test_metrics: {"T", "U", "S", "H"} fractions; tagged as val_* / test_*.
     """
@@ -309,16 +309,59 @@ def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, 
             "run_id": run_id, "variant": cfg.variant, "semi_synthetic": str(bool(semi_synthetic)).lower()}
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, v)
-    new_h = float(val_metrics.get("H", float("nan")))
     try:
-        current = c.get_model_version_by_alias(name, CHAMPION)
-        old_h: float | None = float(current.tags.get("val_H", "nan"))
+        old_h: float | None = float(c.get_model_version_by_alias(name, CHAMPION).tags.get("val_H", "nan"))
     except MlflowException:
-        current, old_h = None, None
-    promote = current is None or old_h is None or not np.isfinite(old_h) or (np.isfinite(new_h) and new_h > old_h)
-    if promote:
-        c.set_registered_model_alias(name, CHAMPION, version)
-    return RegisteredVersion(name, version, f"models:/{name}/{version}", promote, old_h)
+        old_h = None
+    champion = promote_best(name)
+    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion == version, old_h)
+
+
+def _val_h(mv: Any) -> float:
+    try:
+        h = float((mv.tags or {}).get("val_H", "nan"))
+    except ValueError:
+        return float("nan")
+    return h if np.isfinite(h) else float("nan")
+
+
+def best_version(versions: Sequence[Any]) -> str | None:
+    """The version with the highest val_H tag (ties: the earliest); the newest when none has one."""
+    if not versions:
+        return None
+    scored = [(v, _val_h(v)) for v in versions]
+    finite = [(v, h) for v, h in scored if np.isfinite(h)]
+    if not finite:
+        return str(max(int(v.version) for v in versions))
+    return str(min(finite, key=lambda vh: (-vh[1], int(vh[0].version)))[0].version)
+
+
+def promote_best(name: str, attempts: int = 20) -> str | None:
+    """Point `champion` at the best version of `name` (by val_H) and return it.
+
+    Safe under concurrent registrations without a lock (a remote server has none to offer):
+    every registrant writes the alias and then reads again, until the alias it reads is the
+    best of the versions it reads. The last writer's check sees every version created before
+    its write, so the alias always ends on the best version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from dedn.tracking import store as tracking
+
+    c = tracking.client()
+    best = None
+    for _ in range(attempts):
+        best = best_version(c.search_model_versions(f"name='{name}'"))
+        if best is None:
+            return None
+        c.set_registered_model_alias(name, CHAMPION, best)
+        try:
+            now = str(c.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            now = None
+        if now == best and best_version(c.search_model_versions(f"name='{name}'")) == best:
+            return best
+    return best
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ digest of its parameters, and make one rank raise once at a given epoch.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -131,6 +133,9 @@ def init_ray(dashboard: bool = False) -> None:
             ray.init(log_to_driver=True)
         else:
             ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        # the embedded cluster is this process's: it goes when the driver exits, however it exits
+        # (jobs turn SIGTERM into an exit, so atexit runs then too)
+        atexit.register(ray.shutdown)
 
 
 def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0, available: float | None = None) -> float:
@@ -389,12 +394,11 @@ def _check_writable(folder: Path, key: str) -> None:
 
 # ---- deterministic errors end the run --------------------------------------------------------
 FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
+RUN_RECORD_FILE = "mlflow_run.json"  # in the run's storage folder: the MLflow run a resumed run continues
 
 
 def _write_fatal(path: Path, exc: DednError) -> None:
-    """The error as data (class, args, attributes), written atomically; rank 0 of the restart re-raises it."""
-    import json
-
+    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
     state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
     doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
            "state": state}
@@ -404,7 +408,6 @@ def _write_fatal(path: Path, exc: DednError) -> None:
 def _read_fatal(path: Path) -> DednError | None:
     """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
     import importlib
-    import json
 
     from dedn.errors import _rebuild
 
@@ -455,12 +458,20 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
         tracking.init_store()  # in the driver, before any worker touches the store
     init_ray()  # before the run's tags: they name the Ray job
     if settings.track:
-        run = tracking.start_training_run(cfg, name=name, semi_synthetic=dataset.semi_synthetic, experiment=settings.experiment,
-                                          parent_run_id=settings.parent_run_id,
-                                          tags={"num_workers": str(settings.num_workers),
-                                                "device": "gpu" if settings.use_gpu else "cpu", **settings.tags})
+        # the same --name again continues the checkpoints (Ray Train) and the same MLflow run, whose id
+        # is kept beside them: its history stays whole
+        record = storage_dir / name / RUN_RECORD_FILE
+        previous = json.loads(record.read_text()).get("run_id") if record.is_file() else None
+        run = tracking.reopen_run(previous) if previous else None
+        if run is None:
+            run = tracking.start_training_run(cfg, name=name, semi_synthetic=dataset.semi_synthetic,
+                                              experiment=settings.experiment, parent_run_id=settings.parent_run_id,
+                                              tags={"num_workers": str(settings.num_workers),
+                                                    "device": "gpu" if settings.use_gpu else "cpu", **settings.tags})
+            write_text(record, json.dumps({"run_id": run.run_id, "experiment": run.experiment_name}))
         if settings.verbose:
-            print(f"MLflow: run {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}", flush=True)
+            what = "continuing run" if previous == run.run_id else "run"
+            print(f"MLflow: {what} {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}", flush=True)
 
     trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
                             semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks,
