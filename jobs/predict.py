@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dedn.errors import ConfigError, DednError
+from dedn.errors import ConfigError, DatasetError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,11 +36,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, int]):
-    """Yields (sample_ids (B,), labels (B,) or None, features (B, C, H, W) float32)."""
+    """Yields (sample_ids (B,), labels (B,) or None, features (B, C, H, W) float32, where each row is from)."""
     import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from dedn.errors import DatasetError
 
     if args.data:
         from dedn.data import FeatureDataset
@@ -51,30 +51,54 @@ def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, in
             raise DatasetError(Path(args.data) / "dataset.json", "feature_shape", f"{list(feature_shape)} (the model's)",
                                list(ds.feature_shape))
         for b in ShardReader(ds, args.split, batch_size=args.batch_size, shuffle=False):
-            yield b.sample_ids.numpy(), b.labels.numpy(), b.features.numpy()
+            ids = b.sample_ids.numpy()
+            yield ids, b.labels.numpy(), b.features.numpy(), [f"sample_id {i} of split {args.split}" for i in ids]
         return
     path = Path(args.features)
     try:
         pf = pq.ParquetFile(path)
     except (OSError, ValueError) as e:
         raise DatasetError(path, "file", "a Parquet file", f"{type(e).__name__}: {e}") from None
-    names = pf.schema_arrow.names
+    schema = pf.schema_arrow
+    names = schema.names
     for col in ("sample_id", "features"):
         if col not in names:
             raise DatasetError(path, "columns", "sample_id, features (label optional)", names)
+    _check_column_types(path, schema)
     size = int(np.prod(feature_shape))
     cols = ["sample_id", "features"] + (["label"] if "label" in names else [])
+    first = 0
     for rb in pf.iter_batches(batch_size=args.batch_size, columns=cols):
-        flat = rb.column("features").flatten().to_numpy(zero_copy_only=False)
+        feats = rb.column("features")
         n = rb.num_rows
-        if flat.size != n * size:
+        lengths = pc.list_value_length(feats).to_numpy(zero_copy_only=False)  # per row: a shifted row is caught
+        bad = np.flatnonzero(lengths != size)
+        if bad.size:
             raise DatasetError(path, "features", f"{size} values per row (C*H*W of {list(feature_shape)})",
-                               f"{flat.size / max(n, 1):g} on average")
-        x = flat.astype(np.float32).reshape(n, *feature_shape)  # (B, C, H, W)
-        if not np.isfinite(x).all():
-            raise DatasetError(path, "features", "finite values", "NaN or inf")
+                               f"{lengths[bad[0]]} in row {first + int(bad[0])}")
+        x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, *feature_shape)  # (B, C, H, W)
+        ids = rb.column("sample_id").to_numpy().astype(np.int64)
+        rows = np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(1))
+        if rows.size:
+            raise DatasetError(path, "features", "finite values",
+                               f"NaN or inf in row {first + int(rows[0])} (sample_id {ids[rows[0]]})")
         labels = rb.column("label").to_numpy().astype(np.int64) if "label" in cols else None
-        yield rb.column("sample_id").to_numpy().astype(np.int64), labels, x
+        yield ids, labels, x, [f"row {first + i} (sample_id {ids[i]})" for i in range(n)]
+        first += n
+
+
+def _check_column_types(path: Path, schema) -> None:
+    """sample_id and label integers, features a list of numbers: otherwise a message naming the column."""
+    import pyarrow as pa
+
+
+    for col in ("sample_id", "label"):
+        if col in schema.names and not pa.types.is_integer(schema.field(col).type):
+            raise DatasetError(path, col, "an integer column", str(schema.field(col).type))
+    t = schema.field("features").type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not (
+            pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise DatasetError(path, "features", "a list of numbers per row (C*H*W values)", str(t))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,16 +117,32 @@ def main(argv: list[str] | None = None) -> int:
             from dedn.data import FeatureDataset
 
             uri = f"models:/{registered_name(FeatureDataset.open(args.data, verify='none').name, args.family)}@champion"
+        out_path = Path(args.out)
+        if out_path.is_dir():
+            raise ConfigError("--out", "a Parquet file path", f"{out_path} (a directory)", "command line")
         predictor = load_predictor(uri)
         names = list(predictor.class_names)
         extra = None
         if args.extra_classes:
-            new_names, extra = read_extra_classes(args.extra_classes, predictor.num_attributes)
+            new_names, extra = read_extra_classes(args.extra_classes, predictor.num_attributes, names)
             names += new_names
+        source = Path(args.features or args.data)
         out_cols: dict[str, list[np.ndarray]] = {"sample_id": [], "class_id": [], "score": [], "label": []}
         has_labels = True
-        for ids, labels, x in _feature_batches(args, predictor.feature_shape):
-            pred, score = predictor.decide(predictor.scores(x, extra))  # (B,), (B,)
+        for ids, labels, x, where in _feature_batches(args, predictor.feature_shape):
+            flat = x.reshape(x.shape[0], -1)
+            zero = np.flatnonzero(~flat.any(1))
+            if zero.size:  # nothing to attend to: every class would score 0 and class 0 would "win"
+                raise DatasetError(source, "features", "a feature map with non-zero values", f"all zeros at {where[zero[0]]}")
+            scores = predictor.scores(x, extra)  # (B, K + E)
+            # non-finite scores, or one score for every class (1e30-sized features overflow the
+            # normalisation to zero): no class is preferred, and the argmax would name class 0
+            broken = np.flatnonzero(~np.isfinite(scores).all(1) | (scores.max(1) == scores.min(1)))
+            if broken.size:
+                raise DatasetError(source, "features", "values the model can score (finite scores that differ "
+                                   "between classes)", f"degenerate scores at {where[broken[0]]} (feature "
+                                   f"magnitude up to {float(np.abs(flat[broken[0]]).max()):.3g})")
+            pred, score = predictor.decide(scores)  # (B,), (B,)
             out_cols["sample_id"].append(ids)
             out_cols["class_id"].append(pred)
             out_cols["score"].append(score)

@@ -88,3 +88,64 @@ def test_extra_classes_can_win_without_retraining(registered, tiny_dataset, tmp_
     bad.write_text("name,a1\nx,1\n")
     assert main(["--data", str(tiny_dataset.root), "--extra-classes", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
     assert not (tmp_path / "x.parquet").exists()
+
+
+# ---- bad inputs: one message naming the file and what was expected, exit code 2, nothing written --------
+def _features_file(path: Path, rows: list, ids=None, dtype=None) -> Path:
+    import pyarrow as pa
+
+    ids = list(range(len(rows))) if ids is None else ids
+    pq.write_table(pa.table({"sample_id": pa.array(ids), "features": pa.array(rows, type=dtype)}), path)
+    return path
+
+
+@pytest.mark.timeout(180)
+def test_prediction_inputs_are_checked(registered, tiny_dataset, tmp_path: Path, capsys):
+    import pyarrow as pa
+
+    main = _predict_main()
+    c, h, w = registered.feature_shape
+    size = c * h * w
+    good = np.random.default_rng(0).random((3, size)).astype(np.float32)
+    out = tmp_path / "p.parquet"
+
+    def fails(args: list[str], *needles: str) -> None:
+        capsys.readouterr()
+        assert main(args + (["--out", str(out)] if "--out" not in args else [])) == 2
+        err = capsys.readouterr().err
+        for n in needles:
+            assert n in err, (n, err)
+        assert not out.exists()
+
+    model = ["--model", "models:/dedn-cub@champion"]
+    # rows of different lengths whose total is right: refused, not silently shifted
+    ragged = [good[0][: size - 1].tolist(), good[1].tolist() + [0.5], good[2].tolist()]
+    f = _features_file(tmp_path / "ragged.parquet", ragged)
+    fails(model + ["--features", str(f)], "ragged.parquet: features: expected", f"{size} values per row", "in row 0")
+    # string columns
+    f = _features_file(tmp_path / "strings.parquet", [["a"] * size])
+    fails(model + ["--features", str(f)], "strings.parquet: features: expected a list of numbers")
+    pq.write_table(pa.table({"sample_id": ["x"], "features": [good[0].tolist()]}), tmp_path / "sid.parquet")
+    fails(model + ["--features", str(tmp_path / "sid.parquet")], "sid.parquet: sample_id: expected an integer column")
+    # an all-zero feature map, and one too large to score
+    f = _features_file(tmp_path / "zero.parquet", [good[0].tolist(), [0.0] * size], ids=[7, 8])
+    fails(model + ["--features", str(f)], "zero.parquet: features: expected a feature map with non-zero values",
+          "row 1 (sample_id 8)")
+    f = _features_file(tmp_path / "huge.parquet", [(good[0] * 1e30).tolist()], ids=[5])
+    fails(model + ["--features", str(f)], "huge.parquet: features: expected values the model can score", "sample_id 5")
+    # extra classes: an all-zero attribute vector, a name the model already has
+    d = registered.num_attributes
+    head = "name," + ",".join(f"a{i}" for i in range(d))
+    (tmp_path / "zero.csv").write_text(head + "\nnothing," + ",".join("0" for _ in range(d)) + "\n")
+    fails(["--data", str(tiny_dataset.root), "--extra-classes", str(tmp_path / "zero.csv")],
+          "zero.csv: attribute values: expected a non-zero attribute vector", "nothing")
+    taken = registered.class_names[0]
+    (tmp_path / "dup.csv").write_text(head + f"\n{taken}," + ",".join("1" for _ in range(d)) + "\n")
+    fails(["--data", str(tiny_dataset.root), "--extra-classes", str(tmp_path / "dup.csv")],
+          "dup.csv: name: expected names that are not already classes of the model", taken)
+    # a model URI that does not exist; --out that is a directory
+    fails(["--model", "models:/dedn-cub/99", "--data", str(tiny_dataset.root)], "model uri: expected a registered model",
+          "models:/dedn-cub/99")
+    capsys.readouterr()
+    assert main(model + ["--data", str(tiny_dataset.root), "--out", str(tmp_path)]) == 2
+    assert "--out: expected a Parquet file path" in capsys.readouterr().err

@@ -371,15 +371,27 @@ def load_predictor(uri: str) -> Predictor:
 
     from dedn.tracking import store as tracking
 
+    from mlflow.exceptions import MlflowException
+
     tracking.init_store()
-    wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    try:
+        wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except (MlflowException, OSError) as e:  # no such model, version, alias or run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model uri", "a registered model version, alias or run model in the store "
+                          f"({tracking.tracking_uri()})", f"{uri}: {first}", "load_predictor") from None
     if not isinstance(wrapper, PyfuncModel) or wrapper.predictor is None:
         raise ConfigError("model uri", "a model logged by dedn.tracking.registry", f"{uri} ({type(wrapper).__name__})", "load_predictor")
     return wrapper.predictor
 
 
-def read_extra_classes(path: str | os.PathLike[str], num_attributes: int) -> tuple[list[str], np.ndarray]:
-    """New classes from CSV or Parquet: column `name`, then D attribute values. -> (names (E,), raw (E, D))."""
+def read_extra_classes(path: str | os.PathLike[str], num_attributes: int,
+                       existing_names: Sequence[str] = ()) -> tuple[list[str], np.ndarray]:
+    """New classes from CSV or Parquet: column `name`, then D attribute values. -> (names (E,), raw (E, D)).
+
+    Refused, naming the file and the class: non-numeric or non-finite values, an all-zero
+    attribute vector (it has no direction to score against), a name the model already has.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -403,4 +415,10 @@ def read_extra_classes(path: str | os.PathLike[str], num_attributes: int) -> tup
         raise DatasetError(p, "attribute values", "finite numbers", "NaN or inf")
     if len(set(names)) != len(names) or not names:
         raise DatasetError(p, "name", "unique, non-empty class names", f"{len(names)} rows, {len(set(names))} distinct")
+    taken = sorted(set(names) & set(map(str, existing_names)))
+    if taken:
+        raise DatasetError(p, "name", "names that are not already classes of the model", f"existing {taken[:5]}")
+    zero = [n for n, row in zip(names, values) if not np.any(row)]
+    if zero:
+        raise DatasetError(p, "attribute values", "a non-zero attribute vector for every class", f"all zeros for {zero[:5]}")
     return names, values.astype(np.float32)
