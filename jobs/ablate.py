@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         parent_name = f"ablation-{base.dataset.lower()}-{stamp}"
         parent_tags = tracking.run_tags(base, semi_synthetic=semi, data_path=str(data),
-                                        extra={tracking.KIND_TAG: "ablation", "dedn.analysis.ablation.settings": ",".join(s.key for s in settings)})
+                                        extra={tracking.KIND_TAG: "ablation", "dedn.ablation.settings": ",".join(s.key for s in settings)})
         _, parent_id = tracking.start_run(parent_name, experiment=experiment, tags=parent_tags, params=base.flat())
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)

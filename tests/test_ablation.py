@@ -208,7 +208,7 @@ def test_ablation_job_end_to_end(ray_cluster, tmp_path, monkeypatch, capsys):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
-    children = {r.data.tags["dedn.analysis.ablation.setting"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["dedn.ablation.setting"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"full", "no_ca", "cexp_no_distill"}
     assert {r["run_id"] for r in rows} == {c.info.run_id for c in children.values()}
     assert children["no_ca"].data.params["model.channel_attention"] == "False"

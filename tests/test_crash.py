@@ -21,7 +21,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, tiny_dataset) -> None:
     from dedn import tracking
-    from dedn.tracking.store import _driver_id
+    from dedn.tracking.runs import _driver_id
 
     tracking.init_store()
     cfg = build_config("cub", [f"data.path={tiny_dataset.root}"])

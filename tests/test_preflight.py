@@ -10,7 +10,8 @@ import pytest
 
 from dedn.config import build_config
 from dedn.errors import ConfigError, DatasetError
-from dedn.training.driver import FATAL_FILE, TrainSettings, preflight, train
+from dedn.training.driver import TrainSettings, train
+from dedn.training.preflight import FATAL_FILE, preflight
 
 QUICK = ["epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64"]
 

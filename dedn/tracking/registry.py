@@ -1,5 +1,8 @@
 """The MLflow model registry for every model family: log, register, alias, load; and the inference wrapper.
 
+(~420 lines on purpose: the four model files, the `Predictor` rebuilt from them and the MLflow
+calls that log and load them are one contract; split, each side would restate the other's.)
+
 A model is logged as an MLflow pyfunc *from code* (`dedn/tracking/pyfunc_model.py`), never as a pickle:
 loading it runs our own code, which reads
 

@@ -1,5 +1,8 @@
 """The one training driver: a Ray Train function run by a `TorchTrainer`, for every job and trial.
 
+(~440 lines: the worker function and the driver share the loop config, the checkpoint folder
+and its record files; kept in one module so both sides of that contract read together.)
+
 `train(cfg, settings)` (driver side) opens the dataset, creates the MLflow run, starts a
 TorchTrainer whose workers run `train_func` — the one train function: `jobs/train.py`, the
 ablations, the comparison, every Tune trial (one worker or N) and a sweep's final retrain all
@@ -25,7 +28,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -43,8 +45,9 @@ from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError, DednError
 from dedn.families import family_of
-from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+from dedn.protocol import TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder
+from dedn.training.preflight import FATAL_FILE, _read_fatal, _write_fatal, open_dataset, preflight
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn
 
 __all__ = [
@@ -339,87 +342,7 @@ def run_name(cfg: DEDNConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
-    """The run's dataset, checked in the driver; a selection-only run never opens a test shard."""
-    if not cfg.data.path:
-        raise ConfigError("data.path", "a dataset directory", "", "config")
-    data = str(Path(cfg.data.path).expanduser().resolve())
-    splits = SELECTION_SPLITS if cfg.protocol == "select" else None
-    dataset = FeatureDataset.open(data, splits=splits)
-    if dataset.name.upper() != cfg.dataset.upper():
-        raise ConfigError("dataset", f"the dataset's name {dataset.name!r} (from {data}/dataset.json)", cfg.dataset, "config")
-    family_of(cfg)  # an unknown model.name fails here, before Ray starts
-    return cfg.replace(**{"data.path": data}), dataset
-
-
-def preflight(cfg: DEDNConfig, settings: TrainSettings) -> tuple[DEDNConfig, FeatureDataset, Path]:
-    """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
-
-    The dataset (manifest, shard footers, the label columns against the manifest's class sets),
-    the family's dataset-dependent defaults (`ModelFamily.resolve`), the network built once
-    (clusters, sizes: every check the family makes at build time), and the checkpoint location:
-    writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
-    the Ray Train storage folder.
-    """
-    from dedn import tracking
-    from dedn.training.loop import build_model
-
-    cfg, dataset = open_dataset(cfg)
-    cfg = family_of(cfg).resolve(cfg, dataset.class_side)
-    model = build_model(cfg, dataset.class_side, dataset.feature_shape)
-    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else tracking.dedn_home() / "ray_results"
-    _check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
-    if settings.track and tracking.tracking_uri().startswith("sqlite:"):
-        _check_writable(tracking.dedn_home(), "DEDN_HOME")
-    # a checkpoint holds the weights, the optimiser state (RMSprop: about as much again, with momentum
-    # twice) and the best epoch's weights: 4x the weights is a safe bound; num_to_keep + 1 are on disk
-    # while the newest is written
-    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) * (settings.num_to_keep + 1)
-    free = shutil.disk_usage(storage).free
-    if free < need:
-        raise ConfigError("settings.storage_path", f"{need / 2**20:.0f} MiB free for {settings.num_to_keep + 1} checkpoints",
-                          f"{free / 2**20:.0f} MiB free at {storage}", "preflight")
-    return cfg, dataset, storage
-
-
-def _check_writable(folder: Path, key: str) -> None:
-    """mkdir and write a probe file: a read-only or missing location fails here, with its name."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dedn-write-probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
-
-
-# ---- deterministic errors end the run --------------------------------------------------------
-FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
 RUN_RECORD_FILE = "mlflow_run.json"  # in the run's storage folder: the MLflow run a resumed run continues
-
-
-def _write_fatal(path: Path, exc: DednError) -> None:
-    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
-    state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
-    doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
-           "state": state}
-    write_text(path, json.dumps(doc))
-
-
-def _read_fatal(path: Path) -> DednError | None:
-    """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
-    import importlib
-
-    from dedn.errors import _rebuild
-
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    cls: Any = DednError
-    if str(doc.get("module", "")).startswith("dedn."):
-        found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)
-        if isinstance(found, type) and issubclass(found, DednError):
-            cls = found
-    return _rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
 
 
 def read_outcome(ckpt_dir: str | None, cfg: DEDNConfig) -> dict[str, Any]:

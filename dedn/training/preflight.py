@@ -1,0 +1,108 @@
+"""Before and around a run: the driver's preflight, and deterministic errors recorded for the restarts.
+
+`preflight` checks everything a user can get wrong before Ray or an MLflow run starts (the
+dataset and its labels, the family's dataset-dependent defaults, one build of the network,
+writable locations, room for checkpoints). `_write_fatal` / `_read_fatal` keep the
+non-retryable error a worker raised beside the run's checkpoints (`FATAL_FILE`): Ray Train's
+restarts re-raise it instead of training again, and the driver raises it to the user as itself.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dedn.atomic import write_text
+from dedn.config import DEDNConfig
+from dedn.data import FeatureDataset
+from dedn.errors import ConfigError, DednError
+from dedn.families import family_of
+from dedn.protocol import SELECTION_SPLITS
+
+if TYPE_CHECKING:
+    from dedn.training.driver import TrainSettings
+
+__all__ = ["FATAL_FILE", "open_dataset", "preflight"]
+
+
+def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
+    """The run's dataset, checked in the driver; a selection-only run never opens a test shard."""
+    if not cfg.data.path:
+        raise ConfigError("data.path", "a dataset directory", "", "config")
+    data = str(Path(cfg.data.path).expanduser().resolve())
+    splits = SELECTION_SPLITS if cfg.protocol == "select" else None
+    dataset = FeatureDataset.open(data, splits=splits)
+    if dataset.name.upper() != cfg.dataset.upper():
+        raise ConfigError("dataset", f"the dataset's name {dataset.name!r} (from {data}/dataset.json)", cfg.dataset, "config")
+    family_of(cfg)  # an unknown model.name fails here, before Ray starts
+    return cfg.replace(**{"data.path": data}), dataset
+
+
+def preflight(cfg: DEDNConfig, settings: "TrainSettings") -> tuple[DEDNConfig, FeatureDataset, Path]:
+    """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
+
+    The dataset (manifest, shard footers, the label columns against the manifest's class sets),
+    the family's dataset-dependent defaults (`ModelFamily.resolve`), the network built once
+    (clusters, sizes: every check the family makes at build time), and the checkpoint location:
+    writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
+    the Ray Train storage folder.
+    """
+    from dedn import tracking
+    from dedn.training.loop import build_model
+
+    cfg, dataset = open_dataset(cfg)
+    cfg = family_of(cfg).resolve(cfg, dataset.class_side)
+    model = build_model(cfg, dataset.class_side, dataset.feature_shape)
+    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else tracking.dedn_home() / "ray_results"
+    _check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
+    if settings.track and tracking.tracking_uri().startswith("sqlite:"):
+        _check_writable(tracking.dedn_home(), "DEDN_HOME")
+    # a checkpoint holds the weights, the optimiser state (RMSprop: about as much again, with momentum
+    # twice) and the best epoch's weights: 4x the weights is a safe bound; num_to_keep + 1 are on disk
+    # while the newest is written
+    need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) * (settings.num_to_keep + 1)
+    free = shutil.disk_usage(storage).free
+    if free < need:
+        raise ConfigError("settings.storage_path", f"{need / 2**20:.0f} MiB free for {settings.num_to_keep + 1} checkpoints",
+                          f"{free / 2**20:.0f} MiB free at {storage}", "preflight")
+    return cfg, dataset, storage
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """mkdir and write a probe file: a read-only or missing location fails here, with its name."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dedn-write-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
+
+
+FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
+
+
+def _write_fatal(path: Path, exc: DednError) -> None:
+    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
+    state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
+    doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
+           "state": state}
+    write_text(path, json.dumps(doc))
+
+
+def _read_fatal(path: Path) -> DednError | None:
+    """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
+    import importlib
+
+    from dedn.errors import _rebuild
+
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    cls: Any = DednError
+    if str(doc.get("module", "")).startswith("dedn."):
+        found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)
+        if isinstance(found, type) and issubclass(found, DednError):
+            cls = found
+    return _rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
