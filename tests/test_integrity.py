@@ -179,7 +179,11 @@ def test_damaged_shard_gives_a_dataset_error_with_the_path(root, damage):
         _read_all(FeatureDataset.open(root))
     # The same damage in a shard whose checksum was taken after it (so only decoding can see it).
     _rehash(root, NAME)
-    ds = FeatureDataset.open(root)
+    try:  # "rows" reads the label column too: damage there is named when the dataset is opened
+        ds = FeatureDataset.open(root)
+    except DatasetError as e:
+        assert str(e).startswith(f"{root / NAME}: label: expected a readable label column"), e
+        ds = FeatureDataset.open(root, verify="none")
     with pytest.raises(DatasetError, match=re.escape(str(root / NAME)) + r": row group 1: expected a readable "
                                            r"Parquet row group, found (OSError|ArrowInvalid|ArrowException)") as info:
         _read_all(ds)

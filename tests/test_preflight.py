@@ -90,7 +90,7 @@ def test_a_dataset_without_manual_clusters_runs_on_kmeans_with_a_warning(tmp_pat
 @pytest.mark.timeout(300)
 def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, tmp_path, monkeypatch):
     """Bytes flipped in a training shard pass the driver's footer checks; the worker's reader finds the
-    checksum wrong. With max_failures=2 the restarts re-raise the recorded error without training,
+    checksum wrong. With max_failures=1 the restart re-raises the recorded error without training,
     and the user gets the DatasetError naming the shard, not Ray's wrapper."""
     import ray
 
@@ -104,12 +104,23 @@ def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, t
     data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
     shard.write_bytes(bytes(data))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    settings = _settings(tmp_path, max_failures=2, name="corrupt")
+    settings = _settings(tmp_path, max_failures=1, name="corrupt")
     with pytest.raises(DatasetError, match=rf"{shard.name}: sha256: expected") as e:
         train(_cfg(root), settings)
     assert type(e.value) is DatasetError and Path(e.value.file).name == shard.name
     assert (tmp_path / "ray" / "corrupt" / FATAL_FILE).is_file()
-    # the same name again (the user fixed the data): the old record does not stop the new run
-    shutil.copy2(Path(tiny_dataset.root) / m["splits"]["train"]["shards"][0]["file"], shard)
-    out = train(_cfg(root, "protocol=final"), settings)
-    assert out.test_metrics is not None and not (tmp_path / "ray" / "corrupt" / FATAL_FILE).exists()
+
+
+def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tiny_dataset, tmp_path):
+    """The recorded error comes back as its own class and message; a run that fails its preflight
+    leaves the run folder as it was."""
+    from dedn.training.preflight import _read_fatal, _write_fatal
+
+    fatal = tmp_path / "ray" / "again" / FATAL_FILE
+    _write_fatal(fatal, DatasetError("x.parquet", "sha256", "abc", "def"))
+    again = _read_fatal(fatal)
+    assert type(again) is DatasetError and str(again) == "x.parquet: sha256: expected abc, found def"
+    with pytest.raises(ConfigError, match="model.num_clusters"):  # fails after the record is cleared
+        train(_cfg(tiny_dataset.root, "model.clusters=kmeans", "model.num_clusters=1000"),
+              _settings(tmp_path, name="again"))
+    assert fatal.is_file()  # preflight failed first: nothing of the old run was touched

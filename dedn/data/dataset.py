@@ -196,6 +196,7 @@ def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) 
             try:
                 labels = pf.read(columns=["label"]).column("label").to_numpy()
             except (OSError, pa.ArrowException) as e:
+                check_shard_sha256(path, shard.sha256)  # a damaged file is named as such when its bytes changed
                 raise DatasetError(path, "label", "a readable label column", arrow_error(e)) from None
             _check_labels(path, labels, ds, split)
     if full:  # the checksum first: a corrupt shard is named as such, not by what its bytes decode to
