@@ -120,7 +120,7 @@ def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tin
     _write_fatal(fatal, DatasetError("x.parquet", "sha256", "abc", "def"))
     again = _read_fatal(fatal)
     assert type(again) is DatasetError and str(again) == "x.parquet: sha256: expected abc, found def"
-    with pytest.raises(ConfigError, match="model.num_clusters"):  # fails after the record is cleared
+    with pytest.raises(ConfigError, match="model.num_clusters"):  # the preflight fails before the run folder is touched
         train(_cfg(tiny_dataset.root, "model.clusters=kmeans", "model.num_clusters=1000"),
               _settings(tmp_path, name="again"))
     assert fatal.is_file()  # preflight failed first: nothing of the old run was touched
