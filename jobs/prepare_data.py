@@ -41,6 +41,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     _common(s)
     s.add_argument("--source-dir", type=Path, default=None,
                    help="folder with att_splits.mat, <NAME>_attribute.pkl, image_labels.npz (default: packaged asset)")
+    s.add_argument("--word-vectors", type=Path, default=None,
+                   help="D x G attribute word vectors when --source-dir has no <NAME>_attribute.pkl/.npy/.txt")
     s.add_argument("--channels", type=int, default=2048)
     s.add_argument("--height", type=int, default=7)
     s.add_argument("--width", type=int, default=7)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synthetic":
             from dedn.data.synthetic import write_synthetic
 
-            out = write_synthetic(args.out, args.name, args.source_dir, channels=args.channels, height=args.height,
+            out = write_synthetic(args.out, args.name, args.source_dir, word_vectors=args.word_vectors,
+                                  channels=args.channels, height=args.height,
                                   width=args.width, images_per_class=args.images_per_class, seed=args.seed, **common)
         else:
             from dedn.data.convert import convert_hdf5, convert_xlsa17

@@ -183,3 +183,99 @@ def test_load_source_missing_folder(tmp_path):
         load_source("CUB", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="packaged class side"):
         load_source("APY")
+
+
+# ---- att_splits.mat variants that circulate (issue 12, item 3) and the synthetic --word-vectors flag
+
+def _variant_folder(root: Path, drop: tuple[str, ...], word_vectors: bool = True) -> Path:
+    """A shared-style AWA2 folder (from the packaged asset) whose att_splits.mat lacks the `drop` keys."""
+    from dedn.data.sources import source_to_arrays
+
+    a = source_to_arrays(load_asset("AWA2"))
+    root.mkdir(parents=True)
+    mat = {"att": a["att"].T, "original_att": a["original_att"].T,
+           "allclasses_names": np.array([[n] for n in a["class_names"]], dtype=object),
+           **{f: a[f].astype(np.float64)[:, None] + 1 for f in LOC_FIELDS}}
+    scipy.io.savemat(root / "att_splits.mat", {k: v for k, v in mat.items() if k not in drop})
+    np.savez(root / "image_labels.npz", labels=a["labels"].astype(np.int64))
+    if word_vectors:
+        np.save(root / "AWA2_attribute.npy", a["word_vectors"])
+    return root
+
+
+def test_att_splits_without_train_and_val_loc_get_a_seeded_class_split(tmp_path):
+    from dedn.data.sources import DerivedFieldWarning
+
+    folder = _variant_folder(tmp_path / "awa2", drop=("train_loc", "val_loc"))
+    with pytest.warns(DerivedFieldWarning, match=r"no train_loc/val_loc; validation classes drawn from the 40 "
+                                                 r"trainval classes with seed 0: 13 validation classes"):
+        a = load_source("AWA2", folder)
+    with pytest.warns(DerivedFieldWarning):
+        b, c = load_source("AWA2", folder), load_source("AWA2", folder, seed=1)
+    seen = np.unique(a.labels[a.locs["trainval_loc"]])
+    train, val = (np.unique(a.labels[a.locs[f]]) for f in ("train_loc", "val_loc"))
+    assert (train.size, val.size) == (27, 13) and np.intersect1d(train, val).size == 0
+    np.testing.assert_array_equal(np.union1d(train, val), seen)
+    # every trainval image is in exactly one of the two, nothing else is
+    np.testing.assert_array_equal(np.sort(np.concatenate([a.locs["train_loc"], a.locs["val_loc"]])),
+                                  np.sort(a.locs["trainval_loc"]))
+    np.testing.assert_array_equal(a.locs["val_loc"], b.locs["val_loc"])  # seeded: the same split again
+    assert not np.array_equal(a.locs["val_loc"], c.locs["val_loc"])
+    cs = build_class_side(a)
+    np.testing.assert_array_equal(cs.val_classes, val)
+    splits = make_splits(a.labels, a.locs, seed=0)
+    assert np.intersect1d(np.unique(a.labels[splits["val_unseen"]]), np.unique(a.labels[splits["train"]])).size == 0
+
+
+def test_att_splits_only_one_of_train_and_val_loc_is_refused(tmp_path):
+    folder = _variant_folder(tmp_path / "awa2", drop=("val_loc",))
+    with pytest.raises(DatasetError, match=r"att_splits.mat: keys: expected both train_loc and val_loc, or neither"):
+        load_source("AWA2", folder)
+
+
+def test_att_splits_without_original_att_and_class_names_are_derived_with_warnings(tmp_path):
+    from dedn.data.sources import DerivedFieldWarning
+
+    folder = _variant_folder(tmp_path / "awa2", drop=("original_att", "allclasses_names"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        src = load_source("AWA2", folder)
+    said = [str(w.message) for w in caught if issubclass(w.category, DerivedFieldWarning)]
+    assert any("no original_att; the raw attribute values are taken from att" in m for m in said), said
+    assert any("no allclasses_names and no allclasses.txt" in m for m in said), said
+    assert src.class_names[:2] == ("class_000", "class_001") and len(src.class_names) == 50
+    np.testing.assert_array_equal(src.original_att, src.att)
+    assert build_class_side(src).attributes_raw.min() >= 0
+
+    names = [f"animal {i}" for i in range(50)]
+    (folder / "allclasses.txt").write_text("\n".join(names) + "\n")
+    with pytest.warns(DerivedFieldWarning, match="class names taken from .*allclasses.txt"):
+        assert load_source("AWA2", folder).class_names == tuple(names)
+    (folder / "allclasses.txt").write_text("\n".join(names[:49]) + "\n")
+    with pytest.raises(DatasetError, match=r"allclasses.txt: class names: expected 50 names, one per line"), \
+            pytest.warns(DerivedFieldWarning):
+        load_source("AWA2", folder)
+
+
+def test_synthetic_subcommand_takes_the_word_vectors_its_error_asks_for(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.pop(0)
+    folder = _variant_folder(tmp_path / "awa2", drop=("train_loc", "val_loc"), word_vectors=False)
+    args = ["synthetic", "--name", "AWA2", "--source-dir", str(folder), "--channels", "8", "--height", "1",
+            "--width", "1", "--images-per-class", "1", "--no-progress"]
+    assert prepare_data.main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "AWA2_attribute.pkl: file:" in err and "need `--word-vectors FILE`" in err
+    assert not (tmp_path / "out").exists()
+    wv = np.save(tmp_path / "vectors.npy", load_asset("AWA2").word_vectors) or tmp_path / "vectors.npy"
+    with pytest.warns(UserWarning, match="no train_loc/val_loc"):
+        assert prepare_data.main([*args, "--word-vectors", str(wv), "--out", str(tmp_path / "out")]) == 0
+    from dedn.data import FeatureDataset
+
+    ds = FeatureDataset.open(tmp_path / "out")
+    assert ds.class_side.val_classes.size == 13 and ds.semi_synthetic

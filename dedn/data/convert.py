@@ -77,7 +77,7 @@ def _check_loc(path: Path, key: str, loc: np.ndarray, n: int) -> np.ndarray:
 
 
 def _hdf5_source(path: Path, f: "h5py.File", name: str, att_splits: Path, word_vectors: Path,  # noqa: F821
-                 attribute_dir: Path | None) -> tuple[ClassSideSource, "h5py.Dataset"]:  # noqa: F821
+                 attribute_dir: Path | None, seed: int) -> tuple[ClassSideSource, "h5py.Dataset"]:  # noqa: F821
     missing = [k for k in HDF5_KEYS if k not in f]
     if missing:
         raise DatasetError(path, "keys", f"all of {list(HDF5_KEYS)}", f"missing {missing} (found {sorted(f.keys())})")
@@ -106,9 +106,7 @@ def _hdf5_source(path: Path, f: "h5py.File", name: str, att_splits: Path, word_v
         hint = " (labels look 1-based)" if labels.min() == 1 and labels.max() == k else ""
         raise DatasetError(path, "labels", f"0-based class ids in [0, {k}) ({att_splits} has K={k}){hint}",
                            f"range [{labels.min()}, {labels.max()}]")
-    src = ClassSideSource(**{**src.__dict__, "labels": labels})
-    src.check_labels(labels, str(path))
-    return src, fm
+    return src.with_labels(labels, str(path), seed), fm
 
 
 def convert_hdf5(features: str | Path, att_splits: str | Path, word_vectors: str | Path, name: str,
@@ -127,7 +125,7 @@ def convert_hdf5(features: str | Path, att_splits: str | Path, word_vectors: str
         raise DatasetError(path, "file", "an HDF5 file", f"{type(e).__name__}: {e}") from None
     with f:
         src, fm = _hdf5_source(path, f, name, Path(att_splits), Path(word_vectors),
-                               Path(attribute_dir) if attribute_dir else None)
+                               Path(attribute_dir) if attribute_dir else None, seed)
         assert src.labels is not None
         n = fm.shape[0]
 
@@ -182,8 +180,7 @@ def convert_xlsa17(res101: str | Path, att_splits: str | Path, word_vectors: str
         raise DatasetError(path, "labels", f"1-based class ids in [1, {k}] ({att_splits} has K={k}){hint}",
                            f"range [{raw.min()}, {raw.max()}]")
     labels = raw.astype(np.int64) - 1
-    src = ClassSideSource(**{**src.__dict__, "labels": labels})
-    src.check_labels(labels, str(path))
+    src = src.with_labels(labels, str(path), seed)
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for start in range(0, n, block_rows):

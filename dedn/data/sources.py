@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +32,17 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets"
 LOC_FIELDS = ("trainval_loc", "test_seen_loc", "test_unseen_loc", "train_loc", "val_loc")
 # Share of train_loc images that go to `val_seen` (the rest form `train`).
 VAL_SEEN_FRACTION = 0.2
+# Share of the seen classes held out as validation classes when a file has no train_loc/val_loc
+# (xlsa17's own class splits hold out about a third: CUB 50 of 150, AWA2 13 of 40).
+VAL_CLASS_FRACTION = 1 / 3
+# Locations every att_splits.mat must have; train_loc/val_loc (and original_att, allclasses_names)
+# are missing from some circulating copies and are then derived, with a warning.
+REQUIRED_LOC_FIELDS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+CLASS_SPLIT_FIELDS = ("train_loc", "val_loc")
+
+
+class DerivedFieldWarning(UserWarning):
+    """A field the class-side file lacks was derived from what it has (see the message)."""
 _WORD_VECTOR_HELP = (
     "a D x G word-vector array (one row per attribute, in att_splits.mat `att` row order) as "
     ".npy, .txt or .pkl; datasets without one (APY, AWA1) need `--word-vectors FILE`"
@@ -115,11 +126,19 @@ class AttSplits:
     att: np.ndarray  # (K, D) float64, columns of the file (per-class L2-normalised)
     original_att: np.ndarray  # (K, D) float64 raw values (AWA2: -1 marks a missing value)
     class_names: tuple[str, ...]  # (K,)
-    locs: dict[str, np.ndarray]  # LOC_FIELDS -> 0-based int64 image indices
+    locs: dict[str, np.ndarray]  # LOC_FIELDS -> 0-based int64 image indices (train/val_loc may be absent)
+    derived: tuple[str, ...] = ()  # fields the file lacked and that were derived (warned about)
 
 
 def load_att_splits(path: str | Path) -> AttSplits:
-    """Read and check an xlsa17 att_splits.mat (att and original_att are D x K there)."""
+    """Read and check an xlsa17 att_splits.mat (att and original_att are D x K there).
+
+    Required: att and the three Proposed Split locations. Copies that circulate without
+    original_att (raw values taken from att), allclasses_names (names from an allclasses.txt
+    beside the file, else class_000...) or train_loc/val_loc (a seeded class split of trainval,
+    made once the labels are known: `complete_class_split`) are accepted with a
+    DerivedFieldWarning that says what was derived.
+    """
     import scipy.io
 
     path = Path(path)
@@ -129,25 +148,42 @@ def load_att_splits(path: str | Path) -> AttSplits:
         mat = scipy.io.loadmat(path)
     except (OSError, ValueError, TypeError, NotImplementedError) as e:
         raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
-    missing = [k for k in ("att", "original_att", "allclasses_names", *LOC_FIELDS) if k not in mat]
+    missing = [k for k in ("att", *REQUIRED_LOC_FIELDS) if k not in mat]
     if missing:
-        raise DatasetError(path, "keys", f"att, original_att, allclasses_names and {list(LOC_FIELDS)}", f"missing {missing}")
+        raise DatasetError(path, "keys", f"att and {list(REQUIRED_LOC_FIELDS)} (train_loc/val_loc, original_att and "
+                           "allclasses_names may be derived)", f"missing {missing}")
+    split_fields = [k for k in CLASS_SPLIT_FIELDS if k in mat]
+    if len(split_fields) == 1:
+        raise DatasetError(path, "keys", "both train_loc and val_loc, or neither (then a class split is derived)",
+                           f"only {split_fields[0]}")
     att = np.asarray(mat["att"])
     if att.ndim != 2 or not np.issubdtype(att.dtype, np.number):
         raise DatasetError(path, "att", "a numeric D x K matrix", f"{att.dtype} {att.shape}")
     d, k = att.shape
-    original = np.asarray(mat["original_att"])
-    if original.shape != (d, k) or not np.issubdtype(original.dtype, np.number):
-        raise DatasetError(path, "original_att", f"a numeric D x K = {d} x {k} matrix like att", f"{original.dtype} {original.shape}")
+    derived: list[str] = []
+    if "original_att" in mat:
+        original = np.asarray(mat["original_att"])
+        if original.shape != (d, k) or not np.issubdtype(original.dtype, np.number):
+            raise DatasetError(path, "original_att", f"a numeric D x K = {d} x {k} matrix like att", f"{original.dtype} {original.shape}")
+    else:
+        original = att
+        derived.append("original_att")
+        warnings.warn(f"{path}: no original_att; the raw attribute values are taken from att (per-class "
+                      "L2-normalised), so attributes_raw and the semi-synthetic generator see normalised values",
+                      DerivedFieldWarning, stacklevel=2)
     for field, arr in (("att", att), ("original_att", original)):
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if n_bad:
             raise DatasetError(path, field, "finite values", f"{n_bad} NaN/inf entries")
-    names = _mat_strings(path, "allclasses_names", mat["allclasses_names"])
-    if len(names) != k:
-        raise DatasetError(path, "allclasses_names", f"{k} names (columns of att)", len(names))
+    if "allclasses_names" in mat:
+        names = _mat_strings(path, "allclasses_names", mat["allclasses_names"])
+        if len(names) != k:
+            raise DatasetError(path, "allclasses_names", f"{k} names (columns of att)", len(names))
+    else:
+        names = _derived_class_names(path, k)
+        derived.append("allclasses_names")
     locs = {}
-    for field in LOC_FIELDS:
+    for field in (*REQUIRED_LOC_FIELDS, *split_fields):
         raw = np.asarray(mat[field])
         if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or raw.ndim > 2 or (raw.ndim == 2 and min(raw.shape) != 1):
             raise DatasetError(path, field, "a non-empty N x 1 vector of 1-based image indices", f"{raw.dtype} {raw.shape}")
@@ -160,7 +196,51 @@ def load_att_splits(path: str | Path) -> AttSplits:
         if np.unique(loc).size != loc.size:
             raise DatasetError(path, field, "distinct image indices", "duplicates")
         locs[field] = loc - 1
-    return AttSplits(att=att.T.astype(np.float64), original_att=original.T.astype(np.float64), class_names=names, locs=locs)
+    if not split_fields:
+        derived.extend(CLASS_SPLIT_FIELDS)
+    return AttSplits(att=att.T.astype(np.float64), original_att=original.T.astype(np.float64), class_names=names,
+                     locs=locs, derived=tuple(derived))
+
+
+def _derived_class_names(path: Path, k: int) -> tuple[str, ...]:
+    """Class names for a file without allclasses_names: allclasses.txt beside it (xlsa17 ships one), else class_000..."""
+    listing = path.parent / "allclasses.txt"
+    if listing.is_file():
+        names = tuple(ln.strip() for ln in listing.read_text().splitlines() if ln.strip())
+        if len(names) != k:
+            raise DatasetError(listing, "class names", f"{k} names, one per line (columns of att in {path.name})", len(names))
+        warnings.warn(f"{path}: no allclasses_names; class names taken from {listing}", DerivedFieldWarning, stacklevel=3)
+        return names
+    warnings.warn(f"{path}: no allclasses_names and no allclasses.txt beside it; classes are named class_000 to "
+                  f"class_{k - 1:03d} in att column order", DerivedFieldWarning, stacklevel=3)
+    return tuple(f"class_{i:03d}" for i in range(k))
+
+
+def complete_class_split(locs: Mapping[str, np.ndarray], labels: np.ndarray, seed: int, origin: str) -> dict[str, np.ndarray]:
+    """`locs` with train_loc/val_loc; when the file had none, a seeded class split of the trainval classes.
+
+    round(VAL_CLASS_FRACTION x seen) classes (at least 1, at most all but 1), drawn with `seed`,
+    become validation classes (val_loc: their trainval images); the others are train classes
+    (train_loc: theirs). The same labels and seed give the same split.
+    """
+    out = {f: np.asarray(v, dtype=np.int64) for f, v in locs.items()}
+    if all(f in out for f in CLASS_SPLIT_FIELDS):
+        return out
+    labels = np.asarray(labels)
+    trainval = out["trainval_loc"]
+    if trainval.max() >= labels.shape[0]:
+        raise DatasetError(origin, "labels", f"at least {int(trainval.max()) + 1} images (trainval_loc)", labels.shape[0])
+    seen = np.unique(labels[trainval])
+    if seen.size < 2:
+        raise DatasetError(origin, "trainval_loc", "images of at least 2 classes to derive a train/val class split", seen.size)
+    n_val = min(max(1, int(round(VAL_CLASS_FRACTION * seen.size))), seen.size - 1)
+    val_classes = np.sort(np.random.default_rng(seed).choice(seen, size=n_val, replace=False))
+    in_val = np.isin(labels[trainval], val_classes)
+    out["train_loc"], out["val_loc"] = trainval[~in_val], trainval[in_val]
+    warnings.warn(f"{origin}: no train_loc/val_loc; validation classes drawn from the {seen.size} trainval classes "
+                  f"with seed {seed}: {n_val} validation classes ({int(in_val.sum())} images), {seen.size - n_val} "
+                  f"train classes", DerivedFieldWarning, stacklevel=2)
+    return out
 
 
 def load_attribute_names(dataset_dir: str | Path | None, name: str, num_attributes: int) -> tuple[str, ...]:
@@ -235,6 +315,15 @@ class ClassSideSource:
     def num_attributes(self) -> int:
         return len(self.attribute_names)
 
+    def with_labels(self, labels: np.ndarray, where: str, seed: int = 0) -> "ClassSideSource":
+        """This source with per-image labels: the class split completed (`complete_class_split`), all checked."""
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(where, "labels", "a 1-D integer array", f"{labels.dtype} {labels.shape}")
+        src = replace(self, labels=labels.astype(np.int64), locs=complete_class_split(self.locs, labels, seed, self.origin))
+        src.check_labels(src.labels, where)  # type: ignore[arg-type]
+        return src
+
     def check_labels(self, labels: np.ndarray, where: str) -> None:
         """DatasetError unless `labels` (N,) fit the classes and the xlsa17 locations of this source."""
         labels = np.asarray(labels)
@@ -266,8 +355,11 @@ class ClassSideSource:
 
 
 def load_xlsa17(name: str, att_splits: str | Path, word_vectors: str | Path,
-                dataset_dir: str | Path | None = None, labels: np.ndarray | None = None) -> ClassSideSource:
-    """A source from the individual files: att_splits.mat, a word-vector file, optional names and labels."""
+                dataset_dir: str | Path | None = None, labels: np.ndarray | None = None, seed: int = 0) -> ClassSideSource:
+    """A source from the individual files: att_splits.mat, a word-vector file, optional names and labels.
+
+    seed: of the class split derived for a file without train_loc/val_loc (see `complete_class_split`).
+    """
     splits = load_att_splits(att_splits)
     wv = load_word_vectors(word_vectors)
     d = splits.att.shape[1]
@@ -277,11 +369,9 @@ def load_xlsa17(name: str, att_splits: str | Path, word_vectors: str | Path,
         name=name, class_names=splits.class_names,
         attribute_names=load_attribute_names(dataset_dir, name, d),
         att=splits.att, original_att=splits.original_att, word_vectors=wv, locs=splits.locs,
-        labels=None if labels is None else np.asarray(labels, dtype=np.int64), origin=str(att_splits),
+        labels=None, origin=str(att_splits),
     )
-    if labels is not None:
-        src.check_labels(src.labels, str(dataset_dir or att_splits))  # type: ignore[arg-type]
-    return src
+    return src if labels is None else src.with_labels(labels, str(dataset_dir or att_splits), seed)
 
 
 def _find_word_vectors(source_dir: Path, name: str) -> Path:
@@ -292,7 +382,8 @@ def _find_word_vectors(source_dir: Path, name: str) -> Path:
     return source_dir / f"{name}_attribute.pkl"  # load_word_vectors explains what is missing
 
 
-def load_source(name: str, source_dir: str | Path | None = None, word_vectors: str | Path | None = None) -> ClassSideSource:
+def load_source(name: str, source_dir: str | Path | None = None, word_vectors: str | Path | None = None,
+                seed: int = 0) -> ClassSideSource:
     """The class side of `name` from a shared-style folder, or from the packaged asset when source_dir is None."""
     if source_dir is None:
         return load_asset(name)
@@ -300,7 +391,7 @@ def load_source(name: str, source_dir: str | Path | None = None, word_vectors: s
     if not d.is_dir():
         raise DatasetError(d, "source_dir", f"a folder with att_splits.mat, {name}_attribute.pkl, image_labels.npz", "no such folder")
     labels = load_image_labels(d / "image_labels.npz")
-    return load_xlsa17(name, d / "att_splits.mat", word_vectors or _find_word_vectors(d, name), d, labels)
+    return load_xlsa17(name, d / "att_splits.mat", word_vectors or _find_word_vectors(d, name), d, labels, seed)
 
 
 # ---------------------------------------------------------------- packaged assets

@@ -196,17 +196,21 @@ def generate(src: ClassSideSource, cfg: SyntheticConfig | None = None,
 
 
 def write_synthetic(root: str | Path, name: str, source_dir: str | Path | None = None, *,
-                    storage_dtype: str = "float16", overwrite: bool = False, progress: bool = True,
-                    shard_bytes: int | None = None, **sizes: object) -> Path:
+                    word_vectors: str | Path | None = None, storage_dtype: str = "float16", overwrite: bool = False,
+                    progress: bool = True, shard_bytes: int | None = None, **sizes: object) -> Path:
     """Write a semi-synthetic dataset for `name` (CUB, SUN, AWA2) to `root` via DatasetWriter.
 
     sizes: SyntheticConfig fields (channels, height, width, images_per_class, seed, ...).
     source_dir: a shared-style folder with the real files; None = the packaged asset.
+    word_vectors: the word-vector file when the folder has no <name>_attribute.pkl/.npy/.txt.
     """
     from dedn.data.convert import write_dataset
 
     cfg = SyntheticConfig(**sizes)  # type: ignore[arg-type]
-    src = load_source(name, source_dir)
+    if word_vectors is not None and source_dir is None:
+        raise ConfigError("synthetic.word_vectors", "a --source-dir to go with --word-vectors (the packaged "
+                          "class sides bring their own)", str(word_vectors))
+    src = load_source(name, source_dir, word_vectors, seed=cfg.seed)
     class_side = build_class_side(src)
     split_ids = plan_splits(src, cfg)
     return write_dataset(
