@@ -22,7 +22,7 @@ import torch
 from dedn.atomic import atomic_path
 from dedn.errors import DednError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(DednError, ValueError):
@@ -31,6 +31,20 @@ class CheckpointError(DednError, ValueError):
     def __init__(self, file: object, expected: str, found: object):
         self.file, self.expected, self.found = str(file), expected, found
         super().__init__(f"{self.file}: checkpoint: expected {expected}, found {found}")
+
+
+class CheckpointWriteError(DednError, RuntimeError):
+    """A checkpoint could not be written (a full or read-only disk, a file-size limit).
+
+    Raised after the partial copy is removed: nothing half-written is left under a checkpoint's
+    name, and the run's last whole checkpoint is where the same --name continues from.
+    """
+
+    def __init__(self, file: object, reason: str):
+        self.file, self.reason = str(file), reason
+        super().__init__(f"{self.file}: checkpoint: could not be written ({reason}); the partial copy was removed. "
+                         f"Free space at {Path(self.file).parent.parent} and run again with the same --name to continue "
+                         "from the last whole checkpoint")
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:

@@ -54,11 +54,21 @@ def _pct(m: dict[str, float] | None) -> str:
     return "n/a" if not m else "  ".join(f"{k} {100 * m[k]:.1f}" for k in ("T", "U", "S", "H") if k in m)
 
 
+_TERMINATED: list[int] = []  # the signal that stopped the run, if one did
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    print("train.py: SIGTERM: stopping; the MLflow run is marked KILLED. Run again with the same --name to continue "
+          "from the last checkpoint.", file=sys.stderr, flush=True)
+    _TERMINATED.append(signum)
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if argv is None:  # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow
-        # run is marked failed and the embedded Ray shuts down (atexit) instead of being left behind
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        # run is marked KILLED and the embedded Ray shuts down (atexit) instead of being left behind
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from dedn import tracking
     from dedn.config import config_for_dataset
     from dedn.data import FeatureDataset
@@ -89,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        if _TERMINATED:  # Ray's blocking calls turn the handler's exit into SystemExit(1): keep 128 + signal
+            return 128 + _TERMINATED[0]
+        raise
 
     tag = " (semi-synthetic data)" if ds.semi_synthetic else ""
     print("\n" + "=" * 78)

@@ -1,9 +1,11 @@
 """Ray Train (V2) DDP training of DEDN on 2 CPU workers: data partition, rank agreement, MLflow, fault recovery.
 
-One uninterrupted run (module fixture) serves three tests; the fault test runs the same
-configuration again with rank 1 raising once in the middle of selection epoch 2, and must end
-bitwise identical to it (CPU, gloo: every operation is deterministic and the checkpoint holds
-model, optimiser, history and RNG state).
+One uninterrupted run (module fixture) serves three tests; the fault tests run the same
+configuration again, with rank 1 raising once in the middle of selection epoch 2 (Ray restarts
+the group), or with the disk filling up while epoch 2's checkpoint is written (the run ends with
+that message; the same name continues it), and must end bitwise identical to it (CPU, gloo:
+every operation is deterministic and the checkpoint holds model, optimiser, history and RNG
+state).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def _run(tiny_dataset, home: Path, name: str, **debug):
 
     cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
     record = home / f"record-{name}"
-    settings = TrainSettings(num_workers=2, name=name, max_failures=1, verbose=False,
+    settings = TrainSettings(num_workers=2, name=name, max_failures=1, verbose=False, register=name == "baseline",
                              debug=DebugHooks(record_dir=str(record), **debug))
     return train(cfg, settings), record
 
@@ -172,3 +174,37 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
     with torch.no_grad():
         want = net.eval()(x).inference_scores(pred.cfg.eval.w1).numpy()
     np.testing.assert_allclose(pred.scores(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_during_a_checkpoint_ends_clearly_and_the_same_name_continues_the_same_run(baseline, ray_env,
+                                                                                           tiny_dataset):
+    """Issue 12, items 6 and 7: the write of epoch 2's checkpoint fails part-way (a file-size limit in
+    the worker, as a full disk would). The run ends at once with CheckpointWriteError, no retry, no
+    half-written checkpoint, its MLflow run FAILED; the same name then continues the same MLflow run
+    from epoch 1's checkpoint to the uninterrupted run's exact result, with a whole history."""
+    from dedn import tracking
+    from dedn.checkpoint import CheckpointWriteError, load_checkpoint
+    from dedn.training.driver import RUN_RECORD_FILE, STATE_FILE
+
+    base, base_record = baseline
+    marker = ray_env / "disk-marker"
+    with pytest.raises(CheckpointWriteError, match=r"disk-full/select-epoch0002/state.pt: checkpoint: could not be "
+                                                   r"written \(File too large, errno 27\); the partial copy was removed"):
+        _run(tiny_dataset, ray_env, "disk-full", fail_rank=0, fail_epoch=2, fail_marker=str(marker), fail_kind="disk_full")
+    run_dir = ray_env / "ray_results" / "disk-full"
+    assert marker.exists() and not (run_dir / "select-epoch0002").exists()
+    assert not [p for p in run_dir.rglob("*") if ".partial" in p.name], "a partial checkpoint was left"
+    for state in run_dir.rglob(STATE_FILE):  # what is there under a checkpoint's name loads
+        load_checkpoint(state)
+    run_id = json.loads((run_dir / RUN_RECORD_FILE).read_text())["run_id"]
+    c = tracking.client()
+    assert c.get_run(run_id).info.status == "FAILED"
+
+    out, record = _run(tiny_dataset, ray_env, "disk-full", fail_rank=0, fail_epoch=2, fail_marker=str(marker),
+                       fail_kind="disk_full")  # the marker exists: no fault this time
+    assert out.run_id == run_id and c.get_run(run_id).info.status == "FINISHED"
+    assert out.val_metrics == base.val_metrics and out.test_metrics == base.test_metrics
+    assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
+    assert [m.step for m in c.get_metric_history(run_id, "val_H")] == list(range(1, EPOCHS + 1))
+    assert len(c.search_runs([c.get_run(run_id).info.experiment_id], "tags.mlflow.runName = 'disk-full'")) == 1

@@ -258,13 +258,9 @@ def test_att_splits_without_original_att_and_class_names_are_derived_with_warnin
 
 
 def test_synthetic_subcommand_takes_the_word_vectors_its_error_asks_for(tmp_path, capsys):
-    import sys
+    from toydata import load_job
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    try:
-        import prepare_data
-    finally:
-        sys.path.pop(0)
+    prepare_data = load_job("prepare_data")
     folder = _variant_folder(tmp_path / "awa2", drop=("train_loc", "val_loc"), word_vectors=False)
     args = ["synthetic", "--name", "AWA2", "--source-dir", str(folder), "--channels", "8", "--height", "1",
             "--width", "1", "--images-per-class", "1", "--no-progress"]

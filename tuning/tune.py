@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from dedn.config import config_for_dataset
     from dedn.data import FeatureDataset
     from dedn.protocol import SELECTION_SPLITS
-    from dedn.training.driver import init_ray
+    from dedn.training.ray_cluster import init_ray
     from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
 
     try:

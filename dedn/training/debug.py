@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from dedn.atomic import write_text
 from dedn.training.report import EpochReport, StateFn
 
-__all__ = ["DebugHooks", "InjectedFault", "feature_digest", "params_digest"]
+__all__ = ["DebugHooks", "InjectedFault", "feature_digest", "params_digest", "simulated_full_disk"]
 
 
 class InjectedFault(RuntimeError):
@@ -34,12 +35,19 @@ class DebugHooks:
     fail_rank / fail_epoch / fail_marker: rank `fail_rank` raises InjectedFault in the middle of
     epoch `fail_epoch` of the select phase (after its first training step) if `fail_marker` does
     not exist yet; it creates the marker first, so the fault happens once per marker.
+    fail_kind="disk_full" instead makes the checkpoint write of that epoch fail part-way, as on a
+    full disk (rank 0 writes checkpoints: set fail_rank=0).
     """
 
     record_dir: str = ""
     fail_rank: int = 1
     fail_epoch: int = 0  # 0 = never
     fail_marker: str = ""
+    fail_kind: str = "raise"  # "raise": InjectedFault in the forward pass; "disk_full": see simulated_full_disk
+
+    def __post_init__(self) -> None:
+        if self.fail_kind not in ("raise", "disk_full"):
+            raise ValueError(f"DebugHooks.fail_kind: expected 'raise' or 'disk_full', found {self.fail_kind!r}")
 
 
 def feature_digest(features: torch.Tensor) -> list[str]:
@@ -70,7 +78,7 @@ class _Recorder:
         if not module.training:
             return
         h = self.hooks
-        if (h.fail_epoch and self.rank == h.fail_rank and self.phase == "select" and self.epoch == h.fail_epoch
+        if (h.fail_kind == "raise" and h.fail_epoch and self.rank == h.fail_rank and self.phase == "select" and self.epoch == h.fail_epoch
                 and self.steps >= 1 and h.fail_marker and not os.path.exists(h.fail_marker)):
             Path(h.fail_marker).write_text(f"rank {self.rank} failed at epoch {self.epoch}\n")
             raise InjectedFault(f"injected fault: rank {self.rank}, select epoch {self.epoch}")
@@ -87,3 +95,24 @@ class _Recorder:
         if self.hooks.record_dir:
             write_text(Path(self.hooks.record_dir) / f"rank{self.rank}.json",
                        json.dumps({"rank": self.rank, "seen": self.seen, "params": params_digest(model)}))
+
+
+@contextmanager
+def simulated_full_disk(hooks: DebugHooks, rank: int, phase: str, epoch: int) -> Iterator[None]:
+    """Inside the block, files of this process cannot grow past 1 KiB when `hooks` ask for a
+    disk_full fault at this rank and select epoch and the marker does not exist yet (it is created
+    first). Writes then stop part-way with EFBIG, leaving a truncated file as ENOSPC on a full disk
+    would (CPython ignores SIGXFSZ, so the limit gives an OSError, not a signal)."""
+    if not (hooks.fail_kind == "disk_full" and hooks.fail_epoch and rank == hooks.fail_rank and phase == "select"
+            and epoch == hooks.fail_epoch and hooks.fail_marker and not os.path.exists(hooks.fail_marker)):
+        yield
+        return
+    import resource
+
+    Path(hooks.fail_marker).write_text(f"rank {rank}: checkpoint write of select epoch {epoch} fails\n")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)

@@ -22,12 +22,12 @@ digest of its parameters, and make one rank raise once at a given epoch.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -40,14 +40,15 @@ import torch
 from torch import nn
 
 from dedn.atomic import write_text
-from dedn.checkpoint import load_checkpoint, save_checkpoint
+from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError, DednError
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
-from dedn.training.debug import DebugHooks, _Recorder
+from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
 from dedn.training.preflight import FATAL_FILE, _read_fatal, _write_fatal, open_dataset, preflight
+from dedn.training.ray_cluster import init_ray
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn
 
 __all__ = [
@@ -106,41 +107,6 @@ class TrainOutcome:
 
 
 # ---- Ray -------------------------------------------------------------------------------------
-def init_ray(dashboard: bool = False) -> None:
-    """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
-
-    dashboard: give the embedded Ray its dashboard (its State API frees each finished Ray Train
-    run's placement group at once; a sweep of TorchTrainer trials needs that).
-
-    `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
-    start` leaves its address on the node); otherwise an embedded Ray starts, without the
-    dashboard (about 1 GB RSS) unless asked. Ray-internal loggers are raised to ERROR there
-    (docs/stack-notes.md#ray-connecting-and-authentication: the placement-group cleaner's
-    once-a-second warning); our progress lines are written to stdout, not logged, so they
-    still show.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
-            raise
-        # Ray Train 2.60 starts a PreemptionWatcher actor (max_restarts=-1, worker handles as
-        # arguments) and Ray core logs an error-level line about it on every run. It only watches
-        # node drains, which a single-node embedded Ray never has; real clusters keep it.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        if dashboard:
-            ray.init(log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
-        # the embedded cluster is this process's: it goes when the driver exits, however it exits
-        # (jobs turn SIGTERM into an exit, so atexit runs then too)
-        atexit.register(ray.shutdown)
-
-
 def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0, available: float | None = None) -> float:
     """CPUs each worker asks Ray for: `requested`, else what fits `available` (default: the cluster's).
 
@@ -179,10 +145,17 @@ class _TorchCollective:
 
 
 class RayTrainSink:
-    """Every rank calls ray.train.report with the epoch's metrics; rank 0 attaches the checkpoint."""
+    """Every rank calls ray.train.report with the epoch's metrics; rank 0 attaches the checkpoint.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    Rank 0 persists it itself (`persist`, Ray's checkpoint_upload_fn): on local or shared-disk
+    storage the files are copied to a temporary folder beside the checkpoint's and renamed into
+    place, so a full disk leaves no half-written checkpoint under a real name, only a clear
+    CheckpointWriteError.
+    """
+
+    def __init__(self, rank: int, hooks: DebugHooks | None = None):
+        self.rank, self.hooks = rank, hooks or DebugHooks()
+        self._report: EpochReport | None = None
 
     def on_epoch(self, report: EpochReport, state: StateFn) -> None:
         import ray.train
@@ -192,12 +165,58 @@ class RayTrainSink:
         # (Ray keeps the latest checkpoint whatever its score)
         metrics.setdefault(SCORE_ATTRIBUTE, float("nan"))
         metrics.update(phase=report.phase, epoch=int(report.epoch))
+        self._report = report
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:
-                save_checkpoint(Path(d) / STATE_FILE, state())
+                try:
+                    save_checkpoint(Path(d) / STATE_FILE, state())
+                except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+                    raise CheckpointWriteError(Path(d) / STATE_FILE, _first_line(e)) from None
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{report.phase}-epoch{report.epoch:04d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{report.phase}-epoch{report.epoch:04d}",
+                             checkpoint_upload_fn=self.persist if checkpoint is not None else None)
+
+    def persist(self, checkpoint: Any, dir_name: str) -> Any:
+        """Copy the checkpoint folder into the run's storage under `dir_name`, whole or not at all."""
+        import pyarrow.fs
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        fs = storage.storage_filesystem
+        if not isinstance(fs, pyarrow.fs.LocalFileSystem):  # an object store writes each object whole
+            return storage.persist_current_checkpoint(checkpoint, dir_name)
+        final = Path(storage.build_checkpoint_path_from_name(dir_name))
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
+        report = self._report
+        try:
+            with simulated_full_disk(self.hooks, self.rank, report.phase if report else "", report.epoch if report else 0):
+                shutil.rmtree(tmp, ignore_errors=True)
+                _copy_folder(Path(checkpoint.path), tmp)
+            if final.exists():  # a resumed run reports the epoch it was in again
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(final / STATE_FILE, _first_line(e)) from None
+        return ray.train.Checkpoint(path=str(final), filesystem=fs)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder file by file (an OSError names its own errno, unlike shutil.copytree's)."""
+    dst.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            shutil.copyfile(path, target)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{e.strerror or os.strerror(e.errno)}, errno {e.errno}"
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _quiet_ray_train_reports(keep: bool) -> None:
@@ -256,7 +275,10 @@ def train_func(config: dict[str, Any]) -> None:
             _train_worker(config, cfg, rank, world_size, device, autocast_dtype, distributed)
     except DednError as e:
         if fatal is not None and not e.retryable:
-            _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
+            try:
+                _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
+            except OSError:  # a full disk: Ray's restart meets the same error again, and ends the same way
+                pass
         raise
 
 
@@ -271,7 +293,8 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     dataset = FeatureDataset.open(cfg.data.path, verify="none")
     resume = _resume_state()
     phase = resume["phase"] if resume else ("select" if cfg.protocol != "final" else "final")
-    recorder = _Recorder(DebugHooks(**config.get("debug", {})), rank, phase, int(resume["epoch"]) + 1 if resume else 1)
+    hooks = DebugHooks(**config.get("debug", {}))
+    recorder = _Recorder(hooks, rank, phase, int(resume["epoch"]) + 1 if resume else 1)
 
     def wrap(model: nn.Module) -> nn.Module:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
@@ -286,7 +309,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
 
         sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
                                 semi_synthetic=bool(config.get("semi_synthetic"))))
-    sinks.append(RayTrainSink(rank))
+    sinks.append(RayTrainSink(rank, hooks))
     result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
                           device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
                           autocast_dtype=autocast_dtype)
@@ -394,7 +417,8 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
             write_text(record, json.dumps({"run_id": run.run_id, "experiment": run.experiment_name}))
         if settings.verbose:
             what = "continuing run" if previous == run.run_id else "run"
-            print(f"MLflow: {what} {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}", flush=True)
+            print(f"MLflow: {what} {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}; "
+                  f"checkpoints in {storage_dir / name} (--name {name} continues this run)", flush=True)
 
     trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
                             semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks,
@@ -405,7 +429,11 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
             raise result.error
     except BaseException as e:
         if run is not None:
-            run.finish("FAILED")
+            try:  # a signal turned into an exit (jobs/train.py's SIGTERM) or Ctrl-C: killed, not failed
+                run.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            except Exception as store_error:  # e.g. the store on the same full disk: the next start marks it
+                logging.getLogger(__name__).warning("could not mark MLflow run %s ended (%s); the next run "
+                                                    "marks it KILLED", run.run_id, _first_line(store_error))
         recorded = _read_fatal(fatal)
         if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
             raise recorded from e

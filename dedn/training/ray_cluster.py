@@ -1,0 +1,103 @@
+"""The Ray a driver runs on: a running cluster when there is one, else an embedded one it owns.
+
+An embedded Ray belongs to its driver and must not outlive it. On a normal exit or a SIGTERM
+(jobs turn it into an exit) `ray.shutdown` runs at exit. On a SIGKILL nothing in the driver
+runs: Ray's GCS and raylet fate-share with it and die at once, their workers with them, but the
+two per-node agents (dashboard, runtime-env) wait for one last 60 s GCS call before they exit;
+the next embedded start reaps such orphans (`reap_orphaned_agents`).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+from pathlib import Path
+
+__all__ = ["init_ray", "reap_orphaned_agents"]
+
+AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def init_ray(dashboard: bool = False) -> None:
+    """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
+
+    dashboard: give the embedded Ray its dashboard (its State API frees each finished Ray Train
+    run's placement group at once; a sweep of TorchTrainer trials needs that).
+
+    `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
+    start` leaves its address on the node); otherwise an embedded Ray starts, without the
+    dashboard (about 1 GB RSS) unless asked. Ray-internal loggers are raised to ERROR there
+    (docs/stack-notes.md#ray-connecting-and-authentication: the placement-group cleaner's
+    once-a-second warning); our progress lines are written to stdout, not logged, so they
+    still show.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # ray.init installs Ray core's own SIGTERM handler (it logs a stack and aborts), which would
+    # replace the driver's (jobs/train.py: exit cleanly, mark the run KILLED); put the driver's back
+    keep_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _init_ray(dashboard)
+    finally:
+        if callable(keep_sigterm):
+            signal.signal(signal.SIGTERM, keep_sigterm)
+
+
+def _init_ray(dashboard: bool) -> None:
+    import ray
+
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
+            raise
+        # Ray Train 2.60 starts a PreemptionWatcher actor (max_restarts=-1, worker handles as
+        # arguments) and Ray core logs an error-level line about it on every run. It only watches
+        # node drains, which a single-node embedded Ray never has; real clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if dashboard:
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        # the embedded cluster is this process's: it goes when the driver exits, however it exits
+        # (jobs turn SIGTERM into an exit, so atexit runs then too)
+        atexit.register(ray.shutdown)
+        reap_orphaned_agents()
+
+
+def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:
+    """Kill the Ray agents of this user whose raylet is gone (left by a killed driver); their pids.
+
+    Linux only (reads /proc; elsewhere nothing is done). An agent counts as orphaned when its
+    parent is no longer a raylet: it is only waiting for a GCS call to time out, and serves nothing.
+    """
+    if not proc.is_dir():
+        return []
+    uid, reaped = os.getuid(), []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            if not title.startswith(AGENT_TITLES) or entry.stat().st_uid != uid:
+                continue
+            # the raylet starts its agents and stays their parent; an agent it left was adopted by init
+            # (or a subreaper). Its environment cannot tell: Ray's proctitle overwrites that memory.
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if b"raylet" in _read(proc / parent / "cmdline").split(b"\0", 1)[0]:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)  # it may sit in that GCS call: no SIGTERM handler would run
+            reaped.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return reaped
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

@@ -1,0 +1,338 @@
+"""Fault soak: N rounds of a small training run, each with a random fault, and a table of what happened.
+
+    .venv/bin/python tools/soak.py --rounds 20 [--seed 0] [--workdir DIR] [--num-workers 1]
+
+Faults: none, worker_kill (SIGKILL a Ray Train worker mid-run; Ray restarts the group from the
+last checkpoint), driver_kill (SIGKILL the driver, then the same --name again), driver_term
+(SIGTERM, then again), disk_full (a checkpoint write fails part-way, then again), corrupt_shard
+(bytes flipped in the middle of a shard), concurrent (two runs that register at the same time).
+
+Every round must end with the clean run's final metrics or with a clear message (exit 2, the
+file named), and after every round the store is checked for what must never be left: a
+checkpoint that does not load or a partial copy, an MLflow run still RUNNING, a champion alias on
+a version worse than the best. The data are a tiny SEMI-SYNTHETIC CUB-shaped set: the metrics
+only check that faults change nothing, they are not benchmark results.
+
+Each run is a separate driver process (`soak.py _drive SPEC`): `dedn.training.driver.train`,
+with a SIGTERM handler as in jobs/train.py and the DebugHooks the fault needs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent")
+RESULT = "SOAK-RESULT "
+
+
+# ---- one driver process --------------------------------------------------------------------------
+def drive(spec: dict[str, Any]) -> int:
+    """One training run as its own driver process; prints RESULT + JSON on success."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    from dedn.config import build_config
+    from dedn.errors import DednError
+    from dedn.training.debug import DebugHooks
+    from dedn.training.driver import TrainSettings, train
+
+    try:
+        cfg = build_config("cub", [f"data.path={spec['data']}", *spec["overrides"]])
+        settings = TrainSettings(num_workers=spec["num_workers"], max_failures=2, name=spec["name"],
+                                 register=spec["register"], verbose=False, debug=DebugHooks(**spec.get("hooks", {})))
+        out = train(cfg, settings)
+    except DednError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    reg = out.registered
+    print(RESULT + json.dumps({"run_id": out.run_id, "test": out.test_metrics, "val": out.val_metrics,
+                               "version": str(reg.version) if reg is not None else None}), flush=True)
+    return 0
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float = 600) -> tuple[int, dict[str, Any] | None, str]:
+        rc = self.popen.wait(timeout)
+        text = self.log.read_text(errors="replace")
+        result = next((json.loads(ln[len(RESULT):]) for ln in text.splitlines() if ln.startswith(RESULT)), None)
+        errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+        return rc, result, errors[-1] if errors else ""
+
+
+@dataclass
+class Soak:
+    work: Path
+    data: Path
+    num_workers: int
+    overrides: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    n: int = 0
+
+    def start(self, name: str, *, data: Path | None = None, hooks: dict[str, Any] | None = None,
+              register: bool = False, extra: tuple[str, ...] = ()) -> Proc:
+        self.n += 1
+        spec = {"data": str(data or self.data), "name": name, "overrides": [*self.overrides, *extra],
+                "num_workers": self.num_workers, "register": register, "hooks": hooks or {}}
+        log = self.work / "logs" / f"{self.n:03d}-{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            popen = subprocess.Popen([sys.executable, __file__, "_drive", json.dumps(spec)], stdout=f,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.work)
+        return Proc(popen, log)
+
+    def storage(self, name: str) -> Path:
+        return self.work / "home" / "ray_results" / name
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == cur]
+        out += kids
+        todo += kids
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            out.append(p)
+    return out
+
+
+def wait_for_checkpoint(soak: Soak, name: str, epoch: int, proc: Proc, timeout: float = 300) -> bool:
+    """True once select epoch `epoch`'s checkpoint exists; False if the run ended first."""
+    target = soak.storage(name) / f"select-epoch{epoch:04d}"
+    end = time.time() + timeout
+    while time.time() < end:
+        if target.is_dir():
+            return True
+        if proc.popen.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def check_store(work: Path) -> list[str]:
+    """What must never be left: a partial or unloadable checkpoint, a RUNNING run, a champion on a worse version."""
+    from dedn import tracking
+    from dedn.checkpoint import CheckpointError, load_checkpoint
+    from dedn.tracking.registry import CHAMPION, best_version
+
+    problems = []
+    storage = work / "home" / "ray_results"
+    partial = [p for p in storage.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    if partial:
+        problems.append(f"partial files: {[str(p) for p in partial[:3]]}")
+    for state in storage.rglob("state.pt"):
+        try:
+            load_checkpoint(state)
+        except CheckpointError as e:
+            problems.append(f"unloadable checkpoint {state}: {e}")
+    c = tracking.client()
+    exps = [e.experiment_id for e in c.search_experiments()]
+    running = [r.info.run_id for r in c.search_runs(exps, "attributes.status = 'RUNNING'")] if exps else []
+    if running:
+        problems.append(f"{len(running)} run(s) RUNNING with no driver: {running[:3]}")
+    for rm in c.search_registered_models():
+        versions = c.search_model_versions(f"name='{rm.name}'")
+        best = best_version(versions)
+        try:
+            champ = str(c.get_model_version_by_alias(rm.name, CHAMPION).version)
+        except Exception:  # noqa: BLE001 - no alias at all is also a failure here
+            champ = None
+        if best is not None and champ != str(best):
+            problems.append(f"{rm.name}: champion on v{champ}, best validation H is v{best}")
+    return problems
+
+
+def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    return bool(a and b) and a["test"] == b["test"] and a["val"] == b["val"]
+
+
+def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[str, Any], epochs: int) -> dict[str, str]:
+    name = f"r{i:02d}-{fault}"
+    k = rng.randint(1, epochs - 1)  # the selection epoch after whose checkpoint the fault comes
+    row = {"round": str(i), "fault": fault, "at": "-", "outcome": "", "H": "", "same": ""}
+
+    def finish(result: dict[str, Any] | None) -> None:
+        row["H"] = f"{result['test']['H']:.4f}" if result and result.get("test") else "-"
+        row["same"] = "yes" if same(result, clean) else "NO"
+
+    if fault == "none":
+        rc, result, err = soak.start(name).wait()
+        row["outcome"] = "finished" if rc == 0 else f"rc {rc}: {err[:80]}"
+        finish(result)
+    elif fault == "worker_kill":
+        proc = soak.start(name)
+        row["at"] = f"after epoch {k}"
+        if wait_for_checkpoint(soak, name, k, proc):
+            workers = [p for p in descendants(proc.popen.pid) if "RayTrainWorker" in cmdline(p)]
+            for p in workers:
+                os.kill(p, signal.SIGKILL)
+            row["at"] += f", {len(workers)} worker(s) killed"
+        else:
+            row["at"] += " (the run ended first: not injected)"
+        rc, result, err = proc.wait()
+        row["outcome"] = "finished (restarted)" if rc == 0 else f"rc {rc}: {err[:80]}"
+        finish(result)
+    elif fault in ("driver_kill", "driver_term"):
+        proc = soak.start(name)
+        row["at"] = f"after epoch {k}"
+        sig = signal.SIGKILL if fault == "driver_kill" else signal.SIGTERM
+        if wait_for_checkpoint(soak, name, k, proc):
+            below = descendants(proc.popen.pid)
+            proc.popen.send_signal(sig)
+            rc1 = proc.popen.wait(120)
+            end = time.time() + 60
+            while alive(below) and time.time() < end:
+                time.sleep(0.5)
+            left = alive(below)
+            row["at"] += f", driver rc {rc1}, Ray processes left after 60 s: {len(left)}"
+        else:
+            row["at"] += " (the run ended first: not injected)"
+        record = soak.storage(name) / "mlflow_run.json"
+        first_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
+        rc, result, err = soak.start(name).wait()
+        row["outcome"] = ("resumed" if rc == 0 else f"rc {rc}: {err[:80]}") + (
+            ", same MLflow run" if result and result["run_id"] == first_id else ", NEW MLflow run")
+        finish(result)
+    elif fault == "disk_full":
+        marker = soak.work / f"{name}.marker"
+        hooks = {"fail_rank": 0, "fail_epoch": k, "fail_marker": str(marker), "fail_kind": "disk_full"}
+        rc1, _, err1 = soak.start(name, hooks=hooks).wait()
+        row["at"] = f"checkpoint of epoch {k}"
+        msg_ok = rc1 == 2 and "could not be written" in err1
+        rc, result, err = soak.start(name, hooks=hooks).wait()  # the marker exists: no fault now
+        row["outcome"] = ("message, then resumed" if msg_ok and rc == 0 else f"rc {rc1}/{rc}: {(err1 or err)[:80]}")
+        finish(result)
+    elif fault == "corrupt_shard":
+        data = soak.work / f"data-{name}"
+        shutil.copytree(soak.data, data)
+        shards = sorted(data.rglob("*.parquet"))
+        shard = shards[rng.randrange(len(shards))]
+        raw = bytearray(shard.read_bytes())
+        mid = len(raw) // 2
+        raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+        shard.write_bytes(bytes(raw))
+        row["at"] = str(shard.relative_to(data))
+        rc, result, err = soak.start(name, data=data).wait()
+        named = rc == 2 and shard.name in err
+        row["outcome"] = "message naming the shard" if named else f"rc {rc}: {err[:80]}"
+        row["H"], row["same"] = "-", "n/a"
+        shutil.rmtree(data)
+    elif fault == "concurrent":
+        procs = [soak.start(f"{name}-{j}", register=True, extra=(f"optim.seed={rng.randrange(1000)}",)) for j in range(2)]
+        outs = [p.wait() for p in procs]
+        row["at"] = "2 runs registering"
+        row["outcome"] = "both finished and registered" if all(o[0] == 0 and o[1] and o[1]["version"] for o in outs) \
+            else "; ".join(f"rc {o[0]}: {o[2][:60]}" for o in outs)
+        row["H"] = "/".join(f"{o[1]['test']['H']:.4f}" for o in outs if o[1])
+        row["same"] = "n/a"
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "_drive":
+        return drive(json.loads(sys.argv[2]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder (removed unless --keep)")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--faults", nargs="*", default=list(FAULTS), choices=FAULTS)
+    args = p.parse_args(argv)
+
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="dedn-soak-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DEDN_HOME": str(work / "home"), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    os.environ.update({"DEDN_HOME": env["DEDN_HOME"]})
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    from dedn.data.synthetic import write_synthetic
+
+    data = work / "cub-tiny"
+    if not (data / "dataset.json").is_file():
+        write_synthetic(data, "CUB", None, channels=16, height=2, width=2, images_per_class=2, seed=0, progress=False)
+    overrides = [f"epochs={args.epochs}", "optim.max_steps_per_epoch=2", "eval.batch_size=64"]
+    soak = Soak(work, data, args.num_workers, overrides, env)
+    print(f"soak: {args.rounds} rounds, seed {args.seed}, {args.num_workers} worker(s), work folder {work} "
+          "(SEMI-SYNTHETIC tiny CUB-shaped data)", flush=True)
+    t0 = time.time()
+    rc, clean, err = soak.start("clean").wait()
+    if rc != 0 or clean is None:
+        print(f"the clean run failed (rc {rc}): {err}; log: {soak.work / 'logs'}", file=sys.stderr)
+        return 1
+    print(f"clean run: test H {clean['test']['H']:.4f} in {time.time() - t0:.0f} s", flush=True)
+
+    rng = random.Random(args.seed)
+    rows, failures = [], 0
+    for i in range(1, args.rounds + 1):
+        fault = rng.choice(args.faults)
+        t = time.time()
+        row = run_round(soak, i, fault, rng, clean, args.epochs)
+        problems = check_store(work)
+        ok = not problems and row["same"] in ("yes", "n/a") and not row["outcome"].startswith("rc ")
+        if fault.startswith("driver"):  # the same MLflow run continued, and the embedded Ray went with the driver
+            ok = ok and "NEW MLflow run" not in row["outcome"] and "left after 60 s: 0" in row["at"]
+        row.update(seconds=f"{time.time() - t:.0f}", store="ok" if not problems else "; ".join(problems)[:120],
+                   verdict="PASS" if ok else "FAIL")
+        failures += not ok
+        rows.append(row)
+        print(" | ".join(row[c] for c in ("round", "fault", "at", "outcome", "H", "same", "store", "seconds", "verdict")),
+              flush=True)
+
+    cols = ("round", "fault", "at", "outcome", "H", "same", "store", "seconds", "verdict")
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r[c] for c in cols) + " |")
+    print(f"\n{len(rows) - failures}/{len(rows)} rounds passed in {time.time() - t0:.0f} s "
+          f"(clean test H {clean['test']['H']:.4f}; SEMI-SYNTHETIC data)")
+    if not args.keep and args.workdir is None and failures == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
