@@ -10,7 +10,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "save_figure"]
+from dedn.errors import OutputError, os_reason
+
+__all__ = ["atomic_path", "output_errors", "write_text", "write_bytes", "save_figure"]
+
+
+@contextmanager
+def output_errors(path: str | os.PathLike[str], *work: str | os.PathLike[str]) -> Iterator[None]:
+    """Inside the block, an OSError of the output (full disk, read-only or blocked location) becomes
+    an OutputError naming `path`. `work`: folders the writer owns (its temporary folder). An
+    OSError about another file (an input) passes unchanged."""
+    target = Path(path)
+    owned = [Path(w) for w in work]
+
+    def ours(name: object) -> bool:  # the target, a file beside it (its temporary), a folder above it, or owned
+        q = Path(os.fsdecode(name))  # type: ignore[arg-type]
+        return q.parent == target.parent or target.is_relative_to(q) or any(q.is_relative_to(w) for w in owned)
+
+    try:
+        yield
+    except OSError as e:
+        names = [n for n in (e.filename, e.filename2) if n is not None]
+        if names and not any(ours(n) for n in names):
+            raise
+        other = [os.fsdecode(n) for n in names if Path(os.fsdecode(n)) != target]
+        raise OutputError(target, os_reason(e) + (f": {other[0]}" if other else "")) from None
 
 
 @contextmanager
@@ -18,16 +42,21 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """Yield a temporary path beside `path`; rename it onto `path` when the block succeeds.
 
     The temporary file is removed when the block raises. `suffix` keeps the file type for
-    writers that infer it from the name (matplotlib: ".png"). Parent folders are created.
+    writers that infer it from the name (matplotlib: ".png"). Parent folders are created. A
+    location that cannot be written is an OutputError naming `path`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with output_errors(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the parent is not a folder: nothing was written
+            pass
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:

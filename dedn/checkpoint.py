@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dedn.atomic import atomic_path
-from dedn.errors import DednError
+from dedn.errors import DednError, OutputError
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -33,7 +33,7 @@ class CheckpointError(DednError, ValueError):
         super().__init__(f"{self.file}: checkpoint: expected {expected}, found {found}")
 
 
-class CheckpointWriteError(DednError, RuntimeError):
+class CheckpointWriteError(OutputError):
     """A checkpoint could not be written (a full or read-only disk, a file-size limit).
 
     Raised after the partial copy is removed: nothing half-written is left under a checkpoint's
@@ -41,8 +41,8 @@ class CheckpointWriteError(DednError, RuntimeError):
     """
 
     def __init__(self, file: object, reason: str):
-        self.file, self.reason = str(file), reason
-        super().__init__(f"{self.file}: checkpoint: could not be written ({reason}); the partial copy was removed. "
+        self.file, self.path, self.reason = str(file), str(file), reason
+        DednError.__init__(self, f"{self.file}: checkpoint: could not be written ({reason}); the partial copy was removed. "
                          f"Free space at {Path(self.file).parent.parent} and run again with the same --name to continue "
                          "from the last whole checkpoint")
 

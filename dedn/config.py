@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -332,6 +333,21 @@ def awa2(variant: str = "paper") -> DEDNConfig:
     return load_preset("awa2", variant)
 
 
+def read_yaml_file(path: str | os.PathLike[str], key: str = "--config") -> Any:
+    """A user's YAML file (`key` names the option that gave it); a missing, unreadable or malformed
+    file is one ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(key, "a readable YAML file", f"{path}: {e.strerror or e}", "config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(key, "valid YAML", f"{path}{at}: {problem}", "config") from None
+
+
 def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> DEDNConfig:
     """defaults <- preset YAML (and its variant block) <- optional YAML file <- key=value overrides.
 
@@ -341,8 +357,7 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
     ov = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
     file_over: dict[str, Any] = {}
     if config_file:
-        with open(config_file) as f:
-            file_over = _flatten(yaml.safe_load(f) or {}, config_file)
+        file_over = _flatten(read_yaml_file(config_file), config_file)
     variant = ov.get("variant", file_over.get("variant"))
     model = str(_model_name(ov, str(file_over.get("model.name", "dedn"))))
     cfg = load_preset(preset, variant, model) if preset else DEDNConfig.for_family(model)

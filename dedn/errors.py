@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "is_retryable"]
+__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason"]
 
 
 def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
@@ -86,3 +86,23 @@ class NonFiniteLossError(DednError, FloatingPointError):
             f"epoch {epoch}, step {step}: loss: expected a finite value, found {shown} "
             "(try a lower optim.lr, optim.grad_clip > 0, or check the features for NaN/inf)"
         )
+
+
+def os_reason(e: BaseException) -> str:
+    """An OSError as the OS says it ("No space left on device, errno 28"); other errors by type and first line."""
+    if isinstance(e, OSError) and e.errno is not None:
+        import os
+
+        return f"{e.strerror or os.strerror(e.errno)}, errno {e.errno}"
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+class OutputError(DednError, RuntimeError):
+    """A file or folder dedn writes could not be written (a missing or read-only location, a full disk).
+
+    Raised after the partial file is removed: nothing half-written is left under the real name.
+    """
+
+    def __init__(self, path: object, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{self.path}: cannot be written ({reason}); nothing half-written was left there")

@@ -64,10 +64,12 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, debug: object = None) -> int:
+    """The job. handle_sigterm: default when run as a program (argv None); debug: DebugHooks (tools/soak.py)."""
     args = parse(argv)
-    if argv is None:  # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow
-        # run is marked KILLED and the embedded Ray shuts down (atexit) instead of being left behind
+    if argv is None if handle_sigterm is None else handle_sigterm:
+        # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow run is marked
+        # KILLED and the embedded Ray shuts down (atexit) instead of being left behind
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from dedn import tracking
     from dedn.config import config_for_dataset
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             max_failures=args.max_failures, num_to_keep=args.num_to_keep, storage_path=args.storage_path,
             name=args.name, experiment=args.experiment, register=not args.no_register, track=not args.no_track,
+            **({"debug": debug} if debug is not None else {}),
         )
         label = "SEMI-SYNTHETIC " if ds.semi_synthetic else ""
         print(f"Training {cfg.model.name.upper()} on {label}{ds.name} ({data}), variant {cfg.variant}, protocol {cfg.protocol}, "

@@ -128,6 +128,21 @@ def test_config_file_layer(tmp_path):
         build_config("cub", [], config_file=str(f))
 
 
+def test_config_file_that_is_missing_unreadable_or_not_yaml_is_one_message(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config: expected a readable YAML file, found '.*nope.yaml: No such file"):
+        build_config("cub", [], config_file=str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"--config: expected a readable YAML file, found '.*: Is a directory'"):
+        build_config("cub", [], config_file=str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [1, 2\n  gamma")
+    with pytest.raises(ConfigError, match=r"--config: expected valid YAML, found .*bad.yaml at line 2, column 8: "
+                                          r"expected ',' or ']'"):
+        build_config("cub", [], config_file=str(bad))
+    bad.write_bytes(b"loss:\n  gamma: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="--config: expected valid YAML"):
+        build_config("cub", [], config_file=str(bad))
+
+
 def test_exponent_floats_without_a_dot_parse():
     # YAML 1.1 reads "1e-3" as a string; float fields must still accept it
     cfg = build_config("cub", ["optim.lr=1e-3", "beta=5E-4"])

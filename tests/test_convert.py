@@ -196,3 +196,31 @@ def test_prepare_data_cli(tmp_path, files, cub, capsys):
     assert prepare_data.main(["synthetic", "--name", "CUB", "--out", str(tmp_path / "syn"), "--channels", "4",
                               "--height", "2", "--width", "2", "--images-per-class", "1", "--no-progress"]) == 0
     assert FeatureDataset.open(tmp_path / "syn").semi_synthetic
+
+
+def test_prepare_data_on_a_full_disk_or_a_blocked_path_is_one_message_and_leaves_nothing(tmp_path):
+    """Issue 12, item 7: the output cannot be written. A file in the way, and a disk that fills up
+    part-way (a 256 KiB file-size limit in the process, as ENOSPC would: CPython ignores SIGXFSZ,
+    so writes past it fail with EFBIG): exit 2, one line naming the output, no half-written dataset."""
+    import resource
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "prepare_data.py"
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    args = ["--name", "CUB", "--channels", "64", "--height", "2", "--width", "2", "--images-per-class", "2",
+            "--no-progress"]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+
+    for out, preexec, reason in ((tmp_path / "blocker" / "ds", None, "File exists, errno 17"),
+                                 (tmp_path / "full" / "ds", limited, "File too large, errno 27")):
+        p = subprocess.run([sys.executable, str(job), "synthetic", *args, "--out", str(out)], capture_output=True,
+                           text=True, timeout=300, preexec_fn=preexec)
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert p.stderr.startswith(f"error: {out}: cannot be written ({reason}"), p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+        assert not out.exists()
+        if out.parent.is_dir():  # nothing beside it either: no temporary folder left behind
+            assert list(out.parent.iterdir()) == []

@@ -149,3 +149,9 @@ def test_prediction_inputs_are_checked(registered, tiny_dataset, tmp_path: Path,
     capsys.readouterr()
     assert main(model + ["--data", str(tiny_dataset.root), "--out", str(tmp_path)]) == 2
     assert "--out: expected a Parquet file path" in capsys.readouterr().err
+    # --out where it cannot be written (a file where a folder must be): one message, nothing written
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    blocked = tmp_path / "blocker" / "sub" / "p.parquet"
+    assert main(model + ["--data", str(tiny_dataset.root), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocked}: cannot be written (Not a directory, errno 20: {tmp_path / 'blocker'}" in err, err

@@ -84,9 +84,12 @@ def test_bad_space_names_the_field(tmp_path: Path, doc: object, field: str) -> N
     assert str(p) in str(e.value)
 
 
-def test_missing_space_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="space: expected an existing search-space YAML file"):
+def test_missing_or_malformed_space_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"space: expected a readable YAML file, found '.*none.yaml: No such file"):
         load_search_space(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("space: {beta: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"space: expected valid YAML, found .*bad.yaml at line 2, column 1"):
+        load_search_space(tmp_path / "bad.yaml")
 
 
 def test_choice_and_int_dimensions(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedn.atomic import write_bytes
+from dedn.atomic import output_errors, write_bytes
 from dedn.data.class_side import ClassSide
 from dedn.errors import DatasetError
 from dedn.data.format import (
@@ -119,6 +119,10 @@ class SplitWriter:
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def _flush(self, final: bool) -> None:
+        with output_errors(self._owner.root, self._owner._tmp):  # a full disk: named, and the writer aborts
+            self._write_groups(final)
+
+    def _write_groups(self, final: bool) -> None:
         while self._buffered >= self._rows_per_group or (final and self._buffered > 0):
             room = self._rows_per_shard - self._pq_rows
             ids, labels, feats = self._take(min(self._rows_per_group, room, self._buffered))
@@ -161,7 +165,8 @@ class SplitWriter:
             return self._owner._splits[self.name]
         self._flush(final=True)
         if self._pq is not None:
-            self._close_shard()
+            with output_errors(self._owner.root, self._owner._tmp):
+                self._close_shard()
         ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
         uniq, counts = np.unique(ids, return_counts=True)
         if uniq.size != ids.size:
@@ -226,9 +231,10 @@ class DatasetWriter:
         self._splits: dict[str, SplitInfo] = {}
         self._open: dict[str, SplitWriter] = {}
         self._done = False
-        self.root.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root.parent / f".{self.root.name}.tmp-{uuid.uuid4().hex[:8]}"
-        (self._tmp / SHARD_DIR).mkdir(parents=True)
+        with output_errors(self.root, self._tmp):
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            (self._tmp / SHARD_DIR).mkdir(parents=True)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -279,27 +285,32 @@ class DatasetWriter:
         if self._done:
             return self.root
         try:
-            for w in self._open.values():
-                w.close()
-            missing = [s for s in SPLITS if s not in self._splits]
-            if missing:
-                raise DatasetError(self.root, "splits", f"all of {list(SPLITS)} written", f"missing {missing}")
-            cs_path = self._tmp / CLASS_SIDE_FILE
-            with open(cs_path, "wb") as f:
-                np.savez(
-                    f,
-                    attributes_raw=np.asarray(self.class_side.attributes_raw),
-                    attributes=np.asarray(self.class_side.attributes, dtype=np.float32),
-                    word_vectors=np.asarray(self.class_side.word_vectors, dtype=np.float32),
-                )
-            text = json.dumps(self.manifest(sha256_file(cs_path)), indent=1)
-            write_bytes(self._tmp / MANIFEST_FILE, text.encode(), fsync=True)
-            self._install()
+            with output_errors(self.root, self._tmp):
+                self._finish()
         except BaseException:
             self.abort()
             raise
         self._done = True
         return self.root
+
+    def _finish(self) -> None:
+        """close()'s body: the splits, the class side, the manifest, the rename."""
+        for w in self._open.values():
+            w.close()
+        missing = [s for s in SPLITS if s not in self._splits]
+        if missing:
+            raise DatasetError(self.root, "splits", f"all of {list(SPLITS)} written", f"missing {missing}")
+        cs_path = self._tmp / CLASS_SIDE_FILE
+        with open(cs_path, "wb") as f:
+            np.savez(
+                f,
+                attributes_raw=np.asarray(self.class_side.attributes_raw),
+                attributes=np.asarray(self.class_side.attributes, dtype=np.float32),
+                word_vectors=np.asarray(self.class_side.word_vectors, dtype=np.float32),
+            )
+        text = json.dumps(self.manifest(sha256_file(cs_path)), indent=1)
+        write_bytes(self._tmp / MANIFEST_FILE, text.encode(), fsync=True)
+        self._install()
 
     def _install(self) -> None:
         """Move the finished temp directory to root; an old root is removed only after that."""

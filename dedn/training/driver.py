@@ -43,7 +43,7 @@ from dedn.atomic import write_text
 from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
-from dedn.errors import ConfigError, DednError
+from dedn.errors import ConfigError, DednError, OutputError, os_reason
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
@@ -171,8 +171,10 @@ class RayTrainSink:
             if self.rank == 0:
                 try:
                     save_checkpoint(Path(d) / STATE_FILE, state())
-                except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-                    raise CheckpointWriteError(Path(d) / STATE_FILE, _first_line(e)) from None
+                except OutputError as e:
+                    raise CheckpointWriteError(e.path, e.reason) from None
+                except RuntimeError as e:  # torch.save reports a failed write as RuntimeError
+                    raise CheckpointWriteError(Path(d) / STATE_FILE, os_reason(e)) from None
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{report.phase}-epoch{report.epoch:04d}",
                              checkpoint_upload_fn=self.persist if checkpoint is not None else None)
@@ -198,7 +200,7 @@ class RayTrainSink:
             os.replace(tmp, final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(final / STATE_FILE, _first_line(e)) from None
+            raise CheckpointWriteError(final / STATE_FILE, os_reason(e)) from None
         return ray.train.Checkpoint(path=str(final), filesystem=fs)
 
 
@@ -211,12 +213,6 @@ def _copy_folder(src: Path, dst: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
         else:
             shutil.copyfile(path, target)
-
-
-def _first_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno is not None:
-        return f"{e.strerror or os.strerror(e.errno)}, errno {e.errno}"
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _quiet_ray_train_reports(keep: bool) -> None:
@@ -433,7 +429,7 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
                 run.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
             except Exception as store_error:  # e.g. the store on the same full disk: the next start marks it
                 logging.getLogger(__name__).warning("could not mark MLflow run %s ended (%s); the next run "
-                                                    "marks it KILLED", run.run_id, _first_line(store_error))
+                                                    "marks it KILLED", run.run_id, os_reason(store_error))
         recorded = _read_fatal(fatal)
         if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
             raise recorded from e

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 from ray import tune
 
-from dedn.config import DEDNConfig, known_keys
+from dedn.config import DEDNConfig, known_keys, read_yaml_file
 from dedn.errors import ConfigError
 from dedn.families import get_family
 
@@ -123,12 +122,7 @@ def load_search_space(path: str | os.PathLike[str] | None = None, model: str = "
     """
     path = Path(path) if path is not None else default_space_path(model)
     src = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("space", "an existing search-space YAML file", src) from None
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", "valid YAML", f"{type(e).__name__}: {e}", src) from None
+    doc = read_yaml_file(path, "space")
     if not isinstance(doc, Mapping):
         raise ConfigError("<root>", "a mapping", type(doc).__name__, src)
     unknown = set(doc) - {"metric", "mode", "space", "lambdas", "asha"}
