@@ -42,9 +42,10 @@ class CheckpointWriteError(OutputError):
 
     def __init__(self, file: object, reason: str):
         self.file, self.path, self.reason = str(file), str(file), reason
-        DednError.__init__(self, f"{self.file}: checkpoint: could not be written ({reason}); the partial copy was removed. "
-                         f"Free space at {Path(self.file).parent.parent} and run again with the same --name to continue "
-                         "from the last whole checkpoint")
+        # OutputError's message is for any file; a checkpoint's says how to continue
+        DednError.__init__(self, f"{self.file}: checkpoint: could not be written ({reason}); the partial copy was "
+                                 f"removed. Free space at {Path(self.file).parent.parent} and run again with the same "
+                                 "--name to continue from the last whole checkpoint")
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dedn.config import build_config
+from dedn.training.ray_cluster import descendants, running
 
 
 @pytest.fixture()
@@ -39,35 +40,6 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
     c = tracking.client()
     assert c.get_run(orphan.run_id).info.status == "KILLED"
     assert [c.get_run(r.run_id).info.status for r in (live, other, nxt)] == ["RUNNING"] * 3
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc)."""
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == cur]
-        out += kids
-        todo += kids
-    return out
-
-
-def _alive(pids: list[int]) -> list[int]:
-    out = []
-    for p in pids:
-        try:
-            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(p)
-        except (OSError, IndexError):
-            pass
-    return out
 
 
 AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
@@ -104,16 +76,17 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
                 proc.kill()
                 pytest.fail(f"the run ended or stalled before epoch {epoch}: {proc.communicate()[1][-3000:]}")
             time.sleep(0.05)
-        below = _descendants(proc.pid)
+        below = descendants(proc.pid)
         assert any("raylet" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-                   for p in _alive(below)), "no embedded Ray below the driver"
-        titles = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace") for p in _alive(below)}
+                   for p in running(below)), "no embedded Ray below the driver"
+        titles = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                  for p in running(below)}
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         end = time.time() + 15
-        while time.time() < end and not set(titles.get(p, "?") for p in _alive(below)) <= set(linger):
+        while time.time() < end and not set(titles.get(p, "?") for p in running(below)) <= set(linger):
             time.sleep(0.25)
-        return proc.returncode, err, {p: titles.get(p, "?") for p in _alive(below)}
+        return proc.returncode, err, {p: titles.get(p, "?") for p in running(below)}
 
     # killed after its first epoch: nothing runs in the driver then. GCS, raylet and workers die with
     # it; Ray's two agents wait out a 60 s call to the dead GCS, and the next start reaps them
@@ -129,7 +102,7 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
     rc, err, left = start_and_stop_after(signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM and "SIGTERM: stopping; the MLflow run is marked KILLED" in err, err[-2000:]
     assert left == {}, f"Ray processes outlived the driver: {left}"
-    assert _alive(list(lingering)) == [], f"the next start did not reap the killed driver's agents: {lingering}"
+    assert running(list(lingering)) == [], f"the next start did not reap the killed driver's agents: {lingering}"
     assert c.get_run(run_id).info.status == "KILLED"
     assert len(c.search_runs([c.get_run(run_id).info.experiment_id])) == 1  # one run, continued
     steps = sorted(m.step for m in c.get_metric_history(run_id, "val_H"))

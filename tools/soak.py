@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dedn.training.ray_cluster import descendants, running
+
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent")
 COLUMNS = ("round", "fault", "at", "outcome", "T/U/S/H %", "same", "store", "seconds", "verdict")
@@ -106,41 +108,11 @@ class Soak:
         return self.work / "home" / "ray_results" / name
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc)."""
-    parent: dict[int, int] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == cur]
-        out += kids
-        todo += kids
-    return out
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def alive(pids: list[int]) -> list[int]:
-    out = []
-    for p in pids:
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            out.append(p)
-    return out
 
 
 def wait_for_checkpoint(soak: Soak, name: str, epoch: int, proc: Proc, timeout: float = 300) -> bool:
@@ -236,19 +208,19 @@ def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[st
             # GCS, raylet, workers: gone at once. After a SIGKILL, Ray's two agents wait out a 60 s
             # call to the dead GCS; the next start (the resume below) reaps them.
             end = time.time() + 15
-            while time.time() < end and any(not below[p].endswith("Agent") for p in alive(list(below))):
+            while time.time() < end and any(not below[p].endswith("Agent") for p in running(list(below))):
                 time.sleep(0.25)
-            core = [p for p in alive(list(below)) if not below[p].endswith("Agent")]
-            lingering = [p for p in alive(list(below)) if below[p].endswith("Agent")]
+            core = [p for p in running(list(below)) if not below[p].endswith("Agent")]
+            lingering = [p for p in running(list(below)) if below[p].endswith("Agent")]
             row["at"] += f", driver rc {rc1}, Ray left after 15 s: {len(core)} core, {len(lingering)} agents"
         else:
             row["at"] += " (the run ended first: not injected)"
         first = run_record(soak.storage(name))
         rc, result, err = soak.start(name).wait()
-        reaped = not alive(lingering)
+        reaped = not running(lingering)
         row["outcome"] = ("resumed" if rc == 0 else f"rc {rc}: {err[:80]}") + (
             ", same MLflow run" if result and first and result["run_id"] == first["run_id"] else ", NEW MLflow run") + (
-            "" if reaped else f", {len(alive(lingering))} agents NOT reaped")
+            "" if reaped else f", {len(running(lingering))} agents NOT reaped")
         finish(result)
     elif fault == "disk_full":
         marker = soak.work / f"{name}.marker"

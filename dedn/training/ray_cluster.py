@@ -14,7 +14,7 @@ import signal
 import threading
 from pathlib import Path
 
-__all__ = ["init_ray", "reap_orphaned_agents"]
+__all__ = ["init_ray", "reap_orphaned_agents", "descendants", "running"]
 
 AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -86,7 +86,7 @@ def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:
                 continue
             # the raylet starts its agents and stays their parent; an agent it left was adopted by init
             # (or a subreaper). Its environment cannot tell: Ray's proctitle overwrites that memory.
-            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = str(_parent(proc, entry.name))
             if b"raylet" in _read(proc / parent / "cmdline").split(b"\0", 1)[0]:
                 continue
             os.kill(int(entry.name), signal.SIGKILL)  # it may sit in that GCS call: no SIGTERM handler would run
@@ -101,3 +101,38 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+# ---- /proc (Linux) -----------------------------------------------------------------------------
+def _parent(proc: Path, pid: str) -> int:
+    return int((proc / pid / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Every process below `pid` (children, theirs, ...); [] where there is no /proc."""
+    parent: dict[int, int] = {}
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = _parent(proc, entry.name)
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                pass
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == cur]
+        out += kids
+        todo += kids
+    return out
+
+
+def running(pids: list[int], proc: Path = Path("/proc")) -> list[int]:
+    """The pids among `pids` that still run (zombies, already dead, do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            if (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(pid)
+        except (OSError, IndexError):
+            pass
+    return out
