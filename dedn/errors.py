@@ -13,6 +13,7 @@ exceptions it was raised from.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 __all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason"]
@@ -91,8 +92,6 @@ class NonFiniteLossError(DednError, FloatingPointError):
 def os_reason(e: BaseException) -> str:
     """An OSError as the OS says it ("No space left on device, errno 28"); other errors by type and first line."""
     if isinstance(e, OSError) and e.errno is not None:
-        import os
-
         return f"{e.strerror or os.strerror(e.errno)}, errno {e.errno}"
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 

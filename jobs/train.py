@@ -67,7 +67,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, debug: object = None) -> int:
     """The job. handle_sigterm: default when run as a program (argv None); debug: DebugHooks (tools/soak.py)."""
     args = parse(argv)
-    if argv is None if handle_sigterm is None else handle_sigterm:
+    if handle_sigterm is None:
+        handle_sigterm = argv is None
+    if handle_sigterm:
         # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow run is marked
         # KILLED and the embedded Ray shuts down (atexit) instead of being left behind
         signal.signal(signal.SIGTERM, _exit_on_sigterm)

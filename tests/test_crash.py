@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dedn.config import build_config
-from dedn.training.ray_cluster import descendants, running
+from dedn.training.ray_cluster import AGENT_TITLES as AGENTS, descendants, running
 
 
 @pytest.fixture()
@@ -42,7 +42,6 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
     assert [c.get_run(r.run_id).info.status for r in (live, other, nxt)] == ["RUNNING"] * 3
 
 
-AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 @pytest.mark.ray

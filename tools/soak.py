@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dedn.training.ray_cluster import descendants, running
+from dedn.training.ray_cluster import AGENT_TITLES, descendants, running
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent")
@@ -208,10 +208,10 @@ def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[st
             # GCS, raylet, workers: gone at once. After a SIGKILL, Ray's two agents wait out a 60 s
             # call to the dead GCS; the next start (the resume below) reaps them.
             end = time.time() + 15
-            while time.time() < end and any(not below[p].endswith("Agent") for p in running(list(below))):
+            while time.time() < end and any(not below[p].startswith(AGENT_TITLES) for p in running(list(below))):
                 time.sleep(0.25)
-            core = [p for p in running(list(below)) if not below[p].endswith("Agent")]
-            lingering = [p for p in running(list(below)) if below[p].endswith("Agent")]
+            core = [p for p in running(list(below)) if not below[p].startswith(AGENT_TITLES)]
+            lingering = [p for p in running(list(below)) if below[p].startswith(AGENT_TITLES)]
             row["at"] += f", driver rc {rc1}, Ray left after 15 s: {len(core)} core, {len(lingering)} agents"
         else:
             row["at"] += " (the run ended first: not injected)"

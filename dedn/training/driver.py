@@ -23,6 +23,7 @@ digest of its parameters, and make one rank raise once at a given epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -155,7 +156,6 @@ class RayTrainSink:
 
     def __init__(self, rank: int, hooks: DebugHooks | None = None):
         self.rank, self.hooks = rank, hooks or DebugHooks()
-        self._report: EpochReport | None = None
 
     def on_epoch(self, report: EpochReport, state: StateFn) -> None:
         import ray.train
@@ -165,7 +165,6 @@ class RayTrainSink:
         # (Ray keeps the latest checkpoint whatever its score)
         metrics.setdefault(SCORE_ATTRIBUTE, float("nan"))
         metrics.update(phase=report.phase, epoch=int(report.epoch))
-        self._report = report
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:
@@ -176,10 +175,11 @@ class RayTrainSink:
                 except RuntimeError as e:  # torch.save reports a failed write as RuntimeError
                     raise CheckpointWriteError(Path(d) / STATE_FILE, os_reason(e)) from None
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+            upload = functools.partial(self.persist, report=report) if checkpoint is not None else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{report.phase}-epoch{report.epoch:04d}",
-                             checkpoint_upload_fn=self.persist if checkpoint is not None else None)
+                             checkpoint_upload_fn=upload)
 
-    def persist(self, checkpoint: Any, dir_name: str) -> Any:
+    def persist(self, checkpoint: Any, dir_name: str, report: EpochReport) -> Any:
         """Copy the checkpoint folder into the run's storage under `dir_name`, whole or not at all."""
         import pyarrow.fs
         import ray.train
@@ -190,9 +190,8 @@ class RayTrainSink:
             return storage.persist_current_checkpoint(checkpoint, dir_name)
         final = Path(storage.build_checkpoint_path_from_name(dir_name))
         tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-        report = self._report
         try:
-            with simulated_full_disk(self.hooks, self.rank, report.phase if report else "", report.epoch if report else 0):
+            with simulated_full_disk(self.hooks, self.rank, report.phase, report.epoch):
                 shutil.rmtree(tmp, ignore_errors=True)
                 _copy_folder(Path(checkpoint.path), tmp)
             if final.exists():  # a resumed run reports the epoch it was in again
@@ -273,7 +272,7 @@ def train_func(config: dict[str, Any]) -> None:
         if fatal is not None and not e.retryable:
             try:
                 _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
-            except OSError:  # a full disk: Ray's restart meets the same error again, and ends the same way
+            except OutputError:  # a full disk: Ray's restart meets the same error again, and ends the same way
                 pass
         raise
 
