@@ -1,0 +1,133 @@
+"""D3GZSL's loss terms on tiny shapes: hand-computed values, the explicit pairwise forms, gradient routes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dedn.families.d3gzsl.losses import D3Weights, critic_loss, d3_loss, gradient_penalty, kl_seen, pairwise_bce_cos
+from dedn.families.d3gzsl.nets import Critic, Generator, OODSigmoid, Student, Teacher
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_pairwise_term_by_hand():
+    # cos(a0, b0) = cos(a0, b1) = 1 -> s = 1; cos(a1, b.) = 0 -> s = 0.5; targets: row 0 same, row 1 not
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[3.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    same = torch.tensor([[True, True], [False, False]])
+    want = (2 * (softplus(1.0) - 1.0) + 2 * softplus(0.5)) / 4
+    assert pairwise_bce_cos(a, b, same).item() == pytest.approx(want, abs=1e-12)
+
+
+def test_pairwise_term_equals_its_explicit_pairwise_form_and_survives_zero_rows():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a[3] = 0.0  # an all-zero ReLU row: cos 0, not NaN
+    ya, yb = torch.tensor([0, 1, 1, 2, 0, 3, 1]), torch.tensor([1, 0, 2, 2, 3, 1])
+    explicit = []
+    for i in range(7):
+        for j in range(6):
+            cos = F.cosine_similarity(a[i:i + 1], b[j:j + 1], eps=1e-8).item()
+            s = (1 + cos) / 2
+            t = float(ya[i] == yb[j])
+            explicit.append(softplus(s) - t * s)  # BCE with logits
+    got = pairwise_bce_cos(a, b, ya[:, None] == yb[None, :])
+    assert torch.isfinite(got) and got.item() == pytest.approx(sum(explicit) / len(explicit), abs=1e-12)
+    # and the same as torch's own BCE-with-logits on the full pair matrix
+    s = 0.5 * (1 + F.cosine_similarity(a[:, None, :], b[None, :, :], dim=2, eps=1e-8))
+    ref = F.binary_cross_entropy_with_logits(s, (ya[:, None] == yb[None, :]).double())
+    assert got.item() == pytest.approx(ref.item(), abs=1e-12)
+
+
+def test_kl_term_by_hand_in_both_forms():
+    p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    q_logits = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # softmax -> (1/4, 3/4)
+    method = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_seen(p, q_logits, "method").item() == pytest.approx(method, abs=1e-12)
+    # reference: softmax of the probabilities on both sides (the code's double softmax)
+    z = math.exp(0.25) + math.exp(0.75)
+    q2 = (math.exp(0.25) / z, math.exp(0.75) / z)
+    reference = 0.5 * math.log(0.5 / q2[0]) + 0.5 * math.log(0.5 / q2[1])
+    assert kl_seen(p, q_logits, "reference").item() == pytest.approx(reference, abs=1e-12)
+
+
+def _parts(seed: int = 0, n_u: int = 4, b: int = 5, feat: int = 6, att_dim: int = 3, k_s: int = 3, k: int = 5):
+    torch.manual_seed(seed)
+    gen, teacher, student, sig = Generator(att_dim, feat, hidden=8), Teacher(feat, k_s, 4), Student(feat, k, 4), OODSigmoid()
+    teacher.requires_grad_(False)
+    att = torch.rand(k, att_dim)
+    seen, unseen = torch.arange(k_s), torch.arange(k_s, k)
+    y_u = unseen.repeat_interleave(n_u // unseen.numel())
+    y_r = torch.randint(0, k_s, (b,))
+    real = torch.rand(b, feat)
+    return gen, teacher, student, sig, att, seen, y_u, y_r, real
+
+
+def _d3(gen, teacher, student, sig, att, seen, y_u, y_r, real, weights, form="method"):
+    x = torch.cat([gen(att[y_u]), real])
+    y = torch.cat([y_u, y_r])
+    is_real = torch.cat([torch.zeros(y_u.numel(), dtype=torch.bool), torch.ones(y_r.numel(), dtype=torch.bool)])
+    e_s, logits, g = student(x)
+    e_t, t_logits = teacher(x)
+    return d3_loss(student_emb=e_s, student_logits=logits, ood_repr=g, teacher_emb=e_t, teacher_logits=t_logits,
+                   labels=y, real=is_real, seen_ids=seen, sig_w=sig.w, sig_b=sig.b, weights=weights, form=form)
+
+
+def test_d3_terms_match_their_definitions():
+    gen, teacher, student, sig, att, seen, y_u, y_r, real = _parts()
+    with torch.no_grad():
+        terms = _d3(gen, teacher, student, sig, att, seen, y_u, y_r, real, D3Weights(1.0, 2.0, 3.0))
+    assert terms.total.item() == pytest.approx(
+        terms.cls.item() + 2.0 * terms.od.item() + 3.0 * (terms.be.item() + terms.kl.item()), rel=1e-6)
+    # L_kl, L_be on the real rows only: recompute them from the real rows alone
+    with torch.no_grad():
+        e_s, logits, _ = student(real)
+        e_t, t_logits = teacher(real)
+        kl = kl_seen(F.softmax(t_logits, dim=1), logits[:, seen])
+        be = pairwise_bce_cos(e_t, e_s, y_r[:, None] == y_r[None, :])
+    assert terms.kl.item() == pytest.approx(kl.item(), rel=1e-6)
+    assert terms.be.item() == pytest.approx(be.item(), rel=1e-6)
+
+
+def test_gradient_routes():
+    """The teacher never changes; L_be and L_kl never reach the generator; L_cls and L_od do."""
+    gen, teacher, student, sig, att, seen, y_u, y_r, real = _parts(1)
+    _d3(gen, teacher, student, sig, att, seen, y_u, y_r, real, D3Weights(cls=0.0, od=0.0, kd=1.0)).total.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in gen.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in student.parameters())
+    assert sig.w.grad is None or sig.w.grad == 0  # L_od is off: the sigmoid gets nothing
+    for w in (D3Weights(cls=1.0, od=0.0, kd=0.0), D3Weights(cls=0.0, od=1.0, kd=0.0)):
+        gen.zero_grad()
+        _d3(gen, teacher, student, sig, att, seen, y_u, y_r, real, w).total.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters()), w
+    assert sig.w.grad is not None and sig.w.grad != 0  # L_od trains the sigmoid
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_gradient_penalty_of_a_linear_critic_is_exact():
+    # D(x, a) = w.x + v.a + c: its gradient w.r.t. x is w everywhere, so GP = (|w| - 1)^2
+    critic = Critic(att_dim=2, feat_dim=3, hidden=1)
+    with torch.no_grad():
+        critic.fc1.weight.copy_(torch.tensor([[3.0, 4.0, 0.0, 1.0, -1.0]]))  # w = (3, 4, 0), |w| = 5
+        critic.fc1.bias.fill_(100.0)  # LeakyReLU stays on its linear side
+        critic.fc2.weight.fill_(1.0)
+    real, fake, att = torch.rand(4, 3), torch.rand(4, 3), torch.rand(4, 2)
+    assert gradient_penalty(critic, real, fake, att).item() == pytest.approx(16.0, rel=1e-6)
+
+
+def test_a_critic_step_gives_the_generator_no_gradient():
+    torch.manual_seed(0)
+    gen, critic = Generator(3, 6, hidden=8), Critic(3, 6, hidden=8)
+    att = torch.rand(5, 3)
+    loss, logs = critic_loss(critic, torch.rand(5, 6), gen(att), att)
+    loss.backward()
+    assert all(p.grad is None for p in gen.parameters())
+    assert all(p.grad is not None for p in critic.parameters())
+    assert set(logs) == {"wasserstein", "gp"}
