@@ -131,3 +131,46 @@ def test_a_critic_step_gives_the_generator_no_gradient():
     assert all(p.grad is None for p in gen.parameters())
     assert all(p.grad is not None for p in critic.parameters())
     assert set(logs) == {"wasserstein", "gp"}
+
+
+def _nets(seed: int = 0):
+    from dedn.families.d3gzsl.step import D3Nets
+
+    torch.manual_seed(seed)
+    feat, att_dim, k_s, k = 6, 3, 3, 5
+    teacher = Teacher(feat, k_s, 4).requires_grad_(False)
+    nets = D3Nets(Generator(att_dim, feat, hidden=8), Critic(att_dim, feat, hidden=8), teacher, Student(feat, k, 4),
+                  OODSigmoid(), torch.rand(k, att_dim), torch.arange(k_s), torch.arange(k_s, k))
+    opts = {name: torch.optim.Adam(getattr(nets, name).parameters(), lr=1e-2, betas=(0.5, 0.999))
+            for name in ("generator", "critic", "student", "sigmoid")}
+    return nets, opts
+
+
+def _snapshot(nets) -> dict[str, list[torch.Tensor]]:
+    return {n: [p.detach().clone() for p in getattr(nets, n).parameters()]
+            for n in ("generator", "critic", "teacher", "student", "sigmoid")}
+
+
+def _changed(before, nets) -> set[str]:
+    return {n for n, ps in before.items()
+            if any(not torch.equal(a, b) for a, b in zip(ps, getattr(nets, n).parameters()))}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_update_order_steps_the_right_networks(enabled):
+    """A critic step moves D (and, with D3, the student and the sigmoid), never G or the teacher; the
+    generator step moves G (and the student and sigmoid), never D or the teacher."""
+    from dedn.families.d3gzsl.losses import D3Weights
+    from dedn.families.d3gzsl.step import StepConfig, critic_step, generator_step
+
+    nets, opts = _nets()
+    cfg = StepConfig(weights=D3Weights(1.0, 1.0, 1.0), enabled=enabled, syn_per_unseen=2)
+    x, y = torch.rand(4, 6), torch.tensor([0, 1, 2, 1])
+    before = _snapshot(nets)
+    parts = critic_step(nets, opts, x, y, cfg)
+    d3 = {"student", "sigmoid"} if enabled else set()
+    assert _changed(before, nets) == {"critic"} | d3
+    assert ("d3" in parts) == enabled and torch.isfinite(parts["critic"])
+    before = _snapshot(nets)
+    generator_step(nets, opts, x, y, cfg)
+    assert _changed(before, nets) == {"generator"} | d3
