@@ -174,3 +174,39 @@ def test_update_order_steps_the_right_networks(enabled):
     before = _snapshot(nets)
     generator_step(nets, opts, x, y, cfg)
     assert _changed(before, nets) == {"generator"} | d3
+
+
+def test_scaler_is_fitted_on_train_only_and_reapplied():
+    from dedn.families.d3gzsl.classifier import FeatureScaler
+
+    train = torch.tensor([[0.0, 5.0, 1.0], [2.0, 7.0, 1.0]])
+    sc = FeatureScaler(3).fit(train)
+    assert torch.allclose(sc(train), torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+    test = torch.tensor([[4.0, 6.0, 3.0]])  # outside the training range: not clipped (the authors' behaviour)
+    assert torch.allclose(sc(test), torch.tensor([[2.0, 0.5, 2.0]]))
+    again = FeatureScaler(3)
+    again.load_state_dict(sc.state_dict())  # saved with the model, applied again at prediction
+    assert torch.equal(again(test), sc(test))
+
+
+def test_synthesis_is_seeded_and_the_final_classifier_learns_generated_classes():
+    from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
+
+    torch.manual_seed(0)
+    gen = Generator(att_dim=4, feat_dim=8, hidden=16)
+    att = torch.eye(4) * 3
+    ids = torch.tensor([2, 3])
+    a, ya = synthesize(gen, att, ids, 5, seed=7)
+    b, _ = synthesize(gen, att, ids, 5, seed=7)
+    c, _ = synthesize(gen, att, ids, 5, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c) and ya.tolist() == [2] * 5 + [3] * 5
+    # four well-separated classes: 0 and 1 real, 2 and 3 only as (stand-in) synthetic rows
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(4, 8) * 4
+    y = torch.arange(4).repeat_interleave(30)
+    x = centers[y] + 0.3 * torch.randn(120, 8, generator=g)
+    clf = fit_final_classifier(x, y, 4, epochs=30, batch_size=32, lr=1e-2, seed=0)
+    acc = (clf(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.95
+    clf2 = fit_final_classifier(x, y, 4, epochs=30, batch_size=32, lr=1e-2, seed=0)
+    assert torch.equal(clf.weight, clf2.weight)  # seeded: the same classifier again
