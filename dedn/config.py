@@ -183,10 +183,15 @@ def known_keys(model: str = "dedn") -> list[str]:
 
 
 def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str:
-    """Accept dotted keys, unique leaf names (`beta=`) and `model=NAME` as model.name."""
+    """Accept dotted keys, unique leaf names (`beta=`), `model=NAME` as model.name and the family's
+    section aliases (D3GZSL: `d3.enabled` is `loss.enabled`)."""
     keys = known_keys(model)
     if key in keys:
         return key
+    head, dot, leaf = key.partition(".")
+    aliases = _family(model).section_aliases
+    if dot and head in aliases and f"{aliases[head]}.{leaf}" in keys:
+        return f"{aliases[head]}.{leaf}"
     if key == "model":
         return "model.name"
     matches = [k for k in keys if k.split(".")[-1] == key]

@@ -50,6 +50,13 @@ class ClassProtocol:
             raise ValueError(f"phase: expected one of {'|'.join(PHASES)}, found {phase!r}")
         return cls.selection(class_side) if phase == "select" else cls.final(class_side)
 
+    @classmethod
+    def of_run(cls, protocol: str, class_side: ClassSide) -> "ClassProtocol":
+        """The classes of a model trained under run config `protocol`: a final-phase model (protocol
+        final, as the final phase and every registered model run) knows seen/unseen, any other the
+        selection's train/val classes."""
+        return cls.for_phase("final" if protocol == "final" else "select", class_side)
+
     def _mask(self, ids: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
         m = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         m[list(ids)] = True

@@ -3,6 +3,7 @@
     python jobs/benchmark.py --quick                     # all configurations, few repetitions
     python jobs/benchmark.py --r 49 --dtype fp32 bf16    # a subset
     python jobs/benchmark.py --variants msdn msdn_infer  # MSDN's training step and inference
+    python jobs/benchmark.py --variants d3gzsl d3gzsl_ref d3gzsl_base --r 1   # D3GZSL iterations
 
 Shapes: B=50, C=2048, D=312, G=300, K=200 (150 seen / 50 unseen), Q=6 with CUB's manual
 cluster sizes 112/87/24/40/15/34, R=49 (7x7) and/or R=196 (14x14). Random features.
@@ -12,6 +13,13 @@ Work is counted as docs/performance.md#counting-work says: FLOP/step = 48 B D C 
 experts (24 B D C R for one expert), so "GFLOP/s" and "of GEMM" mean the same in every report.
 MSDN (dedn/families/msdn/model.py): four (D x C) @ (C x R) products per sample, 24 B D C R per
 training step (docs/msdn.md#work-per-step).
+D3GZSL (dedn/families/d3gzsl): one training iteration at the authors' CUB settings = 5 critic
+steps + 1 generator step, B = 256 pooled 2048-d features, 312-d attributes, 250 synthetic rows
+for the D3 terms (5 per unseen class); d3gzsl = the default variant, d3gzsl_ref = the reference
+variant, d3gzsl_base = d3.enabled=false (the WGAN-GP base). Its work is counted as
+../shared/docs/d3gzsl.md §9 counts it: GEMM FLOP only (forward, backward and the gradient
+penalty's double backward), measured by torch.utils.flop_counter on the iteration itself
+(441.5 GFLOP with D3, 301.0 without, by the note). It has no region count: it runs once per dtype.
 The GEMM rate is measured in the same run (4096^3 torch.mm, fp32 and bf16).
 
 Peak memory: each configuration runs in its own subprocess; "peak MiB" is the increase of
@@ -110,6 +118,52 @@ def run_config(cfg: dict) -> dict:
     return {**cfg, "s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base}
 
 
+def run_d3(cfg: dict) -> dict:
+    """One D3GZSL iteration (5 critic + 1 generator step) in this process: seconds, memory, counted GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dedn.families import get_family
+    from dedn.families.base import StepContext
+    from dedn.families.d3gzsl.model import D3GZSL
+    from dedn.config import build_config
+    from dedn.protocol import ClassProtocol
+
+    torch.manual_seed(0)
+    over = ["model=d3gzsl"] + (["variant=reference"] if cfg["variant"] == "d3gzsl_ref" else []) + (
+        ["d3.enabled=false"] if cfg["variant"] == "d3gzsl_base" else [])
+    run_cfg = build_config("cub", over).replace(**{"protocol": "final"})
+    family = get_family("d3gzsl")
+    protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
+    model = D3GZSL(run_cfg.model, class_attributes=torch.nn.functional.normalize(torch.rand(K, D), dim=1),
+                   feature_shape=(C, 1, 1), seen=protocol.seen, unseen=protocol.unseen)
+    opts = family.optimizers(run_cfg, model)
+    train = family.wrap(model, lambda m: m).train()
+    bsz = run_cfg.optim.batch_size
+    x = torch.rand(bsz, C, 1, 1)
+    y = torch.randint(0, 150, (bsz,))
+    ctx = StepContext(cfg=run_cfg, protocol=protocol, optimizers=opts, device=torch.device("cpu"),
+                      autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bf16" else None, epoch=1)
+    n = run_cfg.loss.n_critic
+
+    def iteration() -> None:
+        for s in range(1, n + 1):
+            ctx.step = s
+            family.train_step(train, x, y, ctx)
+
+    base = _rss_mib()
+    iteration()  # warm-up (allocator, kernels, Adam state)
+    with FlopCounterMode(display=False) as counter:
+        iteration()
+    times = []
+    for _ in range(cfg["reps"]):
+        t = time.perf_counter()
+        iteration()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {**cfg, "s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base,
+            "flop": counter.get_total_flops(), "batch": bsz}
+
+
 def _spawn(cfg: dict) -> dict:
     cmd = [sys.executable, __file__, "--_worker", json.dumps(cfg)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -123,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
     ap.add_argument("--r", type=int, nargs="+", default=[49, 196], help="region counts (perfect squares)")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--variants", nargs="+", default=["fused", "loop", "coarse", "fine", "infer", "msdn"],
-                    choices=["fused", "loop", "direct", "coarse", "fine", "infer", "msdn", "msdn_infer"],
+    ap.add_argument("--variants", nargs="+",
+                    default=["fused", "loop", "coarse", "fine", "infer", "msdn", "d3gzsl", "d3gzsl_ref", "d3gzsl_base"],
+                    choices=["fused", "loop", "direct", "coarse", "fine", "infer", "msdn", "msdn_infer", "d3gzsl",
+                             "d3gzsl_ref", "d3gzsl_base"],
                     help="fused=both experts fused; loop=per-sub-network loop; direct=paper form per sub-network; "
-                    "coarse/fine=one expert (fused); infer=forward only; msdn/msdn_infer=MSDN training step/forward")
+                    "coarse/fine=one expert (fused); infer=forward only; msdn/msdn_infer=MSDN training step/forward; "
+                    "d3gzsl/d3gzsl_ref/d3gzsl_base: one D3GZSL iteration (default/reference variant/no D3)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        print(json.dumps(run_config(json.loads(args._worker))))
+        job = json.loads(args._worker)
+        print(json.dumps(run_d3(job) if job["variant"].startswith("d3gzsl") else run_config(job)))
         return 0
     for r in args.r:
         if int(round(r**0.5)) ** 2 != r:
@@ -146,9 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     print(hdr)
     print("-" * len(hdr))
     results = []
-    for r in args.r:
+    for i, r in enumerate(args.r):
         for dt in args.dtype:
             for v in args.variants:
+                if v.startswith("d3gzsl"):
+                    if i > 0:  # no region count: once per dtype
+                        continue
+                    res = _spawn({"r": 1, "dtype": dt, "variant": v, "reps": reps})
+                    gfs = res["flop"] / res["s_min"] / 1e9
+                    res.update(gflop=res["flop"] / 1e9, gflop_s=gfs, of_gemm=gfs / rate[dt],
+                               images_s=res["batch"] * 5 / res["s_min"])
+                    results.append(res)
+                    print(f"{'-':>4} {dt:>5} {v[:11]:>11} {res['s_min']:>8.3f} {res['images_s']:>7.1f} {gfs:>8.1f} "
+                          f"{res['of_gemm']:>7.0%} {res['peak_mib']:>9.0f}   ({res['gflop']:.1f} GFLOP/iteration)",
+                          flush=True)
+                    continue
                 cfg = {
                     "r": r, "dtype": dt, "variant": v, "reps": reps,
                     "impl": v if v in ("loop", "direct") else "fused",
@@ -166,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res['of_gemm']:>7.0%} {res['peak_mib']:>9.0f}", flush=True)
     print("s/step: fastest of the timed repetitions; GFLOP/s from 48 B D C R per training step "
           "(24 for one expert, 16 per inference forward); peak MiB: ru_maxrss increase during the steps.")
+    if any(v.startswith("d3gzsl") for v in args.variants):
+        print("d3gzsl rows: s/step is one iteration (5 critic + 1 generator step), img/s counts the 5 real batches, "
+              "GFLOP is the GEMM work torch.utils.flop_counter counts in that iteration.")
     if args.json:
         from dedn.atomic import write_text
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dedn.families.d3gzsl.losses import D3Weights, critic_loss, d3_loss, gradient_penalty, kl_seen, pairwise_bce_cos
+from dedn.families.d3gzsl.losses import D3Weights, critic_loss, d3_loss, kl_seen, pairwise_bce_cos
 from dedn.families.d3gzsl.nets import Critic, Generator, OODSigmoid, Student, Teacher
 
 
@@ -76,7 +76,7 @@ def _d3(gen, teacher, student, sig, att, seen, y_u, y_r, real, weights, form="me
     e_s, logits, g = student(x)
     e_t, t_logits = teacher(x)
     return d3_loss(student_emb=e_s, student_logits=logits, ood_repr=g, teacher_emb=e_t, teacher_logits=t_logits,
-                   labels=y, real=is_real, seen_ids=seen, sig_w=sig.w, sig_b=sig.b, weights=weights, form=form)
+                   labels=y, real=is_real, seen_ids=seen, sigmoid=sig, weights=weights, form=form)
 
 
 def test_d3_terms_match_their_definitions():
@@ -119,7 +119,12 @@ def test_gradient_penalty_of_a_linear_critic_is_exact():
         critic.fc1.bias.fill_(100.0)  # LeakyReLU stays on its linear side
         critic.fc2.weight.fill_(1.0)
     real, fake, att = torch.rand(4, 3), torch.rand(4, 3), torch.rand(4, 2)
-    assert gradient_penalty(critic, real, fake, att).item() == pytest.approx(16.0, rel=1e-6)
+    loss, parts = critic_loss(critic, real, fake, att, gp_weight=1.0)
+    assert parts["gp"].item() == pytest.approx(16.0, rel=1e-6)
+    # the Wasserstein part of a linear critic: w.(mean real - mean fake)
+    w = torch.tensor([3.0, 4.0, 0.0])
+    assert parts["wasserstein"].item() == pytest.approx(((real - fake) @ w).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(16.0 - parts["wasserstein"].item(), rel=1e-5)
 
 
 def test_a_critic_step_gives_the_generator_no_gradient():
@@ -170,7 +175,7 @@ def test_update_order_steps_the_right_networks(enabled):
     parts = critic_step(nets, opts, x, y, cfg)
     d3 = {"student", "sigmoid"} if enabled else set()
     assert _changed(before, nets) == {"critic"} | d3
-    assert ("d3" in parts) == enabled and torch.isfinite(parts["critic"])
+    assert ("d3" in parts) == enabled and math.isfinite(parts["critic"])
     before = _snapshot(nets)
     generator_step(nets, opts, x, y, cfg)
     assert _changed(before, nets) == {"generator"} | d3

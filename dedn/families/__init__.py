@@ -30,7 +30,7 @@ __all__ = ["ModelFamily", "PostHocWeights", "register_family", "get_family", "fa
 
 FAMILY_MODULES_ENV = "DEDN_FAMILY_MODULES"
 _FAMILIES: dict[str, ModelFamily] = {}
-_BUILTIN = ("dedn.families.dedn", "dedn.families.msdn")
+_BUILTIN = ("dedn.families.dedn", "dedn.families.msdn", "dedn.families.d3gzsl")
 _loaded = False
 
 

@@ -16,15 +16,22 @@ Contract, in the order the training loop uses it (docs/design.md#model-families)
   pieces of the inference score; `coefficients(cfg, weights, names)` the weight of each part at
   one setting of the post-hoc weights; `weight_grid(cfg)` the values each weight is searched on.
   Inference scores = sum_p coefficient_p * part_p (`combine`).
+* Optional hooks, no-ops by default: `wrap(model, ddp)` the training-time module (DDP around the
+  whole network by default; a family with several separately stepped networks wraps each);
+  `prepare(model, data, ctx)` once at the start of a phase that is not resumed (pretraining,
+  fitting statistics on the training split); `before_eval(model, data, ctx)` before every
+  evaluation (fitting an inference-time classifier); `for_classes(model, cfg, A)` the network that
+  scores the classes of A (K + E rows) when new classes arrive at prediction; `section_aliases`
+  extra names of config sections (D3GZSL: `d3.` for its `loss.` block).
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.abc import Traversable
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +41,10 @@ from dedn.errors import ConfigError, NonFiniteLossError
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
     from dedn.config import DEDNConfig
+    from dedn.data.reader import Batch
     from dedn.protocol import ClassProtocol
 
-__all__ = ["ModelFamily", "PostHocWeights", "StepContext", "lambda_grid"]
+__all__ = ["ModelFamily", "PhaseData", "PostHocWeights", "StepContext", "lambda_grid"]
 
 
 def lambda_grid(step: float) -> tuple[float, ...]:
@@ -93,6 +101,22 @@ class StepContext:
         return values
 
 
+@dataclass
+class PhaseData:
+    """A phase's training split for a family's own passes over it (`prepare`, `before_eval`).
+
+    `read()` yields every row of the split once, in file order, the same rows on every rank (not
+    the rank's share), so anything fitted on it is identical across ranks without communication.
+    `cache` is the family's to keep what it derived (pooled features) for the rest of the phase.
+    """
+
+    phase: str
+    split: str
+    protocol: "ClassProtocol"
+    read: Callable[[], Iterable["Batch"]]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
 class ModelFamily:
     """One model family. Subclass, fill the class attributes, implement build / loss / score_parts /
     coefficients, and register an instance with `dedn.families.register_family`."""
@@ -107,6 +131,7 @@ class ModelFamily:
     weight_names: tuple[str, ...] = ()  # eval.<name> keys, each a float in [0, 1]
     package: str = ""  # import path of the package holding presets/ and search_space.yaml ("" = none)
     ablations: tuple[Any, ...] = ()  # dedn.analysis.ablation.Setting rows this family defines (Table 3 for DEDN)
+    section_aliases: Mapping[str, str] = {}  # {alias: section}: `d3.enabled` means `loss.enabled` for D3GZSL
 
     # ---- presets and search space ------------------------------------------------------
     def _folder(self) -> Traversable | None:
@@ -166,7 +191,28 @@ class ModelFamily:
         opt.step()
         return values
 
+    def wrap(self, model: nn.Module, ddp: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """The module train_step receives: `ddp` (DistributedDataParallel, or identity on one
+        process) around the whole network. Its forward must be called once per training step (the
+        driver's fault hooks sit on it) and `.module` must lead to the network (`unwrap_model`)."""
+        return ddp(model)
+
+    def prepare(self, model: nn.Module, data: PhaseData, ctx: StepContext) -> None:
+        """Once before the first epoch of a phase that is not resumed (the checkpoint holds its result)."""
+
+    def before_eval(self, model: nn.Module, data: PhaseData, ctx: StepContext) -> None:
+        """Before every evaluation of the phase (validation each epoch, the test once)."""
+
     # ---- scoring -------------------------------------------------------------------------
+    def for_classes(self, model: nn.Module, cfg: "DEDNConfig", class_attributes: Tensor, *, seen: Sequence[int],
+                    unseen: Sequence[int]) -> nn.Module:
+        """The network that scores the K + E classes of class_attributes (E new ones after the K known).
+
+        Families that score by class attributes (score_parts(out, class_attributes)) need none:
+        the same network. A family whose classifier is fitted per class set returns a refitted copy.
+        """
+        return model
+
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
         """{part: (B, K)} float32 scores of a forward output; class_attributes (K', D) replaces A (new classes)."""
         raise NotImplementedError

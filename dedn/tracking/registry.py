@@ -20,6 +20,8 @@ Loading needs the `dedn` package importable (installed), like any models-from-co
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import tempfile
@@ -81,6 +83,7 @@ class Predictor:
         self.unseen_classes = np.asarray(unseen_classes, dtype=np.int64)
         self.feature_shape: tuple[int, int, int] = tuple(model.feature_shape)  # type: ignore[assignment]
         self.class_attributes: torch.Tensor = model.class_attributes.detach().float().cpu()  # (K, D)
+        self._adapted: tuple[str, nn.Module] | None = None  # (digest of the class attributes, network)
 
     @property
     def num_classes(self) -> int:
@@ -112,12 +115,22 @@ class Predictor:
         bs = batch_size or self.cfg.eval.batch_size
         device = next(self.model.parameters()).device
         a = a.to(device)
+        model = self.model if extra is None else self._for_classes(a)
         out = []
         for i in range(0, x.shape[0], bs):
-            o = self.model(x[i:i + bs].to(device=device, dtype=torch.float32))
+            o = model(x[i:i + bs].to(device=device, dtype=torch.float32))
             parts = self.family.score_parts(o, class_attributes=a)  # scores are O A^T: new classes need only their row of A
             out.append(self.family.combine(self.cfg, parts).float().cpu())  # (b, K+E)
         return torch.cat(out, 0).numpy() if out else np.zeros((0, a.shape[0]), np.float32)
+
+    def _for_classes(self, a: torch.Tensor) -> nn.Module:
+        """The family's network for the classes of `a` (K + E rows): the same one for families that score
+        by class attributes; a refitted copy for D3GZSL, kept for the next call with the same classes."""
+        key = hashlib.sha256(a.detach().cpu().numpy().tobytes()).hexdigest()
+        if self._adapted is None or self._adapted[0] != key:
+            self._adapted = (key, self.family.for_classes(self.model, self.cfg, a, seen=self.seen_classes.tolist(),
+                                                          unseen=self.unseen_classes.tolist()).eval())
+        return self._adapted[1]
 
     def calibrated(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated stacking: eval.calibration subtracted from the seen-class columns."""

@@ -291,8 +291,11 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     hooks = DebugHooks(**config.get("debug", {}))
     recorder = _Recorder(hooks, rank, phase, int(resume["epoch"]) + 1 if resume else 1)
 
+    def ddp(net: nn.Module) -> nn.Module:
+        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if distributed else net
+
     def wrap(model: nn.Module) -> nn.Module:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+        wrapped = family_of(cfg).wrap(model, ddp)  # DDP around the network, or around each of a family's networks
         wrapped.register_forward_pre_hook(recorder)
         return wrapped
 

@@ -33,7 +33,7 @@ from dedn.data.class_side import ClassSide
 from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
-from dedn.families.base import StepContext
+from dedn.families.base import PhaseData, StepContext
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.training.evaluate import Collective, EvalResult, evaluate
 from dedn.training.report import Best, EpochReport, Sink, emit
@@ -92,7 +92,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapp
                     autocast_dtype: torch.dtype | None = None, max_steps: int = 0, epoch: int = 0) -> dict[str, Any]:
     """One pass over `batches` (features (B, C, H, W), labels (B,)); at most `max_steps` steps when > 0.
 
-    Each step is the family's `train_step`. Returns {"losses": mean of every loss part,
+    Each step is the family's `train_step`. Returns {"losses": mean of every loss part over the
+    steps that reported it,
     "steps", "images", "seconds", "data_wait_frac"}. A NaN/inf loss raises NonFiniteLossError
     before any update of that step.
     """
@@ -102,6 +103,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapp
                       epoch=epoch)
     model.train()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # a part may come from some steps only (D3GZSL's generator step)
     steps = images = 0
     wait = 0.0
     t_start = time.perf_counter()
@@ -112,12 +114,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapp
         ctx.step = steps + 1
         for k, v in family.train_step(model, x, y, ctx).items():
             sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         steps += 1
         images += int(y.shape[0])
         if max_steps and steps >= max_steps:
             break
     seconds = time.perf_counter() - t_start
-    return {"losses": {k: v / max(1, steps) for k, v in sums.items()}, "steps": steps, "images": images,
+    return {"losses": {k: v / counts[k] for k, v in sums.items()}, "steps": steps, "images": images,
             "seconds": seconds, "data_wait_frac": wait / seconds if seconds > 0 else 0.0}
 
 
@@ -140,9 +143,9 @@ class PhaseResult:
     test: EvalResult | None = None
 
 
-def phase_seed(seed: int, rank: int) -> int:
-    """A torch/numpy/random seed for (seed, rank): runtime randomness differs per rank, reproducibly."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def phase_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """A torch/numpy/random seed for (seed, rank[, epoch]): runtime randomness differs per rank, reproducibly."""
+    return int(np.random.SeedSequence([seed, rank] + ([epoch] if epoch else [])).generate_state(1)[0])
 
 
 def _seed_everything(seed: int) -> None:
@@ -200,12 +203,14 @@ def _group_stats(stats: Mapping[str, Any], collective: Collective | None) -> tup
 
 
 def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int = 0, world_size: int = 1,
-              device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+              device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] | None = None,
               collective: Collective | None = None, sinks: Sequence[Sink] = (), resume: Mapping[str, Any] | None = None,
               epochs: int | None = None, autocast_dtype: torch.dtype | None = None,
               extra_state: Mapping[str, Any] | None = None) -> PhaseResult:
     """Train one phase ("select" or "final"); the only training loop (see module docstring).
 
+    wrap_model: the training-time module around the network (the driver: the family's `wrap` with
+    DDP, plus its hooks); default the family's `wrap` without DDP.
     epochs: defaults to cfg.optim.epochs. final evaluates the test splits once, after the last
     epoch, at cfg.eval's weights (set them to the selected ones). Every epoch's EpochReport
     goes to each sink with a function returning the checkpoint dict (extra_state merged in).
@@ -240,6 +245,12 @@ class _Phase:
         self.history: list[EpochReport] = []
         self.best = Best(weights=self.family.configured_weights(cfg))
         self.best_state: dict[str, Tensor] | None = None
+        self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
+                              lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False))
+
+    def _ctx(self) -> StepContext:
+        return StepContext(cfg=self.cfg, protocol=self.protocol, optimizers=self.optimizers, device=self.device,
+                           autocast_dtype=self.autocast_dtype, epoch=self.epoch)
 
     def restore(self, resume: Mapping[str, Any]) -> int:
         start = _check_resume(resume, self.cfg, self.phase, self.epochs)
@@ -277,20 +288,26 @@ class _Phase:
                            world_size=self.world_size, equal_rows=False)
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
+        self.family.before_eval(self.model, self.data, self._ctx())
         return evaluate(self.model, self._readers(seen, False), self._readers(unseen, False), self.protocol, self.cfg,
                         device=self.device, collective=self.collective, autocast_dtype=self.autocast_dtype,
                         fit_lambdas=fit)
 
-    def run(self, wrap_model: Callable[[nn.Module], nn.Module], sinks: Sequence[Sink],
+    def run(self, wrap_model: Callable[[nn.Module], nn.Module] | None, sinks: Sequence[Sink],
             resume: Mapping[str, Any] | None) -> PhaseResult:
         start = self.restore(resume) if resume is not None else 1
-        wrapped = wrap_model(self.model)
+        if resume is None:
+            self.family.prepare(self.model, self.data, self._ctx())  # before DDP copies rank 0's weights
+        wrapped = wrap_model(self.model) if wrap_model is not None else self.family.wrap(self.model, lambda m: m)
         train_split, seen_split, unseen_split = PHASES[self.phase]
         train_reader = self._readers(train_split, True)
         test: EvalResult | None = None
         for epoch in range(start, self.epochs + 1):
             self.epoch = epoch
             t0 = time.perf_counter()
+            # Every rank's runtime randomness (D3GZSL's noise draws) restarts from (seed, rank, epoch): a
+            # checkpoint holds rank 0's RNG state only, so a resumed rank 1 must not depend on it.
+            _seed_everything(phase_seed(self.cfg.optim.seed, self.rank, epoch))
             train_reader.set_epoch(epoch)
             stats = train_one_epoch(wrapped, _loader(train_reader, self.cfg.data.loader_workers), self.optimizers,
                                     self.protocol, self.cfg, device=self.device, autocast_dtype=self.autocast_dtype,

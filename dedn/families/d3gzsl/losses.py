@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EPS", "LossForm", "D3Weights", "pairwise_bce_cos", "kl_seen", "d3_loss", "critic_loss", "gradient_penalty"]
+__all__ = ["EPS", "LossForm", "D3Weights", "pairwise_bce_cos", "kl_seen", "d3_loss", "critic_loss"]
 
 EPS = 1e-8  # in every cosine: a row's norm is clamped to at least EPS
 LossForm = Literal["method", "reference"]
@@ -89,15 +89,15 @@ class D3Terms:
 
 
 def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, teacher_emb: Tensor,
-            teacher_logits: Tensor, labels: Tensor, real: Tensor, seen_ids: Tensor, sig_w: Tensor, sig_b: Tensor,
+            teacher_logits: Tensor, labels: Tensor, real: Tensor, seen_ids: Tensor, sigmoid: "torch.nn.Module",
             weights: D3Weights, form: LossForm = "method") -> D3Terms:
     """L_D3 over X = rows of one batch (generated unseen and real seen rows, in any order).
 
     student_emb e^S (N, E), student_logits l^S (N, K), ood_repr g = H(log_softmax(l^S)) (N, 2),
     teacher_emb e^T (N, E) and teacher_logits (N, K_s) of the frozen teacher (still differentiable
     w.r.t. X), labels (N,) global class ids, real (N,) bool (the ID rows, where L_kl and L_be are
-    taken), seen_ids (K_s,) the seen class ids in the teacher's output order, sig_w / sig_b the
-    learnable sigmoid's scalars.
+    taken), seen_ids (K_s,) the seen class ids in the teacher's output order, sigmoid the learnable
+    c = sigmoid(w (m + b)) (called once, so a DDP wrapper around it syncs its gradient).
     """
     l_cls = F.cross_entropy(student_logits, labels)
     log_pt = F.log_softmax(teacher_logits, dim=1)
@@ -105,7 +105,7 @@ def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, te
     l_kl = kl_seen(log_pt[r].exp(), student_logits[r][:, seen_ids], form)
     l_be = pairwise_bce_cos(teacher_emb[r], student_emb[r], same_class(labels[r], labels[r]))
     m = log_pt.max(dim=1).values  # log max-softmax probability of the teacher, <= 0 ("energy" in the code)
-    c = torch.sigmoid(sig_w * (m + sig_b))
+    c = sigmoid(m)
     v = torch.stack([c, 1.0 - c], dim=1)
     if form == "reference":
         v = F.softmax(v, dim=1)
@@ -115,24 +115,20 @@ def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, te
     return D3Terms(total, l_cls, l_kl, l_be, l_od)
 
 
-def gradient_penalty(critic: "torch.nn.Module", real: Tensor, fake: Tensor, att: Tensor,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """mean_i (||grad_x D(x~_i, a_i)||_2 - 1)^2 at x~ = alpha x + (1 - alpha) x_fake, alpha ~ U(0, 1) per row.
-
-    The gradient is taken w.r.t. the feature only, with create_graph so the penalty trains D.
-    """
-    alpha = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype, generator=generator)
-    mix = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
-    out = critic(mix, att)
-    (grad,) = torch.autograd.grad(out.sum(), mix, create_graph=True)
-    return ((grad.norm(dim=1) - 1.0) ** 2).mean()
-
-
 def critic_loss(critic: "torch.nn.Module", real: Tensor, fake: Tensor, att: Tensor, gp_weight: float = 10.0,
                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_D = mean D(fake) - mean D(real) + gp_weight * GP; fake is detached (a critic step never trains G)."""
-    d_real = critic(real, att).mean()
-    d_fake = critic(fake.detach(), att).mean()
-    gp = gradient_penalty(critic, real, fake, att, generator)
-    wdist = d_real - d_fake
-    return d_fake - d_real + gp_weight * gp, {"wasserstein": wdist.detach(), "gp": gp.detach()}
+    """L_D = mean D(fake) - mean D(real) + gp_weight * mean_i (||grad_x D(x~_i, a_i)||_2 - 1)^2.
+
+    x~ = alpha x + (1 - alpha) x_fake with alpha ~ U(0, 1) per row; the gradient is w.r.t. the
+    feature only, with create_graph so the penalty trains D. fake is detached (a critic step never
+    trains G). The critic sees [real; fake; x~] in one forward: the same values as three calls, and a
+    DDP wrapper around it is called once per step.
+    """
+    b = real.shape[0]
+    alpha = torch.rand(b, 1, device=real.device, dtype=real.dtype, generator=generator)
+    mix = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+    out = critic(torch.cat([real, fake.detach(), mix]), att.repeat(3, 1))
+    d_real, d_fake, d_mix = out[:b].mean(), out[b:2 * b].mean(), out[2 * b:]
+    (grad,) = torch.autograd.grad(d_mix.sum(), mix, create_graph=True)
+    gp = ((grad.norm(dim=1) - 1.0) ** 2).mean()
+    return d_fake - d_real + gp_weight * gp, {"wasserstein": (d_real - d_fake).detach(), "gp": gp.detach()}
