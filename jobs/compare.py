@@ -3,6 +3,7 @@
     python jobs/compare.py --data DIR [--preset cub] --epochs 30 [key=value ...]
     python jobs/compare.py --epochs 2 --max-steps 20        # no --data: a small CUB-shaped semi-synthetic set
     python jobs/compare.py --data DIR --protocol two_phase --out results/compare --no-track
+    python jobs/compare.py --data DIR --epochs 30 d3gzsl:model.hidden=1024 msdn:optim.lr=5e-4   # per family
 
 Each model starts from its family's preset for the dataset (dedn/families/<model>/presets/); seed,
 epochs, steps per epoch, protocol and data are forced equal (dedn.analysis.compare). Every model trains on
@@ -21,7 +22,8 @@ from dedn.errors import DednError
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every model")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied to every model; family:key=value applies to that family only")
     p.add_argument("--data", default="", help="dataset directory; default: write a CUB-shaped semi-synthetic set")
     p.add_argument("--preset", default="", help="dataset preset of every family (default: the dataset's name)")
     p.add_argument("--models", nargs="+", default=None, help="model families (default: every registered one)")

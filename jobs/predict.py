@@ -24,7 +24,7 @@ from dedn.errors import ConfigError, DatasetError, DednError
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="model URI (default: models:/<family>-<dataset>@champion of --data's dataset)")
-    p.add_argument("--family", default="dedn", help="model family for the default URI (dedn, msdn, or one of yours)")
+    p.add_argument("--family", default="dedn", help="model family for the default URI (dedn, msdn, d3gzsl, or one of yours)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", default="", help="dataset directory to score one split of")
     src.add_argument("--features", default="", help="Parquet file of feature rows (shard columns)")

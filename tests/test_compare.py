@@ -40,11 +40,15 @@ def ray_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(ray_home, tiny_dataset) -> list[ComparisonRow]:
-    return compare_models(tiny_dataset, models=["dedn", "msdn"], epochs=1, seed=3, max_steps_per_epoch=2, protocol="final")
+    # the three families; D3GZSL's widths and per-evaluation work cut to the tiny set (family:key=value)
+    d3 = ["d3gzsl:model.hidden=64", "d3gzsl:model.embed_dim=32", "d3gzsl:eval.syn_per_class=10",
+          "d3gzsl:loss.teacher_epochs=2", "d3gzsl:eval.classifier_epochs=2"]
+    return compare_models(tiny_dataset, models=["dedn", "msdn", "d3gzsl"], epochs=1, seed=3, max_steps_per_epoch=2,
+                          protocol="final", overrides=d3)
 
 
-def test_same_seed_and_budget_for_both_models(rows, tiny_dataset) -> None:
-    assert [r.model for r in rows] == ["dedn", "msdn"]
+def test_same_seed_and_budget_for_every_model(rows, tiny_dataset) -> None:
+    assert [r.model for r in rows] == ["dedn", "msdn", "d3gzsl"]
     for r in rows:
         assert (r.seed, r.epochs, r.steps, r.protocol, r.dataset) == (3, 1, 2, "final", "CUB")
         assert r.images > 0 and r.images_per_s > 0 and r.train_seconds > 0
@@ -52,6 +56,19 @@ def test_same_seed_and_budget_for_both_models(rows, tiny_dataset) -> None:
     c = tiny_dataset.feature_shape[0]
     d, g = tiny_dataset.class_side.word_vectors.shape
     assert rows[1].parameters == d * g + 4 * g * c  # V + W1, W2, W1_1, W2_1
+    k, h, e = tiny_dataset.class_side.num_classes, 64, 32
+    trained = (2 * d * h + h + h * c + c) + ((c + d) * h + h + h + 1) + (c * e + e + e * k + k + k * 2 + 2) + 2
+    assert rows[2].parameters == trained  # G, D, student (E_S, C_S, H), sigmoid: the teacher is frozen
+
+
+def test_family_prefixed_overrides_apply_to_that_family_only() -> None:
+    from dedn.analysis.compare import own_overrides
+
+    ov = ["epochs=2", "d3gzsl:model.hidden=8", "msdn:loss.gamma=0.5"]
+    assert own_overrides("d3gzsl", ov) == {"epochs": "2", "model.hidden": "8"}
+    assert own_overrides("dedn", ov) == {"epochs": "2"}
+    with pytest.raises(ConfigError, match="model.name"):
+        own_overrides("dedn", ["gpt:epochs=2"])
 
 
 def test_rerun_is_deterministic(rows, tiny_dataset) -> None:
@@ -63,9 +80,9 @@ def test_tables(rows, tmp_path) -> None:
     md = to_markdown(rows, title="tiny")
     lines = md.strip().splitlines()
     assert lines[:2] == ["tiny", ""] and lines[2].startswith("| model | T | U | S | H | images/s | parameters")
-    assert lines[4].startswith("| dedn |") and lines[5].startswith("| msdn |")
+    assert lines[4].startswith("| dedn |") and lines[5].startswith("| msdn |") and lines[6].startswith("| d3gzsl |")
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
-    assert [p["model"] for p in parsed] == ["dedn", "msdn"]
+    assert [p["model"] for p in parsed] == ["dedn", "msdn", "d3gzsl"]
     assert float(parsed[1]["H"]) == rows[1].H and int(parsed[1]["parameters"]) == rows[1].parameters
     md_path, csv_path = write_table(rows, tmp_path / "out")
     assert md_path.read_text() == to_markdown(rows) and csv_path.read_text() == to_csv(rows)

@@ -250,3 +250,12 @@ def test_registry_round_trip_and_new_classes_by_generation_and_refit(registered,
 
     t = pq.read_table(out_file).to_pydict()
     assert len(t["class_id"]) == len(x) and set(t["kind"]) <= {"seen", "unseen", "new"}
+
+
+def test_heat_maps_say_the_family_has_none(toy):
+    from dedn.analysis.heatmap import attention_maps
+    from dedn.errors import ConfigError
+
+    fam, model, _, _ = _phase(_cfg(), toy)
+    with pytest.raises(ConfigError, match="a model family with attention maps"):
+        attention_maps(model, _split(toy, "train")[0][:2], [0], fam)

@@ -93,7 +93,7 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
 
 @pytest.mark.timeout(420)
 def test_two_trial_sweep_uses_the_family_space_and_weight(trained: str, env: dict[str, str], data: Path) -> None:
-    out = _run(env, "tuning/tune.py", "--data", str(data), "--num-samples", "2", "--max-concurrent-trials", "1",
+    out = _run(env, "tuning/tune.py", "--data", str(data), "--num-samples", "2", "--max-concurrent-trials", "2",
                "--name", "toysweep", "model=toy", "epochs=2", "optim.batch_size=8", "eval.batch_size=64",
                "eval.lambda_grid_step=0.25", timeout=400)
     assert "best trial" in out and "alpha = " in out

@@ -50,12 +50,28 @@ class ComparisonRow:
     protocol: str
 
 
+def own_overrides(model: str, overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """The overrides that apply to family `model`: plain `key=value` ones apply to every family,
+    `family:key=value` ones only to that family (`d3gzsl:model.hidden=1024`)."""
+    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    out: dict[str, Any] = {}
+    for key, value in ov.items():
+        fam, sep, rest = key.partition(":")
+        if not sep:
+            out[key] = value
+            continue
+        get_family(fam)  # a misspelt family prefix is a ConfigError, not a silently ignored override
+        if fam == model:
+            out[rest] = value
+    return out
+
+
 def model_config(model: str, dataset: str, preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = (),
                  data_path: str = "") -> DEDNConfig:
     """The config of family `model` on a dataset: its preset `preset` (default: the dataset's own,
     when the family has one, else the family's defaults named after the dataset), with overrides."""
     get_family(model)  # ConfigError naming model.name and the known families
-    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    ov = own_overrides(model, overrides)
     if preset and preset.lower() not in get_family(model).presets():
         raise ConfigError("preset", f"one of {'|'.join(get_family(model).presets())} (presets of model {model})", preset)
     return config_for_dataset(dataset, data_path, preset, {**ov, "model.name": model})

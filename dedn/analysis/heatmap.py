@@ -120,6 +120,10 @@ def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequ
     features (N, C, H, W). Each map is (N, D, R) in the original attribute order with R = H*W in
     row-major (H, W) order (the features' flatten order); an ablated expert is absent.
     """
+    from dedn.families.base import ModelFamily
+
+    if type(family).attention_maps is ModelFamily.attention_maps:  # none defined (D3GZSL): say so before a forward
+        raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.analysis.heatmap")
     net = getattr(model, "module", model)
     _, h, w = net.feature_shape
     was_training = net.training

@@ -37,7 +37,6 @@ from dedn.families.d3gzsl.config import D3EvalConfig, D3LossConfig, D3ModelConfi
 if TYPE_CHECKING:
     from dedn.config import DEDNConfig
     from dedn.data.class_side import ClassSide
-    from dedn.protocol import ClassProtocol
 
 __all__ = ["D3GZSLFamily", "D3Train", "FAMILY", "classifier_space"]
 

@@ -75,7 +75,7 @@ class D3EvalConfig(EvalConfig):
     syn_per_class: int = 300  # generated features per unseen class (gzsl/: 300)
     classifier_space: Literal["auto", "student", "features"] = "auto"  # auto: student with D3, features without
     classifier_epochs: int = 20
-    classifier_lr: float = 1e-4
+    classifier_lr: float = 1e-3  # f-CLSWGAN's / CE-GZSL's; gzsl/'s 1e-4 underfits in 20 epochs (docs/d3gzsl.md)
     classifier_batch: int = 256
     refit_real_per_class: int = 32  # real rows per seen class kept with the model to refit for new classes
 
