@@ -79,6 +79,11 @@ def test_config_alias_ablation_switch_and_variants():
         build_config("cub", ["model=d3gzsl", "d3.nope=1"])
     with pytest.raises(ConfigError, match="loss.n_critic"):
         build_config("cub", ["model=d3gzsl", "d3.n_critic=0"])
+    from dedn.families import get_family
+
+    no_student = build_config("cub", ["model=d3gzsl", "d3.enabled=false", "eval.classifier_space=student"])
+    with pytest.raises(ConfigError, match="eval.classifier_space"):  # preflight: the base trains no student
+        get_family("d3gzsl").resolve(no_student, None)
 
 
 def test_phase_start_fits_the_scaler_on_the_training_split_and_pretrains_then_freezes_the_teacher(toy):

@@ -116,19 +116,23 @@ def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, te
 
 
 def critic_loss(critic: "torch.nn.Module", real: Tensor, fake: Tensor, att: Tensor, gp_weight: float = 10.0,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                generator: torch.Generator | None = None, *, critic_module: "torch.nn.Module | None" = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_D = mean D(fake) - mean D(real) + gp_weight * mean_i (||grad_x D(x~_i, a_i)||_2 - 1)^2.
 
     x~ = alpha x + (1 - alpha) x_fake with alpha ~ U(0, 1) per row; the gradient is w.r.t. the
-    feature only, with create_graph so the penalty trains D. fake is detached (a critic step never
-    trains G). The critic sees [real; fake; x~] in one forward: the same values as three calls, and a
-    DDP wrapper around it is called once per step.
+    feature only and stays in the graph, so the penalty trains D. fake is detached (a critic step
+    never trains G). The critic sees [real; fake; x~] in one forward (the same values as three
+    calls; a DDP wrapper around it is called once per step) and the penalty's gradient comes from
+    `Critic.feature_gradient` on x~'s pre-activations. critic_module: the Critic itself when
+    `critic` is a wrapper around it.
     """
+    net = critic_module if critic_module is not None else critic
     b = real.shape[0]
     alpha = torch.rand(b, 1, device=real.device, dtype=real.dtype, generator=generator)
-    mix = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
-    out = critic(torch.cat([real, fake.detach(), mix]), att.repeat(3, 1))
-    d_real, d_fake, d_mix = out[:b].mean(), out[b:2 * b].mean(), out[2 * b:]
-    (grad,) = torch.autograd.grad(d_mix.sum(), mix, create_graph=True)
+    mix = alpha * real.detach() + (1.0 - alpha) * fake.detach()
+    out, h = critic(torch.cat([real, fake.detach(), mix]), att.repeat(3, 1), with_hidden=True)
+    d_real, d_fake = out[:b].mean(), out[b:2 * b].mean()
+    grad = net.feature_gradient(h[2 * b:])
     gp = ((grad.norm(dim=1) - 1.0) ** 2).mean()
     return d_fake - d_real + gp_weight * gp, {"wasserstein": (d_real - d_fake).detach(), "gp": gp.detach()}

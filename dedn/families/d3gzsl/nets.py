@@ -49,13 +49,24 @@ class Generator(nn.Module):
 class Critic(nn.Module):
     def __init__(self, att_dim: int, feat_dim: int, hidden: int = 4096):
         super().__init__()
+        self.feat_dim = int(feat_dim)
         self.fc1 = nn.Linear(feat_dim + att_dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
         init_normal(self)
 
-    def forward(self, x: Tensor, att: Tensor) -> Tensor:
-        """(n,) critic values."""
-        return self.fc2(F.leaky_relu(self.fc1(torch.cat([x, att], dim=1)), 0.2)).squeeze(1)
+    def forward(self, x: Tensor, att: Tensor, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(n,) critic values; with_hidden: also the first layer's pre-activations h (n, hidden)."""
+        h = self.fc1(torch.cat([x, att], dim=1))
+        out = self.fc2(F.leaky_relu(h, 0.2)).squeeze(1)
+        return (out, h) if with_hidden else out
+
+    def feature_gradient(self, h: Tensor) -> Tensor:
+        """grad_x D(x, a) (n, F) at the rows whose pre-activations are h, in closed form:
+        (w2 * LeakyReLU'(h)) @ W1[:, :F]. The same values as autograd's double backward (LeakyReLU's
+        derivative is piecewise constant, so neither has a gradient through it), without the
+        input-gradient GEMM over the attribute columns and the other rows of a batched call."""
+        slope = torch.full_like(h, 0.2).masked_fill_(h > 0, 1.0)  # in h's dtype (a bare 0.2 would be float32)
+        return (slope * self.fc2.weight) @ self.fc1.weight[:, :self.feat_dim]
 
 
 class Teacher(nn.Module):

@@ -101,7 +101,7 @@ def critic_step(nets: D3Nets, optimizers: Mapping[str, torch.optim.Optimizer], x
     y_u = nets.unseen_ids.repeat_interleave(cfg.syn_per_unseen) if cfg.enabled else y[:0]
     with torch.no_grad():  # G is frozen in a critic step: its rows are inputs here
         fake = nets.generator_raw(torch.cat([att, nets.class_attributes[y_u]]), generator=g)
-    loss, parts = critic_loss(nets.critic, x, fake[:len(y)], att, cfg.gp_weight, g)
+    loss, parts = critic_loss(nets.critic, x, fake[:len(y)], att, cfg.gp_weight, g, critic_module=nets.critic_raw)
     parts = {"critic": loss.detach(), **parts}
     if cfg.enabled:
         d3, d3_parts = _d3(nets, fake[len(y):], y_u, x, y, cfg)
