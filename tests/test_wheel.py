@@ -41,7 +41,7 @@ def test_wheel_trains_and_sweeps_outside_the_checkout(tiny_dataset, tmp_path: Pa
     out = run(str(ROOT / "jobs" / "train.py"), "--data", str(tiny_dataset.root), "--preset", "cub", "--num-workers", "1",
               "protocol=final", "epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64")
     assert "registered model dedn-cub version 1" in out
-    out = run(str(ROOT / "tuning" / "tune.py"), "--data", str(tiny_dataset.root), "--num-samples", "2",
-              "--max-concurrent-trials", "2", "--name", "wheelsweep", "epochs=1", "optim.max_steps_per_epoch=2",
+    out = run(str(ROOT / "tuning" / "tune.py"), "--data", str(tiny_dataset.root), "--num-samples", "1",
+              "--max-concurrent-trials", "1", "--name", "wheelsweep", "epochs=1", "optim.max_steps_per_epoch=2",
               "eval.batch_size=64", timeout=360)
     assert "best trial" in out and (tmp_path / "home" / "tune" / "wheelsweep" / "best_config.yaml").is_file()
