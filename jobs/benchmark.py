@@ -110,16 +110,24 @@ def run_config(cfg: dict) -> dict:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             family.combine(run_cfg, family.score_parts(model(x)))
 
-    step = train_step if cfg["mode"] == "train" else infer_step
+    return {**cfg, **_timed(train_step if cfg["mode"] == "train" else infer_step, cfg["reps"])}
+
+
+def _timed(step, reps: int, counted=None) -> dict:
+    """A warm-up call (allocator, oneDNN kernels, optimiser state), then `reps` timed calls of `step`:
+    {s_min, s_med, peak_mib}; `counted` (a context manager) wraps one extra untimed call after the warm-up."""
     base = _rss_mib()
-    step()  # warm-up (allocator, oneDNN kernels, optimiser state)
+    step()
+    if counted is not None:
+        with counted:
+            step()
     times = []
-    for _ in range(cfg["reps"]):
+    for _ in range(reps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     times.sort()
-    return {**cfg, "s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base}
+    return {"s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base}
 
 
 def run_d3(cfg: dict) -> dict:
@@ -154,18 +162,8 @@ def run_d3(cfg: dict) -> dict:
             ctx.step = s
             family.train_step(train, x, y, ctx)
 
-    base = _rss_mib()
-    iteration()  # warm-up (allocator, kernels, Adam state)
-    with FlopCounterMode(display=False) as counter:
-        iteration()
-    times = []
-    for _ in range(cfg["reps"]):
-        t = time.perf_counter()
-        iteration()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return {**cfg, "s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base,
-            "flop": counter.get_total_flops(), "batch": bsz}
+    counter = FlopCounterMode(display=False)
+    return {**cfg, **_timed(iteration, cfg["reps"], counted=counter), "flop": counter.get_total_flops(), "batch": bsz}
 
 
 def _spawn(cfg: dict) -> dict:
