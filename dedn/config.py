@@ -40,6 +40,9 @@ class OptimConfig:
     max_steps_per_epoch: int = 0  # 0 = a full pass over the training split
     grad_clip: float = 0.0  # 0 = no clipping (the paper does not clip)
     seed: int = 0
+    # Each of W workers takes batch_size rows a step (global batch = batch_size x W); the learning
+    # rate used is lr x W (linear), lr x sqrt(W) (sqrt) or lr (none: the published single-GPU runs).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "> 0", self.lr)
@@ -51,6 +54,13 @@ class OptimConfig:
         _check(self.max_steps_per_epoch >= 0, "optim.max_steps_per_epoch", ">= 0", self.max_steps_per_epoch)
         _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
         _check(0 <= self.seed < 2**63, "optim.seed", "an integer in [0, 2**63)", self.seed)  # numpy SeedSequence range
+        _check(self.lr_scaling in ("none", "linear", "sqrt"), "optim.lr_scaling", "one of none|linear|sqrt",
+               self.lr_scaling)
+
+    def scaled_lr(self, lr: float, world_size: int) -> float:
+        """`lr` under the lr_scaling rule for `world_size` workers (global batch batch_size x world_size)."""
+        w = max(1, int(world_size))
+        return lr * {"none": 1.0, "linear": float(w), "sqrt": math.sqrt(w)}[self.lr_scaling]
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,20 @@ class DataConfig:
     class_balanced: bool = True  # reference: CUB/AWA2 balanced batches, SUN uniform
     shuffle_buffer: int = 4096  # rows held by the reader's shuffle buffer ...
     shuffle_buffer_mib: int = 1024  # ... at most this much feature storage: 14x14 maps hold 4x fewer rows
-    loader_workers: int = 0  # DataLoader worker processes per training worker
+    loader_workers: int = 0  # DataLoader worker processes per training worker (streaming only)
+    # Resident data: a split decoded once and kept (host memory, node-shared under Ray; or device memory),
+    # batches gathered by index; the same batches as streaming. auto = resident when the split fits
+    # resident_budget_mib (device memory on a GPU, host otherwise), streaming when it does not.
+    resident: Literal["auto", "off", "host", "device"] = "auto"
+    resident_budget_mib: int = 8192
 
     def __post_init__(self) -> None:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
         _check(self.shuffle_buffer_mib >= 1, "data.shuffle_buffer_mib", ">= 1", self.shuffle_buffer_mib)
         _check(self.loader_workers >= 0, "data.loader_workers", ">= 0", self.loader_workers)
+        _check(self.resident in ("auto", "off", "host", "device"), "data.resident", "one of auto|off|host|device",
+               self.resident)
+        _check(self.resident_budget_mib >= 0, "data.resident_budget_mib", ">= 0", self.resident_budget_mib)
 
     def shuffle_rows(self, row_bytes: int) -> int:
         """Rows of the shuffle buffer for rows of `row_bytes` stored bytes: the row count, capped by the MiB budget.
@@ -75,6 +93,27 @@ class DataConfig:
         rows, 0.8 GiB; 2048x14x14: 1337 rows, 1 GiB). At least one row.
         """
         return max(1, min(self.shuffle_buffer, (self.shuffle_buffer_mib << 20) // max(1, int(row_bytes))))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the step runs on the hardware: precision, compilation and DDP's communication.
+
+    None of these changes the maths beyond rounding; docs/scaling.md states each one's measured
+    effect on step time and on the loss.
+    """
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU with native bf16, else fp32
+    compile: bool = False  # torch.compile the training module (off: it costs more than it saves on CPU)
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default)
+    ddp_static_graph: bool = False  # DDP static_graph (every parameter used every step, same graph)
+    ddp_grad_as_bucket_view: bool = True  # gradients are views into the buckets: no copy, less memory
+    ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: all-reduce gradients in bf16 (half the bytes)
+
+    def __post_init__(self) -> None:
+        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", "one of auto|fp32|bf16", self.precision)
+        _check(self.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "> 0", self.ddp_bucket_mb)
+        _check(self.ddp_comm_hook in ("none", "bf16"), "train.ddp_comm_hook", "one of none|bf16", self.ddp_comm_hook)
 
 
 @dataclass(frozen=True)
@@ -111,6 +150,7 @@ class DEDNConfig:
     loss: Any = field(default_factory=lambda: _family("dedn").loss_config())
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: Any = field(default_factory=lambda: _family("dedn").eval_config())
 
     def __post_init__(self) -> None:
@@ -163,7 +203,7 @@ def _flatten(d: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, A
     return out
 
 
-_COMMON_SECTIONS = {"optim": OptimConfig, "data": DataConfig}
+_COMMON_SECTIONS = {"optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
 _TOP_KEYS = ("dataset", "variant", "protocol")
 
 
@@ -171,7 +211,7 @@ def section_types(model: str = "dedn") -> dict[str, type]:
     """{section: dataclass} of a run of family `model`."""
     fam = _family(model)
     return {"model": fam.model_config, "loss": fam.loss_config, "optim": OptimConfig, "data": DataConfig,
-            "eval": fam.eval_config}
+            "train": TrainConfig, "eval": fam.eval_config}
 
 
 def known_keys(model: str = "dedn") -> list[str]:

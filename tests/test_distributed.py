@@ -43,12 +43,12 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
                 os.environ[k] = v
 
 
-def _run(tiny_dataset, home: Path, name: str, **debug):
+def _run(tiny_dataset, home: Path, name: str, overrides: tuple[str, ...] = (), **debug):
     from dedn.config import build_config
     from dedn.training.debug import DebugHooks
     from dedn.training.driver import TrainSettings, train
 
-    cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
+    cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}", *overrides])
     record = home / f"record-{name}"
     settings = TrainSettings(num_workers=2, name=name, max_failures=1, verbose=False, register=name == "baseline",
                              debug=DebugHooks(record_dir=str(record), **debug))
@@ -132,8 +132,14 @@ def test_worker_failure_resumes_from_checkpoint_and_matches_uninterrupted_run(ba
 
     base, base_record = baseline
     marker = ray_env / "fault-marker"
-    out, record = _run(tiny_dataset, ray_env, "faulty", fail_rank=1, fail_epoch=2, fail_marker=str(marker))
+    # Streamed from Parquet, where the baseline held its splits resident (data.resident=auto): the
+    # readers make the same batches, so this run must also match it exactly.
+    out, record = _run(tiny_dataset, ray_env, "faulty", ("data.resident=off",), fail_rank=1, fail_epoch=2,
+                       fail_marker=str(marker))
     assert marker.exists(), "the fault was not injected"
+    c = tracking.client()
+    assert c.get_run(out.run_id).data.metrics["data_resident_mib"] == 0
+    assert c.get_run(base.run_id).data.metrics["data_resident_mib"] > 0
     # Tolerance: exact. Same seed on CPU/gloo, and the restart resumes from the epoch-1 checkpoint.
     assert out.val_metrics == base.val_metrics
     assert out.test_metrics == base.test_metrics
@@ -254,3 +260,49 @@ def test_d3gzsl_through_jobs_train_ddp_ranks_agree_and_a_worker_failure_resumes_
     for key in ("val_H", "d3_od", "generator", "test_H"):
         assert ([m.value for m in c.get_metric_history(faulty.info.run_id, key)]
                 == [m.value for m in c.get_metric_history(base.info.run_id, key)]), key
+
+
+@pytest.mark.timeout(120)
+def test_node_shared_copy_is_decoded_once_for_two_processes(ray_env, tiny_dataset):
+    """Two worker processes on the node get the split from its cache actor: one decode, read-only
+    zero-copy views of the object store, equal to a decode of their own."""
+    import numpy as np
+    import ray
+
+    from dedn.data import FeatureDataset
+    from dedn.data.resident import decode_split
+    from dedn.training.node_cache import actor_name, NAMESPACE, split_key, start_node_caches
+
+    start_node_caches()
+
+    @ray.remote(num_cpus=0)
+    class Reader:
+        def read(self, root: str, split: str):
+            from dedn.training.node_cache import node_split_loader
+
+            res = node_split_loader()(FeatureDataset.open(root), split)
+            writeable = res.sample_ids.flags.writeable or res.labels.flags.writeable  # numpy straight from Ray
+            return os.getpid(), res.shared, writeable, res.sample_ids, res.labels, res.features.float().numpy()
+
+    # Big enough (400 x 64x2x2 float16 = 200 KiB) for the object store; Ray copies objects under 100 KiB inline.
+    from dedn.data import SPLITS, DatasetWriter, split_classes
+    from test_dataset import make_class_side
+
+    cs, rng = make_class_side(), np.random.default_rng(0)
+    with DatasetWriter(ray_env / "shared-ds", class_side=cs, feature_shape=(64, 2, 2)) as w:
+        for split in SPLITS:
+            n = 400 if split == "val_unseen" else 2
+            with w.split(split) as sp:
+                sp.add(np.arange(n), rng.choice(split_classes(cs, split), n), rng.standard_normal((n, 64, 2, 2)))
+    ds = FeatureDataset.open(ray_env / "shared-ds")
+    readers = [Reader.remote(), Reader.remote()]
+    got = ray.get([r.read.remote(str(ds.root), "val_unseen") for r in readers])
+    own = decode_split(ds, "val_unseen")
+    assert got[0][0] != got[1][0]  # two processes
+    for _, shared, writeable, ids, labels, feats in got:
+        assert shared and not writeable  # a view of the object store, not a private copy
+        assert np.array_equal(ids, own.sample_ids) and np.array_equal(labels, own.labels)
+        assert np.array_equal(feats, own.features.float().numpy())
+    ctx = ray.get_runtime_context()
+    cache = ray.get_actor(actor_name(ctx.get_job_id(), ctx.get_node_id()), namespace=NAMESPACE)
+    assert ray.get(cache.stats.remote())["decodes"].count(split_key(ds, "val_unseen")) == 1

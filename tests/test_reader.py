@@ -241,3 +241,67 @@ def test_memory_is_bounded_by_buffer_and_row_group(data, monkeypatch):
     monkeypatch.setattr(reader_mod._Buffer, "push", push)
     list(ShardReader(ds, "trainval", batch_size=4, buffer_rows=10))
     assert 10 <= max(peak) <= 10 + 6
+
+
+# ---- resident data: the same plan gathered from one decoded tensor ------------------------------
+def _same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.sample_ids, y.sample_ids) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.features, y.features)
+
+
+def test_decode_holds_every_row_once_with_its_features(data):
+    ds, written = data
+    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    assert res.num_rows == 61 and res.features.shape == (61, *FEATURE_SHAPE)
+    assert res.features.dtype == torch.float16 and res.features.is_contiguous()
+    ids, labels, feats = written["trainval"]
+    order = np.argsort(res.sample_ids)
+    assert np.array_equal(res.sample_ids[order], np.sort(ids))
+    pos = {int(i): n for n, i in enumerate(ids)}
+    for row in range(res.num_rows):
+        j = pos[int(res.sample_ids[row])]
+        assert res.labels[row] == labels[j]
+        assert torch.equal(res.features[row], torch.from_numpy(feats[j]).to(torch.float16))
+
+
+# Every semantic the streaming reader has: ranks x shuffle x class-balanced x drop_last x equal_rows.
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("kw", [
+    dict(shuffle=True, buffer_rows=16), dict(shuffle=False), dict(shuffle=True, buffer_rows=8, class_balanced=True),
+    dict(shuffle=True, buffer_rows=8, class_balanced=True, drop_last=True, equal_rows=True),
+    dict(shuffle=True, buffer_rows=5, drop_last=True, equal_rows=True)])
+def test_resident_batches_equal_streaming_batches(data, world_size, kw):
+    ds, _ = data
+    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    for epoch in (1, 2):
+        union: list[np.ndarray] = []
+        for rank in range(world_size):
+            common = dict(batch_size=5, seed=3, rank=rank, world_size=world_size, **kw)
+            streaming, resident = ShardReader(ds, "trainval", **common), ShardReader(ds, "trainval", resident=res, **common)
+            streaming.set_epoch(epoch)
+            resident.set_epoch(epoch)
+            got = list(resident)
+            _same_batches(list(streaming), got)
+            assert len(resident) == len(got) == len(streaming)
+            union.append(_ids(got))
+        if not kw.get("drop_last"):  # disjoint shares whose union is the split
+            allids = np.concatenate(union)
+            assert np.unique(allids).size == allids.size == 61
+
+
+def test_resident_class_balanced_batches_follow_the_rule(data):
+    ds, _ = data
+    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    r = ShardReader(ds, "trainval", batch_size=3, buffer_rows=8, class_balanced=True, seed=1, resident=res)
+    batches = list(r)
+    assert all(len(set(b.labels.tolist())) == b.labels.numel() <= 3 for b in batches)  # distinct classes
+    assert sum(b.labels.numel() for b in batches) == 61
+
+
+def test_resident_must_be_the_readers_split(data):
+    ds, _ = data
+    res = ShardReader(ds, "train", batch_size=4).decode()
+    with pytest.raises(DatasetError, match="resident"):
+        ShardReader(ds, "trainval", batch_size=4, resident=res)

@@ -29,6 +29,14 @@ be smaller than k (drop_last drops every batch smaller than k, and its rows, for
 Because batch sizes then depend on labels, len() replays the sampler on the label column
 alone (4 bytes a row) of the pieces concerned.
 
+Resident data (`resident=ResidentSplit`, see `ShardReader.decode` and dedn.data.resident): the
+whole split decoded once into one contiguous (N, C, H, W) tensor (host or device memory), rows
+laid out in manifest unit order. The reader then runs the very same plan on it: the same
+partition, the same shuffle buffer and the same draws, but the buffer holds row numbers instead
+of features (the draws depend only on buffer sizes and labels), and each batch is gathered by
+index from the tensor. So resident and streaming readers yield identical batches (features,
+labels, sample ids, order) for every (seed, epoch, rank, worker), class-balanced mode included.
+
 Integrity (every check raises DatasetError naming the shard file):
 
 - checksums: before its first row group is read, each shard's whole file is hashed and compared
@@ -60,7 +68,7 @@ from dedn.data.dataset import FeatureDataset
 from dedn.data.format import arrow_error, check_finite_features, check_shard_schema, check_shard_sha256, split_classes
 from dedn.errors import ConfigError, DatasetError
 
-__all__ = ["Batch", "ShardReader", "ShardIterableDataset", "forbid_splits", "forbidden_splits", "partition_rows"]
+__all__ = ["Batch", "ResidentSplit", "ShardReader", "ShardIterableDataset", "forbid_splits", "forbidden_splits", "partition_rows"]
 
 # --- forbidden splits (e.g. the test splits during hyper-parameter tuning) -----------------
 _forbidden: Counter[str] = Counter()
@@ -100,6 +108,37 @@ class Batch(NamedTuple):
     features: torch.Tensor
     labels: torch.Tensor
     sample_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ResidentSplit:
+    """A whole split decoded once: features (N, C, H, W) in storage dtype (host or device memory),
+    labels (N,) and sample_ids (N,) int64 numpy; rows in manifest unit order (shard, row group)."""
+
+    split: str
+    features: torch.Tensor
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    shared: bool = False  # a read-only view of a node-shared copy (dedn.training.node_cache)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def to(self, device: str | torch.device) -> "ResidentSplit":
+        """The same rows with features on `device` (one copy; self when already there)."""
+        device = torch.device(device)
+        if self.features.device == device:
+            return self
+        return ResidentSplit(self.split, self.features.to(device), self.labels, self.sample_ids)
 
 
 @dataclass(frozen=True)
@@ -201,6 +240,7 @@ class ShardReader:
         equal_rows: bool = False,
         out_dtype: torch.dtype = torch.float32,
         verify_checksums: bool = True,
+        resident: ResidentSplit | None = None,
     ):
         if _is_forbidden(split):
             raise DatasetError(dataset.root, "split", "a split allowed here (forbid_splits is active)", repr(split))
@@ -230,7 +270,15 @@ class ShardReader:
         self._k = min(self._allowed.size, batch_size) if class_balanced else batch_size
         self._units = self._read_units()
         self._unit_rows = np.array([u.num_rows for u in self._units], dtype=np.int64)
+        self._unit_start = np.concatenate([[0], np.cumsum(self._unit_rows)[:-1]]).astype(np.int64)  # row of unit u
         self._count_cache: dict[tuple[int, int], list[list[int]]] = {}
+        if resident is not None:
+            n = int(self._unit_rows.sum())
+            shape = (n, *dataset.feature_shape)
+            if resident.split != split or tuple(resident.features.shape) != shape:
+                raise DatasetError(dataset.root, "resident", f"split {split} decoded as {shape}",
+                                   f"split {resident.split} {tuple(resident.features.shape)}")
+        self.resident = resident
 
     def _read_units(self) -> list[_Unit]:
         """(shard, row group, rows) for the split, from Parquet footers, checked against the manifest."""
@@ -286,6 +334,34 @@ class ShardReader:
             check_shard_sha256(self.dataset.shard_path(self.info.shards[s]), self.info.shards[s].sha256)
             self._verified.add(s)
 
+    def decode(self) -> ResidentSplit:
+        """Every row of the split, decoded once into one contiguous host tensor (storage dtype).
+
+        Each shard's sha256, the labels and the finiteness are checked as in streaming. Row groups
+        are read one ahead on a thread (Parquet decoding releases the GIL).
+        """
+        n, f = int(self._unit_rows.sum()), self.dataset.feature_size
+        feats = np.empty((n, f), np.dtype(self.dataset.storage_dtype))
+        labels, ids = np.empty(n, np.int64), np.empty(n, np.int64)
+        files: dict[int, pq.ParquetFile] = {}
+        units = [(u, 0, int(r)) for u, r in enumerate(self._unit_rows)]
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedn-shard-decode")
+        try:
+            ahead = loader.submit(self._load, files, units[0], True) if units else None
+            for i, (u, _, rows) in enumerate(units):
+                assert ahead is not None
+                got_ids, got_labels, got_feats = ahead.result()
+                if i + 1 < len(units):
+                    ahead = loader.submit(self._load, files, units[i + 1], True)
+                lo = int(self._unit_start[u])
+                ids[lo:lo + rows], labels[lo:lo + rows], feats[lo:lo + rows] = got_ids, got_labels, got_feats
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+            for fh in files.values():
+                fh.close()
+        c, h, w = self.dataset.feature_shape
+        return ResidentSplit(self.split, torch.from_numpy(feats).view(n, c, h, w), labels, ids)
+
     # --- epoch plan ------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: it seeds the unit permutation and the shuffle buffer."""
@@ -321,7 +397,7 @@ class ShardReader:
                 for w in range(num_workers):
                     mine = self._worker_pieces(pieces, w, num_workers)
                     if self.class_balanced:
-                        table[r][w] = sum(1 for _ in self._stream(mine, r, w, with_features=False))
+                        table[r][w] = sum(1 for _ in self._stream(mine, r, w, self._label_source()))
                     else:
                         rows = sum(stop - start for _, start, stop in mine)
                         table[r][w] = rows // self._k if self.drop_last else math.ceil(rows / self._k)
@@ -358,14 +434,34 @@ class ShardReader:
             return
         mine = self._worker_pieces(self._pieces(self.rank), worker, num_workers)
         c, h, w = self.dataset.feature_shape
+        res = self.resident
         done = 0
-        for ids, labels, feats in self._stream(mine, self.rank, worker, with_features=True):
-            assert feats is not None
-            x = torch.from_numpy(feats).view(-1, c, h, w)  # (B, C, H, W) storage dtype
+        for ids, labels, feats in self._stream(mine, self.rank, worker, self._feature_source()):
+            if res is not None:  # ids are row numbers of the resident tensor: gather the batch by index
+                rows = torch.from_numpy(ids).to(res.device, non_blocking=True)
+                x = res.features.index_select(0, rows)
+                ids = res.sample_ids[ids]
+            else:
+                assert feats is not None
+                x = torch.from_numpy(feats).view(-1, c, h, w)  # (B, C, H, W) storage dtype
             yield Batch(x.to(self.out_dtype), torch.from_numpy(labels), torch.from_numpy(ids))
             done += 1
             if done == cap:
                 return
+
+    # A source turns pieces (unit, start, stop) into (ids, labels, features or None) for the buffer.
+    def _feature_source(self) -> "_Source":
+        return _ResidentSource(self) if self.resident is not None else _ParquetSource(self, True)
+
+    def _label_source(self) -> "_Source":
+        return _ResidentSource(self) if self.resident is not None else _ParquetSource(self, False)
+
+    def _resident_rows(self, piece: Piece) -> tuple[np.ndarray, np.ndarray, None]:
+        """A piece as row numbers of the resident tensor (in the ids slot) and their labels; no features."""
+        u, start, stop = piece
+        rows = np.arange(self._unit_start[u] + start, self._unit_start[u] + stop, dtype=np.int64)
+        assert self.resident is not None
+        return rows, self.resident.labels[rows], None
 
     def _load(self, files: dict[int, pq.ParquetFile], piece: Piece, with_features: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -400,51 +496,36 @@ class ShardReader:
         check_finite_features(path, feats, ids, unit.first_row + start)
         return ids, labels, feats
 
-    def _stream(self, pieces: list[Piece], rank: int, worker: int, with_features: bool
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Push pieces through the shuffle buffer and yield (ids, labels, features) batches.
+    def _stream(self, pieces: list[Piece], rank: int, worker: int, source: "_Source") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Push pieces (read by `source`) through the shuffle buffer and yield (ids, labels, features) batches.
 
-        With with_features=False only labels are read (features None): len() uses this to replay
-        the class-balanced sampler; the random draws depend only on buffer sizes and labels, so
-        both modes make identical batches.
+        A source without features (labels only for len(), or row numbers of resident data) gives
+        the same batches: the random draws depend only on buffer sizes and labels.
         """
         if not pieces:
             return
         k = self._k
         threshold = max(self.buffer_rows, k) if self.shuffle else k
         capacity = threshold + max(stop - start for _, start, stop in pieces)
-        dtype = np.dtype(self.dataset.storage_dtype) if with_features else None
+        dtype = np.dtype(self.dataset.storage_dtype) if source.with_features else None
         buf = _Buffer(capacity, self.dataset.feature_size, dtype, keep_order=not self.shuffle)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker]) if self.shuffle else None
         pick: Callable[[], np.ndarray] = (lambda: self._pick_balanced(buf, rng)) if self.class_balanced \
             else (lambda: self._pick_uniform(buf, rng))
-        files: dict[int, pq.ParquetFile] = {}
-        # One piece of read-ahead on a thread: Parquet decoding releases the GIL, so the next row
-        # group is read while the caller trains on this one. Pieces are pushed in the same order,
-        # so batches are identical with or without it; only the loader thread touches `files`.
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedn-shard-read")
-        try:
-            ahead = loader.submit(self._load, files, pieces[0], with_features)
-            for i in range(len(pieces)):
-                loaded = ahead.result()
-                if i + 1 < len(pieces):
-                    ahead = loader.submit(self._load, files, pieces[i + 1], with_features)
+        with source.read_ahead(pieces) as loaded_pieces:
+            for loaded in loaded_pieces:
                 buf.push(*loaded)
                 while buf.n >= threshold:
                     batch = buf.pop(pick())
                     if not (self.drop_last and batch[0].shape[0] < k):
                         yield batch
-            while buf.n > 0:
-                batch = buf.pop(pick())
-                if self.drop_last and batch[0].shape[0] < k:
-                    if not self.class_balanced:
-                        break  # uniform: only the final, partial batch is ever short
-                    continue
-                yield batch
-        finally:
-            loader.shutdown(wait=True, cancel_futures=True)  # no read may be in flight when files close
-            for f in files.values():
-                f.close()
+        while buf.n > 0:
+            batch = buf.pop(pick())
+            if self.drop_last and batch[0].shape[0] < k:
+                if not self.class_balanced:
+                    break  # uniform: only the final, partial batch is ever short
+                continue
+            yield batch
 
     def _pick_uniform(self, buf: _Buffer, rng: np.random.Generator | None) -> np.ndarray:
         b = min(self._k, buf.n)
@@ -461,6 +542,62 @@ class ShardReader:
         if rng is None:
             return np.sort(rows)[: self._k]  # deterministic: the first k classes to appear
         return rng.permutation(rows)[: self._k]
+
+
+Loaded = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # (ids or resident row numbers, labels, features)
+
+
+class _Source:
+    """Where a reader's pieces come from; `read_ahead(pieces)` is a context yielding them loaded."""
+
+    with_features = False
+
+    @contextmanager
+    def read_ahead(self, pieces: list[Piece]) -> Iterator[Iterator[Loaded]]:
+        raise NotImplementedError
+
+
+class _ResidentSource(_Source):
+    """Pieces as row numbers of the reader's resident tensor (no read: everything is decoded)."""
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+
+    @contextmanager
+    def read_ahead(self, pieces: list[Piece]) -> Iterator[Iterator[Loaded]]:
+        yield (self.reader._resident_rows(p) for p in pieces)
+
+
+class _ParquetSource(_Source):
+    """Pieces read from the shards (features, or labels only), one piece ahead on a thread.
+
+    Parquet decoding releases the GIL, so the next row group is read while the caller trains on
+    this one. Pieces are pushed in the same order, so batches are identical with or without it;
+    only the loader thread touches the open files.
+    """
+
+    def __init__(self, reader: ShardReader, with_features: bool):
+        self.reader, self.with_features = reader, with_features
+
+    @contextmanager
+    def read_ahead(self, pieces: list[Piece]) -> Iterator[Iterator[Loaded]]:
+        files: dict[int, pq.ParquetFile] = {}
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedn-shard-read")
+
+        def loaded() -> Iterator[Loaded]:
+            ahead = loader.submit(self.reader._load, files, pieces[0], self.with_features)
+            for i in range(len(pieces)):
+                got = ahead.result()
+                if i + 1 < len(pieces):
+                    ahead = loader.submit(self.reader._load, files, pieces[i + 1], self.with_features)
+                yield got
+
+        try:
+            yield loaded()
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)  # no read may be in flight when files close
+            for f in files.values():
+                f.close()
 
 
 class ShardIterableDataset(torch.utils.data.IterableDataset):

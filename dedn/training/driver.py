@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from dedn.accel import autocast_dtype_for
 from dedn.atomic import write_text
 from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
@@ -257,7 +258,7 @@ def train_func(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = DEDNConfig.from_dict(config["cfg"], source="train_loop_config")
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = autocast_dtype_for(cfg.train.precision, device)  # bf16 on a GPU with native bf16 (auto)
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     # a selection-only run (a sweep's trial) must not touch a test shard: the guard is per process
     guard = forbid_splits(TEST_SPLITS) if cfg.protocol == "select" else nullcontext()
@@ -280,9 +281,8 @@ def train_func(config: dict[str, Any]) -> None:
 def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size: int, device: torch.device,
                   autocast_dtype: torch.dtype | None, distributed: bool) -> None:
     """train_func's body: the dataset, the sinks, then run_protocol under DDP."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from dedn.training.loop import run_protocol, unwrap_model
+    from dedn.training.node_cache import node_split_loader
 
     # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
     dataset = FeatureDataset.open(cfg.data.path, verify="none")
@@ -292,7 +292,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     recorder = _Recorder(hooks, rank, phase, int(resume["epoch"]) + 1 if resume else 1)
 
     def ddp(net: nn.Module) -> nn.Module:
-        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if distributed else net
+        return _ddp(net, cfg, device) if distributed else net
 
     def wrap(model: nn.Module) -> nn.Module:
         wrapped = family_of(cfg).wrap(model, ddp)  # DDP around the network, or around each of a family's networks
@@ -310,10 +310,26 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     sinks.append(RayTrainSink(rank, hooks))
     result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
                           device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
-                          autocast_dtype=autocast_dtype)
+                          autocast_dtype=autocast_dtype,
+                          split_loader=node_split_loader(print if rank == 0 else None))
     last = result.final or result.select
     assert last is not None
     recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
+
+
+def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:
+    """DDP with the run's train.ddp_* options. The all-reduce of each bucket starts as soon as its
+    gradients are ready, so it overlaps the rest of the backward pass (docs/scaling.md)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    t = cfg.train
+    wrapped = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=t.ddp_bucket_mb,
+                  static_graph=t.ddp_static_graph, gradient_as_bucket_view=t.ddp_grad_as_bucket_view)
+    if t.ddp_comm_hook == "bf16":  # gradients travel as bf16 (half the bytes), are averaged back into fp32
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return wrapped
 
 
 def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDataset) -> nn.Module:
@@ -401,6 +417,10 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     if settings.track:
         tracking.init_store()  # in the driver, before any worker touches the store
     init_ray()  # before the run's tags: they name the Ray job
+    if cfg.data.resident != "off":
+        from dedn.training.node_cache import start_node_caches
+
+        start_node_caches()  # one decoded copy per node, owned by this driver (a trial finds its sweep's)
     if settings.track:
         # the same --name again continues the checkpoints (Ray Train) and the same MLflow run, whose id
         # is kept beside them: its history stays whole

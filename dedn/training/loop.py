@@ -31,6 +31,7 @@ from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
 from dedn.data.class_side import ClassSide
 from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
+from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext
@@ -166,10 +167,15 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:
-    """The reader itself, or a DataLoader over it with `workers` processes."""
-    if workers <= 0:
+    """The reader itself, or a DataLoader over it with `workers` processes (streaming only: a resident
+    split is gathered in this process, faster than any worker could hand batches over)."""
+    if workers <= 0 or reader.resident is not None:
         return reader
     return torch.utils.data.DataLoader(ShardIterableDataset(reader, workers), batch_size=None, num_workers=workers)
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
 
 
 def _check_resume(resume: Mapping[str, Any], cfg: DEDNConfig, phase: str, epochs: int) -> int:
@@ -206,7 +212,7 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
               device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] | None = None,
               collective: Collective | None = None, sinks: Sequence[Sink] = (), resume: Mapping[str, Any] | None = None,
               epochs: int | None = None, autocast_dtype: torch.dtype | None = None,
-              extra_state: Mapping[str, Any] | None = None) -> PhaseResult:
+              extra_state: Mapping[str, Any] | None = None, split_loader: SplitLoader | None = None) -> PhaseResult:
     """Train one phase ("select" or "final"); the only training loop (see module docstring).
 
     wrap_model: the training-time module around the network (the driver: the family's `wrap` with
@@ -215,6 +221,8 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
     epoch, at cfg.eval's weights (set them to the selected ones). Every epoch's EpochReport
     goes to each sink with a function returning the checkpoint dict (extra_state merged in).
     resume: a checkpoint dict of this phase; training continues at its epoch + 1.
+    split_loader: where resident splits come from (cfg.data.resident; dedn.data.resident): the
+    driver passes the node-shared copy; default a decode in this process.
     """
     if phase not in PHASES:
         raise ConfigError("phase", f"one of {'|'.join(PHASES)}", phase, "run_phase")
@@ -223,7 +231,7 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
         raise ConfigError("optim.epochs", ">= 1", epochs, "run_phase")
     with forbid_splits(TEST_SPLITS) if phase == "select" else nullcontext():
         return _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
-                      epochs, dict(extra_state or {})).run(wrap_model, sinks, resume)
+                      epochs, dict(extra_state or {}), split_loader).run(wrap_model, sinks, resume)
 
 
 class _Phase:
@@ -231,8 +239,12 @@ class _Phase:
 
     def __init__(self, cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world_size: int,
                  device: torch.device, collective: Collective | None, autocast_dtype: torch.dtype | None,
-                 epochs: int, extra_state: dict[str, Any]):
+                 epochs: int, extra_state: dict[str, Any], split_loader: SplitLoader | None = None):
         self.cfg, self.ds, self.phase, self.rank, self.world_size = cfg, ds, phase, rank, world_size
+        # What the steps and optimisers see: optim.lr under optim.lr_scaling for this many workers
+        # (checkpoints and logs keep the configured value).
+        lr = cfg.optim.scaled_lr(cfg.optim.lr, world_size)
+        self.step_cfg = cfg if lr == cfg.optim.lr else cfg.replace(**{"optim.lr": lr})
         self.device, self.collective, self.autocast_dtype, self.epochs = device, collective, autocast_dtype, epochs
         self.extra_state = extra_state
         self.family = family_of(cfg)
@@ -240,16 +252,19 @@ class _Phase:
         _seed_everything(phase_seed(cfg.optim.seed, rank))
         # setup: model (identical init on every rank), optimisers
         self.model = build_model(cfg, ds.class_side, ds.feature_shape).to(device)
-        self.optimizers = self.family.optimizers(cfg, self.model)
+        self.optimizers = self.family.optimizers(self.step_cfg, self.model)
         self.epoch = 0
         self.history: list[EpochReport] = []
         self.best = Best(weights=self.family.configured_weights(cfg))
         self.best_state: dict[str, Tensor] | None = None
+        self.resident = ResidentData(ds, cfg.data.resident, cfg.data.resident_budget_mib, device, load=split_loader,
+                                     announce=_announce if rank == 0 else None)
         self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
-                              lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False))
+                              lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False,
+                                                  resident=self.resident.get(PHASES[phase][0])))
 
     def _ctx(self) -> StepContext:
-        return StepContext(cfg=self.cfg, protocol=self.protocol, optimizers=self.optimizers, device=self.device,
+        return StepContext(cfg=self.step_cfg, protocol=self.protocol, optimizers=self.optimizers, device=self.device,
                            autocast_dtype=self.autocast_dtype, epoch=self.epoch)
 
     def restore(self, resume: Mapping[str, Any]) -> int:
@@ -283,9 +298,11 @@ class _Phase:
             row_bytes = ds.feature_size * np.dtype(ds.storage_dtype).itemsize
             return ShardReader(ds, split, batch_size=o.batch_size, shuffle=True, seed=o.seed, rank=self.rank,
                                world_size=self.world_size, buffer_rows=d.shuffle_rows(row_bytes),
-                               class_balanced=d.class_balanced, equal_rows=True)
+                               class_balanced=d.class_balanced, equal_rows=True, resident=self.resident.get(split))
+        # Validation is read every epoch: resident when it fits. The test splits are read once: streamed.
+        resident = self.resident.get(split) if self.phase == "select" else None
         return ShardReader(ds, split, batch_size=self.cfg.eval.batch_size, shuffle=False, rank=self.rank,
-                           world_size=self.world_size, equal_rows=False)
+                           world_size=self.world_size, equal_rows=False, resident=resident)
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
         self.family.before_eval(self.model, self.data, self._ctx())
@@ -299,8 +316,13 @@ class _Phase:
         if resume is None:
             self.family.prepare(self.model, self.data, self._ctx())  # before DDP copies rank 0's weights
         wrapped = wrap_model(self.model) if wrap_model is not None else self.family.wrap(self.model, lambda m: m)
+        if self.cfg.train.compile:  # the training module's forward, DDP included (docs/scaling.md: measured)
+            wrapped = torch.compile(wrapped)
         train_split, seen_split, unseen_split = PHASES[self.phase]
         train_reader = self._readers(train_split, True)
+        if self.phase == "select":  # decided now, so the choices print before the first epoch
+            for split in (seen_split, unseen_split):
+                self.resident.get(split)
         test: EvalResult | None = None
         for epoch in range(start, self.epochs + 1):
             self.epoch = epoch
@@ -310,11 +332,11 @@ class _Phase:
             _seed_everything(phase_seed(self.cfg.optim.seed, self.rank, epoch))
             train_reader.set_epoch(epoch)
             stats = train_one_epoch(wrapped, _loader(train_reader, self.cfg.data.loader_workers), self.optimizers,
-                                    self.protocol, self.cfg, device=self.device, autocast_dtype=self.autocast_dtype,
+                                    self.protocol, self.step_cfg, device=self.device, autocast_dtype=self.autocast_dtype,
                                     max_steps=self.cfg.optim.max_steps_per_epoch, epoch=epoch)
             images, seconds, wait, rss = _group_stats(stats, self.collective)
             report = EpochReport(self.phase, epoch, self.epochs, stats["losses"], stats["steps"], images, seconds, wait,
-                                 rss, self.best)
+                                 rss, self.best, resident_mib=self.resident.held_bytes / 2**20)
             if self.phase == "select":
                 res = self._evaluate(seen_split, unseen_split)
                 chosen = res.best_metrics if res.best_weights is not None else res.metrics

@@ -194,6 +194,10 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 ),
             )
+        if base.data.resident != "off":  # one decoded copy per node for all concurrent trials, owned here
+            from dedn.training.node_cache import start_node_caches
+
+            start_node_caches()
         results = tuner.fit()
         done = results.num_terminated + results.num_errors
         if done < len(results) or len(results) < meta["num_samples"]:  # Ctrl+C / SIGINT: Tune returns early

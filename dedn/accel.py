@@ -1,0 +1,72 @@
+"""What the compute device does fast: native bf16, and the autocast dtype a run should use.
+
+bf16 is only worth it where the hardware multiplies it natively: CUDA compute capability >= 8.0
+(Ampere on), or a CPU with AVX512_BF16 or AMX-BF16. Elsewhere (an AVX2-only CPU, a V100) torch
+still runs bf16 matmuls, by conversion, about 100x slower than fp32 on an AVX2 CPU (a 1024^2
+matmul: 0.8 against ~100 GFLOP/s), so asking for bf16 there falls back to fp32 with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from dedn.errors import ConfigError
+
+__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "autocast_dtype_for"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def fast_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """(whether `device` multiplies bf16 natively, a sentence saying why) for messages and benchmarks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        ok = major >= 8
+        return ok, f"{name}, compute capability {major}.{minor} ({'>=' if ok else '<'} 8.0 for native bf16)"
+    cap = torch.backends.cpu.get_cpu_capability()
+    have = sorted(set(_CPU_BF16_FLAGS) & cpu_flags())
+    if have:
+        return True, f"CPU {cap} with {'/'.join(have)}"
+    return False, f"CPU {cap} without avx512_bf16/amx_bf16 (bf16 matmuls run by conversion, far slower than fp32)"
+
+
+def autocast_dtype_for(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run (None = fp32) for `train.precision` on `device`.
+
+    auto: bf16 on a GPU with native bf16, fp32 elsewhere (CPU runs stay fp32: the reference variant's
+    agreement with the authors' code is an fp32 result). bf16: bf16 where native; elsewhere fp32 and
+    a warning, instead of running many times slower. Master weights stay fp32 either way: autocast
+    casts per op, parameters and optimiser state are untouched.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"one of {'|'.join(PRECISIONS)}", precision)
+    device = torch.device(device)
+    if precision == "fp32":
+        return None
+    ok, why = fast_bf16(device)
+    if precision == "auto":
+        return torch.bfloat16 if ok and device.type == "cuda" else None
+    if not ok:
+        warnings.warn(f"train.precision=bf16 asked for, but {why}: training in fp32 instead", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    return torch.bfloat16
