@@ -21,7 +21,12 @@ variant, d3gzsl_base = d3.enabled=false (the WGAN-GP base). Its rate is judged b
 without); the GEMM work torch.utils.flop_counter measures in our iteration is printed beside it
 (less: the gradient penalty's input gradient is taken in closed form, over the feature columns
 and the interpolated rows only). It has no region count: it runs once per dtype.
-The GEMM rate is measured in the same run (4096^3 torch.mm, fp32 and bf16).
+The GEMM rate is measured in the same run (4096^3 torch.mm), for the requested dtypes only. bf16
+rows run only where the device multiplies bf16 natively (dedn.accel.fast_bf16: AVX512_BF16/AMX on
+a CPU, compute capability >= 8.0 on a GPU); elsewhere they are skipped with a message (an AVX2
+CPU runs a bf16 matmul ~100x slower than fp32). tf32 (GPU only): fp32 tensors, TF32 matmuls.
+--device cuda times the same steps on a GPU (synchronised; peak MiB = torch.cuda.max_memory_allocated
+increase); --compile wraps the model in torch.compile (the time to compile is excluded: warm-up).
 
 Peak memory: each configuration runs in its own subprocess; "peak MiB" is the increase of
 the process's resource.getrusage(RUSAGE_SELF).ru_maxrss over its resident size after the
@@ -58,13 +63,30 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    """GFLOP/s of a large square torch.mm in `dtype`."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _tf32(on: bool) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def gemm_rate(dtype: str = "fp32", n: int = 4096, reps: int = 3, device: str = "cpu") -> float:
+    """GFLOP/s of a large square torch.mm in `dtype` (fp32 | tf32 | bf16) on `device`."""
+    _tf32(dtype == "tf32")
+    a, b = (torch.randn(n, n, dtype=DTYPES[dtype], device=device) for _ in range(2))
     a @ b
+    _sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -77,6 +99,8 @@ def run_config(cfg: dict) -> dict:
     from dedn.protocol import ClassProtocol
 
     torch.manual_seed(0)
+    dev = cfg.get("device", "cpu")
+    _tf32(cfg["dtype"] == "tf32")
     r = cfg["r"]
     h = int(round(r**0.5))
     perm = torch.randperm(D).tolist()  # the sizes matter for speed, not which attributes
@@ -92,31 +116,39 @@ def run_config(cfg: dict) -> dict:
         model = DEDN(run_cfg.model, word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), clusters=clusters,
                      feature_shape=(C, h, h), impl=cfg["impl"])
     family = get_family(run_cfg.model.name)
+    model = model.to(dev)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4, alpha=0.99)
     protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
-    x = torch.rand(B, C, h, h)
-    y = torch.randint(0, 150, (B,))
+    x = torch.rand(B, C, h, h, device=dev)
+    y = torch.randint(0, 150, (B,), device=dev)
     bf16 = cfg["dtype"] == "bf16"
+    run = torch.compile(model) if cfg.get("compile") else model
+    kind = torch.device(dev).type
 
     def train_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+            out = run(x)
             loss = family.loss(out, y, protocol, run_cfg)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _sync(dev)
 
     def infer_step() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            family.combine(run_cfg, family.score_parts(model(x)))
+        with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+            family.combine(run_cfg, family.score_parts(run(x)))
+        _sync(dev)
 
-    return {**cfg, **_timed(train_step if cfg["mode"] == "train" else infer_step, cfg["reps"])}
+    return {**cfg, **_timed(train_step if cfg["mode"] == "train" else infer_step, cfg["reps"], device=dev)}
 
 
-def _timed(step, reps: int, counted=None) -> dict:
+def _timed(step, reps: int, counted=None, device: str = "cpu") -> dict:
     """A warm-up call (allocator, oneDNN kernels, optimiser state), then `reps` timed calls of `step`:
     {s_min, s_med, peak_mib}; `counted` (a context manager) wraps one extra untimed call after the warm-up."""
-    base = _rss_mib()
+    cuda = device.startswith("cuda")
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     step()
     if counted is not None:
         with counted:
@@ -127,7 +159,8 @@ def _timed(step, reps: int, counted=None) -> dict:
         step()
         times.append(time.perf_counter() - t)
     times.sort()
-    return {"s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": _maxrss_mib() - base}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mib()
+    return {"s_min": times[0], "s_med": times[len(times) // 2], "peak_mib": peak - base}
 
 
 def run_d3(cfg: dict) -> dict:
@@ -141,19 +174,20 @@ def run_d3(cfg: dict) -> dict:
     from dedn.protocol import ClassProtocol
 
     torch.manual_seed(0)
+    dev = cfg.get("device", "cpu")
     over = ["model=d3gzsl"] + (["variant=reference"] if cfg["variant"] == "d3gzsl_ref" else []) + (
         ["d3.enabled=false"] if cfg["variant"] == "d3gzsl_base" else [])
     run_cfg = build_config("cub", over).replace(**{"protocol": "final"})
     family = get_family("d3gzsl")
     protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
     model = D3GZSL(run_cfg.model, class_attributes=torch.nn.functional.normalize(torch.rand(K, D), dim=1),
-                   feature_shape=(C, 1, 1), seen=protocol.seen, unseen=protocol.unseen)
+                   feature_shape=(C, 1, 1), seen=protocol.seen, unseen=protocol.unseen).to(dev)
     opts = family.optimizers(run_cfg, model)
     train = family.wrap(model, lambda m: m).train()
     bsz = run_cfg.optim.batch_size
-    x = torch.rand(bsz, C, 1, 1)
-    y = torch.randint(0, 150, (bsz,))
-    ctx = StepContext(cfg=run_cfg, protocol=protocol, optimizers=opts, device=torch.device("cpu"),
+    x = torch.rand(bsz, C, 1, 1, device=dev)
+    y = torch.randint(0, 150, (bsz,), device=dev)
+    ctx = StepContext(cfg=run_cfg, protocol=protocol, optimizers=opts, device=torch.device(dev),
                       autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bf16" else None, epoch=1)
     n = run_cfg.loss.n_critic
 
@@ -161,9 +195,11 @@ def run_d3(cfg: dict) -> dict:
         for s in range(1, n + 1):
             ctx.step = s
             family.train_step(train, x, y, ctx)
+        _sync(dev)
 
     counter = FlopCounterMode(display=False)
-    return {**cfg, **_timed(iteration, cfg["reps"], counted=counter), "flop": counter.get_total_flops(), "batch": bsz}
+    return {**cfg, **_timed(iteration, cfg["reps"], counted=counter, device=dev), "flop": counter.get_total_flops(),
+            "batch": bsz}
 
 
 def _spawn(cfg: dict) -> dict:
@@ -178,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
     ap.add_argument("--r", type=int, nargs="+", default=[49, 196], help="region counts (perfect squares)")
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16"],
+                    help="tf32: GPU only (fp32 tensors, TF32 matmuls)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the DEDN/MSDN model (not D3GZSL)")
     ap.add_argument("--variants", nargs="+",
                     default=["fused", "loop", "coarse", "fine", "infer", "msdn", "d3gzsl", "d3gzsl_ref", "d3gzsl_base"],
                     choices=["fused", "loop", "direct", "coarse", "fine", "infer", "msdn", "msdn_infer", "d3gzsl",
@@ -197,22 +236,37 @@ def main(argv: list[str] | None = None) -> int:
         if int(round(r**0.5)) ** 2 != r:
             ap.error(f"--r: expected perfect squares, found {r}")
 
+    from dedn.accel import fast_bf16
+
     reps = 2 if args.quick else 5
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} C={C} D={D} G={G} K={K} "
-          f"Q=6 {CUB_CLUSTER_SIZES}", flush=True)
-    rate = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    print(f"GEMM rate (4096^3 torch.mm): fp32 {rate['fp32']:.0f} GFLOP/s, bf16 {rate['bf16']:.0f} GFLOP/s", flush=True)
+    dev = args.device
+    ok, why = fast_bf16(dev)
+    dtypes = list(dict.fromkeys(args.dtype))
+    if "bf16" in dtypes and not ok:
+        print(f"bf16 rows skipped: {why}", flush=True)
+        dtypes.remove("bf16")
+    if "tf32" in dtypes and not dev.startswith("cuda"):
+        print("tf32 rows skipped: TF32 is a GPU matmul mode", flush=True)
+        dtypes.remove("tf32")
+    if not dtypes:
+        ap.error("no requested dtype runs on this device")
+    where = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else \
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; B={B} C={C} D={D} G={G} K={K} "
+          f"Q=6 {CUB_CLUSTER_SIZES}{'; torch.compile' if args.compile else ''}", flush=True)
+    rate = {dt: gemm_rate(dt, device=dev) for dt in dtypes}
+    print("GEMM rate (4096^3 torch.mm): " + ", ".join(f"{dt} {v:.0f} GFLOP/s" for dt, v in rate.items()), flush=True)
     hdr = f"{'R':>4} {'dtype':>5} {'config':>8} {'s/step':>8} {'img/s':>7} {'GFLOP/s':>8} {'of GEMM':>8} {'peak MiB':>9}"
     print(hdr)
     print("-" * len(hdr))
     results = []
     for i, r in enumerate(args.r):
-        for dt in args.dtype:
+        for dt in dtypes:
             for v in args.variants:
                 if v.startswith("d3gzsl"):
                     if i > 0:  # no region count: once per dtype
                         continue
-                    res = _spawn({"r": 1, "dtype": dt, "variant": v, "reps": reps})
+                    res = _spawn({"r": 1, "dtype": dt, "variant": v, "reps": reps, "device": dev})
                     note = D3_NOTE_GFLOP[v]  # the note's count of this iteration (what the rate is judged by)
                     gfs = note / res["s_min"]
                     res.update(gflop=note, gflop_counted=res["flop"] / 1e9, gflop_s=gfs, of_gemm=gfs / rate[dt],
@@ -226,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     "r": r, "dtype": dt, "variant": v, "reps": reps,
                     "impl": v if v in ("loop", "direct") else "fused",
                     "experts": v if v in ("coarse", "fine") else "both",
-                    "mode": "infer" if v.endswith("infer") else "train",
+                    "mode": "infer" if v.endswith("infer") else "train", "device": dev, "compile": args.compile,
                 }
                 res = _spawn(cfg)
                 passes = 1 if v.endswith("infer") else 3  # a training step counts as three forward passes

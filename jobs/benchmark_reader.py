@@ -2,6 +2,10 @@
 
     python jobs/benchmark_reader.py --rows 4000 --channels 2048 --height 7 --width 7
     python jobs/benchmark_reader.py --data /path/to/dataset --split trainval
+    python jobs/benchmark_reader.py --data /path/to/dataset --split train --resident --class-balanced
+
+--resident: decode the split once (timed), then time the epochs' batch assembly from the resident
+tensor (the training reader's plan, gathered by index; data.resident) instead of streaming.
 
 Without --data it writes a synthetic dataset (random class side, random features) to a temp dir.
 MB/s counts the storage bytes of the features read (rows x C x H x W x itemsize).
@@ -63,6 +67,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--class-balanced", action="store_true")
     p.add_argument("--out-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--resident", action="store_true", help="assemble batches from the decoded split (data.resident)")
     args = p.parse_args()
 
     tmp = None
@@ -74,8 +79,16 @@ def main() -> None:
         print(f"wrote {args.rows} rows of {args.channels}x{args.height}x{args.width} in {time.perf_counter() - t0:.1f} s")
     ds = FeatureDataset.open(args.data)
     itemsize = np.dtype(ds.storage_dtype).itemsize
+    resident = None
+    if args.resident:
+        t0 = time.perf_counter()
+        resident = ShardReader(ds, args.split, batch_size=1, shuffle=False).decode()
+        dt = time.perf_counter() - t0
+        print(f"decoded {args.split} once: {resident.num_rows} rows, {resident.nbytes / 2**20:.0f} MiB in {dt:.2f} s "
+              f"({resident.nbytes / 1e6 / dt:.0f} MB/s)")
     reader = ShardReader(ds, args.split, batch_size=args.batch_size, buffer_rows=args.buffer_rows,
-                         class_balanced=args.class_balanced, out_dtype=getattr(torch, args.out_dtype))
+                         class_balanced=args.class_balanced, out_dtype=getattr(torch, args.out_dtype),
+                         resident=resident)
     print(f"{ds}\nshards={len(ds.split(args.split).shards)} units={len(reader._units)} "
           f"storage={ds.storage_dtype} out={args.out_dtype} batch={args.batch_size} buffer={args.buffer_rows}")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -87,8 +100,9 @@ def main() -> None:
             checksum += float(batch.features[:, 0, 0, 0].sum())  # touch the output
         dt = time.perf_counter() - t0
         mb = rows * ds.feature_size * itemsize / 1e6
-        print(f"epoch {epoch}: {rows} rows in {dt:.2f} s: {mb / dt:.0f} MB/s ({ds.storage_dtype} read), "
-              f"{rows / dt:.0f} rows/s")
+        what = "gathered from the resident split" if resident is not None else "read"
+        print(f"epoch {epoch}: {rows} rows in {dt:.2f} s: {mb / dt:.0f} MB/s ({ds.storage_dtype} {what}), "
+              f"{rows / dt:.0f} rows/s into {args.out_dtype} batches")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MiB (before reading {rss_before:.0f} MiB); split size "
           f"{ds.split(args.split).num_rows * ds.feature_size * itemsize / 2**20:.0f} MiB in {ds.storage_dtype}")

@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, seen_batches: Iterable[Batch], unseen_batches: It
     try:
         for side, batches in (("seen", seen_batches), ("unseen", unseen_batches)):
             for batch in batches:
-                x = batch.features.to(device, non_blocking=True)  # (B, C, H, W)
+                x = batch.features.to(device, torch.float32, non_blocking=True)  # (B, C, H, W), float32 on the device
                 y = batch.labels.to(device, non_blocking=True)
                 with _autocast(device, autocast_dtype):
                     out = model(x)

@@ -110,7 +110,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapp
     t_start = time.perf_counter()
     for batch, waited in _timed(batches):
         wait += waited
-        x = batch.features.to(device, non_blocking=True)  # (B, C, H, W)
+        # Readers hand over the storage dtype (float16: half the bytes to copy to a GPU); the conversion
+        # to float32 happens on the training device, as part of the step.
+        x = batch.features.to(device, torch.float32, non_blocking=True)  # (B, C, H, W)
         y = batch.labels.to(device, non_blocking=True)  # (B,)
         ctx.step = steps + 1
         for k, v in family.train_step(model, x, y, ctx).items():
@@ -294,15 +296,17 @@ class _Phase:
 
     def _readers(self, split: str, train: bool) -> ShardReader:
         o, d, ds = self.cfg.optim, self.cfg.data, self.ds
+        store = getattr(torch, ds.storage_dtype)  # batches in storage dtype: converted on the device (train_one_epoch)
         if train:
             row_bytes = ds.feature_size * np.dtype(ds.storage_dtype).itemsize
             return ShardReader(ds, split, batch_size=o.batch_size, shuffle=True, seed=o.seed, rank=self.rank,
                                world_size=self.world_size, buffer_rows=d.shuffle_rows(row_bytes),
-                               class_balanced=d.class_balanced, equal_rows=True, resident=self.resident.get(split))
+                               class_balanced=d.class_balanced, equal_rows=True, resident=self.resident.get(split),
+                               out_dtype=store)
         # Validation is read every epoch: resident when it fits. The test splits are read once: streamed.
         resident = self.resident.get(split) if self.phase == "select" else None
         return ShardReader(ds, split, batch_size=self.cfg.eval.batch_size, shuffle=False, rank=self.rank,
-                           world_size=self.world_size, equal_rows=False, resident=resident)
+                           world_size=self.world_size, equal_rows=False, resident=resident, out_dtype=store)
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
         self.family.before_eval(self.model, self.data, self._ctx())
