@@ -106,14 +106,16 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU with native bf16, else fp32
     compile: bool = False  # torch.compile the training module (off: it costs more than it saves on CPU)
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default)
-    ddp_static_graph: bool = False  # DDP static_graph (every parameter used every step, same graph)
     ddp_grad_as_bucket_view: bool = True  # gradients are views into the buckets: no copy, less memory
-    ddp_comm_hook: Literal["none", "bf16"] = "none"  # bf16: all-reduce gradients in bf16 (half the bytes)
+    # Gradient compression: bf16 (NCCL only) or fp16 (gloo or NCCL) halves the all-reduce bytes.
+    # (No static_graph key: on torch 2.13 it leaves some of DEDN's gradients un-averaged; docs/scaling.md.)
+    ddp_comm_hook: Literal["none", "bf16", "fp16"] = "none"
 
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", "one of auto|fp32|bf16", self.precision)
         _check(self.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "> 0", self.ddp_bucket_mb)
-        _check(self.ddp_comm_hook in ("none", "bf16"), "train.ddp_comm_hook", "one of none|bf16", self.ddp_comm_hook)
+        _check(self.ddp_comm_hook in ("none", "bf16", "fp16"), "train.ddp_comm_hook", "one of none|bf16|fp16",
+               self.ddp_comm_hook)
 
 
 @dataclass(frozen=True)

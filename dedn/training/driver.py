@@ -51,7 +51,7 @@ from dedn.protocol import TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
 from dedn.training.preflight import FATAL_FILE, _read_fatal, _write_fatal, open_dataset, preflight
 from dedn.training.ray_cluster import init_ray
-from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn
+from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn, say
 
 __all__ = [
     "STATE_FILE", "SCORE_ATTRIBUTE", "TrainSettings", "TrainOutcome", "init_ray", "cpus_per_worker", "train_func",
@@ -311,7 +311,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
                           device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
                           autocast_dtype=autocast_dtype,
-                          split_loader=node_split_loader(print if rank == 0 else None))
+                          split_loader=node_split_loader(say if rank == 0 else None))
     last = result.final or result.select
     assert last is not None
     recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
@@ -324,11 +324,11 @@ def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:
 
     t = cfg.train
     wrapped = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=t.ddp_bucket_mb,
-                  static_graph=t.ddp_static_graph, gradient_as_bucket_view=t.ddp_grad_as_bucket_view)
-    if t.ddp_comm_hook == "bf16":  # gradients travel as bf16 (half the bytes), are averaged back into fp32
+                  gradient_as_bucket_view=t.ddp_grad_as_bucket_view)
+    if t.ddp_comm_hook != "none":  # gradients travel as bf16/fp16 (half the bytes), are averaged back into fp32
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        wrapped.register_comm_hook(None, getattr(default_hooks, f"{t.ddp_comm_hook}_compress_hook"))
     return wrapped
 
 

@@ -37,7 +37,7 @@ from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.training.evaluate import Collective, EvalResult, evaluate
-from dedn.training.report import Best, EpochReport, Sink, emit
+from dedn.training.report import Best, EpochReport, Sink, emit, say
 
 __all__ = [
     "NonFiniteLossError", "PhaseResult", "ProtocolResult", "build_model", "model_from_state", "unwrap_model",
@@ -176,10 +176,6 @@ def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:
     return torch.utils.data.DataLoader(ShardIterableDataset(reader, workers), batch_size=None, num_workers=workers)
 
 
-def _announce(line: str) -> None:
-    print(line, flush=True)
-
-
 def _check_resume(resume: Mapping[str, Any], cfg: DEDNConfig, phase: str, epochs: int) -> int:
     for key in ("model", "optimizers", "epoch", "phase"):
         if key not in resume:
@@ -260,7 +256,7 @@ class _Phase:
         self.best = Best(weights=self.family.configured_weights(cfg))
         self.best_state: dict[str, Tensor] | None = None
         self.resident = ResidentData(ds, cfg.data.resident, cfg.data.resident_budget_mib, device, load=split_loader,
-                                     announce=_announce if rank == 0 else None)
+                                     announce=say if rank == 0 else None)
         self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
                               lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False,
                                                   resident=self.resident.get(PHASES[phase][0])))

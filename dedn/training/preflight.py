@@ -53,6 +53,9 @@ def preflight(cfg: DEDNConfig, settings: "TrainSettings") -> tuple[DEDNConfig, F
     from dedn.training.loop import build_model
 
     cfg, dataset = open_dataset(cfg)
+    if cfg.train.ddp_comm_hook == "bf16" and not settings.use_gpu and settings.num_workers > 1:
+        raise ConfigError("train.ddp_comm_hook", "none or fp16 on CPU workers (gloo): bf16 compression needs NCCL, "
+                          "i.e. --use-gpu", "bf16", "preflight")
     cfg = family_of(cfg).resolve(cfg, dataset.class_side)
     model = build_model(cfg, dataset.class_side, dataset.feature_shape)
     storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else tracking.dedn_home() / "ray_results"

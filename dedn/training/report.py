@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-__all__ = ["Best", "EpochReport", "Sink", "ConsoleSink", "SCORE_ATTRIBUTE", "emit"]
+__all__ = ["Best", "EpochReport", "Sink", "ConsoleSink", "SCORE_ATTRIBUTE", "emit", "say"]
 
 SCORE_ATTRIBUTE = "val_H"  # what checkpoints are ranked by
 
@@ -105,7 +105,7 @@ def emit(sinks: Sequence[Sink], report: EpochReport, state: StateFn) -> None:
         s.on_epoch(report, state)
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One console line. Not print(): Ray Train V2 patches print in workers to log AND echo it
     (each line would show twice); a direct write to stdout is forwarded to the driver once."""
     sys.stdout.write(line + "\n")
@@ -120,7 +120,7 @@ class ConsoleSink:
 
     def on_epoch(self, report: EpochReport, state: StateFn) -> None:
         if self.rank == 0:
-            _say(progress_line(report, self.world_size))
+            say(progress_line(report, self.world_size))
 
 
 def progress_line(r: EpochReport, world_size: int) -> str:
