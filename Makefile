@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dedn-installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test demo benchmark gpu-check clean
 
 # pip: --quiet drops progress chatter only (warnings and errors still print); no version nag.
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -36,6 +36,11 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) jobs/benchmark.py --quick
+
+# One command on a GPU node, under 5 minutes: GEMM peaks, step times, Ray Train resident vs streaming,
+# bf16 vs fp32 (jobs/gpu_check.py). Needs a CUDA build of torch (the pinned CPU build above has no CUDA).
+gpu-check: $(STAMP)
+	$(PY) jobs/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -77,6 +77,7 @@ class DataConfig:
     # resident_budget_mib (device memory on a GPU, host otherwise), streaming when it does not.
     resident: Literal["auto", "off", "host", "device"] = "auto"
     resident_budget_mib: int = 8192
+    resident_shared: bool = True  # under Ray: the node's one decoded copy (False: each worker decodes its own)
 
     def __post_init__(self) -> None:
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)

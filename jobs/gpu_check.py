@@ -64,21 +64,18 @@ def ray_runs(data: str, device: str, out: dict) -> None:
     for mode in ("auto", "off"):
         cfg = config_for_dataset(ds.name, data, "cub").replace(**{"protocol": "select", "optim.epochs": 1,
                                                                    "data.resident": mode})
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = train(cfg, TrainSettings(num_workers=1, use_gpu=gpu, track=False, register=False, verbose=True))
         rep = res.history[-1]
         row = {"data.resident": mode, "images_per_s": rep.images_per_s, "data_wait_frac": rep.data_wait_frac,
                "epoch_s": rep.epoch_time_s, "train_s": rep.seconds, "wall_s": time.perf_counter() - t0,
-               "worker_peak_rss_mib": rep.peak_rss_mib, "resident_mib": rep.resident_mib}
+               "worker_peak_rss_mib": rep.peak_rss_mib, "resident_mib": rep.resident_mib,
+               "worker_peak_gpu_mib": rep.gpu_peak_mib}
         out.setdefault("ray_train", []).append(row)
         say(f"  data.resident={mode:4s}: {rep.images_per_s:8.0f} img/s training, data wait "
             f"{100 * rep.data_wait_frac:5.1f}%, epoch {rep.epoch_time_s:6.1f} s (training {rep.seconds:.1f} s), "
-            f"resident {rep.resident_mib:,.0f} MiB, worker peak RSS {rep.peak_rss_mib:,.0f} MiB")
-    if gpu:
-        say("  (GPU memory of the worker: see its peak in the lines above; the worker reports it as "
-            "gpu_peak_mib below)")
+            f"resident {rep.resident_mib:,.0f} MiB, worker peak RSS {rep.peak_rss_mib:,.0f} MiB"
+            + (f", GPU peak {rep.gpu_peak_mib:,.0f} MiB" if gpu else ""))
 
 
 def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:

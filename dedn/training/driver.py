@@ -311,7 +311,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
                           device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
                           autocast_dtype=autocast_dtype,
-                          split_loader=node_split_loader(say if rank == 0 else None))
+                          split_loader=node_split_loader(say if rank == 0 else None) if cfg.data.resident_shared else None)
     last = result.final or result.select
     assert last is not None
     recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
@@ -417,7 +417,7 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     if settings.track:
         tracking.init_store()  # in the driver, before any worker touches the store
     init_ray()  # before the run's tags: they name the Ray job
-    if cfg.data.resident != "off":
+    if cfg.data.resident != "off" and cfg.data.resident_shared:
         from dedn.training.node_cache import start_node_caches
 
         start_node_caches()  # one decoded copy per node, owned by this driver (a trial finds its sweep's)

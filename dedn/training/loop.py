@@ -196,14 +196,20 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _group_stats(stats: Mapping[str, Any], collective: Collective | None) -> tuple[int, float, float, float]:
-    """(images of the group, slowest rank's seconds, worst data-wait share, worst peak RSS MiB)."""
+def _group_stats(stats: Mapping[str, Any], collective: Collective | None, device: torch.device
+                 ) -> tuple[int, float, float, float, float]:
+    """(images of the group, slowest rank's seconds, worst data-wait share, worst peak RSS MiB, worst
+    peak GPU memory MiB (torch's allocator; 0 on CPU))."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     imgs = torch.tensor([float(stats["images"])], dtype=torch.float64)
-    worst = torch.tensor([stats["seconds"], stats["data_wait_frac"], _peak_rss_mib()], dtype=torch.float64)
+    worst = torch.tensor([stats["seconds"], stats["data_wait_frac"], _peak_rss_mib(), gpu], dtype=torch.float64)
     if collective is not None:
+        if device.type == "cuda":  # NCCL reduces device tensors
+            imgs, worst = imgs.to(device), worst.to(device)
         collective.sum_(imgs)
         collective.max_(worst)
-    return int(imgs[0]), float(worst[0]), float(worst[1]), float(worst[2])
+    imgs, worst = imgs.cpu(), worst.cpu()
+    return int(imgs[0]), float(worst[0]), float(worst[1]), float(worst[2]), float(worst[3])
 
 
 def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int = 0, world_size: int = 1,
@@ -334,9 +340,9 @@ class _Phase:
             stats = train_one_epoch(wrapped, _loader(train_reader, self.cfg.data.loader_workers), self.optimizers,
                                     self.protocol, self.step_cfg, device=self.device, autocast_dtype=self.autocast_dtype,
                                     max_steps=self.cfg.optim.max_steps_per_epoch, epoch=epoch)
-            images, seconds, wait, rss = _group_stats(stats, self.collective)
+            images, seconds, wait, rss, gpu = _group_stats(stats, self.collective, self.device)
             report = EpochReport(self.phase, epoch, self.epochs, stats["losses"], stats["steps"], images, seconds, wait,
-                                 rss, self.best, resident_mib=self.resident.held_bytes / 2**20)
+                                 rss, self.best, resident_mib=self.resident.held_bytes / 2**20, gpu_peak_mib=gpu)
             if self.phase == "select":
                 res = self._evaluate(seen_split, unseen_split)
                 chosen = res.best_metrics if res.best_weights is not None else res.metrics

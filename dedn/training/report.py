@@ -57,6 +57,7 @@ class EpochReport:
     test_per_class: list[tuple] | None = None  # dedn.metrics.ClassAccuracy rows of that test
     epoch_time_s: float = 0.0  # wall time of the whole epoch, evaluation included
     resident_mib: float = 0.0  # decoded features rank 0 holds (data.resident; a node-shared copy counted whole)
+    gpu_peak_mib: float = 0.0  # the worst rank's peak GPU memory (torch's allocator), 0 on CPU
 
     @property
     def images_per_s(self) -> float:
@@ -70,6 +71,8 @@ class EpochReport:
         out[f"{pre}data_wait_frac"] = float(self.data_wait_frac)
         out["worker_peak_rss_mib"] = float(self.peak_rss_mib)
         out["data_resident_mib"] = float(self.resident_mib)
+        if self.gpu_peak_mib:
+            out["worker_peak_gpu_mib"] = float(self.gpu_peak_mib)
         if self.phase == "select":
             val = self.val_fitted or self.val or {}
             out.update({f"val_{k}": float(v) for k, v in val.items()})

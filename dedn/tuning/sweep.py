@@ -194,7 +194,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 ),
             )
-        if base.data.resident != "off":  # one decoded copy per node for all concurrent trials, owned here
+        if base.data.resident != "off" and base.data.resident_shared:  # one decoded copy per node for all concurrent trials, owned here
             from dedn.training.node_cache import start_node_caches
 
             start_node_caches()
