@@ -300,6 +300,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
         return wrapped
 
     sinks: list[Any] = [recorder]
+    announce = say if rank == 0 and config.get("verbose", True) else None  # what data.resident chose, per split
     if rank == 0 and config.get("verbose", True):
         sinks.append(ConsoleSink(world_size))
     if rank == 0 and config.get("run_id"):
@@ -311,7 +312,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
                           device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
                           autocast_dtype=autocast_dtype,
-                          split_loader=node_split_loader(say if rank == 0 else None) if cfg.data.resident_shared else None)
+                          split_loader=node_split_loader(announce) if cfg.data.resident_shared else None, announce=announce)
     last = result.final or result.select
     assert last is not None
     recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))

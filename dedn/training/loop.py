@@ -37,7 +37,7 @@ from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.training.evaluate import Collective, EvalResult, evaluate
-from dedn.training.report import Best, EpochReport, Sink, emit, say
+from dedn.training.report import Best, EpochReport, Sink, emit
 
 __all__ = [
     "NonFiniteLossError", "PhaseResult", "ProtocolResult", "build_model", "model_from_state", "unwrap_model",
@@ -216,7 +216,8 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
               device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] | None = None,
               collective: Collective | None = None, sinks: Sequence[Sink] = (), resume: Mapping[str, Any] | None = None,
               epochs: int | None = None, autocast_dtype: torch.dtype | None = None,
-              extra_state: Mapping[str, Any] | None = None, split_loader: SplitLoader | None = None) -> PhaseResult:
+              extra_state: Mapping[str, Any] | None = None, split_loader: SplitLoader | None = None,
+              announce: Callable[[str], None] | None = None) -> PhaseResult:
     """Train one phase ("select" or "final"); the only training loop (see module docstring).
 
     wrap_model: the training-time module around the network (the driver: the family's `wrap` with
@@ -226,7 +227,8 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
     goes to each sink with a function returning the checkpoint dict (extra_state merged in).
     resume: a checkpoint dict of this phase; training continues at its epoch + 1.
     split_loader: where resident splits come from (cfg.data.resident; dedn.data.resident): the
-    driver passes the node-shared copy; default a decode in this process.
+    driver passes the node-shared copy; default a decode in this process. announce: where to say
+    what was chosen per split (the driver: rank 0's console when verbose).
     """
     if phase not in PHASES:
         raise ConfigError("phase", f"one of {'|'.join(PHASES)}", phase, "run_phase")
@@ -235,7 +237,7 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
         raise ConfigError("optim.epochs", ">= 1", epochs, "run_phase")
     with forbid_splits(TEST_SPLITS) if phase == "select" else nullcontext():
         return _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
-                      epochs, dict(extra_state or {}), split_loader).run(wrap_model, sinks, resume)
+                      epochs, dict(extra_state or {}), split_loader, announce).run(wrap_model, sinks, resume)
 
 
 class _Phase:
@@ -243,7 +245,8 @@ class _Phase:
 
     def __init__(self, cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world_size: int,
                  device: torch.device, collective: Collective | None, autocast_dtype: torch.dtype | None,
-                 epochs: int, extra_state: dict[str, Any], split_loader: SplitLoader | None = None):
+                 epochs: int, extra_state: dict[str, Any], split_loader: SplitLoader | None = None,
+                 announce: Callable[[str], None] | None = None):
         self.cfg, self.ds, self.phase, self.rank, self.world_size = cfg, ds, phase, rank, world_size
         # What the steps and optimisers see: optim.lr under optim.lr_scaling for this many workers
         # (checkpoints and logs keep the configured value).
@@ -262,7 +265,7 @@ class _Phase:
         self.best = Best(weights=self.family.configured_weights(cfg))
         self.best_state: dict[str, Tensor] | None = None
         self.resident = ResidentData(ds, cfg.data.resident, cfg.data.resident_budget_mib, device, load=split_loader,
-                                     announce=say if rank == 0 else None)
+                                     announce=announce)
         self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
                               lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False,
                                                   resident=self.resident.get(PHASES[phase][0])))
