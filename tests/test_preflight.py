@@ -124,3 +124,13 @@ def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tin
         train(_cfg(tiny_dataset.root, "model.clusters=kmeans", "model.num_clusters=1000"),
               _settings(tmp_path, name="again"))
     assert fatal.is_file()  # preflight failed first: nothing of the old run was touched
+
+
+def test_bf16_gradient_compression_on_cpu_workers_stops_before_ray_starts(tiny_dataset, tmp_path):
+    """torch refuses the bf16 hook on gloo; the driver says so in seconds, naming the key and the way out."""
+    import ray
+
+    with pytest.raises(ConfigError, match="train.ddp_comm_hook.*fp16"):
+        train(_cfg(tiny_dataset.root, "train.ddp_comm_hook=bf16"),
+              TrainSettings(num_workers=2, track=False, register=False, verbose=False, storage_path=str(tmp_path)))
+    assert not ray.is_initialized()
