@@ -8,6 +8,7 @@ matmul: 0.8 against ~100 GFLOP/s), so asking for bf16 there falls back to fp32 w
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from dedn.errors import ConfigError
 
-__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "autocast_dtype_for"]
+__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "autocast_dtype_for", "gemm_rate", "set_tf32"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -70,3 +71,27 @@ def autocast_dtype_for(precision: str, device: str | torch.device) -> torch.dtyp
                       stacklevel=2)
         return None
     return torch.bfloat16
+
+
+_GEMM_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 matmuls on CUDA (fp32 tensors, TF32 multiplies); nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def gemm_rate(dtype: str = "fp32", n: int = 4096, reps: int = 3, device: str = "cpu") -> float:
+    """GFLOP/s of a square n^3 torch.mm in `dtype` (fp32 | tf32 | bf16) on `device` (the benchmarks' peak)."""
+    set_tf32(dtype == "tf32")
+    a, b = (torch.randn(n, n, dtype=_GEMM_DTYPES[dtype], device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9

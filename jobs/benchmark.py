@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from dedn.accel import gemm_rate, set_tf32
+
 B, C, D, G, K = 50, 2048, 312, 300, 200
 # ../shared/docs/d3gzsl.md §9: GEMM GFLOP of one gzsl/ iteration at CUB settings (5 x 55.1 + 25.4, plus D3's
 # 5 x 20.3 + 39.0); ours does the same arithmetic with less GEMM work (the penalty's closed-form input gradient)
@@ -63,31 +65,9 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _tf32(on: bool) -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = on
-        torch.backends.cudnn.allow_tf32 = on
-
-
-def gemm_rate(dtype: str = "fp32", n: int = 4096, reps: int = 3, device: str = "cpu") -> float:
-    """GFLOP/s of a large square torch.mm in `dtype` (fp32 | tf32 | bf16) on `device`."""
-    _tf32(dtype == "tf32")
-    a, b = (torch.randn(n, n, dtype=DTYPES[dtype], device=device) for _ in range(2))
-    a @ b
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def run_config(cfg: dict) -> dict:
@@ -100,7 +80,7 @@ def run_config(cfg: dict) -> dict:
 
     torch.manual_seed(0)
     dev = cfg.get("device", "cpu")
-    _tf32(cfg["dtype"] == "tf32")
+    set_tf32(cfg["dtype"] == "tf32")
     r = cfg["r"]
     h = int(round(r**0.5))
     perm = torch.randperm(D).tolist()  # the sizes matter for speed, not which attributes

@@ -15,6 +15,8 @@ each rank steps on its own gradients; the compute floor) and once per option set
     fp16_hook         fp16 gradient compression (half the bytes on the wire; gloo and NCCL)
     bf16_hook         bf16 gradient compression (NCCL only: torch refuses it on gloo)
     all               bucket_view + static + the compression hook of the backend (bf16 NCCL, fp16 gloo)
+    after_backward    no DDP: one all-reduce of all gradients (flattened) after the backward pass,
+                      no overlap; on a CPU the backward then has its cores to itself
 
 Printed per option set: median s/step over the timed steps (after 2 warm-up steps), the overhead
 over no_ddp, and after the last step the loss and the largest parameter difference against
@@ -45,6 +47,7 @@ OPTIONS = {
     "fp16_hook": dict(bucket_cap_mb=25, static_graph=False, gradient_as_bucket_view=False, hook="fp16"),
     "bf16_hook": dict(bucket_cap_mb=25, static_graph=False, gradient_as_bucket_view=False, hook="bf16"),
     "all": dict(bucket_cap_mb=25, static_graph=True, gradient_as_bucket_view=True, hook="auto"),
+    "after_backward": "manual",
 }
 
 
@@ -81,7 +84,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
         opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4, alpha=0.99)
         o = OPTIONS[name]
         net = model
-        if o is not None:
+        if o is not None and o != "manual":
             net = DDP(model, device_ids=[rank] if dev.type == "cuda" else None, bucket_cap_mb=o["bucket_cap_mb"],
                       static_graph=o["static_graph"], gradient_as_bucket_view=o["gradient_as_bucket_view"])
             if o["hook"]:
@@ -97,6 +100,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
                 loss = family.loss(net(xs[step % 4]), ys[step % 4], protocol, cfg)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if o == "manual":
+                from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat)
+                flat /= world
+                for g_, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    g_.copy_(v)
             opt.step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()

@@ -38,10 +38,7 @@ def say(line: str = "") -> None:
 
 
 def gemm_peaks(device: str) -> dict[str, float]:
-    sys.path.insert(0, str(HERE))
-    from benchmark import gemm_rate
-
-    from dedn.accel import fast_bf16
+    from dedn.accel import fast_bf16, gemm_rate
 
     n = 8192 if device.startswith("cuda") else 2048
     dtypes = ["fp32"] + (["tf32"] if device.startswith("cuda") else []) + (["bf16"] if fast_bf16(device)[0] else [])
