@@ -306,3 +306,21 @@ def test_node_shared_copy_is_decoded_once_for_two_processes(ray_env, tiny_datase
     ctx = ray.get_runtime_context()
     cache = ray.get_actor(actor_name(ctx.get_job_id(), ctx.get_node_id()), namespace=NAMESPACE)
     assert ray.get(cache.stats.remote())["decodes"].count(split_key(ds, "val_unseen")) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kw,key", [(dict(use_gpu=True), "--use-gpu"), (dict(cpus_per_worker=2.0), "--num-workers")])
+def test_workers_the_cluster_can_never_place_fail_in_seconds(ray_env, tiny_dataset, kw, key):
+    """--use-gpu on this CPU-only Ray (or 2 x 2 CPUs on 2) ends at once, saying what the cluster has."""
+    import time
+
+    from dedn.config import build_config
+    from dedn.errors import ConfigError
+    from dedn.training.driver import TrainSettings, train
+
+    cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=key) as e:
+        train(cfg, TrainSettings(num_workers=2, track=False, register=False, verbose=False, **kw))
+    assert time.perf_counter() - t0 < 30
+    assert "2 CPUs and 0 GPUs on 1 node(s)" in str(e.value)

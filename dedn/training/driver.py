@@ -49,7 +49,8 @@ from dedn.errors import ConfigError, DednError, OutputError, os_reason
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
-from dedn.training.preflight import FATAL_FILE, _read_fatal, _write_fatal, open_dataset, preflight
+from dedn.training.preflight import (FATAL_FILE, _read_fatal, _write_fatal, check_cluster_resources, open_dataset,
+                                     preflight)
 from dedn.training.ray_cluster import init_ray
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn, say
 
@@ -418,6 +419,8 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     if settings.track:
         tracking.init_store()  # in the driver, before any worker touches the store
     init_ray()  # before the run's tags: they name the Ray job
+    # workers the cluster can never place would wait forever: say what it has, before any MLflow run
+    check_cluster_resources(settings, cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker))
     if cfg.data.resident != "off" and cfg.data.resident_shared:
         from dedn.training.node_cache import start_node_caches
 

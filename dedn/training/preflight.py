@@ -109,3 +109,26 @@ def _read_fatal(path: Path) -> DednError | None:
         if isinstance(found, type) and issubclass(found, DednError):
             cls = found
     return _rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
+
+
+def check_cluster_resources(settings: "TrainSettings", cpus_per_worker: float) -> None:
+    """ConfigError in seconds when the cluster can never place the workers (after init_ray).
+
+    Without it, Ray Train waits for resources forever (asking for GPUs on a CPU-only cluster hangs
+    with an autoscaler message every ~35 s). Counts what the cluster has now; an autoscaling
+    cluster that would add GPU nodes on demand needs them started first.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    summary = f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs on {nodes} node(s)"
+    if settings.use_gpu and have.get("GPU", 0) < settings.num_workers:
+        raise ConfigError("--use-gpu", f"a cluster with {settings.num_workers} GPU(s), one per worker",
+                          f"{summary} (drop --use-gpu to train on CPUs)", "preflight")
+    need = settings.num_workers * cpus_per_worker
+    if need > have.get("CPU", 0) + 1e-9:
+        raise ConfigError("--num-workers/--cpus-per-worker",
+                          f"{settings.num_workers} x {cpus_per_worker:g} = {need:g} CPUs the cluster can place",
+                          summary, "preflight")
+
