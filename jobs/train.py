@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
             print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}")
     if out.registered is not None:
         r = out.registered
-        alias = f", alias champion{'' if r.champion else ' NOT moved (validation H not better)'}"
-        print(f"  registered model {r.name} version {r.version}{alias}")
+        print(f"  registered model {r.name} version {r.version}; {r.champion_line()}")
         print(f"  predict: python jobs/predict.py --model models:/{r.name}@champion --data {data} --split test_unseen "
               "--out predictions.parquet")
     print("=" * 78)

@@ -59,7 +59,7 @@ def test_round_trip_by_alias_scores_match_in_process_model(store, tiny_dataset):
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle"))
     assert (local / "MLmodel").read_text().count("pyfunc_model.py") >= 1
     tags = tracking.client().get_model_version("dedn-cub", "1").tags
-    assert tags["val_H"] == "0.200000" and tags["test_H"] == "0.100000"
+    assert tags["val_H"] == "0.2" and tags["test_H"] == "0.1"  # repr: the value itself, unrounded
 
 
 @pytest.mark.timeout(120)
@@ -73,7 +73,13 @@ def test_champion_moves_only_on_better_validation_h(store, tiny_dataset):
     assert tracking.client().get_model_version_by_alias("dedn-cub", "champion").version in (1, "1")
     better = _register(cfg, model, tiny_dataset, val_h=0.35)
     assert better.champion and better.version == "3"
-    assert str(tracking.client().get_model_version_by_alias("dedn-cub", "champion").version) == "3"
+    # a tie keeps the current champion, and says why
+    tie = _register(cfg, model, tiny_dataset, val_h=0.35)
+    assert not tie.champion and tie.champion_version == "3" and "stays on version 3" in tie.champion_line()
+    # values are compared unrounded: beating 0.35 in the 9th digit is better
+    finer = _register(cfg, model, tiny_dataset, val_h=0.350000001)
+    assert finer.champion and finer.version == "5"
+    assert str(tracking.client().get_model_version_by_alias("dedn-cub", "champion").version) == "5"
 
 
 @pytest.mark.timeout(120)

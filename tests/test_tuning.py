@@ -274,7 +274,7 @@ def _poison_test_shards(root: Path) -> dict[Path, bytes]:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_sweep_of_two_concurrent_trials(tiny_data: Path, tmp_path: Path, ray_local: Path) -> None:
     import shutil
 
@@ -333,6 +333,17 @@ def test_sweep_of_two_concurrent_trials(tiny_data: Path, tmp_path: Path, ray_loc
     j = int(np.argmin(np.abs(grid["lambda_e"] - summary.weights["lambda_e"])))
     assert grid["H"].shape == (21, 21) and grid["H"].max() == pytest.approx(summary.best_val_H, abs=1e-12)
     assert grid["H"][i, j] == pytest.approx(summary.best_val_H, abs=1e-12)
+
+    # --final: the retrain registers with the best trial's validation tags and becomes champion
+    from dedn.tuning import run_final
+
+    for p in poisoned:  # the final phase tests once: put the real test shards back
+        shutil.copyfile(tiny_data / p.relative_to(data), p)
+    out = run_final(sweep_dir)
+    tags = c.get_model_version(out.registered.name, out.registered.version).tags
+    assert float(tags["val_H"]) == summary.best_val_H and out.registered.champion
+    assert c.get_model_version_by_alias(out.registered.name, "champion").version in (out.registered.version,
+                                                                                     int(out.registered.version))
 
 
 @pytest.mark.ray

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             out = run_final(sweep_dir, workers=args.workers_per_trial)
             print(f"final run (trainval, {out.best_epoch} epochs, weights {out.weights}): test {out.test_metrics}")
             if out.registered is not None:
-                print(f"registered {out.registered.name} version {out.registered.version}")
+                print(f"registered {out.registered.name} version {out.registered.version}; "
+                      f"{out.registered.champion_line()}")
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

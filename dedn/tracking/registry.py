@@ -299,10 +299,20 @@ class RegisteredVersion:
     model_uri: str  # models:/name/version
     champion: bool  # whether alias `champion` now points at this version
     previous_champion_val_H: float | None
+    champion_version: str | None = None  # where the alias points after this registration
+
+    def champion_line(self) -> str:
+        """What happened to the alias, and why, in one line for the console."""
+        if self.champion:
+            return "alias champion moved here" if self.previous_champion_val_H is not None else "alias champion set"
+        return (f"alias champion stays on version {self.champion_version} (its validation H "
+                f"{self.previous_champion_val_H!r} is not beaten; a tie keeps the earlier version)")
 
 
 def _metric_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
-    return {f"{prefix}{k}": f"{float(v):.6f}" for k, v in metrics.items()}
+    # repr: the shortest string that reads back as the same float, so promotion compares the values
+    # themselves (a rounded tag once let an identical rerun win a "tie" against it)
+    return {f"{prefix}{k}": repr(float(v)) for k, v in metrics.items()}
 
 
 def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str,
@@ -330,7 +340,7 @@ def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, 
     except MlflowException:
         old_h = None
     champion = promote_best(name)
-    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion == version, old_h)
+    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion == version, old_h, champion)
 
 
 def _val_h(mv: Any) -> float:

@@ -78,6 +78,9 @@ class TrainSettings:
     track: bool = True  # MLflow on; False = no run, no registry
     parent_run_id: str = ""  # nest the MLflow run under this run (ablations, comparisons)
     tags: Mapping[str, str] = field(default_factory=dict)  # extra MLflow tags of the run
+    # validation T/U/S/H of a selection made elsewhere (a sweep's best trial), for a protocol-final run:
+    # the registered version carries them as val_* tags, so it competes for `champion` like any run
+    selection_val: Mapping[str, float] | None = None
     verbose: bool = True  # rank-0 progress lines on stdout
     ray_info_logs: bool = False  # Ray Train's own INFO logs (one line per report and rank)
     debug: DebugHooks = field(default_factory=DebugHooks)
@@ -470,7 +473,8 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
         if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
             run.set_tags({tracking.CHECKPOINT_TAG: ckpt_dir})
         if settings.register and got["test"] is not None:
-            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, got["val"] or {}, got["test"])
+            val = got["val"] or dict(settings.selection_val or {})
+            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, val, got["test"])
             run.set_tags({tracking.REGISTERED_TAG: f"{outcome.registered.name}/{outcome.registered.version}"})
         run.finish("FINISHED")
     outcome.seconds = time.perf_counter() - t0

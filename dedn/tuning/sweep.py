@@ -255,6 +255,7 @@ def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str], weigh
             "trial_id": str(row["trial_id"]), metric: float(row[metric]),
             "epoch": int(row["training_iteration"]), "epochs_run": int(df["training_iteration"].max()),
             "weights": {w: float(row[w]) for w in weight_names},
+            "val": {k: float(row[f"val_{k}"]) for k in ("T", "U", "S", "H") if f"val_{k}" in row},
             "params": {k: r.config[k] for k in keys if k in r.config},
             # the trial's last checkpoint (Ray Train always keeps the latest): its state holds the best
             # epoch's weights ("best_model"); TorchTrainer trials report the folder through TuneReportCallback
@@ -359,7 +360,12 @@ def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_w
     if not path.exists():
         raise ConfigError("sweep", f"a finished sweep (with {BEST_CONFIG_FILE})", str(sweep_dir), "run_final")
     cfg = DEDNConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
-    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, name=f"{meta['name']}-final")
+    # the best trial's validation metrics become the registered version's val_* tags: the sweep's winner
+    # competes for `champion` like any run (without them it compared as NaN and never won)
+    summary = json.loads((sweep_dir / "summary.json").read_text()) if (sweep_dir / "summary.json").exists() else {}
+    best_row = next((t for t in summary.get("trials", []) if t.get("trial_id") == summary.get("best_trial_id")), {})
+    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, name=f"{meta['name']}-final",
+                                    selection_val=best_row.get("val") or None)
     outcome = driver.train(cfg, settings)
     if outcome.run_id:
         tracking.set_tags(meta["parent_run_id"], {tracking.FINAL_RUN_TAG: outcome.run_id})
