@@ -23,11 +23,12 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
+from dedn.cli import HelpFormatter
 from dedn.errors import ConfigError, DednError  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides applied to every setting, e.g. epochs=5 (not the switches the settings set)")
     p.add_argument("--data", default="", help="dataset directory (dataset.json)")

@@ -9,11 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("dataset", type=Path)
     p.add_argument("--phase", choices=["final", "select"], default="final")
     p.add_argument("--alpha", type=float, default=0.01, help="ridge penalty per sample on standardised features")

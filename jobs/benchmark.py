@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from dedn.cli import HelpFormatter
 from dedn.accel import gemm_rate, set_tf32
 
 B, C, D, G, K = 50, 2048, 312, 300, 200
@@ -191,7 +192,7 @@ def _spawn(cfg: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
     ap.add_argument("--r", type=int, nargs="+", default=[49, 196], help="region counts (perfect squares)")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16"],

@@ -33,6 +33,8 @@ import os
 import statistics
 import time
 
+from dedn.cli import HelpFormatter
+
 import torch
 import torch.distributed as dist
 
@@ -129,7 +131,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--workers", type=int, default=2, help="processes (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per option set (default: %(default)s)")

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -38,7 +40,7 @@ def step_only(r: int, threads: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--data", required=True, help="a CUB-shaped dataset directory")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=2, help="selection epochs per mode (default: %(default)s)")

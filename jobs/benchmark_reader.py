@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dedn.cli import HelpFormatter
 from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.data import SPLITS, DatasetWriter, FeatureDataset, split_classes
 from dedn.data.reader import ShardReader
@@ -54,8 +55,8 @@ def write_synthetic(root: Path, rows: int, shape: tuple[int, int, int], chunk: i
                     s.add(np.arange(start, start + m), labels, rng.standard_normal((m, *shape), dtype=np.float32))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, help="an existing dataset directory (default: write a synthetic one)")
     p.add_argument("--split", default="trainval")
     p.add_argument("--rows", type=int, default=4000)
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--class-balanced", action="store_true")
     p.add_argument("--out-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--resident", action="store_true", help="assemble batches from the decoded split (data.resident)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     tmp = None
     if args.data is None:

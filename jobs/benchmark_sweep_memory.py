@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -55,7 +57,7 @@ def run(data: str, shared: bool, trials: int, storage: str) -> tuple[float, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--trials", type=int, default=4, help="trials, all at once (default: %(default)s)")
     args = ap.parse_args(argv)

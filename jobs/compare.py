@@ -17,11 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides applied to every model; family:key=value applies to that family only")
     p.add_argument("--data", default="", help="dataset directory; default: write a CUB-shaped semi-synthetic set")

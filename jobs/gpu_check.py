@@ -28,6 +28,8 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
+
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -121,7 +123,7 @@ def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     ap.add_argument("--data", help="an existing CUB-shaped dataset directory (default: generate one)")
     ap.add_argument("--images-per-class", type=int, default=0,

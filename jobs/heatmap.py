@@ -17,11 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import ConfigError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default="", help="registered model URI, e.g. models:/dedn-cub@champion")
     src.add_argument("--checkpoint", default="", help="state.pt, a Ray Train checkpoint folder, or a model-files folder")

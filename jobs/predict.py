@@ -18,11 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import ConfigError, DatasetError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="", help="model URI (default: models:/<family>-<dataset>@champion of --data's dataset)")
     p.add_argument("--family", default="dedn", help="model family for the default URI (dedn, msdn, d3gzsl, or one of yours)")
     src = p.add_mutually_exclusive_group(required=True)

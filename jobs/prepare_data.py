@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
 
@@ -35,9 +36,9 @@ def _files(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synthetic", help="semi-synthetic feature maps on a real class side")
+    s = sub.add_parser("synthetic", formatter_class=HelpFormatter, help="semi-synthetic feature maps on a real class side")
     _common(s)
     s.add_argument("--source-dir", type=Path, default=None,
                    help="folder with att_splits.mat, <NAME>_attribute.pkl, image_labels.npz (default: packaged asset)")
@@ -47,11 +48,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--height", type=int, default=7)
     s.add_argument("--width", type=int, default=7)
     s.add_argument("--images-per-class", type=int, default=None, help="cap per class and split (default: all)")
-    h = sub.add_parser("from-hdf5", help="HDF5 feature maps (feature_map, labels, *_loc)")
+    h = sub.add_parser("from-hdf5", formatter_class=HelpFormatter, help="HDF5 feature maps (feature_map, labels, *_loc)")
     _common(h)
     _files(h)
     h.add_argument("--features", required=True, type=Path)
-    x = sub.add_parser("from-xlsa17", help="xlsa17 res101.mat pooled features (1 x 1 maps)")
+    x = sub.add_parser("from-xlsa17", formatter_class=HelpFormatter, help="xlsa17 res101.mat pooled features (1 x 1 maps)")
     _common(x)
     _files(x)
     x.add_argument("--res101", required=True, type=Path)

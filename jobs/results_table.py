@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["CUB", "SUN", "AWA2"], help="datasets (column groups), in order")
     p.add_argument("--source", choices=["registry", "runs"], default="registry")
     p.add_argument("--variant", default="", help="runs source only: only runs of this variant (paper|reference)")

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
+
 HERE = Path(__file__).resolve().parent
 PARAMS = 9.6e6  # DEDN at CUB shapes (dedn.families.dedn: two experts, 6 fine sub-networks)
 IMAGE_BYTES = 2048 * 49 * 2  # float16 2048x7x7
@@ -129,7 +131,7 @@ def cpu_check() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--step-ms", type=float, default=1.0, help="per-GPU step time, ms (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=50, help="per-GPU batch (default: %(default)s)")
     ap.add_argument("--gpu-report", help="a make gpu-check report.json: take the bf16 DEDN step at R=49 from it")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError  # noqa: E402
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
@@ -30,7 +31,7 @@ DEMO_OVERRIDES = ("variant=reference", "epochs=25", "optim.lr=0.001")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.beta=0.01 epochs=3")
     p.add_argument("--data", default="", help="dataset directory (dataset.json); default: build the semi-synthetic demo")
     p.add_argument("--preset", default="",

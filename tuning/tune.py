@@ -20,11 +20,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (dataset.json)")
     p.add_argument("--preset", default="", help="a dataset's preset of the family (default: the dataset's own name)")
     p.add_argument("--space", default=None, help="search-space YAML (default: the model family's own)")
