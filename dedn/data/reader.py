@@ -337,28 +337,17 @@ class ShardReader:
     def decode(self) -> ResidentSplit:
         """Every row of the split, decoded once into one contiguous host tensor (storage dtype).
 
-        Each shard's sha256, the labels and the finiteness are checked as in streaming. Row groups
-        are read one ahead on a thread (Parquet decoding releases the GIL).
+        Each shard's sha256, the labels and the finiteness are checked as in streaming; row groups
+        are read one ahead on a thread, by the same source streaming uses (`_ParquetSource`).
         """
         n, f = int(self._unit_rows.sum()), self.dataset.feature_size
         feats = np.empty((n, f), np.dtype(self.dataset.storage_dtype))
         labels, ids = np.empty(n, np.int64), np.empty(n, np.int64)
-        files: dict[int, pq.ParquetFile] = {}
         units = [(u, 0, int(r)) for u, r in enumerate(self._unit_rows)]
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedn-shard-decode")
-        try:
-            ahead = loader.submit(self._load, files, units[0], True) if units else None
-            for i, (u, _, rows) in enumerate(units):
-                assert ahead is not None
-                got_ids, got_labels, got_feats = ahead.result()
-                if i + 1 < len(units):
-                    ahead = loader.submit(self._load, files, units[i + 1], True)
+        with _ParquetSource(self, True).read_ahead(units) as loaded:
+            for (u, _, rows), (got_ids, got_labels, got_feats) in zip(units, loaded):
                 lo = int(self._unit_start[u])
                 ids[lo:lo + rows], labels[lo:lo + rows], feats[lo:lo + rows] = got_ids, got_labels, got_feats
-        finally:
-            loader.shutdown(wait=True, cancel_futures=True)
-            for fh in files.values():
-                fh.close()
         c, h, w = self.dataset.feature_shape
         return ResidentSplit(self.split, torch.from_numpy(feats).view(n, c, h, w), labels, ids)
 
