@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason"]
+__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason", "ServerError"]
 
 
 def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
@@ -105,3 +105,15 @@ class OutputError(DednError, RuntimeError):
     def __init__(self, path: object, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{self.path}: cannot be written ({reason}); nothing half-written was left there")
+
+
+class ServerError(DednError, RuntimeError):
+    """The team tracking server (PostgreSQL + MLflow, `jobs/server.py`) could not be started, reached or stopped.
+
+    `what` names the part (a folder, a port, "MLFLOW_TRACKING_URI"); the message says what was found
+    and where its log is.
+    """
+
+    def __init__(self, what: object, problem: str):
+        self.what, self.problem = str(what), problem
+        super().__init__(f"{self.what}: {problem}")

@@ -20,6 +20,7 @@ Loading needs the `dedn` package importable (installed), like any models-from-co
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import json
@@ -28,7 +29,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -284,12 +285,28 @@ def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_i
         # MLflow suggests predict type hints for schema inference; the explicit signature does that job
         warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
         files = write_model_files(net, cfg, class_side, d)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _quiet_registration():
             return mlflow.pyfunc.log_model(
                 name=name, python_model=str(PYFUNC_CODE), artifacts=files, signature=signature,
                 input_example=input_example, pip_requirements=pip_requirements(),
                 registered_model_name=registered_model_name,
             )
+
+
+@contextlib.contextmanager
+def _quiet_registration() -> Iterator[None]:
+    """Silence MLflow's own event stream for one registration: it prints "Successfully registered
+    model ..." and "Created version ..." to stderr, which the job's own line (name, version, what
+    happened to the champion alias) already says. Failures still raise."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    before = stream.enabled
+    stream.enabled = False
+    try:
+        yield
+    finally:
+        stream.enabled = before
 
 
 @dataclass(frozen=True)

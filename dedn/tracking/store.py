@@ -4,7 +4,10 @@ The store is a fixed, documented place, so runs started directly (`python jobs/t
 runs submitted to a cluster (`ray job submit`, whose working directory is a Ray temp folder)
 land in the same one:
 
-* `MLFLOW_TRACKING_URI` when set (a server, a database, ...);
+* `MLFLOW_TRACKING_URI` when set (a server, a database, ...): team mode is an MLflow server on
+  PostgreSQL (`dedn.tracking.server`, `jobs/server.py`), with the credentials in
+  `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, which MLflow's client reads from the
+  environment and which never become params or tags;
 * otherwise `sqlite:///<DEDN_HOME>/mlflow.db` with artifacts under `<DEDN_HOME>/mlartifacts`,
   `DEDN_HOME` defaulting to `~/.dedn`. Browse it with
   `mlflow ui --backend-store-uri sqlite:///$HOME/.dedn/mlflow.db`.
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from dedn.config import DEDNConfig
 
 __all__ = [
-    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG",
+    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "system_metrics",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
@@ -41,6 +44,9 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param valu
 # logged and registered. A user's own setting of either variable wins.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Against a tracking server MLflow writes "View run ... at: <url>" to stdout at every run end; our
+# summary names the run and the server once.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 # Tag keys, once. MLflow's own nesting tag makes a run a child in its UI.
 PARENT_TAG = "mlflow.parentRunId"
@@ -102,7 +108,11 @@ def init_store() -> str:
         with _file_lock(db.with_name(db.name + ".lock")):
             client().search_experiments(max_results=1)  # creates the tables (about 1 s the first time)
     else:
-        client().search_experiments(max_results=1)  # fail here on an unreachable server
+        if uri.startswith(("http://", "https://")):
+            from dedn.tracking.server import check_reachable
+
+            check_reachable(uri)  # one quick question: MLflow's client would retry a dead server for minutes
+        client().search_experiments(max_results=1)  # fail here on an unreachable store
     return uri
 
 
@@ -334,3 +344,28 @@ def model_version_by_alias(name: str, alias: str) -> Any | None:
         return client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, uri: str | None = None, *, node_id: str | None = None,
+                   interval_s: float = 5.0) -> Iterator[None]:
+    """Log this node's CPU, memory, disk, network (and GPU, with nvidia-ml-py) use into run `run_id`
+    while the block runs, as MLflow's `system/...` metrics (its UI's "System metrics" tab).
+
+    One per node (the training workers' local rank 0): a slow epoch with busy CPUs is compute, one
+    with idle CPUs is starved. `node_id` names the node in multi-node runs (`system/<node>/...`).
+    MLflow's own variables still apply: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (seconds), and
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off. A restarted worker continues the steps.
+    """
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0", "no"):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node_id,
+                                   tracking_uri=uri or tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -313,13 +313,30 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
         sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
                                 semi_synthetic=bool(config.get("semi_synthetic"))))
     sinks.append(RayTrainSink(rank, hooks))
-    result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
-                          device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
-                          autocast_dtype=autocast_dtype,
-                          split_loader=node_split_loader(announce) if cfg.data.resident_shared else None, announce=announce)
+    with _node_system_metrics(config):
+        result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
+                              device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
+                              autocast_dtype=autocast_dtype,
+                              split_loader=node_split_loader(announce) if cfg.data.resident_shared else None,
+                              announce=announce)
     last = result.final or result.select
     assert last is not None
     recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
+
+
+def _node_system_metrics(config: Mapping[str, Any]) -> Any:
+    """MLflow system metrics of this node into the run, from its local rank 0 (one sampler per node);
+    nodes are told apart (`system/node<k>/...`) when the run spans several."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    if not config.get("run_id") or ctx.get_local_rank() != 0:
+        return nullcontext()
+    from dedn.tracking import system_metrics
+
+    multi_node = ctx.get_local_world_size() < ctx.get_world_size()
+    return system_metrics(config["run_id"], config.get("tracking_uri"),
+                          node_id=f"node{ctx.get_node_rank()}" if multi_node else None)
 
 
 def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:

@@ -50,7 +50,7 @@ def _init_ray(dashboard: bool) -> None:
     import ray
 
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", log_to_driver=True, runtime_env=_tracking_runtime_env())
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
             raise
@@ -66,6 +66,22 @@ def _init_ray(dashboard: bool) -> None:
         # (jobs turn SIGTERM into an exit, so atexit runs then too)
         atexit.register(ray.shutdown)
         reap_orphaned_agents()
+
+
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _tracking_runtime_env() -> dict[str, dict[str, str]] | None:
+    """The tracking server and its credentials for the workers of a driver that joins a running cluster.
+
+    Workers of `ray start` nodes do not inherit the driver's shell; under `ray job submit` the job's
+    own runtime environment (`--runtime-env-json '{"env_vars": ...}'`) already carries them, and an
+    embedded Ray's workers inherit them, so only a direct driver on a cluster needs this.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return None
+    env = {k: os.environ[k] for k in TRACKING_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
 
 
 def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:
