@@ -360,7 +360,10 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
                              "default_permission = READ\n"
                              f"database_uri = {auth_db}\n"
                              f"admin_username = {ADMIN}\n"
-                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                             "# a verified password is trusted for 60 s per server worker: every request would\n"
+                             "# otherwise rehash it (PBKDF2), and a training run makes thousands\n"
+                             "auth_cache_ttl_seconds = 60\n")
     finally:
         os.umask(old)
 

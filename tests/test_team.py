@@ -1,0 +1,413 @@
+"""Team mode against real services on loopback: PostgreSQL + `mlflow server` (basic auth, proxied
+artifacts) started by `dedn.tracking.server`, a 2-worker training run, an 8-trial sweep 4 at a time
+(and the same sweep on SQLite), the registry and prediction by `models:/` URI, concurrent
+registrations, and the MLflow UI in headless Chromium (screenshots kept under
+`test-artifacts/screenshots/`).
+
+Where PostgreSQL's programs (or Chromium, for the browser test) are missing these tests skip with
+the reason; `.ci/run` installs both and sets DEDN_REQUIRE_TEAM=1, which turns a skip into a failure.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("DEDN_REQUIRE_TEAM") == "1":
+        pytest.fail(f"team-mode test cannot run: {why}")
+    pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Team:
+    uri: str
+    data_dir: Path
+    env: dict[str, str]  # MLFLOW_TRACKING_URI and the credentials
+    artifacts: Path
+    pid: int
+
+
+@pytest.fixture(scope="module")
+def team() -> Team:
+    from dedn.errors import ServerError
+    from dedn.tracking import server
+
+    try:
+        server._pg_bin("initdb")
+        server._pg_bin("pg_ctl")
+    except ServerError as e:
+        _unavailable(str(e))
+    # PostgreSQL runs as `postgres` when we are root: a folder it can reach (pytest's tmp root is private)
+    root = Path(tempfile.mkdtemp(prefix="dedn-team-", dir="/tmp"))
+    root.chmod(0o711)
+    info = server.start(root / "srv", port=_free_port(), pg_port=_free_port(), workers=2)
+    env = dict(line.removeprefix("export ").split("=", 1) for line in server.env_lines(root / "srv"))
+    env = {k: v.strip("'") for k, v in env.items()}
+    try:
+        yield Team(info.uri, root / "srv", env, Path(info.artifacts_destination), info.pid)
+    finally:
+        server.stop(root / "srv")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def awa2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """AWA2's real class side with 16 x 2 x 2 synthetic maps (as in test_tuning)."""
+    from dedn.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("team-data") / "awa2"
+    with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
+        return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
+
+
+@pytest.fixture
+def on_server(team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Team:
+    """This process's tracking layer points at the team server (DEDN_HOME under tmp_path)."""
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    for k, v in team.env.items():
+        monkeypatch.setenv(k, v)
+    return team
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> int:
+    from base64 import b64encode
+
+    headers = {"Authorization": "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+# ---- the server itself -------------------------------------------------------------------------------
+def test_server_asks_for_credentials_and_errors_say_what_to_do(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dedn.errors import ServerError
+    from dedn.tracking import server
+
+    api = f"{team.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(f"{team.uri}/health") == 200
+    assert _get(api) == 401  # basic auth is on
+    assert _get(api, ("admin", "wrong-password")) == 401
+    assert _get(api, ("admin", team.env["MLFLOW_TRACKING_PASSWORD"])) == 200
+    assert team.uri.startswith("http://127.0.0.1:")  # loopback unless told otherwise
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(ServerError, match="asks for credentials and they are not set"):
+        server.check_reachable(team.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+    with pytest.raises(ServerError, match="were refused"):
+        server.check_reachable(team.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.env["MLFLOW_TRACKING_PASSWORD"])
+    server.check_reachable(team.uri)
+    with pytest.raises(ServerError, match="no MLflow server answers"):
+        server.check_reachable(f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(ServerError, match="already runs at"):  # one server per folder
+        server.start(team.data_dir, port=_free_port(), pg_port=_free_port())
+
+    # the secrets are private; the server's command line holds no password
+    assert (team.data_dir / "secrets.json").stat().st_mode & 0o077 == 0
+    cmdline = Path(f"/proc/{team.pid}/cmdline").read_bytes().decode()
+    secrets = json.loads((team.data_dir / "secrets.json").read_text())
+    assert all(s not in cmdline for s in secrets.values())
+    st = server.status(team.data_dir)
+    assert st["healthy"] and st["memory_mib"]["mlflow"] > 0
+
+
+def test_a_folder_postgres_cannot_reach_is_refused_by_name(tmp_path: Path) -> None:
+    from dedn.errors import ServerError
+    from dedn.tracking import server
+
+    if os.geteuid() != 0:
+        pytest.skip("only root runs PostgreSQL as another user")
+    try:
+        server._pg_bin("initdb")
+    except ServerError as e:
+        _unavailable(str(e))
+    private = tmp_path / "private"  # pytest's tmp root is 0700: the postgres user cannot pass through
+    with pytest.raises(ServerError, match="cannot reach this folder"):
+        server.start(private, port=_free_port(), pg_port=_free_port())
+    assert not (private / "server.json").exists()
+
+
+# ---- jobs against it ---------------------------------------------------------------------------------
+def _job(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_two_worker_training_run_registry_and_prediction_through_the_server(team: Team, awa2: Path,
+                                                                           tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    env = {**team.env, "DEDN_HOME": str(tmp_path / "home"), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    out = _job(["jobs/train.py", "--data", str(awa2), "--num-workers", "2", *TINY], env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "View run" not in out.stdout and "Successfully registered" not in out.stderr  # MLflow's own chatter
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing went to the local default store
+
+    os.environ.update(team.env)  # this process's client reads the credentials from the environment
+    try:
+        c = MlflowClient(team.uri, registry_uri=team.uri)
+        exp = c.get_experiment_by_name("dedn-awa2")
+        (run,) = c.search_runs([exp.experiment_id])
+        rid = run.info.run_id
+        assert run.info.status == "FINISHED" and run.data.params["data.path"] == str(awa2)
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # artifacts go through the server
+        # every epoch of every metric the loop logs arrived once (select and final phases, 2 epochs each)
+        for key in ("loss", "val_H", "val_U", "val_S", "final_loss"):
+            steps = sorted(m.step for m in c.get_metric_history(rid, key))
+            assert steps == [1, 2], (key, steps)
+        # system metrics of the run, sampled on the workers' node
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            hist = c.get_metric_history(rid, key)
+            assert len(hist) >= 2 and all(m.value >= 0 for m in hist), key
+        # credentials never become params or tags
+        secret = team.env["MLFLOW_TRACKING_PASSWORD"]
+        assert not any(secret in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+        assert not any("MLFLOW_TRACKING_PASSWORD" in k for k in [*run.data.params, *run.data.tags])
+        # the artifacts, stored by the server in its own destination
+        names = {a.path for a in c.list_artifacts(rid)}
+        assert {"training_curves.png", "final_metrics.json", "per_class_accuracy.csv"} <= names
+        assert list(team.artifacts.rglob("training_curves.png")) and list(team.artifacts.rglob("MLmodel"))
+        local = Path(c.download_artifacts(rid, "final_metrics.json", str(tmp_path)))
+        assert json.loads(local.read_text())["semi_synthetic"] is True
+        # the registry: a version, tagged, with the champion alias
+        mv = c.get_model_version_by_alias("dedn-awa2", "champion")
+        assert mv.run_id == rid and float(mv.tags["val_H"]) == pytest.approx(run.data.metrics["val_H"], abs=1e-12)
+    finally:
+        for k in team.env:
+            os.environ.pop(k, None)
+
+    # prediction by a models:/ URI, the model downloaded through the server
+    pred = tmp_path / "pred.parquet"
+    out = _job(["jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data", str(awa2), "--split", "test_unseen",
+                "--out", str(pred)], env, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(pred).num_rows == 10 * 4  # AWA2: 10 unseen classes x 4 images
+    # the results table reads the registry on the server
+    out = _job(["jobs/results_table.py", "--datasets", "AWA2", "--no-paper-row"], env, timeout=120)
+    assert out.returncode == 0 and "AWA2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def _register_two(env: dict[str, str], start: "mp.synchronize.Barrier", hs: list[float], out: "mp.Queue") -> None:
+    os.environ.update(env)
+    from dedn import tracking
+    from dedn.tracking.registry import CHAMPION, promote_best
+
+    start.wait()  # every process registers at the same moment
+    tracking.init_store()
+    c = tracking.client()
+    try:
+        c.create_registered_model("toy-team")
+    except Exception:  # noqa: BLE001 - another process created it first
+        pass
+    run = c.create_run(tracking.get_or_create_experiment("toy-team"))
+    for h in hs:
+        # a server accepts only sources inside the given run's artifacts; the versions only need tags here
+        mv = c.create_model_version("toy-team", source=f"{run.info.artifact_uri}/model-{h}", run_id=run.info.run_id)
+        c.set_model_version_tag("toy-team", mv.version, "val_H", repr(h))
+        promote_best("toy-team")
+    out.put(str(c.get_model_version_by_alias("toy-team", CHAMPION).version))
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_server: Team) -> None:
+    hs = [0.31, 0.42, 0.27, 0.39, 0.40, 0.35, 0.42, 0.29]  # 0.42 twice: the earlier version keeps the tie
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    env = {**on_server.env, "DEDN_HOME": os.environ["DEDN_HOME"]}
+    procs = [ctx.Process(target=_register_two, args=(env, start, hs[2 * i:2 * i + 2], out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(200)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+    from dedn import tracking
+
+    c = tracking.client()
+    versions = c.search_model_versions("name='toy-team'")
+    assert len(versions) == 8
+    best = min((int(v.version) for v in versions if float(v.tags["val_H"]) == 0.42))
+    assert str(c.get_model_version_by_alias("toy-team", "champion").version) == str(best)
+
+
+# ---- a concurrent sweep, on the server and on SQLite ---------------------------------------------------
+def _sweep(data: Path, name: str, tmp_path: Path) -> object:
+    import yaml
+
+    from dedn.config import build_config
+    from dedn.tuning import SweepSpec, load_search_space, run_sweep
+
+    space = yaml.safe_load((ROOT / "dedn/families/dedn/search_space.yaml").read_text())
+    space["asha"]["grace_period"] = 2  # = epochs: no early stop, so the outcome does not hang on timing
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    base = build_config("awa2", TINY + [f"data.path={data}"])
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=8, max_concurrent_trials=4,
+                     cpus_per_trial=0.5, name=name, verbose=0, seed=3)
+    return run_sweep(spec)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(on_server: Team, awa2: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from dedn import tracking
+
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        on_server_summary = _sweep(awa2, "team-sweep", tmp_path)
+        c = tracking.client()
+        exp = c.get_experiment_by_name("dedn-awa2-tune")
+        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`dedn.sweep` = 'team-sweep'")
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == on_server_summary.parent_run_id]
+        assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+        for ch in children:  # both epochs of every reported metric of every trial
+            for key in ("val_H", "val_U", "val_S", "val_T", "loss"):
+                assert sorted(m.step for m in c.get_metric_history(ch.info.run_id, key)) == [1, 2], (key, ch.info.run_id)
+        assert {"best_config.yaml", "summary.json", "hparams.png"} <= {a.path for a in c.list_artifacts(on_server_summary.parent_run_id)}
+
+        # the same sweep (same seed) on the embedded SQLite store
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+        on_sqlite = _sweep(awa2, "sqlite-sweep", tmp_path)
+    finally:
+        ray.shutdown()
+    a, b = on_server_summary, on_sqlite
+    assert a.best_params == b.best_params
+    assert (a.best_val_H, a.best_epoch, a.weights) == (b.best_val_H, b.best_epoch, b.weights)
+    assert sorted((json.dumps(t["params"], sort_keys=True), t["val_H"]) for t in a.trials) == \
+        sorted((json.dumps(t["params"], sort_keys=True), t["val_H"]) for t in b.trials)
+
+
+# ---- what a person sees: the MLflow UI in Chromium -------------------------------------------------
+@pytest.mark.timeout(240)
+def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
+    """Runs after the training test (file order): opens that run and its registered model."""
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"{CHROMIUM} is not installed (Debian package chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update(team.env)
+    try:
+        c = MlflowClient(team.uri)
+        exp = c.get_experiment_by_name("dedn-awa2")
+        if exp is None:
+            pytest.fail("the training test's run is not on the server (run the whole module)")
+        (run,) = c.search_runs([exp.experiment_id], max_results=1)
+    finally:
+        for k in team.env:
+            os.environ.pop(k, None)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    base = f"{team.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}, http_credentials={
+                "username": team.env["MLFLOW_TRACKING_USERNAME"], "password": team.env["MLFLOW_TRACKING_PASSWORD"]}).new_page()
+
+            page.goto(base)
+            page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
+            page.get_by_text("semi_synthetic").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SHOTS / "run_overview.png"), full_page=True)
+            body = page.inner_text("body")
+            assert run.info.run_name in body and "Finished" in body and "dedn-awa2" in body
+            assert "System metrics" in body and "Model metrics" in body
+
+            page.goto(f"{base}/model-metrics")
+            page.get_by_text("val_H").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "run_metrics.png"), full_page=True)
+            assert "val_H" in page.inner_text("body")
+
+            page.goto(f"{base}/system-metrics")
+            page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "run_system_metrics.png"), full_page=True)
+
+            page.goto(f"{base}/artifacts/training_curves.png")
+            page.get_by_text("training_curves.png").first.wait_for(timeout=60_000)
+            page.locator("img").last.wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(SHOTS / "run_training_curves.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "training_curves.png" in body and "final_metrics.json" in body
+
+            page.goto(f"{team.uri}/#/models/dedn-awa2")
+            page.get_by_text("champion").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "registered_model.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "dedn-awa2" in body and "Version 1" in body and "val_H" in body
+        finally:
+            browser.close()
+    for name in ("run_overview", "run_metrics", "run_system_metrics", "run_training_curves", "registered_model"):
+        assert (SHOTS / f"{name}.png").stat().st_size > 10_000, name
+
+
+# ---- restart keeps everything ------------------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_stop_and_start_again_keeps_runs_and_models(team: Team) -> None:
+    """Last in the module: the runs and models of the tests above survive a clean stop and start."""
+    from mlflow.tracking import MlflowClient
+
+    from dedn.tracking import server
+
+    os.environ.update(team.env)
+    try:
+        c = MlflowClient(team.uri, registry_uri=team.uri)  # explicit: an earlier test set a sqlite registry URI
+        before = sorted(r.info.run_id for r in c.search_runs([e.experiment_id for e in c.search_experiments()]))
+        models = {m.name for m in c.search_registered_models()}
+        st = server.status(team.data_dir)
+        assert server.stop(team.data_dir) is not None
+        assert server._http_status(f"{team.uri}/health") is None  # the MLflow server is gone ...
+        assert not server._pg_running(Path(st["pg_data"]))  # ... and so is PostgreSQL
+        assert not server.status(team.data_dir)["running"]
+        info = server.start(team.data_dir, port=st["port"], pg_port=st["pg_port"])
+        team.pid = info.pid
+        c = MlflowClient(team.uri, registry_uri=team.uri)
+        after = sorted(r.info.run_id for r in c.search_runs([e.experiment_id for e in c.search_experiments()]))
+        assert before and after == before
+        assert {m.name for m in c.search_registered_models()} == models and {"dedn-awa2", "toy-team"} <= models
+    finally:
+        for k in team.env:
+            os.environ.pop(k, None)
