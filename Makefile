@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dedn-installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test demo benchmark gpu-check clean
+.PHONY: install test demo server benchmark gpu-check clean
 
 # pip: --quiet drops progress chatter only (warnings and errors still print); no version nag.
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/train.py
+
+# Team mode: PostgreSQL + an MLflow server with basic auth and proxied artifacts (README "For a team").
+# SERVER_ARGS passes options, e.g. make server SERVER_ARGS="--data-dir /srv/dedn-team --port 5000".
+server: $(STAMP)
+	$(PY) jobs/server.py start $(SERVER_ARGS)
 
 benchmark: $(STAMP)
 	$(PY) jobs/benchmark.py --quick

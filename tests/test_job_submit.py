@@ -32,8 +32,19 @@ def _ray(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _team_server(request: pytest.FixtureRequest):  # noqa: ANN202
+    """The session's team server where PostgreSQL can run (always in CI), else None (the SQLite store)."""
+    try:
+        return request.getfixturevalue("team_server")
+    except pytest.skip.Exception:
+        return None
+
+
 @pytest.mark.timeout(300)
-def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset):
+def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, request: pytest.FixtureRequest):
+    """With a team server the job reaches it through its runtime environment (env_vars) alone: the
+    URI and the credentials are in no shell the job inherits."""
+    team = _team_server(request)
     home, dedn_home = tmp_path / "home", tmp_path / "dedn_home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
@@ -52,7 +63,7 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset):
         assert start.returncode == 0, start.stdout + start.stderr
         submit = _ray([
             "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+            "--runtime-env-json", json.dumps({"excludes": EXCLUDES, **({"env_vars": team.env} if team else {})}),
             "--", sys.executable, "jobs/train.py", "--data", str(tiny_dataset.root), "--preset", "cub",
             "--num-workers", "2", "epochs=1", "eval.batch_size=64",
         ], env, 240)
@@ -68,10 +79,21 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset):
     # the run and the model version landed in the fixed store under DEDN_HOME
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{dedn_home / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("dedn-cub")
-    assert exp is not None and exp.artifact_location.startswith((dedn_home / "mlartifacts").as_uri())
+    if team is None:
+        uri = f"sqlite:///{dedn_home / 'mlflow.db'}"
+        client = MlflowClient(uri, registry_uri=uri)
+        exp = client.get_experiment_by_name("dedn-cub")
+        assert exp is not None and exp.artifact_location.startswith((dedn_home / "mlartifacts").as_uri())
+    else:
+        assert not (dedn_home / "mlflow.db").exists()  # the job logged to the server, not the default store
+        monkeypatch = pytest.MonkeyPatch()  # this process's client reads the credentials from the environment
+        request.addfinalizer(monkeypatch.undo)
+        for k, v in team.env.items():
+            monkeypatch.setenv(k, v)
+        client = MlflowClient(team.uri, registry_uri=team.uri)
+        exp = client.get_experiment_by_name("dedn-cub")
+        assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:/")
+        assert any(m.startswith("system/") for m in client.search_runs([exp.experiment_id])[0].data.metrics)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]

@@ -12,66 +12,20 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import Team, free_port as _free_port, unavailable as _unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _unavailable(why: str) -> None:
-    if os.environ.get("DEDN_REQUIRE_TEAM") == "1":
-        pytest.fail(f"team-mode test cannot run: {why}")
-    pytest.skip(why)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Team:
-    uri: str
-    data_dir: Path
-    env: dict[str, str]  # MLFLOW_TRACKING_URI and the credentials
-    artifacts: Path
-    pid: int
-
-
-@pytest.fixture(scope="module")
-def team() -> Team:
-    from dedn.errors import ServerError
-    from dedn.tracking import server
-
-    try:
-        server._pg_bin("initdb")
-        server._pg_bin("pg_ctl")
-    except ServerError as e:
-        _unavailable(str(e))
-    # PostgreSQL runs as `postgres` when we are root: a folder it can reach (pytest's tmp root is private)
-    root = Path(tempfile.mkdtemp(prefix="dedn-team-", dir="/tmp"))
-    root.chmod(0o711)
-    info = server.start(root / "srv", port=_free_port(), pg_port=_free_port(), workers=2)
-    env = dict(line.removeprefix("export ").split("=", 1) for line in server.env_lines(root / "srv"))
-    env = {k: v.strip("'") for k, v in env.items()}
-    try:
-        yield Team(info.uri, root / "srv", env, Path(info.artifacts_destination), info.pid)
-    finally:
-        server.stop(root / "srv")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +36,11 @@ def awa2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("team-data") / "awa2"
     with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
         return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
+
+
+@pytest.fixture(scope="module")
+def team(team_server: Team) -> Team:
+    return team_server
 
 
 @pytest.fixture
@@ -296,7 +255,7 @@ def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(o
         on_server_summary = _sweep(awa2, "team-sweep", tmp_path)
         c = tracking.client()
         exp = c.get_experiment_by_name("dedn-awa2-tune")
-        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`dedn.sweep` = 'team-sweep'")
+        runs = c.search_runs([exp.experiment_id], filter_string="tags.`dedn.sweep` = 'team-sweep'")
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == on_server_summary.parent_run_id]
         assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
         for ch in children:  # both epochs of every reported metric of every trial
@@ -335,10 +294,18 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
         if exp is None:
             pytest.fail("the training test's run is not on the server (run the whole module)")
         (run,) = c.search_runs([exp.experiment_id], max_results=1)
+        tune_exp = c.get_experiment_by_name("dedn-awa2-tune")  # the sweep test's, when it ran before
+        sweeps = c.search_runs([tune_exp.experiment_id], filter_string="tags.`dedn.kind` = 'sweep'") if tune_exp else []
+        sweep = sweeps[0] if sweeps else None
     finally:
         for k in team.env:
             os.environ.pop(k, None)
     SHOTS.mkdir(parents=True, exist_ok=True)
+
+    def settle(page: object) -> None:  # charts and images load after the text: let the requests finish
+        page.wait_for_load_state("networkidle")  # type: ignore[attr-defined]
+        page.wait_for_timeout(2000)  # type: ignore[attr-defined]
+
     base = f"{team.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"]
@@ -358,20 +325,30 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
 
             page.goto(f"{base}/model-metrics")
             page.get_by_text("val_H").first.wait_for(timeout=60_000)
+            settle(page)
             page.screenshot(path=str(SHOTS / "run_metrics.png"), full_page=True)
             assert "val_H" in page.inner_text("body")
 
             page.goto(f"{base}/system-metrics")
             page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
+            settle(page)
             page.screenshot(path=str(SHOTS / "run_system_metrics.png"), full_page=True)
+            assert "system_memory_usage_megabytes" in page.inner_text("body")
 
             page.goto(f"{base}/artifacts/training_curves.png")
             page.get_by_text("training_curves.png").first.wait_for(timeout=60_000)
-            page.locator("img").last.wait_for(timeout=60_000)
-            page.wait_for_timeout(1000)
+            settle(page)
             page.screenshot(path=str(SHOTS / "run_training_curves.png"), full_page=True)
             body = page.inner_text("body")
             assert "training_curves.png" in body and "final_metrics.json" in body
+
+            if sweep is not None:  # the sweep's parent run and its plot
+                page.goto(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png")
+                page.get_by_text("hparams.png").first.wait_for(timeout=60_000)
+                settle(page)
+                page.screenshot(path=str(SHOTS / "sweep_hparams.png"), full_page=True)
+                body = page.inner_text("body")
+                assert "best_config.yaml" in body and "lambda_curves.png" in body
 
             page.goto(f"{team.uri}/#/models/dedn-awa2")
             page.get_by_text("champion").first.wait_for(timeout=60_000)
@@ -380,7 +357,8 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             assert "dedn-awa2" in body and "Version 1" in body and "val_H" in body
         finally:
             browser.close()
-    for name in ("run_overview", "run_metrics", "run_system_metrics", "run_training_curves", "registered_model"):
+    for name in ("run_overview", "run_metrics", "run_system_metrics", "run_training_curves", "registered_model",
+                 *(["sweep_hparams"] if sweep is not None else [])):
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000, name
 
 
