@@ -32,9 +32,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attributes", required=True, help="comma-separated attribute names (or unique parts) or ids")
     p.add_argument("--image-root", default="", help="folder the image list's relative paths start from")
     p.add_argument("--image-files", default="", help="npz with image_files (e.g. xlsa17 image_labels.npz) or a text list")
-    p.add_argument("--out", default="heatmaps", help="output folder (default ./heatmaps)")
+    p.add_argument("--out", default="", help="output folder (default: $DEDN_HOME/heatmaps/<model or checkpoint>)")
     p.add_argument("--run-id", default="", help="MLflow run to log the PNGs to (default: $MLFLOW_RUN_ID)")
     return p.parse_args(argv)
+
+
+def default_out(source: str) -> Path:
+    """`$DEDN_HOME/heatmaps/<source>`: one folder per model or checkpoint, so two models' maps never mix."""
+    import re
+
+    from dedn.tracking import dedn_home
+
+    p = Path(source)
+    tail = source.removeprefix("models:/") if source.startswith("models:/") else (
+        f"{p.parent.name}-{p.name}" if p.name in ("state.pt",) or p.name.startswith("checkpoint") else p.name)
+    return dedn_home() / "heatmaps" / (re.sub(r"[^A-Za-z0-9@._-]+", "-", tail).strip("-") or "model")
 
 
 def _active_run_id(explicit: str) -> str:
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_root and files is None:
             print("note: --image-root needs --image-files (the image list): drawing on the feature grid",
                   file=sys.stderr)
-        out_dir = Path(args.out).expanduser().resolve()
+        out_dir = Path(args.out).expanduser().resolve() if args.out else default_out(source)
         written = []
         for i, pos in enumerate(rows.positions):
             sid, label = int(rows.sample_ids[i]), int(rows.labels[i])

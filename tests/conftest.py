@@ -91,3 +91,90 @@ def team_server() -> Team:
     finally:
         server.stop(root / "srv")
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- one sweep shared by test_tuning (its assertions) and test_team (the same sweep on the server) ----
+TINY_TRAIN = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
+
+
+@pytest.fixture(scope="session")
+def awa2_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """AWA2's real class side (85 attributes, 50 classes) with 16 x 2 x 2 synthetic maps, 4 images per class and split."""
+    from dedn.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("awa2") / "awa2"
+    with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
+        return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
+
+
+def poison_test_shards(root: Path) -> dict[Path, bytes]:
+    """Replace every test shard by garbage and date its access time back: any read changes one or fails."""
+    import json
+    import os
+
+    manifest = json.loads((root / "dataset.json").read_text())
+    poisoned = {}
+    for split in ("test_seen", "test_unseen"):
+        for shard in manifest["splits"][split]["shards"]:
+            p = root / shard["file"]
+            junk = b"not a parquet file; the sweep must never read the test split\n" * 4
+            p.write_bytes(junk)
+            os.utime(p, (1_000, 2_000))  # atime < mtime: relatime updates atime on the next read
+            poisoned[p] = junk
+    return poisoned
+
+
+def eight_trial_sweep(data: Path, name: str, storage: Path) -> object:
+    """8 trials, 4 at a time, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
+    early and the outcome cannot depend on which trial reported first (the SQLite/server twins)."""
+    import yaml
+
+    from dedn.config import build_config
+    from dedn.tuning import SweepSpec, load_search_space
+    from dedn.tuning.space import default_space_path
+    from dedn.tuning import run_sweep
+
+    space = yaml.safe_load(Path(default_space_path()).read_text())
+    space["asha"]["grace_period"] = 2
+    path = storage / f"{name}-space.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(space))
+    base = build_config("awa2", TINY_TRAIN + [f"data.path={data}"])
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=8, max_concurrent_trials=4,
+                     cpus_per_trial=0.5, name=name, verbose=0, seed=3, storage=str(storage / "tune"))
+    return run_sweep(spec)
+
+
+@dataclass
+class SqliteSweep:
+    summary: object
+    data: Path  # the copy swept (test shards poisoned)
+    poisoned: dict[Path, bytes]
+    home: Path  # DEDN_HOME; the store is sqlite:///<home>/mlflow.db
+
+
+@pytest.fixture(scope="session")
+def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
+    """The 8-trial sweep on the embedded SQLite store, once per session (embedded 2-CPU Ray with its dashboard)."""
+    import shutil
+
+    import ray
+
+    tmp = tmp_path_factory.mktemp("sqlite-sweep")
+    data = tmp / "data"
+    shutil.copytree(awa2_tiny, data)
+    poisoned = poison_test_shards(data)
+    home = tmp / "home"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DEDN_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        summary = eight_trial_sweep(data, "sweep", home)
+    finally:
+        ray.shutdown()
+        mp.undo()
+    return SqliteSweep(summary, data, poisoned, home)

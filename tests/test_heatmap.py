@@ -191,3 +191,10 @@ def test_heatmap_job_from_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--samples", "99", "--attributes", "attr3",
                      "--out", str(out)]) == 2
     assert "row positions in [0, 6)" in capsys.readouterr().err
+    # without --out: a folder of this checkpoint's own under DEDN_HOME, never ./heatmaps
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert job.main(["--checkpoint", str(ckpt), "--data", str(data), "--samples", "1", "--attributes", "attr3"]) == 0
+    assert len(list((tmp_path / "home" / "heatmaps" / f"{tmp_path.name}-state.pt").glob("*.png"))) == 1
+    assert not (tmp_path / "heatmaps").exists()
+    assert job.default_out("models:/dedn-cub@champion") == tmp_path / "home" / "heatmaps" / "dedn-cub@champion"

@@ -28,6 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def _ray(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -61,6 +72,12 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, re
                       f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                       f"--temp-dir={temp}"], env, 120)
         assert start.returncode == 0, start.stdout + start.stderr
+        token_file = home / ".ray" / "auth_token"
+        token_file.chmod(0o600)  # as the README says: Ray writes it readable by every local user
+        # the dashboard's REST API: 401 without the token, answers with it (README "On a cluster")
+        api = f"http://127.0.0.1:{dash}/api/jobs/"
+        assert _http_status(api) == 401
+        assert _http_status(api, {"Authorization": f"Bearer {token_file.read_text().strip()}"}) == 200
         submit = _ray([
             "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
             "--runtime-env-json", json.dumps({"excludes": EXCLUDES, **({"env_vars": team.env} if team else {})}),

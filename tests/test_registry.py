@@ -134,3 +134,17 @@ def _ok(tmp_path: Path) -> Path:
     p = tmp_path / "ok.csv"
     p.write_text("name,a1,a2\nx,1,0\ny,0.5,2\n")
     return p
+
+
+def test_a_new_store_keeps_every_experiment_under_dedn_home(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The Default experiment MLflow creates with a new store too: not ./mlruns of the current directory
+    (under `ray job submit` a temporary folder)."""
+    from dedn import tracking
+
+    monkeypatch.chdir(tmp_path)
+    tracking.init_store()
+    c = tracking.client()
+    assert c.get_experiment("0").artifact_location == (store / "mlartifacts" / "0").as_uri()
+    exp_id = tracking.get_or_create_experiment("dedn-cub")
+    assert c.get_experiment(exp_id).artifact_location == (store / "mlartifacts" / "dedn-cub").as_uri()
+    assert not (tmp_path / "mlruns").exists()

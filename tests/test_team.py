@@ -20,22 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Team, free_port as _free_port, unavailable as _unavailable
+from conftest import TINY_TRAIN as TINY, Team, eight_trial_sweep, free_port as _free_port, unavailable as _unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
-TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def awa2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """AWA2's real class side with 16 x 2 x 2 synthetic maps (as in test_tuning)."""
-    from dedn.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("team-data") / "awa2"
-    with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
-        return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +112,12 @@ def _job(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_two_worker_training_run_registry_and_prediction_through_the_server(team: Team, awa2: Path,
+def test_two_worker_training_run_registry_and_prediction_through_the_server(team: Team, awa2_tiny: Path,
                                                                            tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     env = {**team.env, "DEDN_HOME": str(tmp_path / "home"), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    out = _job(["jobs/train.py", "--data", str(awa2), "--num-workers", "2", *TINY], env)
+    out = _job(["jobs/train.py", "--data", str(awa2_tiny), "--num-workers", "2", *TINY], env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "View run" not in out.stdout and "Successfully registered" not in out.stderr  # MLflow's own chatter
     assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing went to the local default store
@@ -139,7 +128,7 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
         exp = c.get_experiment_by_name("dedn-awa2")
         (run,) = c.search_runs([exp.experiment_id])
         rid = run.info.run_id
-        assert run.info.status == "FINISHED" and run.data.params["data.path"] == str(awa2)
+        assert run.info.status == "FINISHED" and run.data.params["data.path"] == str(awa2_tiny)
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # artifacts go through the server
         # every epoch of every metric the loop logs arrived once (select and final phases, 2 epochs each)
         for key in ("loss", "val_H", "val_U", "val_S", "final_loss"):
@@ -149,6 +138,10 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
         for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
             hist = c.get_metric_history(rid, key)
             assert len(hist) >= 2 and all(m.value >= 0 for m in hist), key
+        # the run's description in the UI: what was selected, and the test T/U/S/H
+        note = run.data.tags["mlflow.note.content"]
+        assert "Selected on validation: epoch" in note and "**Test**: T " in note and "semi-synthetic" in note
+        assert "Registered as `dedn-awa2` version" in note
         # credentials never become params or tags
         secret = team.env["MLFLOW_TRACKING_PASSWORD"]
         assert not any(secret in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
@@ -168,7 +161,7 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
 
     # prediction by a models:/ URI, the model downloaded through the server
     pred = tmp_path / "pred.parquet"
-    out = _job(["jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data", str(awa2), "--split", "test_unseen",
+    out = _job(["jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data", str(awa2_tiny), "--split", "test_unseen",
                 "--out", str(pred)], env, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     import pyarrow.parquet as pq
@@ -223,52 +216,43 @@ def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_ser
 
 
 # ---- a concurrent sweep, on the server and on SQLite ---------------------------------------------------
-def _sweep(data: Path, name: str, tmp_path: Path) -> object:
-    import yaml
-
-    from dedn.config import build_config
-    from dedn.tuning import SweepSpec, load_search_space, run_sweep
-
-    space = yaml.safe_load((ROOT / "dedn/families/dedn/search_space.yaml").read_text())
-    space["asha"]["grace_period"] = 2  # = epochs: no early stop, so the outcome does not hang on timing
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    base = build_config("awa2", TINY + [f"data.path={data}"])
-    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=8, max_concurrent_trials=4,
-                     cpus_per_trial=0.5, name=name, verbose=0, seed=3)
-    return run_sweep(spec)
-
-
 @pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(on_server: Team, awa2: Path, tmp_path: Path,
+@pytest.mark.timeout(900)
+def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
+                                                                              tmp_path: Path, sqlite_sweep,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's 8-trial sweep (4 trials at once) against the server; the same sweep on SQLite
+    (`sqlite_sweep`, also checked in test_tuning) must end the same."""
+    import shutil
+
     import ray
 
+    from conftest import poison_test_shards
     from dedn import tracking
 
+    data = tmp_path / "data"
+    shutil.copytree(awa2_tiny, data)
+    poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
     monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
-        on_server_summary = _sweep(awa2, "team-sweep", tmp_path)
-        c = tracking.client()
-        exp = c.get_experiment_by_name("dedn-awa2-tune")
-        runs = c.search_runs([exp.experiment_id], filter_string="tags.`dedn.sweep` = 'team-sweep'")
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == on_server_summary.parent_run_id]
-        assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
-        for ch in children:  # both epochs of every reported metric of every trial
-            for key in ("val_H", "val_U", "val_S", "val_T", "loss"):
-                assert sorted(m.step for m in c.get_metric_history(ch.info.run_id, key)) == [1, 2], (key, ch.info.run_id)
-        assert {"best_config.yaml", "summary.json", "hparams.png"} <= {a.path for a in c.list_artifacts(on_server_summary.parent_run_id)}
-
-        # the same sweep (same seed) on the embedded SQLite store
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
-        on_sqlite = _sweep(awa2, "sqlite-sweep", tmp_path)
+        a = eight_trial_sweep(data, "team-sweep", tmp_path)
     finally:
         ray.shutdown()
-    a, b = on_server_summary, on_sqlite
+    c = tracking.client()
+    assert c.tracking_uri == on_server.uri
+    exp = c.get_experiment_by_name("dedn-awa2-tune")
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`dedn.sweep` = 'team-sweep'")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == a.parent_run_id]
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    for ch in children:  # both epochs of every reported metric of every trial
+        for key in ("val_H", "val_U", "val_S", "val_T", "loss", "lambda_rc", "lambda_e"):
+            assert sorted(m.step for m in c.get_metric_history(ch.info.run_id, key)) == [1, 2], (key, ch.info.run_id)
+    assert {"best_config.yaml", "summary.json", "hparams.png"} <= {x.path for x in c.list_artifacts(a.parent_run_id)}
+
+    b = sqlite_sweep.summary  # the same sweep on the embedded SQLite store
     assert a.best_params == b.best_params
     assert (a.best_val_H, a.best_epoch, a.weights) == (b.best_val_H, b.best_epoch, b.weights)
     assert sorted((json.dumps(t["params"], sort_keys=True), t["val_H"]) for t in a.trials) == \
@@ -302,9 +286,10 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             os.environ.pop(k, None)
     SHOTS.mkdir(parents=True, exist_ok=True)
 
-    def settle(page: object) -> None:  # charts and images load after the text: let the requests finish
-        page.wait_for_load_state("networkidle")  # type: ignore[attr-defined]
-        page.wait_for_timeout(2000)  # type: ignore[attr-defined]
+    def settle(page: object) -> None:
+        # charts and images load after the text; the page polls for new metrics (auto-refresh), so
+        # "network idle" never comes: give the charts a fixed moment
+        page.wait_for_timeout(3000)  # type: ignore[attr-defined]
 
     base = f"{team.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -312,22 +297,31 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
-            page = browser.new_context(viewport={"width": 1400, "height": 1000}, http_credentials={
+            page = browser.new_context(viewport={"width": 1400, "height": 1300}, http_credentials={
                 "username": team.env["MLFLOW_TRACKING_USERNAME"], "password": team.env["MLFLOW_TRACKING_PASSWORD"]}).new_page()
 
             page.goto(base)
             page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
             page.get_by_text("semi_synthetic").first.wait_for(timeout=30_000)
+            page.get_by_text("Selected on validation").first.wait_for(timeout=30_000)  # the run's description
+            page.get_by_text("System metrics").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SHOTS / "run_overview.png"), full_page=True)
             body = page.inner_text("body")
             assert run.info.run_name in body and "Finished" in body and "dedn-awa2" in body
-            assert "System metrics" in body and "Model metrics" in body
+            assert "System metrics" in body and "Model metrics" in body and "Selected on validation" in body
 
             page.goto(f"{base}/model-metrics")
             page.get_by_text("val_H").first.wait_for(timeout=60_000)
             settle(page)
             page.screenshot(path=str(SHOTS / "run_metrics.png"), full_page=True)
             assert "val_H" in page.inner_text("body")
+            # the 31 charts are alphabetical: the validation curves are one search away
+            page.get_by_placeholder("Search metric charts").fill("val_")
+            page.get_by_text("val_U").first.wait_for(timeout=30_000)
+            settle(page)
+            page.screenshot(path=str(SHOTS / "run_metrics_val.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "val_H" in body and "val_S" in body and "align_c" not in body
 
             page.goto(f"{base}/system-metrics")
             page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
@@ -357,7 +351,7 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             assert "dedn-awa2" in body and "Version 1" in body and "val_H" in body
         finally:
             browser.close()
-    for name in ("run_overview", "run_metrics", "run_system_metrics", "run_training_curves", "registered_model",
+    for name in ("run_overview", "run_metrics", "run_metrics_val", "run_system_metrics", "run_training_curves", "registered_model",
                  *(["sweep_hparams"] if sweep is not None else [])):
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000, name
 
@@ -385,7 +379,7 @@ def test_stop_and_start_again_keeps_runs_and_models(team: Team) -> None:
         c = MlflowClient(team.uri, registry_uri=team.uri)
         after = sorted(r.info.run_id for r in c.search_runs([e.experiment_id for e in c.search_experiments()]))
         assert before and after == before
-        assert {m.name for m in c.search_registered_models()} == models and {"dedn-awa2", "toy-team"} <= models
+        assert {m.name for m in c.search_registered_models()} == models and "dedn-awa2" in models
     finally:
         for k in team.env:
             os.environ.pop(k, None)

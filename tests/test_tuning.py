@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import poison_test_shards
 from dedn.errors import ConfigError
 from dedn.tuning import Dimension, best_config, default_space_path, load_search_space, plot_hparams, plot_lambda_curves
 
@@ -142,13 +143,9 @@ TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", 
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """AWA2's real class side (85 attributes, 50 classes) with 16 x 2 x 2 synthetic feature maps."""
-    from dedn.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("data") / "awa2"
-    with pytest.warns(UserWarning, match="negative values"):  # AWA2's -1 missing-value marks are clamped
-        return Path(write_synthetic(root, "AWA2", channels=16, height=2, width=2, images_per_class=4, progress=False))
+def tiny_data(awa2_tiny: Path) -> Path:
+    """AWA2's real class side with 16 x 2 x 2 synthetic feature maps (conftest's, shared by the session)."""
+    return awa2_tiny
 
 
 def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_path: Path,
@@ -165,7 +162,7 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    poisoned = _poison_test_shards(data)
+    poisoned = poison_test_shards(data)
 
     seen: dict[str, object] = {}
 
@@ -256,61 +253,43 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
         ray.shutdown()
 
 
-def _poison_test_shards(root: Path) -> dict[Path, bytes]:
-    """Replace every test shard by garbage and date its access time back: any read changes one or fails."""
-    import json
-    import os
-
-    manifest = json.loads((root / "dataset.json").read_text())
-    poisoned = {}
-    for split in ("test_seen", "test_unseen"):
-        for shard in manifest["splits"][split]["shards"]:
-            p = root / shard["file"]
-            junk = b"not a parquet file; the sweep must never read the test split\n" * 4
-            p.write_bytes(junk)
-            os.utime(p, (1_000, 2_000))  # atime < mtime: relatime updates atime on the next read
-            poisoned[p] = junk
-    return poisoned
-
-
 @pytest.mark.ray
-@pytest.mark.timeout(400)
-def test_sweep_of_two_concurrent_trials(tiny_data: Path, tmp_path: Path, ray_local: Path) -> None:
+@pytest.mark.timeout(600)
+def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's 8-trial sweep (4 concurrent) on SQLite; test_team runs the same sweep on the team server."""
     import shutil
 
-    from dedn import tracking
-    from dedn.config import DEDNConfig, build_config
-    from dedn.tuning import SweepSpec, run_sweep
+    import ray
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    poisoned = _poison_test_shards(data)
-    base = build_config("awa2", TINY + [f"data.path={data}"])
-    spec = SweepSpec(data=str(data), base=base, space=load_search_space(default_space_path()), num_samples=2,
-                     max_concurrent_trials=2, cpus_per_trial=1, name="sweep", verbose=0)
-    summary = run_sweep(spec)
+    from dedn import tracking
+    from dedn.config import DEDNConfig
+
+    summary, home = sqlite_sweep.summary, sqlite_sweep.home
+    monkeypatch.setenv("DEDN_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
 
     # every trial finished on validation data alone; the test shards were never opened for reading
-    assert summary.num_trials == 2
-    for p in poisoned:  # atime first: the content check below reads the file
+    assert summary.num_trials == 8
+    for p in sqlite_sweep.poisoned:  # atime first: the content check below reads the file
         assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
-    for p, junk in poisoned.items():
+    for p, junk in sqlite_sweep.poisoned.items():
         assert p.read_bytes() == junk
 
-    # MLflow: one parent, two children with per-epoch validation metrics
+    # MLflow: one parent, eight children with per-epoch validation metrics
     c = tracking.client()
     exp = c.get_experiment_by_name("dedn-awa2-tune")
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id]
-    assert len(runs) == 3 and len(parents) == 1 and len(children) == 2
+    assert len(runs) == 9 and len(parents) == 1 and len(children) == 8
     assert parents[0].info.run_id == summary.parent_run_id and parents[0].info.status == "FINISHED"
     for ch in children:
         assert ch.info.status == "FINISHED"
         assert {"loss.beta", "loss.gamma", "loss.epsilon"} <= set(ch.data.params)
         hist = c.get_metric_history(ch.info.run_id, "val_H")
-        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, len(hist) + 1))
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2]  # no early stop: grace = epochs
         assert 0.0 <= ch.data.metrics["val_H"] <= 1.0 and 0.0 <= ch.data.metrics["lambda_e"] <= 1.0
+    assert len({ch.data.params["loss.beta"] for ch in children}) == 8  # eight different configurations
     best_h = {r.data.tags["dedn.trial_id"]: max(m.value for m in c.get_metric_history(r.info.run_id, "val_H"))
               for r in children}
     # the summary's best trial holds the highest validation H logged by any child (ties allowed)
@@ -321,7 +300,7 @@ def test_sweep_of_two_concurrent_trials(tiny_data: Path, tmp_path: Path, ray_loc
 
     # the best configuration: a complete config for the final run, at the best epoch and fitted lambdas
     sweep_dir = Path(summary.sweep_dir)
-    assert sweep_dir == (ray_local / "tune" / "sweep").resolve()
+    assert sweep_dir == (home / "tune" / "sweep").resolve()
     best = DEDNConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
     assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
     assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (
@@ -337,9 +316,15 @@ def test_sweep_of_two_concurrent_trials(tiny_data: Path, tmp_path: Path, ray_loc
     # --final: the retrain registers with the best trial's validation tags and becomes champion
     from dedn.tuning import run_final
 
-    for p in poisoned:  # the final phase tests once: put the real test shards back
-        shutil.copyfile(tiny_data / p.relative_to(data), p)
-    out = run_final(sweep_dir)
+    for p in sqlite_sweep.poisoned:  # the final phase tests once: put the real test shards back
+        shutil.copyfile(awa2_tiny / p.relative_to(sqlite_sweep.data), p)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        out = run_final(sweep_dir)
+    finally:
+        ray.shutdown()
     tags = c.get_model_version(out.registered.name, out.registered.version).tags
     assert float(tags["val_H"]) == summary.best_val_H and out.registered.champion
     assert c.get_model_version_by_alias(out.registered.name, "champion").version in (out.registered.version,
@@ -359,7 +344,7 @@ def test_distributed_trial_fits_its_cpu_budget_and_never_reads_test_shards(tiny_
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    poisoned = _poison_test_shards(data)
+    poisoned = poison_test_shards(data)
     base = build_config("awa2", TINY + [f"data.path={data}", "optim.epochs=1"])
     spec = SweepSpec(data=str(data), base=base, space=load_search_space(default_space_path()), num_samples=1,
                      max_concurrent_trials=1, cpus_per_trial=2, workers_per_trial=2, name="dist", verbose=0)

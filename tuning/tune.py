@@ -78,12 +78,23 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_sweep(spec, resume=args.resume)
             sweep_dir = Path(summary.sweep_dir)
             weights = ", ".join(f"{k} = {v:.2f}" for k, v in summary.weights.items())
+            print(f"sweep {sweep_dir.name}: {summary.num_trials} trials in {sweep_dir}")
             print(f"best trial {summary.best_trial_id}: validation H = {summary.best_val_H:.4f} at epoch "
                   f"{summary.best_epoch}, {weights}")
             print(f"best configuration: {summary.best_config_path}")
+            for plot in summary.plots:
+                print(f"plot: {plot}")
+            if not args.final:
+                print(f"next: python tuning/tune.py --data {data} --final --name {sweep_dir.name}"
+                      + (f" --storage {args.storage}" if args.storage else "")
+                      + "   (retrain the best configuration on trainval, test once, register)")
         if args.final:
             out = run_final(sweep_dir, workers=args.workers_per_trial)
-            print(f"final run (trainval, {out.best_epoch} epochs, weights {out.weights}): test {out.test_metrics}")
+            weights = ", ".join(f"{k} {v:.2f}" for k, v in out.weights.items())
+            print(f"final run: trainval, {out.best_epoch} epochs, {weights}")
+            for label, m in (("validation (%)", out.val_metrics), ("test       (%)", out.test_metrics)):
+                if m:
+                    print(f"  {label}: " + "  ".join(f"{k} {100 * m[k]:.1f}" for k in ("T", "U", "S", "H") if k in m))
             if out.registered is not None:
                 print(f"registered {out.registered.name} version {out.registered.version}; "
                       f"{out.registered.champion_line()}")

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dedn.config import DEDNConfig
 
 __all__ = [
-    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "system_metrics",
+    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
@@ -60,6 +60,7 @@ FINAL_RUN_TAG = "dedn.final_run_id"
 SETTING_TAG = "dedn.ablation.setting"
 MODEL_TAG = "model"
 DRIVER_TAG = "dedn.driver"  # "<host>:<pid>:<process start time>" of the driver that opened the run
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (Markdown) in MLflow's UI
 
 def dedn_home() -> Path:
     """`$DEDN_HOME`, default `~/.dedn`: the MLflow store, Ray Train storage and the demo dataset live here."""
@@ -105,7 +106,7 @@ def init_store() -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         # Two first runs at the same moment would both migrate a new sqlite file (one dies in
         # alembic): the first creates the tables under an exclusive lock, the other waits for it.
-        with _file_lock(db.with_name(db.name + ".lock")):
+        with _file_lock(db.with_name(db.name + ".lock")), _default_artifact_root(artifact_root()):
             client().search_experiments(max_results=1)  # creates the tables (about 1 s the first time)
     else:
         if uri.startswith(("http://", "https://")):
@@ -114,6 +115,24 @@ def init_store() -> str:
             check_reachable(uri)  # one quick question: MLflow's client would retry a dead server for minutes
         client().search_experiments(max_results=1)  # fail here on an unreachable store
     return uri
+
+
+@contextlib.contextmanager
+def _default_artifact_root(root: Path) -> Iterator[None]:
+    """While a new sqlite store is created, MLflow's "Default" experiment (id 0) gets its artifacts
+    under `root` instead of `./mlruns` of the current directory (Ray's temporary working directory
+    under `ray job submit`). MLflow reads the root of a store it opens from this variable (its own
+    server sets it the same way); it is set only around the creation."""
+    key = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+    before = os.environ.get(key)
+    os.environ[key] = root.as_uri()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 @contextlib.contextmanager

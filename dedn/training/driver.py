@@ -484,18 +484,41 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None
     got = read_outcome(ckpt_dir, cfg)
     outcome = TrainOutcome(run.run_id if run else None, run.experiment_id if run else None, run.tracking_uri if run else None,
-                           str(Path(storage) / name), ckpt_dir, got["val"], got["test"], got["best_epoch"], got["weights"],
+                           str(Path(storage) / name), ckpt_dir,
+                           # a final-only run (a sweep's --final) validates nothing: its selection's metrics
+                           got["val"] or (dict(settings.selection_val) if settings.selection_val else None),
+                           got["test"], got["best_epoch"], got["weights"],
                            got.get("history", []))
     if run is not None:
         if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
             run.set_tags({tracking.CHECKPOINT_TAG: ckpt_dir})
         if settings.register and got["test"] is not None:
-            val = got["val"] or dict(settings.selection_val or {})
-            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, val, got["test"])
+            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, outcome.val_metrics or {}, got["test"])
             run.set_tags({tracking.REGISTERED_TAG: f"{outcome.registered.name}/{outcome.registered.version}"})
+        run.set_tags({tracking.DESCRIPTION_TAG: run_description(cfg, outcome, semi_synthetic=dataset.semi_synthetic)})
         run.finish("FINISHED")
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def run_description(cfg: DEDNConfig, outcome: TrainOutcome, *, semi_synthetic: bool) -> str:
+    """The run's description in MLflow's UI (Markdown, first lines shown before "Show more"): the test
+    T/U/S/H, then the selected epoch, inference weights and validation T/U/S/H, then the registered version."""
+    def pct(m: Mapping[str, float]) -> str:
+        return " · ".join(f"{k} {100 * m[k]:.1f}" for k in "TUSH" if k in m) + " (%)"
+
+    fam = family_of(cfg)
+    data = "semi-synthetic data: not a benchmark result" if semi_synthetic else "real features"
+    lines = [f"**{fam.describe(cfg)}**, protocol {cfg.protocol}, {data}."]
+    if outcome.test_metrics:
+        lines.append(f"**Test**: {pct(outcome.test_metrics)}.")
+    weights = ", ".join(f"{k} {v:.2f}" for k, v in outcome.weights.items())
+    selected = f"Selected on validation: epoch {outcome.best_epoch}" + (f" ({weights})" if weights else "")
+    lines.append(selected + (f"; validation {pct(outcome.val_metrics)}." if outcome.val_metrics else "."))
+    if outcome.registered is not None:
+        r = outcome.registered
+        lines.append(f"Registered as `{r.name}` version {r.version}: {r.champion_line()}.")
+    return "\n\n".join(lines)
 
 
 def _register(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
