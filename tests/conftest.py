@@ -169,6 +169,7 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     mp.setenv("DEDN_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
+    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as tuning/tune.py sets it: faster worker start-up
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)

@@ -88,6 +88,39 @@ def test_server_asks_for_credentials_and_errors_say_what_to_do(team: Team, monke
     assert st["healthy"] and st["memory_mib"]["mlflow"] > 0
 
 
+@pytest.mark.timeout(180)
+def test_an_existing_database_by_url(team: Team, tmp_path: Path) -> None:
+    """--database-url: no managed PostgreSQL; runs land in that database; its password is on no command line."""
+    import psycopg
+    from mlflow.tracking import MlflowClient
+
+    from dedn.tracking import server
+
+    st = server.status(team.data_dir)
+    pw = json.loads((team.data_dir / "secrets.json").read_text())["db_password"]
+    with psycopg.connect(f"postgresql://dedn@127.0.0.1:{st['pg_port']}/postgres", password=pw, autocommit=True) as conn:
+        conn.execute('DROP DATABASE IF EXISTS "elsewhere"')
+        conn.execute('CREATE DATABASE "elsewhere"')
+    folder = tmp_path / "second"
+    info = server.start(folder, port=_free_port(), database_url=f"postgresql://dedn:{pw}@127.0.0.1:{st['pg_port']}/elsewhere")
+    try:
+        assert info.pg_data is None and info.backend == f"postgresql+psycopg://dedn@127.0.0.1:{st['pg_port']}/elsewhere"
+        assert pw not in Path(f"/proc/{info.pid}/cmdline").read_bytes().decode()
+        creds = json.loads((folder / "secrets.json").read_text())
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=creds["admin_password"])
+        c = MlflowClient(info.uri)
+        run = c.create_run(c.create_experiment("external-db"))
+        c.log_metric(run.info.run_id, "x", 1.0)
+        with psycopg.connect(f"postgresql://dedn@127.0.0.1:{st['pg_port']}/elsewhere", password=pw) as conn:
+            assert conn.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (run.info.run_id,)).fetchone()[0] == 1
+        assert (folder / "basic_auth.db").exists()  # the user store, beside it
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        assert server.stop(folder) is not None
+    assert server.status(team.data_dir)["healthy"]  # the managed PostgreSQL was not touched
+
+
 def test_a_folder_postgres_cannot_reach_is_refused_by_name(tmp_path: Path) -> None:
     from dedn.errors import ServerError
     from dedn.tracking import server

@@ -17,8 +17,11 @@ to use a finished sweep). Works embedded or under `ray job submit`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.cli import HelpFormatter
 from dedn.errors import DednError

@@ -246,9 +246,12 @@ def _split_password(url: str) -> tuple[str, str | None]:
         u = make_url(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError and friends
         raise ServerError("--database-url", f"expected a database URL such as postgresql://user:pw@host:5432/mlflow, found {url!r} ({e})") from None
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")  # psycopg 3 (SQLAlchemy's default dialect driver)
-    return u.set(password=None).render_as_string(hide_password=False), u.password
+    from sqlalchemy.engine import URL
+
+    driver = "postgresql+psycopg" if u.drivername in ("postgresql", "postgres") else u.drivername  # psycopg 3
+    # built anew: URL.set(password=None) keeps the password in SQLAlchemy 2.1
+    bare = URL.create(driver, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
+    return bare.render_as_string(hide_password=False), u.password
 
 
 def _auth_header(user: str, password: str) -> dict[str, str]:
