@@ -353,3 +353,21 @@ def test_distributed_trial_fits_its_cpu_budget_and_never_reads_test_shards(tiny_
     for p, junk in poisoned.items():
         assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
         assert p.read_bytes() == junk
+
+
+def test_training_curves_of_a_final_only_run_have_no_empty_panel(tmp_path: Path) -> None:
+    """A sweep's --final run validates nothing: one loss panel and no legend warning; a selection run: two panels."""
+    import warnings
+
+    import matplotlib.image as mpimg
+
+    from dedn.analysis.plots import plot_training_curves
+
+    rows = [{"epoch": e, "loss": 2.0 / e, "mal_c": 1.0 / e} for e in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" would fail here
+        final_only = plot_training_curves(rows, tmp_path / "final.png", loss_keys=("loss", "mal_c"), title="t")
+        with_val = plot_training_curves([{**r, "val_H": 0.1 * r["epoch"], "val_U": 0.2} for r in rows], tmp_path / "sel.png",
+                                        loss_keys=("loss", "mal_c"), title="t")
+    w_final, w_sel = mpimg.imread(final_only).shape[1], mpimg.imread(with_val).shape[1]
+    assert w_final < 0.6 * w_sel  # one panel instead of two

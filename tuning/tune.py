@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.cli import HelpFormatter
-from dedn.errors import DednError
+from dedn.errors import ConfigError, DednError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(dashboard=True)
         finished = None  # --final --name NAME on a finished sweep: no new trials
         if args.final and args.name and not args.resume:
-            d = find_sweep(args.storage, base.dataset, args.name, base.model.name)
-            finished = d if (d / "summary.json").exists() else None
+            try:
+                d = find_sweep(args.storage, base.dataset, args.name, base.model.name)
+                finished = d if (d / "summary.json").exists() else None
+            except ConfigError:  # no sweep of that name yet: run it, then the final phase
+                finished = None
         if finished is not None:
             sweep_dir = finished
         else:

@@ -27,7 +27,11 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
 
     path = Path(path)
     epochs = [int(h["epoch"]) for h in history]
-    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    # a final-only run (a sweep's --final) validates nothing: one panel, no empty one
+    has_val = any(h.get(f"val_{k}") is not None for h in history for k in VAL_KEYS)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(10 if has_val else 5.5, 3.8), constrained_layout=True,
+                             squeeze=False)
+    ax_l = axes[0][0]
     for key in loss_keys:
         ys = [h.get(key) for h in history]
         if any(y is not None for y in ys):
@@ -36,14 +40,17 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("training loss (mean over the epoch)")
     ax_l.set_yscale("symlog", linthresh=1e-3)
-    ax_l.legend(fontsize=8)
-    for key in VAL_KEYS:
-        ys = [h.get(f"val_{key}") for h in history]
-        if any(y is not None for y in ys):
-            ax_v.plot(epochs, [float("nan") if y is None else 100 * y for y in ys], marker="o", ms=3, label=key)
-    ax_v.set_xlabel("epoch")
-    ax_v.set_ylabel("validation accuracy (%)")
-    ax_v.set_ylim(0, 100)
-    ax_v.legend(fontsize=8)
+    if ax_l.get_legend_handles_labels()[0]:  # matplotlib warns on a legend without labelled lines
+        ax_l.legend(fontsize=8)
+    if has_val:
+        ax_v = axes[0][1]
+        for key in VAL_KEYS:
+            ys = [h.get(f"val_{key}") for h in history]
+            if any(y is not None for y in ys):
+                ax_v.plot(epochs, [float("nan") if y is None else 100 * y for y in ys], marker="o", ms=3, label=key)
+        ax_v.set_xlabel("epoch")
+        ax_v.set_ylabel("validation accuracy (%)")
+        ax_v.set_ylim(0, 100)
+        ax_v.legend(fontsize=8)
     fig.suptitle((title + ("  [semi-synthetic data]" if semi_synthetic else "")).strip())
     return save_figure(fig, path)

@@ -58,10 +58,11 @@ def _init_ray(dashboard: bool) -> None:
         # arguments) and Ray core logs an error-level line about it on every run. It only watches
         # node drains, which a single-node embedded Ray never has; real clusters keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        quiet = ray.LoggingConfig(log_level="ERROR")  # Ray's INFO/WARNING chatter (start-up, placement-group cleanup)
         if dashboard:
-            ray.init(log_to_driver=True)
+            ray.init(log_to_driver=True, logging_config=quiet)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+            ray.init(include_dashboard=False, log_to_driver=True, logging_config=quiet)
         # the embedded cluster is this process's: it goes when the driver exits, however it exits
         # (jobs turn SIGTERM into an exit, so atexit runs then too)
         atexit.register(ray.shutdown)

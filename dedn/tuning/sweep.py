@@ -150,10 +150,13 @@ def _sweep_name(cfg: DEDNConfig) -> str:
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     """Run (or, with resume, continue) a sweep and summarise it; returns the best configuration."""
+    import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from dedn.data.reader import forbid_splits
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": Tune's table says it all
 
     storage = Path(spec.storage or _tune_root()).expanduser().resolve()
     data = str(Path(spec.data).expanduser().resolve())
