@@ -127,6 +127,16 @@ def test_grid_figure_layout_colorbar_and_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hm.png"]  # the temp file was renamed
 
 
+def test_a_long_title_fits_a_one_attribute_figure():
+    maps = {e: np.full((1, 3, 4), 1 / 12, np.float32) for e in ("cExp", "fExp")}
+    title = "AWA2 test_unseen row 0 (sample 2000, class blue+whale), H x W feature grid"
+    fig = heatmap.heatmap_figure(maps, NAMES[:1], title=title, semi_synthetic=True)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1  # not cut at either edge
+    assert " ".join(fig._suptitle.get_text().split()) == title + " [semi-synthetic data]"  # wrapped, all of it
+
+
 def test_overlay_on_an_image_keeps_the_grid_array():
     maps = {"cExp": np.full((2, 3, 4), 1 / 12, np.float32)}
     image = np.zeros((30, 40, 3), np.float32)

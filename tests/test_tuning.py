@@ -138,6 +138,25 @@ def test_plots_are_written(tmp_path: Path) -> None:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+def test_hparams_plot_marks_trials_asha_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dedn.tuning import plots
+
+    drawn = {}
+
+    def keep(fig, path, dpi=110):  # noqa: ANN001, ANN202 - inspect the figure instead of writing it
+        drawn["labels"] = fig.axes[0].get_legend_handles_labels()[1]
+        drawn["hollow"] = [len(c.get_offsets()) for c in fig.axes[0].collections if len(c.get_facecolors()) == 0]
+        return Path(path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    rows = [{"val_H": 0.1 * i, "epochs_run": e, "params": {"loss.beta": 10.0 ** -i}} for i, e in ((1, 1), (2, 1), (3, 4))]
+    plots.plot_hparams(rows, ["loss.beta"], ["loss.beta"], "val_H", tmp_path / "h.png", max_epochs=4)
+    assert drawn["labels"] == ["stopped early by ASHA (best epoch)", "best validation H"]
+    assert drawn["hollow"] == [2]  # the two trials ASHA stopped after 1 of 4 epochs
+    plots.plot_hparams(rows, ["loss.beta"], ["loss.beta"], "val_H", tmp_path / "h.png")  # no max: none marked
+    assert "stopped early by ASHA (best epoch)" not in drawn["labels"]
+
+
 # ---- with a tiny semi-synthetic dataset -----------------------------------------------------------
 TINY = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 

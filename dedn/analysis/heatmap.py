@@ -264,7 +264,11 @@ def heatmap_figure(maps: Mapping[str, np.ndarray], attribute_names: Sequence[str
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.85, label=COLORBAR_LABEL)
     full_title = (title + ("  [semi-synthetic data]" if semi_synthetic else "")).strip()
     if full_title:
-        fig.suptitle(full_title, fontsize=10)
+        # wrapped to the figure's width: with one or two attributes a long title would be cut at both edges
+        import textwrap
+
+        chars = max(24, int(fig.get_figwidth() * 72 / (10 * 0.6)))  # 10 pt text is about 6 pt per character
+        fig.suptitle("\n".join(textwrap.wrap(full_title, chars, break_on_hyphens=False)), fontsize=10)
     return fig
 
 

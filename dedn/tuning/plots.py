@@ -35,8 +35,12 @@ def plot_lambda_curves(grid: Mapping[str, np.ndarray], weights: Mapping[str, flo
 
 
 def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_keys: Sequence[str], metric: str,
-                 path: Path, title: str = "") -> Path:
-    """Each trial's best validation H against each searched hyper-parameter (log axes for log-uniform ones)."""
+                 path: Path, title: str = "", max_epochs: int | None = None) -> Path:
+    """Each trial's best validation H against each searched hyper-parameter (log axes for log-uniform ones).
+
+    With `max_epochs`, a trial that ran fewer epochs (`epochs_run`: ASHA stopped it) is drawn hollow:
+    its point is the best of a shorter run, not a finished one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,11 +55,16 @@ def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_key
         if k in log_keys:  # log10 on a linear axis: readable ticks also when the trials span < 1 decade
             xs = [math.log10(x) if isinstance(x, (int, float)) and x > 0 else float("nan") for x in xs]
         ys = [100 * r[metric] for r in rows]
-        is_best = [r[metric] == best for r in rows]
-        ax.scatter([x for x, b in zip(xs, is_best) if not b], [y for y, b in zip(ys, is_best) if not b], c="C0", s=24,
-                   label="trial (best epoch)")
-        ax.scatter([x for x, b in zip(xs, is_best) if b], [y for y, b in zip(ys, is_best) if b], c="C3", s=30,
-                   label="best validation H")
+        kind = ["best" if r[metric] == best else
+                "stopped" if max_epochs is not None and int(r.get("epochs_run", max_epochs)) < max_epochs else "trial"
+                for r in rows]
+        styles = {"trial": dict(c="C0", s=24, label="trial (best epoch)"),
+                  "stopped": dict(facecolors="none", edgecolors="C0", s=24, label="stopped early by ASHA (best epoch)"),
+                  "best": dict(c="C3", s=30, label="best validation H")}
+        for name, style in styles.items():
+            pts = [(x, y) for x, y, kd in zip(xs, ys, kind) if kd == name]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], **style)
         ax.set(xlabel=f"log10({k})" if k in log_keys else k)
     axes[0][0].set_ylabel(f"{metric} (%)")
     axes[0][0].legend(fontsize=8)

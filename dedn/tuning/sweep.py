@@ -304,7 +304,8 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
     write_text(best_path, header + cfg.to_yaml())
     semi = open_for_selection(meta["data"]).semi_synthetic
     title = f"sweep {meta['name']}, {len(rows)} trials" + ("  [semi-synthetic data]" if semi else "")
-    plots = [plot_hparams(rows, meta["keys"], meta["log_keys"], metric, sweep_dir / "hparams.png", title)]
+    plots = [plot_hparams(rows, meta["keys"], meta["log_keys"], metric, sweep_dir / "hparams.png", title,
+                          max_epochs=base.optim.epochs)]
     if best["checkpoint"] and (Path(best["checkpoint"]) / STATE_FILE).exists():
         from dedn.checkpoint import load_checkpoint
 
