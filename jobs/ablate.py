@@ -39,7 +39,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="folder for ablation.md / ablation.csv (default: <DEDN_HOME>/ablations/<run>)")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers per run")
     p.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default: fit the cluster)")
-    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (NCCL, bf16 autocast)")
     p.add_argument("--storage-path", default="", help="Ray Train storage (default: $DEDN_HOME/ray_results)")
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>-ablation)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing setting")

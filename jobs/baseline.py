@@ -15,8 +15,9 @@ from dedn.errors import DednError
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("dataset", type=Path)
-    p.add_argument("--phase", choices=["final", "select"], default="final")
+    p.add_argument("dataset", type=Path, help="dataset directory (dataset.json)")
+    p.add_argument("--phase", choices=["final", "select"], default="final",
+                   help="final: fit on trainval, score the test splits; select: fit on train, score validation")
     p.add_argument("--alpha", type=float, default=0.01, help="ridge penalty per sample on standardised features")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)

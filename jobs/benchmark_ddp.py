@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per option set (default: %(default)s)")
     ap.add_argument("--r", type=int, default=49, help="regions, a perfect square (default: %(default)s)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="gloo ranks on CPU, or NCCL on GPUs")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in the step")
     ap.add_argument("--options", nargs="+", default=None, choices=list(OPTIONS),
                     help="option sets (default: all that the backend accepts)")

@@ -58,7 +58,7 @@ def run(data: str, shared: bool, trials: int, storage: str) -> tuple[float, floa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, help="dataset directory the trials read (e.g. a full-size CUB set)")
     ap.add_argument("--trials", type=int, default=4, help="trials, all at once (default: %(default)s)")
     args = ap.parse_args(argv)
     from dedn.data import FeatureDataset

@@ -32,7 +32,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test_unseen", help="split of --data to score")
     p.add_argument("--extra-classes", default="", help="CSV/Parquet: name, then D attribute values per new class")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images scored at once")
     return p.parse_args(argv)
 
 

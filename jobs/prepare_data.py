@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of features")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val_seen split (and of the generator)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _files(p: argparse.ArgumentParser) -> None:
@@ -44,18 +44,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with att_splits.mat, <NAME>_attribute.pkl, image_labels.npz (default: packaged asset)")
     s.add_argument("--word-vectors", type=Path, default=None,
                    help="D x G attribute word vectors when --source-dir has no <NAME>_attribute.pkl/.npy/.txt")
-    s.add_argument("--channels", type=int, default=2048)
-    s.add_argument("--height", type=int, default=7)
-    s.add_argument("--width", type=int, default=7)
+    s.add_argument("--channels", type=int, default=2048, help="C of the generated maps (ResNet-101: 2048)")
+    s.add_argument("--height", type=int, default=7, help="H of the generated maps")
+    s.add_argument("--width", type=int, default=7, help="W of the generated maps")
     s.add_argument("--images-per-class", type=int, default=None, help="cap per class and split (default: all)")
     h = sub.add_parser("from-hdf5", formatter_class=HelpFormatter, help="HDF5 feature maps (feature_map, labels, *_loc)")
     _common(h)
     _files(h)
-    h.add_argument("--features", required=True, type=Path)
+    h.add_argument("--features", required=True, type=Path, help="the HDF5 file of feature maps")
     x = sub.add_parser("from-xlsa17", formatter_class=HelpFormatter, help="xlsa17 res101.mat pooled features (1 x 1 maps)")
     _common(x)
     _files(x)
-    x.add_argument("--res101", required=True, type=Path)
+    x.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat")
     return parser.parse_args(argv)
 
 

@@ -21,7 +21,8 @@ from dedn.errors import DednError
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["CUB", "SUN", "AWA2"], help="datasets (column groups), in order")
-    p.add_argument("--source", choices=["registry", "runs"], default="registry")
+    p.add_argument("--source", choices=["registry", "runs"], default="registry",
+                   help="registry: each champion version; runs: the best finished training run (by validation H)")
     p.add_argument("--variant", default="", help="runs source only: only runs of this variant (paper|reference)")
     p.add_argument("--out", default="", help="also write the Markdown to this file")
     p.add_argument("--no-paper-row", action="store_true", help="leave out the paper's DEDN row")

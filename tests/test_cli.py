@@ -42,4 +42,10 @@ def test_every_entry_point_uses_it(path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage:")
-    assert made and all(issubclass(p.formatter_class, HelpFormatter) for p in made if p.prog.split()[0] != "pytest")
+    ours = [p for p in made if p.prog.split()[0] != "pytest"]
+    assert ours and all(issubclass(p.formatter_class, HelpFormatter) for p in ours)
+    # every option and argument says what it is for, and the entry point shows an example
+    missing = [(p.prog, a.option_strings or a.dest) for p in ours for a in p._actions
+               if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
+    assert not missing, f"options without help text: {missing}"
+    assert "python " in (ours[0].description or ""), "no example in --help"

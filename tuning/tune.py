@@ -28,12 +28,12 @@ from dedn.errors import ConfigError, DednError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (dataset.json)")
     p.add_argument("--preset", default="", help="a dataset's preset of the family (default: the dataset's own name)")
     p.add_argument("--space", default=None, help="search-space YAML (default: the model family's own)")
     p.add_argument("--num-samples", type=int, default=8, help="trials")
-    p.add_argument("--max-concurrent-trials", type=int, default=2)
+    p.add_argument("--max-concurrent-trials", type=int, default=2, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each trial")
     p.add_argument("--search-lambdas", action="store_true",
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (or the newest)")
     p.add_argument("--final", action="store_true", help="retrain the best configuration on trainval and register it")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. optim.epochs=20")
     return p.parse_args(argv)
 
 
