@@ -88,6 +88,32 @@ def test_server_asks_for_credentials_and_errors_say_what_to_do(team: Team, monke
     assert st["healthy"] and st["memory_mib"]["mlflow"] > 0
 
 
+@pytest.mark.timeout(120)
+def test_the_command_line_status_env_and_backup(team: Team, tmp_path: Path) -> None:
+    """`jobs/server.py status|env|backup` as a user runs them."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "jobs/server.py", *args, "--data-dir", str(team.data_dir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    st = cli("status")
+    assert st.returncode == 0 and json.loads(st.stdout)["healthy"] is True, st.stderr
+    env = cli("env")
+    assert env.returncode == 0 and f"export MLFLOW_TRACKING_URI={team.uri}" in env.stdout
+    assert f"export MLFLOW_TRACKING_PASSWORD={team.env['MLFLOW_TRACKING_PASSWORD']}" in env.stdout.replace("'", "")
+    out = cli("backup", "--out", str(tmp_path / "backups"))
+    assert out.returncode == 0, out.stderr
+    dumps = sorted((tmp_path / "backups").glob("*.dump"))
+    assert [d.name.split("-")[0] for d in dumps] == ["mlflow", "mlflow_auth"]
+    from dedn.tracking import server
+
+    listing = subprocess.run([server._pg_bin("pg_restore"), "--list", str(dumps[0])], capture_output=True, text=True)
+    assert listing.returncode == 0 and "TABLE public runs" in listing.stdout  # a real dump of the runs table
+    assert list((tmp_path / "backups").glob("artifacts-*.tar.gz"))
+    bad = subprocess.run([sys.executable, "jobs/server.py", "env", "--data-dir", str(tmp_path / "none")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no server of this folder runs" in bad.stderr
+
+
 @pytest.mark.timeout(180)
 def test_an_existing_database_by_url(team: Team, tmp_path: Path) -> None:
     """--database-url: no managed PostgreSQL; runs land in that database; its password is on no command line."""
