@@ -155,83 +155,27 @@ class SqliteSweep:
 
 @pytest.fixture(scope="session")
 def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
-    """The 8-trial sweep on the embedded SQLite store, once per session."""
-    tmp = tmp_path_factory.mktemp("sqlite-sweep")
-    home = tmp / "home"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DEDN_HOME", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    try:
-        summary, data, poisoned = sweep_a_poisoned_copy(awa2_tiny, tmp, "sweep", home)
-    finally:
-        mp.undo()
-    return SqliteSweep(summary, data, poisoned, home)
-
-
-def sweep_a_poisoned_copy(source: Path, tmp: Path, name: str, storage: Path) -> tuple[object, Path, dict[Path, bytes]]:
-    """`eight_trial_sweep` on a copy of `source` whose test shards are garbage (a sweep never reads them),
-    in its own embedded 2-CPU Ray with the dashboard (as tuning/tune.py starts it); the tracking store is
-    whatever the environment names. Returns (summary, the copy, the poisoned shards)."""
+    """The 8-trial sweep on the embedded SQLite store, once per session (embedded 2-CPU Ray with its dashboard)."""
     import shutil
 
     import ray
 
+    tmp = tmp_path_factory.mktemp("sqlite-sweep")
     data = tmp / "data"
-    shutil.copytree(source, data)
+    shutil.copytree(awa2_tiny, data)
     poisoned = poison_test_shards(data)
+    home = tmp / "home"
     mp = pytest.MonkeyPatch()
+    mp.setenv("DEDN_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
     mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as tuning/tune.py sets it: faster worker start-up
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
-        return eight_trial_sweep(data, name, storage), data, poisoned
+        summary = eight_trial_sweep(data, "sweep", home)
     finally:
         ray.shutdown()
         mp.undo()
-
-
-# ---- registrations from several processes at once (test_concurrency on SQLite, test_team on the server) ----
-def _register(env: dict[str, str | None], start: object, name: str, hs: list[float]) -> None:
-    import os
-
-    for k, v in env.items():  # None: unset (the default store)
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    from dedn import tracking
-    from dedn.tracking.registry import promote_best
-
-    start.wait()  # type: ignore[attr-defined]  # every process creates the store and registers at the same moment
-    tracking.init_store()
-    c = tracking.client()
-    try:
-        c.create_registered_model(name)
-    except Exception:  # noqa: BLE001 - another process created it first
-        pass
-    # a server accepts only sources inside a given run's artifacts; the local store takes any source (and
-    # the test of its concurrent first use stays about registrations alone). The versions only need tags.
-    run = c.create_run(tracking.get_or_create_experiment(name)) if tracking.tracking_uri().startswith("http") else None
-    for h in hs:
-        mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/model-{h}" if run else f"file:///nowhere/{h}",
-                                    run_id=run.info.run_id if run else None)
-        c.set_model_version_tag(name, mv.version, "val_H", repr(h))
-        promote_best(name)
-
-
-def register_at_once(env: dict[str, str | None], name: str, hs: list[float], processes: int = 4) -> list[int | None]:
-    """`processes` spawned processes register `hs` (an equal share each) as versions of `name`, each
-    promoting the champion after every version; their exit codes."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    start = ctx.Barrier(processes)
-    share = len(hs) // processes
-    procs = [ctx.Process(target=_register, args=(env, start, name, hs[share * i:share * (i + 1)])) for i in range(processes)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(200)
-    return [p.exitcode for p in procs]
+    return SqliteSweep(summary, data, poisoned, home)

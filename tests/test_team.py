@@ -10,14 +10,17 @@ the reason; `.ci/run` installs both and sets DEDN_REQUIRE_TEAM=1, which turns a 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN as TINY, Team, free_port as _free_port, register_at_once, unavailable as _unavailable
+from conftest import TINY_TRAIN as TINY, Team, eight_trial_sweep, free_port as _free_port, unavailable as _unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -38,10 +41,15 @@ def on_server(team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Te
     return team
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> int | None:
-    from dedn.tracking.server import _auth_header, _http_status
+def _get(url: str, auth: tuple[str, str] | None = None) -> int:
+    from base64 import b64encode
 
-    return _http_status(url, _auth_header(*auth) if auth else None, timeout=10)
+    headers = {"Authorization": "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
 
 
 # ---- the server itself -------------------------------------------------------------------------------
@@ -223,11 +231,39 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
     assert out.returncode == 0 and "AWA2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+def _register_two(env: dict[str, str], start: "mp.synchronize.Barrier", hs: list[float], out: "mp.Queue") -> None:
+    os.environ.update(env)
+    from dedn import tracking
+    from dedn.tracking.registry import CHAMPION, promote_best
+
+    start.wait()  # every process registers at the same moment
+    tracking.init_store()
+    c = tracking.client()
+    try:
+        c.create_registered_model("toy-team")
+    except Exception:  # noqa: BLE001 - another process created it first
+        pass
+    run = c.create_run(tracking.get_or_create_experiment("toy-team"))
+    for h in hs:
+        # a server accepts only sources inside the given run's artifacts; the versions only need tags here
+        mv = c.create_model_version("toy-team", source=f"{run.info.artifact_uri}/model-{h}", run_id=run.info.run_id)
+        c.set_model_version_tag("toy-team", mv.version, "val_H", repr(h))
+        promote_best("toy-team")
+    out.put(str(c.get_model_version_by_alias("toy-team", CHAMPION).version))
+
+
 @pytest.mark.timeout(240)
 def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_server: Team) -> None:
     hs = [0.31, 0.42, 0.27, 0.39, 0.40, 0.35, 0.42, 0.29]  # 0.42 twice: the earlier version keeps the tie
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
     env = {**on_server.env, "DEDN_HOME": os.environ["DEDN_HOME"]}
-    assert register_at_once(env, "toy-team", hs) == [0, 0, 0, 0]
+    procs = [ctx.Process(target=_register_two, args=(env, start, hs[2 * i:2 * i + 2], out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(200)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
 
     from dedn import tracking
 
@@ -242,13 +278,28 @@ def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_ser
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
-                                                                              tmp_path: Path, sqlite_sweep) -> None:
+                                                                              tmp_path: Path, sqlite_sweep,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """conftest's 8-trial sweep (4 trials at once) against the server; the same sweep on SQLite
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
-    from conftest import sweep_a_poisoned_copy
+    import shutil
+
+    import ray
+
+    from conftest import poison_test_shards
     from dedn import tracking
 
-    a, _, _ = sweep_a_poisoned_copy(awa2_tiny, tmp_path, "team-sweep", tmp_path)  # as the SQLite twin
+    data = tmp_path / "data"
+    shutil.copytree(awa2_tiny, data)
+    poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        a = eight_trial_sweep(data, "team-sweep", tmp_path)
+    finally:
+        ray.shutdown()
     c = tracking.client()
     assert c.tracking_uri == on_server.uri
     exp = c.get_experiment_by_name("dedn-awa2-tune")
@@ -331,21 +382,25 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             body = page.inner_text("body")
             assert "val_H" in body and "val_S" in body and "align_c" not in body
 
-            def shot(url: str, wait_text: str, name: str) -> str:
-                """Open `url`, wait for `wait_text` and the charts, keep a screenshot; the page's text."""
-                page.goto(url)
-                page.get_by_text(wait_text).first.wait_for(timeout=60_000)
-                settle(page)
-                page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-                return page.inner_text("body")
+            page.goto(f"{base}/system-metrics")
+            page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
+            settle(page)
+            page.screenshot(path=str(SHOTS / "run_system_metrics.png"), full_page=True)
+            assert "system_memory_usage_megabytes" in page.inner_text("body")
 
-            body = shot(f"{base}/system-metrics", "cpu_utilization_percentage", "run_system_metrics")
-            assert "system_memory_usage_megabytes" in body
-            body = shot(f"{base}/artifacts/training_curves.png", "training_curves.png", "run_training_curves")
+            page.goto(f"{base}/artifacts/training_curves.png")
+            page.get_by_text("training_curves.png").first.wait_for(timeout=60_000)
+            settle(page)
+            page.screenshot(path=str(SHOTS / "run_training_curves.png"), full_page=True)
+            body = page.inner_text("body")
             assert "training_curves.png" in body and "final_metrics.json" in body
+
             if sweep is not None:  # the sweep's parent run and its plot
-                body = shot(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png",
-                            "hparams.png", "sweep_hparams")
+                page.goto(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png")
+                page.get_by_text("hparams.png").first.wait_for(timeout=60_000)
+                settle(page)
+                page.screenshot(path=str(SHOTS / "sweep_hparams.png"), full_page=True)
+                body = page.inner_text("body")
                 assert "best_config.yaml" in body and "lambda_curves.png" in body
 
             page.goto(f"{team.uri}/#/models/dedn-awa2")

@@ -290,10 +290,16 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie, an exited child not yet reaped, does not count)."""
-    from dedn.training.ray_cluster import running
-
-    return bool(running([pid]))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own child, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_state(root: Path) -> ServerInfo | None:
