@@ -1,10 +1,19 @@
-"""What every entry point's argument parser shares: help text as written, each option with its default."""
+"""What every entry point shares: help text as written (each option with its default), and the
+commands it prints for the user to run next, written so that they work when pasted."""
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
 
-__all__ = ["HelpFormatter"]
+__all__ = ["HelpFormatter", "command", "program", "require_environment"]
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding jobs/ and tuning/
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -25,3 +34,54 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+
+
+def _in_ray_job() -> bool:
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def _short_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def program(name: str) -> str:
+    """How to call one of this environment's programs (`python`, `mlflow`) from the user's shell.
+
+    Its bare name when the shell's PATH finds this environment's copy first (an activated
+    virtualenv, or a cluster started from one), else its path: `.venv/bin/mlflow` from the
+    checkout, absolute from elsewhere. Never a different environment's program of the same name.
+    """
+    here = Path(os.path.abspath(sys.executable)).parent
+    mine = Path(os.path.abspath(sys.executable)) if name == "python" else here / name
+    found = shutil.which(name)
+    if found and os.path.abspath(found) == str(mine):  # not resolved: a venv's python links to the system one
+        return name
+    return shlex.quote(_short_path(mine))
+
+
+def command(script: str, *args: object) -> str:
+    """A pasteable command running one of our scripts (`jobs/predict.py`) with `args`, shell-quoted.
+
+    Under `ray job submit` the script is named as in the submitted working directory, i.e. the
+    checkout the user submitted from (the job itself runs in a temporary copy of it).
+    """
+    path = script if _in_ray_job() else _short_path(CHECKOUT / script)
+    return " ".join([program("python"), shlex.quote(path), *(shlex.quote(str(a)) for a in args)])
+
+
+def require_environment(*modules: str) -> None:
+    """Stop with one clear message when this Python is not the environment dedn was installed into.
+
+    The usual cause is a Ray cluster started without the virtualenv activated: a job's `python` is
+    then the system one (README "On a cluster").
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"error: {sys.executable} has no module {', '.join(missing)}: this Python is not the environment "
+                 "dedn is installed in. Use that environment's python (`source .venv/bin/activate`); on a Ray "
+                 "cluster, activate it before `ray start`, so that jobs run its python (README \"On a cluster\").")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from dedn.cli import HelpFormatter
+from dedn.cli import HelpFormatter, command
 from dedn.errors import DednError
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  database:  {info.backend}" + (f" (PostgreSQL data in {info.pg_data})" if info.pg_data else ""))
             print(f"  artifacts: {info.artifacts_destination} (clients go through the server)")
             print(f"  logs:      {info.data_dir}/logs/mlflow.log")
-            print(f"connect:  eval \"$(python jobs/server.py env --data-dir {info.data_dir})\"")
+            print(f"connect:  eval \"$({command('jobs/server.py', 'env', '--data-dir', info.data_dir)})\"")
             print(f"browse:   {info.uri} (user admin, password in {info.data_dir}/secrets.json)")
             print(f"stop:     {info.stop_command()}")
         elif args.command == "stop":

@@ -5,8 +5,8 @@
     python jobs/train.py --data DIR --config best_config.yaml   # e.g. a sweep's best configuration
     python jobs/train.py --data DIR --preset cub model=msdn      # MSDN with its authors' CUB settings
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
-        --runtime-env-json '{"excludes": [".venv", "data", "mlruns", ".git"]}' \\
-        -- python jobs/train.py --data /abs/path/DIR --preset cub epochs=20
+        --runtime-env-json "$(python jobs/runtime_env.py)" \\
+        -- python jobs/train.py --data /abs/path/DIR --preset cub epochs=20   # README "On a cluster"
 
 Without a cluster an embedded Ray is started; `ray.init()` joins a running cluster when there is
 one. Runs, metrics, artifacts and the model registry go to $MLFLOW_TRACKING_URI, default
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter
+from dedn.cli import HelpFormatter, command, program, require_environment
 from dedn.errors import DednError  # noqa: E402
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
@@ -68,6 +69,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, debug: object = None) -> int:
     """The job. handle_sigterm: default when run as a program (argv None); debug: DebugHooks (tools/soak.py)."""
     args = parse(argv)
+    require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
     if handle_sigterm is None:
         handle_sigterm = argv is None
     if handle_sigterm:
@@ -117,15 +119,17 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
     print(f"  validation (%): {_pct(out.val_metrics)}")
     print(f"  test       (%): {_pct(out.test_metrics)}")
     print(f"  checkpoints: {out.storage_dir}")
+    # the commands below are meant to be pasted: this environment's programs, the checkout's scripts
     if out.run_id:
         print(f"  MLflow run {out.run_id} (experiment {args.experiment or tracking.experiment_name(cfg.dataset)})")
-        if out.tracking_uri and out.tracking_uri.startswith("sqlite:"):
-            print(f"  browse: mlflow ui --backend-store-uri {out.tracking_uri}")
+        if out.tracking_uri and not out.tracking_uri.startswith(("http://", "https://")):
+            print(f"  browse: {program('mlflow')} ui --backend-store-uri {shlex.quote(out.tracking_uri)}")
+        print(f"  run page: {tracking.run_page(out.run_id)}")
     if out.registered is not None:
         r = out.registered
         print(f"  registered model {r.name} version {r.version}; {r.champion_line()}")
-        print(f"  predict: python jobs/predict.py --model models:/{r.name}@champion --data {data} --split test_unseen "
-              "--out predictions.parquet")
+        print("  predict: " + command("jobs/predict.py", "--model", r.model_uri, "--data", data, "--split", "test_unseen",
+                                      "--out", tracking.dedn_home() / "predictions" / f"{r.name}-v{r.version}-test_unseen.parquet"))
     print("=" * 78)
     return 0
 

@@ -49,3 +49,50 @@ def test_every_entry_point_uses_it(path, monkeypatch, capsys):
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert not missing, f"options without help text: {missing}"
     assert "python " in (ours[0].description or ""), "no example in --help"
+
+
+def test_printed_commands_work_when_pasted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The hints the jobs print name this environment's programs and the checkout's scripts, quoted."""
+    import os
+    import sys
+
+    from dedn.cli import command, program
+
+    here = Path(os.path.abspath(sys.executable)).parent
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PATH", f"{here}{os.pathsep}{os.environ.get('PATH', '')}")  # an activated environment
+    assert program("python") == "python" and program("mlflow") == "mlflow"
+    assert command("jobs/predict.py", "--data", "/a b") == "python jobs/predict.py --data '/a b'"
+    # not activated: the environment's own python, by a path that works from here
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(here)))
+    assert os.path.abspath(program("python")) == os.path.abspath(sys.executable)
+    assert os.path.abspath(program("mlflow")) == str(here / "mlflow")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the script by its absolute path
+    assert command("jobs/predict.py").split()[1] == str(ROOT / "jobs" / "predict.py")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # in a Ray job: as in the checkout that was submitted
+    assert command("jobs/predict.py").split()[1] == "jobs/predict.py"
+
+
+def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytest.MonkeyPatch):
+    """jobs/runtime_env.py: what a job needs from the submitting shell; git_commit() reads it back in the job."""
+    import subprocess
+
+    from dedn.tracking import git_commit
+    from dedn.training.ray_cluster import job_runtime_env
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DEDN_HOME", "DEDN_GIT_COMMIT"):
+        monkeypatch.delenv(k, raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert job_runtime_env(ROOT) == {"env_vars": {"DEDN_GIT_COMMIT": head}}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    monkeypatch.setenv("DEDN_HOME", "~/somewhere")
+    env = job_runtime_env(ROOT)["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
+    assert env["DEDN_HOME"] == str(Path.home() / "somewhere")  # the shell's ~, not the node's working directory
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("DEDN_GIT_COMMIT", sha)  # inside the job, whose upload has no .git
+    assert git_commit() == sha
+    assert git_commit(ROOT) == head  # an explicit checkout is asked itself
+    monkeypatch.setenv("DEDN_GIT_COMMIT", "not-a-commit")
+    assert git_commit() == git_commit(Path(__file__).resolve().parents[1] / "dedn")  # ignored: git itself

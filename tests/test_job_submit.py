@@ -1,7 +1,12 @@
-"""Integration: `ray start --head` (token auth), `ray job submit -- python jobs/train.py`, run and model in MLflow.
+"""Integration: a job submitted to a `ray start --head` cluster (token auth) logs to the team server.
 
-Everything lives in tmp: HOME (so ~/.ray/auth_token is the test's own), DEDN_HOME (the MLflow
-store), Ray's temp dir; ports are free ones on 127.0.0.1. `ray stop` runs in a finally.
+The README's own block (default store, default ports) is run as written by test_readme_cluster.py;
+this test covers what it cannot: the tracking server reached through the job's runtime environment
+alone (`jobs/runtime_env.py` in the submitting shell; the cluster's nodes never see the URI or the
+credentials), and the dashboard's REST API refusing a request without the token.
+
+Everything lives in tmp: HOME (so ~/.ray/auth_token is the test's own), DEDN_HOME, Ray's temp dir;
+ports are free ones on 127.0.0.1. `ray stop` runs in a finally.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", "mlflow.db", ".pytest_cache", "**/__pycache__", "*.egg-info"]
 
 
 def _free_port() -> int:
@@ -43,19 +47,11 @@ def _ray(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def _team_server(request: pytest.FixtureRequest):  # noqa: ANN202
-    """The session's team server where PostgreSQL can run (always in CI), else None (the SQLite store)."""
-    try:
-        return request.getfixturevalue("team_server")
-    except pytest.skip.Exception:
-        return None
-
-
 @pytest.mark.timeout(300)
-def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, request: pytest.FixtureRequest):
-    """With a team server the job reaches it through its runtime environment (env_vars) alone: the
-    URI and the credentials are in no shell the job inherits."""
-    team = _team_server(request)
+def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, team_server, monkeypatch: pytest.MonkeyPatch):
+    """The job reaches the server through its runtime environment alone: the URI and the
+    credentials are in the submitting shell only, in no environment the cluster inherits."""
+    team = team_server
     home, dedn_home = tmp_path / "home", tmp_path / "dedn_home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
@@ -78,10 +74,13 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, re
         api = f"http://127.0.0.1:{dash}/api/jobs/"
         assert _http_status(api) == 401
         assert _http_status(api, {"Authorization": f"Bearer {token_file.read_text().strip()}"}) == 200
+        shell = {**env, **team.env}  # the submitting shell, after `eval "$(python jobs/server.py env)"`
+        runtime_env = subprocess.run([sys.executable, "jobs/runtime_env.py"], env=shell, cwd=ROOT, capture_output=True,
+                                     text=True, timeout=60, check=True).stdout
+        assert json.loads(runtime_env)["env_vars"].keys() >= {*team.env, "DEDN_GIT_COMMIT", "DEDN_HOME"}
         submit = _ray([
             "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps({"excludes": EXCLUDES, **({"env_vars": team.env} if team else {})}),
-            "--", sys.executable, "jobs/train.py", "--data", str(tiny_dataset.root), "--preset", "cub",
+            "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/train.py", "--data", str(tiny_dataset.root), "--preset", "cub",
             "--num-workers", "2", "epochs=1", "eval.batch_size=64",
         ], env, 240)
         log = submit.stdout + submit.stderr
@@ -96,26 +95,20 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, re
     # the run and the model version landed in the fixed store under DEDN_HOME
     from mlflow.tracking import MlflowClient
 
-    if team is None:
-        uri = f"sqlite:///{dedn_home / 'mlflow.db'}"
-        client = MlflowClient(uri, registry_uri=uri)
-        exp = client.get_experiment_by_name("dedn-cub")
-        assert exp is not None and exp.artifact_location.startswith((dedn_home / "mlartifacts").as_uri())
-    else:
-        assert not (dedn_home / "mlflow.db").exists()  # the job logged to the server, not the default store
-        monkeypatch = pytest.MonkeyPatch()  # this process's client reads the credentials from the environment
-        request.addfinalizer(monkeypatch.undo)
-        for k, v in team.env.items():
-            monkeypatch.setenv(k, v)
-        client = MlflowClient(team.uri, registry_uri=team.uri)
-        exp = client.get_experiment_by_name("dedn-cub")
-        assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:/")
-        assert any(m.startswith("system/") for m in client.search_runs([exp.experiment_id])[0].data.metrics)
+    assert not (dedn_home / "mlflow.db").exists()  # the job logged to the server, not the default store
+    for k, v in team.env.items():  # this process's client reads the credentials from the environment
+        monkeypatch.setenv(k, v)
+    client = MlflowClient(team.uri, registry_uri=team.uri)
+    exp = client.get_experiment_by_name("dedn-cub")
+    assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:/")
+    assert any(m.startswith("system/") for m in client.search_runs([exp.experiment_id])[0].data.metrics)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("ray_job_id") == sid.group(1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags.get("git_commit") == head  # the submitting checkout's, though .git is not uploaded
     assert "test_H" in run.data.metrics and "val_H" in run.data.metrics
     mv = client.get_model_version_by_alias("dedn-cub", "champion")
     assert mv.run_id == run.info.run_id

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter
+from dedn.cli import HelpFormatter, command, require_environment
 from dedn.errors import ConfigError, DednError
 
 
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
     from dedn.config import config_for_dataset
     from dedn.data import FeatureDataset
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             for plot in summary.plots:
                 print(f"plot: {plot}")
             if not args.final:
-                print(f"next: python tuning/tune.py --data {data} --final --name {sweep_dir.name}"
-                      + (f" --storage {args.storage}" if args.storage else "")
-                      + "   (retrain the best configuration on trainval, test once, register)")
+                storage = ("--storage", args.storage) if args.storage else ()
+                print(f"next: {command('tuning/tune.py', '--data', data, '--final', '--name', sweep_dir.name, *storage)}"
+                      "   (retrain the best configuration on trainval, test once, register)")
         if args.final:
             out = run_final(sweep_dir, workers=args.workers_per_trial)
             weights = ", ".join(f"{k} {v:.2f}" for k, v in out.weights.items())

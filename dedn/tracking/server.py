@@ -76,7 +76,9 @@ class ServerInfo:
     started: float
 
     def stop_command(self) -> str:
-        return f"python jobs/server.py stop --data-dir {self.data_dir}"
+        from dedn.cli import command
+
+        return command("jobs/server.py", "stop", "--data-dir", self.data_dir)
 
 
 # ---- secrets ---------------------------------------------------------------------------------------

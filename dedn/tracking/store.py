@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dedn.config import DEDNConfig
 
 __all__ = [
-    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "git_commit", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
+    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "run_page", "git_commit", "GIT_COMMIT_ENV", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
@@ -89,6 +89,16 @@ def client() -> "MlflowClient":
     uri = tracking_uri()
     # registry_uri explicitly: otherwise a registry URI set earlier in this process wins
     return MlflowClient(uri, registry_uri=uri)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def run_page(run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui` over a local store."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 
 def init_store() -> str:
@@ -171,8 +181,20 @@ def get_or_create_experiment(name: str) -> str:
         return exp.experiment_id
 
 
+GIT_COMMIT_ENV = "DEDN_GIT_COMMIT"
+
+
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
-    """The commit of the checkout holding `path` (default: this package), or None outside git."""
+    """The commit of the checkout holding `path` (default: this package), or None outside git.
+
+    Without `path`, $DEDN_GIT_COMMIT wins: Ray leaves `.git` out of a job's uploaded working
+    directory, so `jobs/runtime_env.py` puts the submitting checkout's commit in the job's
+    environment instead.
+    """
+    if path is None:
+        env = os.environ.get(GIT_COMMIT_ENV, "").strip().lower()
+        if len(env) == 40 and all(c in "0123456789abcdef" for c in env):
+            return env
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)

@@ -14,7 +14,7 @@ import signal
 import threading
 from pathlib import Path
 
-__all__ = ["init_ray", "reap_orphaned_agents", "descendants", "running"]
+__all__ = ["init_ray", "job_runtime_env", "reap_orphaned_agents", "descendants", "running"]
 
 AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -70,19 +70,45 @@ def _init_ray(dashboard: bool) -> None:
 
 
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+FORWARDED_ENV = (*TRACKING_ENV, "DEDN_HOME")  # where runs land: the submitting shell's choice, not the node's
+
+
+def _forwarded_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if "DEDN_HOME" in env:  # a relative or ~ path means the shell's, not the job's working directory's
+        env["DEDN_HOME"] = os.path.abspath(os.path.expanduser(env["DEDN_HOME"]))
+    return env
 
 
 def _tracking_runtime_env() -> dict[str, dict[str, str]] | None:
-    """The tracking server and its credentials for the workers of a driver that joins a running cluster.
+    """The tracking store and its credentials for the workers of a driver that joins a running cluster.
 
     Workers of `ray start` nodes do not inherit the driver's shell; under `ray job submit` the job's
-    own runtime environment (`--runtime-env-json '{"env_vars": ...}'`) already carries them, and an
-    embedded Ray's workers inherit them, so only a direct driver on a cluster needs this.
+    own runtime environment (`job_runtime_env`) already carries them, and an embedded Ray's workers
+    inherit them, so only a direct driver on a cluster needs this.
     """
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return None
-    env = {k: os.environ[k] for k in TRACKING_ENV if os.environ.get(k)}
+    env = _forwarded_env()
     return {"env_vars": env} if env else None
+
+
+def job_runtime_env(checkout: str | os.PathLike[str] | None = None) -> dict[str, dict[str, str]]:
+    """The runtime environment of `ray job submit --working-dir .` from this shell (jobs/runtime_env.py).
+
+    A job's driver runs in the environment of the `ray start` that made the node, not in the
+    submitting shell's, and its working directory is an upload without `.git` (a Ray default).
+    So the job gets the submitting checkout's commit (tag `git_commit`), the tracking store with its
+    credentials and DEDN_HOME as environment variables. Everything else about the upload is Ray's
+    default: `.git`, `.venv` and whatever `.gitignore` names (data, runs, mlruns) stay behind.
+    """
+    from dedn.tracking.store import GIT_COMMIT_ENV, git_commit
+
+    env = _forwarded_env()
+    sha = git_commit(Path(checkout) if checkout else Path.cwd())
+    if sha:
+        env[GIT_COMMIT_ENV] = sha
+    return {"env_vars": env} if env else {}
 
 
 def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:

@@ -31,6 +31,7 @@ import yaml
 from ray import tune
 
 from dedn.atomic import atomic_path, write_text
+from dedn.cli import command
 from dedn.config import DEDNConfig
 from dedn.errors import ConfigError
 from dedn.families import family_of
@@ -205,7 +206,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
         done = results.num_terminated + results.num_errors
         if done < len(results) or len(results) < meta["num_samples"]:  # Ctrl+C / SIGINT: Tune returns early
             raise SweepInterrupted(f"sweep {sweep_dir}: {done} of {meta['num_samples']} trials finished; continue with "
-                                   f"`python tuning/tune.py --resume --name {name} --data {meta['data']}`")
+                                   f"`{command('tuning/tune.py', '--resume', '--name', name, '--data', meta['data'])}`")
         return summarise_sweep(results, sweep_dir, meta)
 
 
@@ -298,8 +299,8 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
     header = (f"# Best configuration of sweep {meta['name']} (trial {best['trial_id']}, epoch {best['epoch']}):\n"
               f"# validation {metric} = {best[metric]:.4f} at "
               + ", ".join(f"{k} = {v:.3f}" for k, v in best["weights"].items()) + ". Selected on validation only.\n"
-              f"# Run:  python jobs/train.py --config {sweep_dir / BEST_CONFIG_FILE} --data {meta['data']}\n"
-              f"#   or  python tuning/tune.py --final --name {meta['name']} --data {meta['data']}\n")
+              f"# Run:  {command('jobs/train.py', '--config', sweep_dir / BEST_CONFIG_FILE, '--data', meta['data'])}\n"
+              f"#   or  {command('tuning/tune.py', '--final', '--name', meta['name'], '--data', meta['data'])}\n")
     best_path = sweep_dir / BEST_CONFIG_FILE
     write_text(best_path, header + cfg.to_yaml())
     semi = open_for_selection(meta["data"]).semi_synthetic

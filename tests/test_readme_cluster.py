@@ -1,0 +1,137 @@
+"""The README's cluster path, run as a user types it: its marked block, verbatim, in a fresh HOME.
+
+The block (README "On a cluster", between the `readme-cluster` markers) activates the virtualenv,
+creates the Ray token, starts a head node on Ray's default ports and submits the demo job. The test
+then pastes the commands the job printed (browse, predict) into the same kind of shell, as the
+README says to, and checks what they show: the run with its `ray_job_id` and `git_commit` tags in
+the UI's REST API, a predictions file written by the registered model.
+
+Nothing of the user's is touched: HOME (so ~/.ray and ~/.dedn) is the test's own, PATH has no
+virtualenv until the block activates it. The block uses the default ports (6379, 8265; `mlflow ui`
+5000): the test fails early, naming the port, when one is taken.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"
+BEGIN, END = "<!-- readme-cluster: begin -->", "<!-- readme-cluster: end -->"
+
+
+def readme_cluster_block() -> str:
+    """The bash block between the markers, exactly as the README shows it."""
+    text = (ROOT / "README.md").read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, "README.md: one marked cluster block expected"
+    block = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    assert block.startswith("```bash\n") and block.endswith("\n```"), block[:80]
+    return block[len("```bash\n"):-len("\n```")]
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def _shell(script: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _hint(log: str, label: str) -> str:
+    """The command the job printed after `label:`, as a user would copy it from the terminal."""
+    lines = [ln.split(f"{label}:", 1)[1].strip() for ln in log.splitlines() if ln.strip().startswith(f"{label}:")]
+    assert len(lines) == 1, f"one '{label}:' line expected in the job's output:\n{log[-3000:]}"
+    return lines[0]
+
+
+def _get_json(url: str, timeout: float = 60.0) -> dict:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # still starting
+            last = e
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {last}")
+
+
+@pytest.mark.timeout(900)
+def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
+    if Path(sys.prefix) != VENV:
+        pytest.skip(f"the README's path uses the checkout's .venv (make install); these tests run in {sys.prefix}")
+    import ray
+
+    if ray.is_initialized():  # the block's cluster must be the only Ray here (`ray stop` ends every one)
+        ray.shutdown()
+    taken = [p for p in (6379, 8265, 5000) if _port_taken(p)]
+    if taken:
+        pytest.fail(f"port(s) {taken} are in use: the README's commands use Ray's and MLflow's default ports")
+    home = tmp_path / "home"
+    home.mkdir()
+    # a fresh login shell's environment: nothing of Ray, MLflow, dedn or any virtualenv
+    bin_dir = str(VENV / "bin")
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MLFLOW_", "DEDN_", "PYTEST_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(HOME=str(home), PATH=path)
+    shell_start = "source .venv/bin/activate\nexport RAY_AUTH_MODE=token\n"  # the README's shell set-up
+    ui = None
+    try:
+        done = _shell("set -eo pipefail\n" + readme_cluster_block(), env, 600)
+        log = done.stdout + done.stderr
+        (ROOT / "test-artifacts").mkdir(exist_ok=True)  # what the user would see, kept for a look (gitignored)
+        (ROOT / "test-artifacts" / "readme-cluster.log").write_text(log)
+        assert done.returncode == 0, log[-5000:]
+        sid = re.search(r"Job '(raysubmit_[^']+)' succeeded", log)
+        assert sid, log[-3000:]
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the README's chmod 600
+        assert "test       (%):" in log and "registered model dedn-awa2 version 1" in log, log[-3000:]
+
+        # the job's hints, pasted into a shell set up as the README says
+        predict = _hint(log, "predict")
+        assert predict.startswith("python jobs/predict.py ")  # the activated python, the checkout's script
+        out = _shell(shell_start + predict, env, 300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        written = re.search(r"(\d+) predictions -> (\S+)", out.stdout)
+        assert written and int(written.group(1)) > 0 and Path(written.group(2)).is_file(), out.stdout
+        assert Path(written.group(2)).is_relative_to(home / ".dedn"), written.group(2)
+
+        browse, page = _hint(log, "browse"), _hint(log, "run page")
+        assert browse.startswith("mlflow ui "), browse
+        ui = subprocess.Popen(["bash", "-c", shell_start + "exec " + browse], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        m = re.fullmatch(r"(http://127\.0\.0\.1:5000)/#/experiments/(\d+)/runs/([0-9a-f]{32})", page)
+        assert m, page
+        run = _get_json(f"{m.group(1)}/api/2.0/mlflow/runs/get?run_id={m.group(3)}")["run"]
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert tags.get("ray_job_id") == sid.group(1)
+        assert tags.get("git_commit") == head and len(head) == 40  # the checkout's commit, without .git uploaded
+        assert run["info"]["status"] == "FINISHED" and run["info"]["experiment_id"] == m.group(2)
+        assert {"val_H", "test_H"} <= {x["key"] for x in run["data"]["metrics"]}
+    finally:
+        if ui is not None:
+            os.killpg(ui.pid, signal.SIGTERM)
+            ui.wait(30)
+        stop = _shell(shell_start + "ray stop --force", env, 120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
