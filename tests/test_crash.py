@@ -104,5 +104,5 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
     assert running(list(lingering)) == [], f"the next start did not reap the killed driver's agents: {lingering}"
     assert c.get_run(run_id).info.status == "KILLED"
     assert len(c.search_runs([c.get_run(run_id).info.experiment_id])) == 1  # one run, continued
-    steps = sorted(m.step for m in c.get_metric_history(run_id, "val_H"))
+    steps = sorted(m.step for m in c.get_metric_history(run_id, "val/H"))
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2  # both jobs' epochs, none twice

@@ -109,12 +109,15 @@ def test_metrics_logged_once_per_epoch_and_model_registered(baseline):
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset"] == "CUB" and run.data.tags["semi_synthetic"] == "true"
     assert run.data.params["optim.epochs"] == str(EPOCHS) and run.data.params["loss.beta"] == "0.001"
-    for key in ("loss", "val_H", "val_T", "images_per_s", "epoch_time_s", "mal_c", "distill"):
+    # MLflow keys: one UI section per prefix (tracking.metric_key)
+    for key in ("train/loss", "val/H", "val/T", "val/lambda_rc", "perf/images_per_s", "perf/epoch_time_s", "train/mal_c",
+                "train/distill"):
         steps = [m.step for m in c.get_metric_history(out.run_id, key)]
         assert steps == list(range(1, EPOCHS + 1)), (key, steps)
-    final_steps = [m.step for m in c.get_metric_history(out.run_id, "final_loss")]
+    final_steps = [m.step for m in c.get_metric_history(out.run_id, "final/loss")]
     assert final_steps == list(range(1, out.best_epoch + 1))
-    assert len(c.get_metric_history(out.run_id, "test_H")) == 1
+    assert len(c.get_metric_history(out.run_id, "test/H")) == 1
+    assert not [k for k in run.data.metrics if "/" not in k]  # every metric in a section
     arts = {a.path for a in c.list_artifacts(out.run_id)}
     assert {"config.yaml", "final_metrics.json", "per_class_accuracy.csv", "training_curves.png"} <= arts
     assert out.registered is not None and out.registered.champion
@@ -138,15 +141,15 @@ def test_worker_failure_resumes_from_checkpoint_and_matches_uninterrupted_run(ba
                        fail_marker=str(marker))
     assert marker.exists(), "the fault was not injected"
     c = tracking.client()
-    assert c.get_run(out.run_id).data.metrics["data_resident_mib"] == 0
-    assert c.get_run(base.run_id).data.metrics["data_resident_mib"] > 0
+    assert c.get_run(out.run_id).data.metrics["perf/data_resident_mib"] == 0
+    assert c.get_run(base.run_id).data.metrics["perf/data_resident_mib"] > 0
     # Tolerance: exact. Same seed on CPU/gloo, and the restart resumes from the epoch-1 checkpoint.
     assert out.val_metrics == base.val_metrics
     assert out.test_metrics == base.test_metrics
     assert out.best_epoch == base.best_epoch and out.weights == base.weights
     assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
     # the redone epoch is not logged twice
-    steps = [m.step for m in tracking.client().get_metric_history(out.run_id, "val_H")]
+    steps = [m.step for m in tracking.client().get_metric_history(out.run_id, "val/H")]
     assert steps == list(range(1, EPOCHS + 1))
 
 
@@ -168,7 +171,7 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
     out = train(cfg, TrainSettings(num_workers=2, name="msdn", verbose=False, max_failures=0))
     run = tracking.client().get_run(out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["model"] == "msdn"
-    assert run.data.params["model.name"] == "msdn" and "ce_av" in run.data.metrics
+    assert run.data.params["model.name"] == "msdn" and "train/ce_av" in run.data.metrics and "val/w1" in run.data.metrics
     assert out.registered is not None and out.registered.name == "msdn-cub" and out.registered.champion
     # the registered MSDN scores like the network rebuilt from the run's final checkpoint
     pred = load_predictor("models:/msdn-cub@champion")
@@ -212,7 +215,7 @@ def test_full_disk_during_a_checkpoint_ends_clearly_and_the_same_name_continues_
     assert out.run_id == run_id and c.get_run(run_id).info.status == "FINISHED"
     assert out.val_metrics == base.val_metrics and out.test_metrics == base.test_metrics
     assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
-    assert [m.step for m in c.get_metric_history(run_id, "val_H")] == list(range(1, EPOCHS + 1))
+    assert [m.step for m in c.get_metric_history(run_id, "val/H")] == list(range(1, EPOCHS + 1))
     assert len(c.search_runs([c.get_run(run_id).info.experiment_id], "tags.mlflow.runName = 'disk-full'")) == 1
 
 
@@ -247,8 +250,8 @@ def test_d3gzsl_through_jobs_train_ddp_ranks_agree_and_a_worker_failure_resumes_
     base, base_ranks = run("d3-base")
     assert base.info.status == "FINISHED" and base.data.tags["model"] == "d3gzsl"
     assert base_ranks[0]["params"] == base_ranks[1]["params"]
-    for key in ("loss", "critic", "gp", "wasserstein", "generator", "d3_cls", "d3_kl", "d3_be", "d3_od", "g_d3_od",
-                "val_H"):
+    for key in [f"train/{k}" for k in ("loss", "critic", "gp", "wasserstein", "generator", "d3_cls", "d3_kl", "d3_be",
+                                       "d3_od", "g_d3_od")] + ["val/H"]:
         assert [m.step for m in c.get_metric_history(base.info.run_id, key)] == list(range(1, D3_EPOCHS + 1)), key
     mv = c.get_model_version_by_alias("d3gzsl-cub", "champion")
     assert mv.run_id == base.info.run_id
@@ -257,7 +260,7 @@ def test_d3gzsl_through_jobs_train_ddp_ranks_agree_and_a_worker_failure_resumes_
     faulty, faulty_ranks = run("d3-faulty", fail_rank=1, fail_epoch=2, fail_marker=str(marker))
     assert marker.exists(), "the fault was not injected"
     assert faulty_ranks[0]["params"] == base_ranks[0]["params"]
-    for key in ("val_H", "d3_od", "generator", "test_H"):
+    for key in ("val/H", "train/d3_od", "train/generator", "test/H"):
         assert ([m.value for m in c.get_metric_history(faulty.info.run_id, key)]
                 == [m.value for m in c.get_metric_history(base.info.run_id, key)]), key
 

@@ -109,6 +109,6 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, te
     assert run.data.tags.get("ray_job_id") == sid.group(1)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert run.data.tags.get("git_commit") == head  # the submitting checkout's, though .git is not uploaded
-    assert "test_H" in run.data.metrics and "val_H" in run.data.metrics
+    assert "test/H" in run.data.metrics and "val/H" in run.data.metrics
     mv = client.get_model_version_by_alias("dedn-cub", "champion")
     assert mv.run_id == run.info.run_id

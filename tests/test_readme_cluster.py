@@ -128,7 +128,7 @@ def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
         assert tags.get("ray_job_id") == sid.group(1)
         assert tags.get("git_commit") == head and len(head) == 40  # the checkout's commit, without .git uploaded
         assert run["info"]["status"] == "FINISHED" and run["info"]["experiment_id"] == m.group(2)
-        assert {"val_H", "test_H"} <= {x["key"] for x in run["data"]["metrics"]}
+        assert {"val/H", "test/H"} <= {x["key"] for x in run["data"]["metrics"]}
     finally:
         if ui is not None:
             os.killpg(ui.pid, signal.SIGTERM)

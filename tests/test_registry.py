@@ -148,3 +148,16 @@ def test_a_new_store_keeps_every_experiment_under_dedn_home(store: Path, tmp_pat
     exp_id = tracking.get_or_create_experiment("dedn-cub")
     assert c.get_experiment(exp_id).artifact_location == (store / "mlartifacts" / "dedn-cub").as_uri()
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_metric_keys_group_a_run_into_ui_sections():
+    """MLflow's UI draws one chart section per key prefix: every training metric gets one."""
+    from dedn.tracking import metric_key
+
+    weights = ("lambda_rc", "lambda_e")
+    expect = {"val_H": "val/H", "val_T": "val/T", "best_val_H": "val/best_H", "lambda_e": "val/lambda_e",
+              "test_U": "test/U", "loss": "train/loss", "mal_c": "train/mal_c", "final_loss": "final/loss",
+              "final_images_per_s": "final/images_per_s", "images_per_s": "perf/images_per_s",
+              "worker_peak_rss_mib": "perf/worker_peak_rss_mib", "data_resident_mib": "perf/data_resident_mib"}
+    assert {k: metric_key(k, weights) for k in expect} == expect
+    assert metric_key("lambda_e") == "train/lambda_e"  # a weight only where the family names it

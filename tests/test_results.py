@@ -29,9 +29,9 @@ def _run(client, dataset: str, *, test: dict, val_h: float | None, semi: bool = 
     run = client.create_run(exp, run_name=f"{dataset}-{len(client.search_runs([exp]))}", tags=tags)
     rid = run.info.run_id
     for k, v in test.items():
-        client.log_metric(rid, f"test_{k}", v)
+        client.log_metric(rid, f"test/{k}", v)
     if val_h is not None:
-        client.log_metric(rid, "selected_val_H", val_h)
+        client.log_metric(rid, "val/best_H", val_h)
     client.set_terminated(rid, status)
     return rid
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -190,7 +192,7 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
         assert run.info.status == "FINISHED" and run.data.params["data.path"] == str(awa2_tiny)
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # artifacts go through the server
         # every epoch of every metric the loop logs arrived once (select and final phases, 2 epochs each)
-        for key in ("loss", "val_H", "val_U", "val_S", "final_loss"):
+        for key in ("train/loss", "val/H", "val/U", "val/S", "final/loss"):
             steps = sorted(m.step for m in c.get_metric_history(rid, key))
             assert steps == [1, 2], (key, steps)
         # system metrics of the run, sampled on the workers' node
@@ -213,7 +215,7 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
         assert json.loads(local.read_text())["semi_synthetic"] is True
         # the registry: a version, tagged, with the champion alias
         mv = c.get_model_version_by_alias("dedn-awa2", "champion")
-        assert mv.run_id == rid and float(mv.tags["val_H"]) == pytest.approx(run.data.metrics["val_H"], abs=1e-12)
+        assert mv.run_id == rid and float(mv.tags["val_H"]) == pytest.approx(run.data.metrics["val/best_H"], abs=1e-12)
     finally:
         for k in team.env:
             os.environ.pop(k, None)
@@ -307,7 +309,7 @@ def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(o
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == a.parent_run_id]
     assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
     for ch in children:  # both epochs of every reported metric of every trial
-        for key in ("val_H", "val_U", "val_S", "val_T", "loss", "lambda_rc", "lambda_e"):
+        for key in ("val/H", "val/U", "val/S", "val/T", "train/loss", "val/lambda_rc", "val/lambda_e", "val/best_H"):
             assert sorted(m.step for m in c.get_metric_history(ch.info.run_id, key)) == [1, 2], (key, ch.info.run_id)
     assert {"best_config.yaml", "summary.json", "hparams.png"} <= {x.path for x in c.list_artifacts(a.parent_run_id)}
 
@@ -370,17 +372,24 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             assert "System metrics" in body and "Model metrics" in body and "Selected on validation" in body
 
             page.goto(f"{base}/model-metrics")
-            page.get_by_text("val_H").first.wait_for(timeout=60_000)
+            # one collapsible section per key prefix (tracking.metric_key), alphabetical, each with its chart count
+            section = lambda name: page.locator('[role="button"][aria-expanded]', has_text=re.compile(rf"^{name}\(\d+\)")).first  # noqa: E731
+            section("val").wait_for(timeout=60_000)
             settle(page)
             page.screenshot(path=str(SHOTS / "run_metrics.png"), full_page=True)
-            assert "val_H" in page.inner_text("body")
-            # the 31 charts are alphabetical: the validation curves are one search away
-            page.get_by_placeholder("Search metric charts").fill("val_")
-            page.get_by_text("val_U").first.wait_for(timeout=30_000)
+            sections = re.findall(r"^(final|perf|test|train|val)\n\((\d+)\)$", page.inner_text("body"), flags=re.M)
+            assert [s for s, _ in sections] == ["final", "perf", "test", "train", "val"], sections
+            # each section holds every metric of its prefix, e.g. val: T U S H, best_H, lambda_rc, lambda_e
+            logged = Counter(k.split("/")[0] for k in run.data.metrics if not k.startswith("system/"))
+            assert {s: int(n) for s, n in sections} == dict(logged) and dict(sections)["val"] == "7", (sections, logged)
+            # the validation section alone: a click on the others' headings collapses them
+            for name in ("final", "perf", "test", "train"):
+                section(name).get_by_text(name, exact=True).click()
             settle(page)
             page.screenshot(path=str(SHOTS / "run_metrics_val.png"), full_page=True)
-            body = page.inner_text("body")
-            assert "val_H" in body and "val_S" in body and "align_c" not in body
+            assert [section(n).get_attribute("aria-expanded") for n in ("final", "train", "val")] == ["false", "false", "true"]
+            body = page.inner_text("body")  # each chart's legend names its key
+            assert "val/H" in body and "val/lambda_rc" in body and "train/align_c" not in body and "perf/" not in body
 
             page.goto(f"{base}/system-metrics")
             page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)

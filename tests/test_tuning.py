@@ -305,11 +305,11 @@ def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, mon
     for ch in children:
         assert ch.info.status == "FINISHED"
         assert {"loss.beta", "loss.gamma", "loss.epsilon"} <= set(ch.data.params)
-        hist = c.get_metric_history(ch.info.run_id, "val_H")
+        hist = c.get_metric_history(ch.info.run_id, "val/H")  # keyed as a training run's (tracking.metric_key)
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2]  # no early stop: grace = epochs
-        assert 0.0 <= ch.data.metrics["val_H"] <= 1.0 and 0.0 <= ch.data.metrics["lambda_e"] <= 1.0
+        assert 0.0 <= ch.data.metrics["val/H"] <= 1.0 and 0.0 <= ch.data.metrics["val/lambda_e"] <= 1.0
     assert len({ch.data.params["loss.beta"] for ch in children}) == 8  # eight different configurations
-    best_h = {r.data.tags["dedn.trial_id"]: max(m.value for m in c.get_metric_history(r.info.run_id, "val_H"))
+    best_h = {r.data.tags["dedn.trial_id"]: max(m.value for m in c.get_metric_history(r.info.run_id, "val/H"))
               for r in children}
     # the summary's best trial holds the highest validation H logged by any child (ties allowed)
     assert best_h[summary.best_trial_id] == pytest.approx(max(best_h.values()), abs=1e-6)

@@ -6,8 +6,8 @@ Two sources in the MLflow store (`dedn.tracking`):
   validation and test metrics (`val_H`, `test_T`, ... as fractions, written by
   `dedn.tracking.registry.register_model`) and the run id;
 * `runs`: the finished training runs of experiment `dedn-<dataset>` that reached a test
-  evaluation (metric `test_H`), ablation/sweep children excluded; the best is chosen on
-  VALIDATION H (`selected_val_H`), never on test; runs without validation (protocol final)
+  evaluation (metric `test/H`), ablation/sweep children excluded; the best is chosen on
+  VALIDATION H (`val/best_H`), never on test; runs without validation (protocol final)
   rank after those with it, newest first.
 
 Each column group is labelled semi-synthetic when the run's `semi_synthetic` tag is "true".
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from dedn.errors import ConfigError
 from dedn.metrics import METRICS, format_pct
-from dedn.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG
+from dedn.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG, metric_key
 
 __all__ = [
     "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
@@ -132,10 +132,10 @@ def from_runs(dataset: str, client: Any | None = None, experiment: str | None = 
             continue
         if tags.get("dataset", dataset).upper() != dataset.upper():
             continue
-        test = {k: _float(m.get(f"test_{k}")) for k in METRICS}
+        test = {k: _float(m.get(metric_key(f"test_{k}"))) for k in METRICS}
         if any(v is None for v in test.values()):
             continue
-        val_h = _float(m.get("selected_val_H"))
+        val_h = _float(m.get(metric_key("best_val_H")))  # its latest value: the selected epoch's
         # validation H first (runs without one last), then the newest
         candidates.append(((val_h is not None, val_h or 0.0, r.info.start_time or 0), r, test, val_h))
     if not candidates:

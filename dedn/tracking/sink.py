@@ -7,24 +7,29 @@ from typing import Any, Callable, Mapping
 
 from dedn.config import DEDNConfig
 from dedn.families import family_of
-from dedn.tracking.store import RunLogger
+from dedn.tracking.store import RunLogger, metric_key
 
 __all__ = ["MLflowSink"]
 
 
 class MLflowSink:
-    """Logs `EpochReport.metrics()` with step = epoch into an existing run (steps already logged are
+    """Logs `EpochReport.metrics()` with step = epoch, under their MLflow keys (`metric_key`: `val/H`,
+    `train/loss`, ...), into an existing run (steps already logged are
     skipped, so a restarted worker group leaves one entry per epoch); after the final phase's test:
     config YAMLs, final_metrics.json, per_class_accuracy.csv and training_curves.png."""
 
     def __init__(self, run_id: str, uri: str | None, cfg: DEDNConfig, dataset: Any, *, semi_synthetic: bool = False):
         self.logger = RunLogger(run_id, uri)
         self.cfg, self.dataset, self.semi_synthetic = cfg, dataset, semi_synthetic
+        self.weight_names = family_of(cfg).weight_names
+
+    def key(self, name: str) -> str:
+        return metric_key(name, self.weight_names)
 
     def on_epoch(self, report: Any, state: Callable[[], dict[str, Any]]) -> None:
         import math
 
-        numeric = {k: v for k, v in report.metrics().items() if k != "epoch" and math.isfinite(v)}
+        numeric = {self.key(k): v for k, v in report.metrics().items() if k != "epoch" and math.isfinite(v)}
         self.logger.log_metrics(numeric, step=int(report.epoch))
         if report.test:
             self._final_artifacts(report, state())
@@ -61,6 +66,6 @@ class MLflowSink:
 
         rows: dict[int, dict[str, float]] = {}
         for k in [prefix + k for k in loss_parts] + [f"val_{k}" for k in METRICS]:
-            for step, value in self.logger.history(k):
+            for step, value in self.logger.history(self.key(k)):
                 rows.setdefault(step, {"epoch": step})[k[len(prefix):] if k.startswith(prefix) else k] = value
         return [rows[s] for s in sorted(rows)]

@@ -26,7 +26,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dedn.config import DEDNConfig
 
 __all__ = [
-    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "run_page", "git_commit", "GIT_COMMIT_ENV", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
+    "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "run_page", "metric_key", "PERF_METRICS", "git_commit", "GIT_COMMIT_ENV", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
@@ -89,6 +89,29 @@ def client() -> "MlflowClient":
     uri = tracking_uri()
     # registry_uri explicitly: otherwise a registry URI set earlier in this process wins
     return MlflowClient(uri, registry_uri=uri)
+
+
+PERF_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "worker_peak_rss_mib", "data_resident_mib",
+                          "worker_peak_gpu_mib"})
+
+
+def metric_key(name: str, weight_names: Collection[str] = ()) -> str:
+    """The MLflow key of a training metric (an `EpochReport.metrics()` name).
+
+    The MLflow UI draws one collapsible section of charts per key prefix before a `/` (in
+    alphabetical order, unprefixed keys last), so a run's 30-odd charts come in five groups:
+    `val/` (T, U, S, H, best_H and the family's inference weights, chosen on validation), `test/`
+    (T, U, S, H), `train/` (the selection phase's loss terms), `final/` (the retraining phase's) and
+    `perf/` (throughput, data wait, memory). Names elsewhere (console, Ray Train, Tune) stay flat.
+    """
+    if name.startswith("best_val_"):
+        return "val/best_" + name[len("best_val_"):]
+    for prefix in ("val", "test", "final"):
+        if name.startswith(prefix + "_"):
+            return f"{prefix}/{name[len(prefix) + 1:]}"
+    if name in PERF_METRICS:
+        return f"perf/{name}"
+    return f"val/{name}" if name in weight_names else f"train/{name}"
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default

@@ -2,7 +2,8 @@
 
 The training loop (`dedn.training.loop`) builds one `EpochReport` per epoch and hands it, with
 a function that returns the checkpoint state, to each sink in order. `EpochReport.metrics()` is
-the only place metric names are made: MLflow, Ray Train, Tune and the console all read it.
+the only place metric names are made: MLflow, Ray Train, Tune and the console all read it (MLflow
+under grouped keys, `dedn.tracking.metric_key`: `val_H` is `val/H` there).
 Names: the family's loss parts, images_per_s, epoch_time_s, data_wait_frac, worker_peak_rss_mib
 (training keys carry the prefix `final_` in the final phase); val_T/U/S/H, the family's weight
 names (their fitted or configured values), best_val_H (selection); test_T/U/S/H (final, once).

@@ -56,9 +56,13 @@ class MLflowSweepCallback(tune.Callback):
     run is found again by its `dedn.trial_id` tag instead of being created twice.
     """
 
-    def __init__(self, experiment_name: str, parent_run_id: str, sweep_name: str, reported: Sequence[str]):
+    def __init__(self, experiment_name: str, parent_run_id: str, sweep_name: str, reported: Sequence[str],
+                 weight_names: Sequence[str] = ()):
+        from dedn.tracking import metric_key
+
         self.experiment_name, self.parent_run_id, self.sweep_name = experiment_name, parent_run_id, sweep_name
         self.reported = tuple(reported)
+        self.keys = {k: metric_key(k, weight_names) for k in self.reported}  # as a training run logs them
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
 
     def run_id(self, trial: Any) -> str:
@@ -80,7 +84,7 @@ class MLflowSweepCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         from dedn import tracking
 
-        metrics = {k: float(result[k]) for k in self.reported
+        metrics = {self.keys[k]: float(result[k]) for k in self.reported
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
         if metrics:
             tracking.log_metrics(self.run_id(trial), metrics, step=int(result.get("training_iteration", 0)))
@@ -180,7 +184,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
-            callback = MLflowSweepCallback(meta["experiment"], meta["parent_run_id"], name, reported_metrics(base.model.name))
+            callback = MLflowSweepCallback(meta["experiment"], meta["parent_run_id"], name, reported_metrics(base.model.name),
+                                           family_of(base).weight_names)
             tuner = tune.Tuner(
                 trainable,
                 param_space=spec.space.param_space(spec.search_lambdas),
