@@ -342,12 +342,17 @@ def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, mon
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         out = run_final(sweep_dir)
+        again = run_final(sweep_dir)  # the same sweep's final once more: the same validation H, a tie
     finally:
         ray.shutdown()
     tags = c.get_model_version(out.registered.name, out.registered.version).tags
     assert float(tags["val_H"]) == summary.best_val_H and out.registered.champion
     assert c.get_model_version_by_alias(out.registered.name, "champion").version in (out.registered.version,
                                                                                      int(out.registered.version))
+    assert float(c.get_model_version(again.registered.name, again.registered.version).tags["val_H"]) == summary.best_val_H
+    assert not again.registered.champion and again.registered.champion_version == out.registered.version
+    assert f"stays on version {out.registered.version}" in again.registered.champion_line()
+    assert str(c.get_model_version_by_alias(out.registered.name, "champion").version) == str(out.registered.version)
 
 
 @pytest.mark.ray
