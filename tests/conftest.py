@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,12 +154,25 @@ class SqliteSweep:
     home: Path  # DEDN_HOME; the store is sqlite:///<home>/mlflow.db
 
 
+@contextmanager
+def sweep_ray():
+    """A fresh embedded 2-CPU Ray with its dashboard, shut down after: as `tuning/tune.py` starts it
+    (every trial is a TorchTrainer; without the State API a finished run's CPUs come back after a minute)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
     """The 8-trial sweep on the embedded SQLite store, once per session (embedded 2-CPU Ray with its dashboard)."""
     import shutil
-
-    import ray
 
     tmp = tmp_path_factory.mktemp("sqlite-sweep")
     data = tmp / "data"
@@ -170,12 +184,9 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
     mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as tuning/tune.py sets it: faster worker start-up
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
-        summary = eight_trial_sweep(data, "sweep", home)
+        with sweep_ray():
+            summary = eight_trial_sweep(data, "sweep", home)
     finally:
-        ray.shutdown()
         mp.undo()
     return SqliteSweep(summary, data, poisoned, home)

@@ -286,22 +286,15 @@ def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(o
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
     import shutil
 
-    import ray
-
-    from conftest import poison_test_shards
+    from conftest import poison_test_shards, sweep_ray
     from dedn import tracking
 
     data = tmp_path / "data"
     shutil.copytree(awa2_tiny, data)
     poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
     monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
+    with sweep_ray():
         a = eight_trial_sweep(data, "team-sweep", tmp_path)
-    finally:
-        ray.shutdown()
     c = tracking.client()
     assert c.tracking_uri == on_server.uri
     exp = c.get_experiment_by_name("dedn-awa2-tune")
@@ -391,31 +384,23 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             body = page.inner_text("body")  # each chart's legend names its key
             assert "val/H" in body and "val/lambda_rc" in body and "train/align_c" not in body and "perf/" not in body
 
-            page.goto(f"{base}/system-metrics")
-            page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
-            settle(page)
-            page.screenshot(path=str(SHOTS / "run_system_metrics.png"), full_page=True)
-            assert "system_memory_usage_megabytes" in page.inner_text("body")
-
-            page.goto(f"{base}/artifacts/training_curves.png")
-            page.get_by_text("training_curves.png").first.wait_for(timeout=60_000)
-            settle(page)
-            page.screenshot(path=str(SHOTS / "run_training_curves.png"), full_page=True)
-            body = page.inner_text("body")
-            assert "training_curves.png" in body and "final_metrics.json" in body
-
-            if sweep is not None:  # the sweep's parent run and its plot
-                page.goto(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png")
-                page.get_by_text("hparams.png").first.wait_for(timeout=60_000)
+            def shot(url: str, shows: str, name: str) -> str:
+                """Open `url`, wait for `shows`, keep a screenshot `name`.png; the page's text."""
+                page.goto(url)
+                page.get_by_text(shows).first.wait_for(timeout=60_000)
                 settle(page)
-                page.screenshot(path=str(SHOTS / "sweep_hparams.png"), full_page=True)
-                body = page.inner_text("body")
-                assert "best_config.yaml" in body and "lambda_curves.png" in body
+                page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+                return page.inner_text("body")
 
-            page.goto(f"{team.uri}/#/models/dedn-awa2")
-            page.get_by_text("champion").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(SHOTS / "registered_model.png"), full_page=True)
-            body = page.inner_text("body")
+            body = shot(f"{base}/system-metrics", "cpu_utilization_percentage", "run_system_metrics")
+            assert "system_memory_usage_megabytes" in body
+            body = shot(f"{base}/artifacts/training_curves.png", "training_curves.png", "run_training_curves")
+            assert "training_curves.png" in body and "final_metrics.json" in body
+            if sweep is not None:  # the sweep's parent run and its plot
+                body = shot(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png",
+                            "hparams.png", "sweep_hparams")
+                assert "best_config.yaml" in body and "lambda_curves.png" in body
+            body = shot(f"{team.uri}/#/models/dedn-awa2", "champion", "registered_model")
             assert "dedn-awa2" in body and "Version 1" in body and "val_H" in body
         finally:
             browser.close()

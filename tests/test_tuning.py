@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import poison_test_shards
+from conftest import poison_test_shards, sweep_ray
 from dedn.errors import ConfigError
 from dedn.tuning import Dimension, best_config, default_space_path, load_search_space, plot_hparams, plot_lambda_curves
 
@@ -257,19 +257,12 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     With the dashboard, as `tuning/tune.py` starts it: every trial is a TorchTrainer, and without
     the dashboard's State API a finished run's resources come back only after a minute or more.
     """
-    import ray
-
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
+    with sweep_ray():
         yield tmp_path / "home"
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.ray
@@ -277,8 +270,6 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """conftest's 8-trial sweep (4 concurrent) on SQLite; test_team runs the same sweep on the team server."""
     import shutil
-
-    import ray
 
     from dedn import tracking
     from dedn.config import DEDNConfig
@@ -337,14 +328,9 @@ def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, mon
 
     for p in sqlite_sweep.poisoned:  # the final phase tests once: put the real test shards back
         shutil.copyfile(awa2_tiny / p.relative_to(sqlite_sweep.data), p)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
+    with sweep_ray():
         out = run_final(sweep_dir)
         again = run_final(sweep_dir)  # the same sweep's final once more: the same validation H, a tie
-    finally:
-        ray.shutdown()
     tags = c.get_model_version(out.registered.name, out.registered.version).tags
     assert float(tags["val_H"]) == summary.best_val_H and out.registered.champion
     assert c.get_model_version_by_alias(out.registered.name, "champion").version in (out.registered.version,
