@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
         print(f"  MLflow run {out.run_id} (experiment {args.experiment or tracking.experiment_name(cfg.dataset)})")
         if out.tracking_uri and not out.tracking_uri.startswith(("http://", "https://")):
             print(f"  browse: {program('mlflow')} ui --backend-store-uri {shlex.quote(out.tracking_uri)}")
-        print(f"  run page: {tracking.run_page(out.run_id)}")
+        print(f"  run page: {tracking.run_page(out.tracking_uri or tracking.tracking_uri(), out.experiment_id, out.run_id)}")
     if out.registered is not None:
         r = out.registered
         print(f"  registered model {r.name} version {r.version}; {r.champion_line()}")

@@ -161,3 +161,10 @@ def test_metric_keys_group_a_run_into_ui_sections():
               "worker_peak_rss_mib": "perf/worker_peak_rss_mib", "data_resident_mib": "perf/data_resident_mib"}
     assert {k: metric_key(k, weights) for k in expect} == expect
     assert metric_key("lambda_e") == "train/lambda_e"  # a weight only where the family names it
+
+
+def test_run_page_links_the_server_or_the_local_ui():
+    from dedn.tracking import run_page
+
+    assert run_page("https://mlflow.team:5000/", "3", "ab12") == "https://mlflow.team:5000/#/experiments/3/runs/ab12"
+    assert run_page("sqlite:////home/u/.dedn/mlflow.db", "1", "ab12") == "http://127.0.0.1:5000/#/experiments/1/runs/ab12"

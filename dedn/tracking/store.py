@@ -117,11 +117,10 @@ def metric_key(name: str, weight_names: Collection[str] = ()) -> str:
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
-def run_page(run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui` over a local store."""
-    uri = tracking_uri()
+def run_page(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server `uri`, or on `mlflow ui` over a local store."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{client().get_run(run_id).info.experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def init_store() -> str:

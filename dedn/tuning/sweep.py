@@ -61,8 +61,7 @@ class MLflowSweepCallback(tune.Callback):
         from dedn.tracking import metric_key
 
         self.experiment_name, self.parent_run_id, self.sweep_name = experiment_name, parent_run_id, sweep_name
-        self.reported = tuple(reported)
-        self.keys = {k: metric_key(k, weight_names) for k in self.reported}  # as a training run logs them
+        self.keys = {k: metric_key(k, weight_names) for k in reported}  # reported name -> its key in a training run
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
 
     def run_id(self, trial: Any) -> str:
@@ -84,7 +83,7 @@ class MLflowSweepCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         from dedn import tracking
 
-        metrics = {self.keys[k]: float(result[k]) for k in self.reported
+        metrics = {key: float(result[k]) for k, key in self.keys.items()
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
         if metrics:
             tracking.log_metrics(self.run_id(trial), metrics, step=int(result.get("training_iteration", 0)))
