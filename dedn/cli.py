@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "command", "program", "require_environment"]
+__all__ = ["HelpFormatter", "add_overrides", "command", "is_override", "parse_command_line", "program", "require_environment"]
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding jobs/ and tuning/
 
@@ -34,6 +34,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+
+# ---- key=value overrides ---------------------------------------------------------------------
+OVERRIDES_METAVAR = "key=value"
+
+
+def is_override(text: str) -> bool:
+    """The form of one `key=value` config override (the keys and values are checked by dedn.config)."""
+    key, eq, _ = text.partition("=")
+    return bool(eq) and bool(key.strip()) and not text.startswith("-")
+
+
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> argparse.Action:
+    """The positional `key=value ...` config overrides; parse with `parse_command_line`, so that they may
+    stand anywhere on the command line, before, between and after the options."""
+    return parser.add_argument("overrides", nargs="*", metavar=OVERRIDES_METAVAR, help=help)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser's arguments, the positionals (the overrides) intermixed with the options:
+    `--data D epochs=2 --num-workers 1 model=msdn`.
+
+    Anything else is still a usage error (exit 2): an unknown option ("unrecognized arguments:
+    --bogus", with any word it swallowed as an override), or a word that is not key=value.
+    """
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    overrides = list(getattr(args, "overrides", None) or [])
+    bad = [o for o in overrides if not is_override(o)]
+    if unknown:
+        words = sys.argv[1:] if argv is None else list(argv)
+        odd = set(unknown) | set(bad)
+        parser.error("unrecognized arguments: " + " ".join(w for w in words if w in odd))
+    if bad:
+        parser.error(f"argument {OVERRIDES_METAVAR}: expected key=value (a config override such as epochs=3), "
+                     f"found {bad[0]!r}")
+    return args
 
 
 def _in_ray_job() -> bool:

@@ -193,16 +193,84 @@ class DEDNConfig:
 
 
 # ---- overrides -------------------------------------------------------------------------
-def _flatten(d: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
+class _Shown(str):
+    """A found value described with its kind ("a list [1, 2]"): a ConfigError shows it as is, unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _found(value: Any, kind_always: bool = False) -> Any:
+    """`value` for a ConfigError's `found`: lists and mappings named as such ("a mapping {'a': 1}"); with
+    kind_always (where a mapping was expected) scalars too ("a number 3", "a string 'fast'")."""
+    if isinstance(value, Mapping):
+        return _Shown(f"a mapping {dict(value)!r}")
+    if isinstance(value, (list, tuple, set)):
+        return _Shown(f"a list {list(value)!r}")
+    if not kind_always:
+        return value
+    if value is None:
+        return _Shown("null")
+    if isinstance(value, bool):
+        return _Shown(f"a boolean {str(value).lower()}")
+    if isinstance(value, (int, float)):
+        return _Shown(f"a number {value!r}")
+    if isinstance(value, str):
+        return _Shown(f"a string {value!r}")
+    return _Shown(f"a {type(value).__name__} {value!r}")
+
+
+def _doc_model(d: Mapping[str, Any]) -> str:
+    """The family a config document names (model: {name: ...}, model: NAME or model.name), else dedn."""
+    m = d.get("model", d.get("model.name"))
+    if isinstance(m, Mapping):
+        m = m.get("name")
+    return m if isinstance(m, str) and m else "dedn"
+
+
+def _sections(model: str) -> dict[str, type]:
+    """{section or a family's alias of one: its dataclass}; DEDN's sections when `model` is unknown (the
+    unknown model.name is reported where the config is applied)."""
+    from dedn.families import family_names
+
+    try:
+        types = section_types(model)
+    except ConfigError:
+        types = section_types("dedn")
+    out = dict(types)
+    for name in family_names():  # every family's aliases: a file of one family read before its model is known
+        for alias, sec in _family(name).section_aliases.items():
+            out.setdefault(alias, section_types(name)[sec])
+    return out
+
+
+def _flatten(d: Any, source: str, model: str | None = None) -> dict[str, Any]:
+    """A config document ({section: {key: value}, top key: value}) as dotted keys -> values.
+
+    A section must be a mapping of its keys (empty: nothing to change; `model` may also be the
+    model's name alone); a value standing where a key's value belongs stays as given, so that the
+    key's own check names its type ("optim.lr: expected a finite number, found a mapping ...").
+    """
     if not isinstance(d, Mapping):
-        raise ConfigError(prefix or "<root>", "a mapping", d, source)
+        raise ConfigError("<root>", f"a mapping of sections ({', '.join(section_types('dedn'))})",
+                          _found(d, kind_always=True), source)
+    model = model or _doc_model(d)
+    sections = _sections(model)
+    out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, source, key + "."))
-        else:
+        key = str(k)
+        if key not in sections or (key == "model" and isinstance(v, str)):  # a top key, a leaf name, model: NAME
             out[key] = v
+            continue
+        if v is None:  # every key of the section left out (commented out)
+            continue
+        if not isinstance(v, Mapping):
+            names = [f.name for f in fields(sections[key])]
+            expected = f"a mapping of {key} keys ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+            raise ConfigError(key, ("a model name or " if key == "model" else "") + expected,
+                              _found(v, kind_always=True), source)
+        for kk, vv in v.items():
+            out[f"{key}.{kk}"] = vv
     return out
 
 
@@ -242,6 +310,11 @@ def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(key, f"an unambiguous key (one of {', '.join(matches)})", key, source)
+    sec = aliases.get(key, key)
+    if sec in section_types(model):  # a section given a value: `loss=3`
+        names = [f.name for f in fields(section_types(model)[sec])]
+        raise ConfigError(key, f"a key of section {key} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), "
+                          f"e.g. {key}.{names[0]}=...", key, source)
     raise ConfigError(key, f"a known key of model {model} (see `dedn.config.known_keys({model!r})`)", key, source)
 
 
@@ -254,6 +327,13 @@ def _field_type(key: str, model: str) -> Any:
 
 def _coerce(key: str, value: Any, source: str, model: str) -> Any:
     typ = _field_type(key, model)
+    try:
+        return _coerce_value(key, typ, value, source)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.expected, _found(e.found), e.source) from None
+
+
+def _coerce_value(key: str, typ: Any, value: Any, source: str) -> Any:
     if isinstance(value, str) and typ is not str and typing.get_origin(typ) is not Literal:
         try:
             value = yaml.safe_load(value)
@@ -350,10 +430,12 @@ def preset_path(name: str, model: str = "dedn") -> Path:
     return Path(str(f))
 
 
-def load_preset(name: str, variant: str | None = None, model: str = "dedn") -> DEDNConfig:
+def load_preset(name: str, variant: str | None = None, model: str = "dedn", *, variant_source: str = "overrides"
+                ) -> DEDNConfig:
     """Family `model`'s settings for a dataset; `variant='reference'` applies the preset's reference block.
 
     A preset without a block for the variant keeps its own settings (MSDN has a single form).
+    `variant_source` names where `variant` came from (the command line, a config file) in its error.
     """
     if name.lower() not in available_presets(model):
         raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name)
@@ -361,12 +443,12 @@ def load_preset(name: str, variant: str | None = None, model: str = "dedn") -> D
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     variants = doc.pop("variants", {}) or {}
-    cfg = apply_overrides(DEDNConfig.for_family(model), _flatten(doc, str(path)), source=str(path))
+    cfg = apply_overrides(DEDNConfig.for_family(model), _flatten(doc, str(path), model), source=str(path))
     variant = variant or cfg.variant
     if variant not in VARIANTS:
-        raise ConfigError("variant", "one of paper|reference", variant, "overrides")
+        raise ConfigError("variant", "one of paper|reference", _found(variant), variant_source)
     block = variants.get(variant, {}) or {}
-    return apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path))}, source=f"{path} [variants.{variant}]")
+    return apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path), model)}, source=f"{path} [variants.{variant}]")
 
 
 def cub(variant: str = "paper") -> DEDNConfig:
@@ -407,8 +489,9 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
     if config_file:
         file_over = _flatten(read_yaml_file(config_file), config_file)
     variant = ov.get("variant", file_over.get("variant"))
-    model = str(_model_name(ov, str(file_over.get("model.name", "dedn"))))
-    cfg = load_preset(preset, variant, model) if preset else DEDNConfig.for_family(model)
+    model = str(_model_name(ov, _model_name(file_over, "dedn")))
+    where = "overrides" if "variant" in ov else (config_file or "config file")
+    cfg = load_preset(preset, variant, model, variant_source=where) if preset else DEDNConfig.for_family(model)
     if file_over:
         cfg = apply_overrides(cfg, file_over, source=config_file or "config file")
     return apply_overrides(cfg, ov)

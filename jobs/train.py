@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter, command, program, require_environment
+from dedn.cli import HelpFormatter, add_overrides, command, parse_command_line, program, require_environment
 from dedn.errors import DednError  # noqa: E402
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
@@ -33,7 +33,7 @@ DEMO_OVERRIDES = ("variant=reference", "epochs=25", "optim.lr=0.001")
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.beta=0.01 epochs=3")
+    add_overrides(p, "config overrides, anywhere on the command line, e.g. loss.beta=0.01 epochs=3")
     p.add_argument("--data", default="", help="dataset directory (dataset.json); default: build the semi-synthetic demo")
     p.add_argument("--preset", default="",
                    help="a dataset's preset of the model family (default: the dataset's own name, when the family "
@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>)")
     p.add_argument("--no-register", action="store_true", help="do not register the final model")
     p.add_argument("--no-track", action="store_true", help="no MLflow run (and no registry)")
-    return p.parse_args(argv)
+    return parse_command_line(p, argv)
 
 
 def _pct(m: dict[str, float] | None) -> str:

@@ -96,3 +96,36 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     assert git_commit(ROOT) == head  # an explicit checkout is asked itself
     monkeypatch.setenv("DEDN_GIT_COMMIT", "not-a-commit")
     assert git_commit() == git_commit(Path(__file__).resolve().parents[1] / "dedn")  # ignored: git itself
+
+
+def _parser_of(path: str, name: str):
+    return runpy.run_path(str(ROOT / path), run_name="dedn_parse_test")[name]
+
+
+# issue 27 item 8: key=value overrides anywhere on the command line, between and after options
+@pytest.mark.parametrize("path,name,required", [("jobs/train.py", "parse", []),
+                                                 ("tuning/tune.py", "parse_args", ["--data", "D"])])
+def test_overrides_are_accepted_between_and_after_options(path, name, required):
+    parse = _parser_of(path, name)
+    args = parse(["--data", "D", "epochs=2", "--max-failures", "1", "model=msdn", "--name", "n", "loss.beta=0.01"])
+    assert args.overrides == ["epochs=2", "model=msdn", "loss.beta=0.01"]
+    assert (args.data, args.max_failures, args.name) == ("D", 1, "n")
+    assert parse([*required, "optim.lr=1e-3"]).overrides == ["optim.lr=1e-3"]  # before any option ...
+    assert parse(required).overrides == []  # ... or none at all
+    assert parse(["beta=-1", *required]).overrides == ["beta=-1"]  # a negative value is a value, not an option
+
+
+@pytest.mark.parametrize("path,name,required", [("jobs/train.py", "parse", []),
+                                                 ("tuning/tune.py", "parse_args", ["--data", "D"])])
+@pytest.mark.parametrize("extra,message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--bogus", "3", "epochs=2"], "unrecognized arguments: --bogus 3\n"),  # not the override after it
+    (["epochs=2", "stray"], "argument key=value: expected key=value (a config override such as epochs=3), found 'stray'"),
+    (["=3"], "argument key=value: expected key=value (a config override such as epochs=3), found '=3'"),
+])
+def test_anything_else_on_the_command_line_is_still_an_error(path, name, required, extra, message, capsys):
+    parse = _parser_of(path, name)
+    with pytest.raises(SystemExit) as e:
+        parse([*required, *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -170,3 +170,58 @@ def test_config_for_a_dataset_with_and_without_a_preset(tmp_path):
     f.write_text(build_config("sun", ["epochs=7"]).to_yaml())
     from_file = config_for_dataset("SUN", "/d/sun", config_file=str(f))  # a sweep's best_config.yaml
     assert (from_file.dataset, from_file.optim.epochs) == ("SUN", 7)
+
+
+# issue 27 item 8: a --config YAML of the wrong shape names the file, the dotted key and what it found
+@pytest.mark.parametrize("doc, message", [
+    ("loss: [1, 2]\n", "loss: expected a mapping of loss keys (beta, gamma, epsilon, mal, ...), found a list [1, 2]"),
+    ("optim: 3\n", "optim: expected a mapping of optim keys (lr, momentum, weight_decay, alpha, ...), found a number 3"),
+    ("eval: fast\n", "eval: expected a mapping of eval keys (calibration, fit_lambdas, lambda_grid_step, batch_size, "
+                     "...), found a string 'fast'"),
+    ("data: true\n", "data: expected a mapping of data keys"),
+    ("model: [dedn]\n", "model: expected a model name or a mapping of model keys (name, experts, channel_attention, "
+                        "clusters, ...), found a list ['dedn']"),
+    ("optim:\n  lr: {value: 0.1}\n", "optim.lr: expected a finite number, found a mapping {'value': 0.1}"),
+    ("optim:\n  epochs: [1, 2]\n", "optim.epochs: expected an integer, found a list [1, 2]"),
+    ("loss:\n  distance: [mse]\n", "loss.distance: expected one of mse|sse|cubic, found a list ['mse']"),
+    ("model:\n  channel_attention: {a: 1}\n", "model.channel_attention: expected true or false, found a mapping {'a': 1}"),
+    ("variant: {a: 1}\n", "variant: expected one of paper|reference, found a mapping {'a': 1}"),
+    ("dataset: [CUB]\n", "dataset: expected a string, found a list ['CUB']"),
+    ("epochs: {a: 1}\n", "optim.epochs: expected an integer, found a mapping {'a': 1}"),
+    ("[1, 2]\n", "<root>: expected a mapping of sections (model, loss, optim, data, train, eval), found a list [1, 2]"),
+])
+def test_a_config_file_of_the_wrong_shape_names_the_key_and_the_type(tmp_path, doc, message):
+    f = tmp_path / "exp.yaml"
+    f.write_text(doc)
+    with pytest.raises(ConfigError) as e:
+        build_config("cub", [], config_file=str(f))
+    assert str(e.value).startswith(f"{f}: ")
+    assert message in str(e.value)
+
+
+def test_a_config_file_with_an_empty_section_or_a_model_name_is_fine(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("loss:\noptim:\n  epochs: 2\n")  # every key of a section commented out: nothing to change
+    assert build_config("cub", [], config_file=str(f)).optim.epochs == 2
+    f.write_text("model: msdn\n")  # the model's name alone, as on the command line
+    assert build_config("cub", [], config_file=str(f)).model.name == "msdn"
+    f.write_text("model: {name: d3gzsl}\nd3: {n_critic: 3}\n")  # a family's section alias
+    assert build_config(None, [], config_file=str(f)).loss.n_critic == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss=3", "overrides: loss: expected a key of section loss (beta, gamma, epsilon, mal, ...), e.g. loss.beta=..., "
+               "found 'loss'"),
+    ("optim.lr.x=1", "optim.lr.x: expected a known key"),
+])
+def test_a_section_given_a_value_on_the_command_line_says_so(override, message):
+    with pytest.raises(ConfigError) as e:
+        build_config("cub", [override])
+    assert message in str(e.value)
+
+
+def test_wrong_shapes_in_a_preset_or_a_checkpoint_config_name_their_source():
+    with pytest.raises(ConfigError, match=r"^checkpoint: loss: expected a mapping of loss keys .*found a list \[1\]"):
+        DEDNConfig.from_dict({"loss": [1]}, source="checkpoint")
+    with pytest.raises(ConfigError, match=r"^checkpoint: optim.lr: expected a finite number, found a mapping"):
+        DEDNConfig.from_dict({"optim": {"lr": {"a": 1}}}, source="checkpoint")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter, command, require_environment
+from dedn.cli import HelpFormatter, add_overrides, command, parse_command_line, require_environment
 from dedn.errors import ConfigError, DednError
 
 
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (or the newest)")
     p.add_argument("--final", action="store_true", help="retrain the best configuration on trainval and register it")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial, e.g. optim.epochs=20")
-    return p.parse_args(argv)
+    add_overrides(p, "config overrides for every trial, anywhere on the command line, e.g. optim.epochs=20")
+    return parse_command_line(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
