@@ -165,6 +165,42 @@ def default_clusters(name: str, num_attributes: int) -> dict[str, dict[str, list
     return {"manual": manual, "halved": halved_clusters(manual)}
 
 
+def kmeans_count(class_side: ClassSide, num_clusters: int = 0) -> int:
+    """How many k-means clusters `model.num_clusters` asks for: itself, or with 0 as many as the manual
+    division has (4 when the dataset has none)."""
+    if num_clusters:
+        return num_clusters
+    stored = class_side.clusters or {}
+    if "manual" in stored:
+        return len(stored["manual"])
+    if class_side.name in MANUAL_CLUSTERS:
+        return len(MANUAL_CLUSTERS[class_side.name])
+    return 4
+
+
+def resolve_named_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0,
+                           seed: int = 0) -> dict[str, list[int]]:
+    """{cluster name: attribute ids} of scheme "manual", "halved" or "kmeans" (before any layout), checked.
+
+    "manual"/"halved" come from the class side (stored with the dataset) or the built-in
+    tables; "kmeans" makes `kmeans_count(class_side, num_clusters)` clusters, kmeans_0...
+    """
+    d = class_side.num_attributes
+    if scheme not in SCHEMES:
+        raise ConfigError("model.clusters", f"one of {list(SCHEMES)}", scheme)
+    stored = class_side.clusters or {}
+    if scheme == "kmeans":
+        clusters = kmeans_clusters(class_side.word_vectors, kmeans_count(class_side, num_clusters), seed)
+    elif scheme in stored:
+        clusters = {k: [int(a) for a in v] for k, v in stored[scheme].items()}
+    elif class_side.name in MANUAL_CLUSTERS:
+        clusters = default_clusters(class_side.name, d)[scheme]
+    else:
+        raise ConfigError("model.clusters", f"'kmeans' for {class_side.name!r} (it has no {scheme!r} clusters)", scheme)
+    _validate(clusters, d, class_side.name, f"clusters.{scheme}")
+    return clusters
+
+
 def resolve_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0, seed: int = 0,
                      layout: str = "paper") -> list[list[int]]:
     """Attribute ids of each cluster, in cluster order, for scheme "manual", "halved" or "kmeans".
@@ -174,25 +210,18 @@ def resolve_clusters(class_side: ClassSide, scheme: str, num_clusters: int = 0, 
     dataset has no manual clusters). `layout` (model.cluster_layout) is applied last; DEDN
     applies its cfg's layout to the clusters it is given as well (idempotent).
     """
-    d = class_side.num_attributes
-    if scheme not in SCHEMES:
-        raise ConfigError("model.clusters", f"one of {list(SCHEMES)}", scheme)
-    stored = class_side.clusters or {}
-    if scheme == "kmeans":
-        q = num_clusters
-        if q == 0:
-            if "manual" in stored:
-                q = len(stored["manual"])
-            elif class_side.name in MANUAL_CLUSTERS:
-                q = len(MANUAL_CLUSTERS[class_side.name])
-            else:
-                q = 4
-        clusters = kmeans_clusters(class_side.word_vectors, q, seed)
-    elif scheme in stored:
-        clusters = {k: list(v) for k, v in stored[scheme].items()}
-    elif class_side.name in MANUAL_CLUSTERS:
-        clusters = default_clusters(class_side.name, d)[scheme]
-    else:
-        raise ConfigError("model.clusters", f"'kmeans' for {class_side.name!r} (it has no {scheme!r} clusters)", scheme)
-    _validate(clusters, d, class_side.name, f"clusters.{scheme}")
-    return apply_cluster_layout([list(map(int, ids)) for ids in clusters.values()], layout)
+    named = resolve_named_clusters(class_side, scheme, num_clusters, seed)
+    return apply_cluster_layout([list(map(int, ids)) for ids in named.values()], layout)
+
+
+def cluster_summary(clusters: Mapping[str, Sequence[int]], attribute_names: Sequence[str], max_names: int = 5) -> str:
+    """One line naming each cluster's attributes: "kmeans_0 (3): red, blue, green; kmeans_1 (12): ..., ... (+7)".
+
+    A cluster of more than `max_names` attributes shows its first `max_names` and how many more it holds.
+    """
+    parts = []
+    for name, ids in clusters.items():
+        shown = [str(attribute_names[int(a)]) for a in list(ids)[:max_names]]
+        more = f", ... (+{len(ids) - max_names})" if len(ids) > max_names else ""
+        parts.append(f"{name} ({len(ids)}): {', '.join(shown)}{more}")
+    return "; ".join(parts)

@@ -46,17 +46,26 @@ class DEDNFamily(ModelFamily):
 
     def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
         """model.clusters=manual on a dataset without manual clusters (APY, your own) becomes k-means,
-        with a warning that says so: the default config then runs on any dataset."""
-        from dedn.data.clusters import MANUAL_CLUSTERS
+        with a warning that says so: the default config then runs on any dataset. k-means clusters
+        are made here once: model.num_clusters becomes their number (what the run logs), and one
+        line prints which attributes each holds."""
+        from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_named_clusters
 
         m = cfg.model
         has_manual = "manual" in (class_side.clusters or {}) or class_side.name in MANUAL_CLUSTERS
-        if m.clusters == "manual" and not has_manual:
+        fallback = m.clusters == "manual" and not has_manual
+        if fallback:
+            cfg = cfg.replace(**{"model.clusters": "kmeans", "model.cluster_layout": "paper"})
+        if cfg.model.clusters != "kmeans":
+            return cfg
+        named = resolve_named_clusters(class_side, "kmeans", cfg.model.num_clusters, cfg.optim.seed)
+        if fallback:
             warnings.warn(f"model.clusters: {class_side.name} has no manual attribute clusters; using k-means on the "
-                          f"attribute word vectors instead (model.clusters=kmeans, "
-                          f"{m.num_clusters or 'default'} clusters)", UserWarning, stacklevel=2)
-            return cfg.replace(**{"model.clusters": "kmeans", "model.cluster_layout": "paper"})
-        return cfg
+                          f"attribute word vectors instead (model.clusters=kmeans, model.num_clusters={len(named)})",
+                          UserWarning, stacklevel=2)
+        print(f"DEDN fine-expert clusters on {class_side.name}: k-means, model.num_clusters={len(named)}: "
+              f"{cluster_summary(named, class_side.attribute_names)}", flush=True)
+        return cfg.replace(**{"model.num_clusters": len(named)})
 
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
