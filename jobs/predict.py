@@ -11,6 +11,11 @@ attribute matrix A and compete in the argmax as `new` classes — no retraining.
 
 Output columns: sample_id, class_id, class_name, kind (seen | unseen | new), score (the winning
 class's score after calibrated stacking), and label when the input has labels.
+
+--data: the model must have been trained on that dataset's data (the same dataset name, feature
+shape, class side and semi-synthetic or not, as recorded at registration); otherwise one `error:`
+line names the model, the dataset and both identities, before any feature is read. A model logged
+before models recorded their data is checked on its feature shape only (a note says so).
 """
 from __future__ import annotations
 
@@ -102,6 +107,29 @@ def _check_column_types(path: Path, schema) -> None:
         raise DatasetError(path, "features", "a list of numbers per row (C*H*W values)", str(t))
 
 
+def _check_same_data(uri: str, predictor, ds, data: str) -> None:
+    """The model's data identity against the dataset's, from the manifest and class side alone (no shard read)."""
+    from dedn.data import MANIFEST_FILE
+    from dedn.tracking.registry import DataIdentity, resolve_version, versions_on_data
+
+    want, have = predictor.data_identity, DataIdentity.of_dataset(ds)
+    if want is None:
+        print(f"note: model {uri} records no data identity (logged before models recorded their data); only its "
+              f"feature shape is checked against {data}", file=sys.stderr)
+        return
+    if want == have:
+        return
+    resolved = resolve_version(uri)
+    model = uri if resolved is None or uri.endswith(f"/{resolved[1]}") else f"{uri} (version {resolved[1]})"
+    hint = ""
+    if resolved is not None:
+        same = versions_on_data(resolved[0], have)
+        hint = (f"; versions trained on this data: {', '.join(f'models:/{resolved[0]}/{v}' for v in same)}" if same
+                else f"; no version of {resolved[0]} was trained on this data")
+    raise DatasetError(Path(data) / MANIFEST_FILE, "data identity", f"the data of model {model}: {want}",
+                       f"{have} (differs: {'; '.join(want.differences(have))}){hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import numpy as np
@@ -112,16 +140,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uri = args.model
-        if not uri:
-            if not args.data:
-                raise ConfigError("--model", "a model URI when --features is given", "none", "command line")
+        ds = None
+        if args.data:
             from dedn.data import FeatureDataset
 
-            uri = f"models:/{registered_name(FeatureDataset.open(args.data, verify='none').name, args.family)}@champion"
+            ds = FeatureDataset.open(args.data, verify="none")  # manifest and class side: the data's identity
+        if not uri:
+            if ds is None:
+                raise ConfigError("--model", "a model URI when --features is given", "none", "command line")
+            uri = f"models:/{registered_name(ds.name, args.family)}@champion"
         out_path = Path(args.out)
         if out_path.is_dir():
             raise ConfigError("--out", "a Parquet file path", f"{out_path} (a directory)", "command line")
         predictor = load_predictor(uri)
+        if ds is not None:
+            _check_same_data(uri, predictor, ds, args.data)
         names = list(predictor.class_names)
         extra = None
         if args.extra_classes:

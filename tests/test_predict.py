@@ -28,7 +28,7 @@ def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset):
     model = engine.build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape).eval()
     run_id = tracking.start_training_run(cfg, name="t", semi_synthetic=True).run_id
     registry.register_model(model, cfg, tiny_dataset.class_side, run_id=run_id, val_metrics={"H": 0.1},
-                            test_metrics={"H": 0.1})
+                            test_metrics={"H": 0.1}, semi_synthetic=tiny_dataset.semi_synthetic)
     return registry.load_predictor("models:/dedn-cub@champion")
 
 
@@ -88,6 +88,80 @@ def test_extra_classes_can_win_without_retraining(registered, tiny_dataset, tmp_
     bad.write_text("name,a1\nx,1\n")
     assert main(["--data", str(tiny_dataset.root), "--extra-classes", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
     assert not (tmp_path / "x.parquet").exists()
+
+
+def _real_shaped_dataset(root: Path, class_side, shape=(32, 1, 1)):
+    """The same dataset name and class side with real-shaped features (C x 1 x 1, not semi-synthetic): 1 row per class."""
+    from dedn.data import SPLITS, DatasetWriter, FeatureDataset, split_classes
+
+    rng = np.random.default_rng(3)
+    with DatasetWriter(root, class_side=class_side, feature_shape=shape, semi_synthetic=False) as w:
+        for i, split in enumerate(SPLITS):
+            labels = split_classes(class_side, split)
+            with w.split(split) as s:
+                s.add(1000 * i + np.arange(labels.size, dtype=np.int64), labels,
+                      rng.random((labels.size, *shape)).astype(np.float32) + 0.1)
+    return FeatureDataset.open(root)
+
+
+@pytest.mark.timeout(180)
+def test_a_model_scores_only_data_of_its_identity(registered, tiny_dataset, tmp_path: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    """Issue 27, item 2: a model on a dataset of other data fails before any feature is read, in one error line
+    naming the model URI and its data, the dataset and its data."""
+    import dedn.data.reader as reader
+    from dedn import tracking
+    from dedn.tracking import registry
+    from dedn.training import loop as engine
+    from dedn.config import build_config
+
+    main = _predict_main()
+    real = _real_shaped_dataset(tmp_path / "cub_real", tiny_dataset.class_side)
+    want = registry.DataIdentity.of_dataset(tiny_dataset)
+    assert registered.data_identity == want  # the identity travels with the model files
+    have = registry.DataIdentity.of_dataset(real)
+
+    class NoReads:
+        def __init__(self, *a, **k):
+            raise AssertionError("features were read before the identity check")
+
+    monkeypatch.setattr(reader, "ShardReader", NoReads)
+    out = tmp_path / "p.parquet"
+    for model in (["--model", "models:/dedn-cub@champion"], []):  # explicit, and the default URI of the dataset
+        capsys.readouterr()
+        assert main(model + ["--data", str(real.root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and err.startswith(f"error: {real.root / 'dataset.json'}: data identity: "), err
+        assert "model models:/dedn-cub@champion (version 1): " + str(want) in err, err
+        assert f"found {have} (differs: feature shape [16, 2, 2] -> [32, 1, 1]; semi-synthetic -> real features)" in err
+        assert "no version of dedn-cub was trained on this data" in err and "feature_shape: expected" not in err
+        assert not out.exists()
+    monkeypatch.undo()
+
+    # the user's sequence: a model trained on the real-shaped data becomes champion and scores it;
+    # the semi-synthetic data then needs its own version, which the error names
+    cfg = build_config("cub", [f"data.path={real.root}"])
+    model = engine.build_model(cfg, real.class_side, real.feature_shape).eval()
+    run_id = tracking.start_training_run(cfg, name="real", semi_synthetic=False).run_id
+    v = registry.register_model(model, cfg, real.class_side, run_id=run_id, val_metrics={"H": 0.01},
+                                test_metrics={"H": 0.01}, semi_synthetic=False)
+    assert v.champion and v.version == "2", v.champion_line()
+    assert main(["--data", str(real.root), "--split", "test_unseen", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == real.split("test_unseen").num_rows
+    capsys.readouterr()
+    assert main(["--data", str(tiny_dataset.root), "--out", str(tmp_path / "q.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "models:/dedn-cub@champion (version 2)" in err and "versions trained on this data: models:/dedn-cub/1" in err, err
+    assert main(["--model", "models:/dedn-cub/1", "--data", str(tiny_dataset.root), "--out", str(tmp_path / "q.parquet")]) == 0
+
+    # a model logged before models recorded their data: checked on its feature shape only, with a note
+    run_id = tracking.start_training_run(cfg, name="old", semi_synthetic=False).run_id
+    registry.log_model(model, cfg, real.class_side, run_id=run_id, registered_model_name="dedn-cub")  # no identity
+    capsys.readouterr()
+    assert main(["--model", "models:/dedn-cub/3", "--data", str(real.root), "--out", str(tmp_path / "r.parquet")]) == 0
+    assert "note: model models:/dedn-cub/3 records no data identity" in capsys.readouterr().err
+    assert main(["--model", "models:/dedn-cub/3", "--data", str(tiny_dataset.root), "--out", str(tmp_path / "s.parquet")]) == 2
+    assert "feature_shape: expected [32, 1, 1] (the model's), found [16, 2, 2]" in capsys.readouterr().err
 
 
 # ---- bad inputs: one message naming the file and what was expected, exit code 2, nothing written --------

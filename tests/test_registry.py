@@ -26,15 +26,16 @@ def _model_and_batch(ds, seed: int = 0):
     return cfg, model, x
 
 
-def _register(cfg, model, ds, val_h: float, example=None):
+def _register(cfg, model, ds, val_h: float, example=None, *, class_side=None, semi_synthetic: bool = True):
     from dedn import tracking
     from dedn.tracking import registry
 
-    run_id = tracking.start_training_run(cfg, name="t", semi_synthetic=True).run_id
+    run_id = tracking.start_training_run(cfg, name="t", semi_synthetic=semi_synthetic).run_id
     val = {"T": 0.5, "U": 0.4, "S": 0.3, "H": val_h}
-    return registry.register_model(model, cfg, ds.class_side, run_id=run_id, val_metrics=val,
+    return registry.register_model(model, cfg, class_side or ds.class_side, run_id=run_id, val_metrics=val,
                                    test_metrics={"T": 0.1, "U": 0.1, "S": 0.1, "H": 0.1},
-                                   input_example=None if example is None else example.numpy())
+                                   input_example=None if example is None else example.numpy(),
+                                   semi_synthetic=semi_synthetic)
 
 
 @pytest.mark.timeout(120)
@@ -80,6 +81,65 @@ def test_champion_moves_only_on_better_validation_h(store, tiny_dataset):
     finer = _register(cfg, model, tiny_dataset, val_h=0.350000001)
     assert finer.champion and finer.version == "5"
     assert str(tracking.client().get_model_version_by_alias("dedn-cub", "champion").version) == "5"
+
+
+def _real_shaped(ds, shape=(32, 1, 1)):
+    """A model of the same dataset name and class side on features of another shape (real-shaped, not semi-synthetic)."""
+    from dedn.training import loop as engine
+    from dedn.config import build_config
+
+    cfg = build_config("cub", ["eval.lambda_rc=0.7", "eval.lambda_e=0.6", f"data.path={ds.root}-real"])
+    return cfg, engine.build_model(cfg, ds.class_side, shape).eval()
+
+
+@pytest.mark.timeout(180)
+def test_champion_follows_new_data_and_says_so(store, tiny_dataset):
+    """Issue 27, item 2: a version on other data (feature shape, class side, semi-synthetic or not) never
+    competes with the champion on validation H alone: the alias follows the newest data and says so."""
+    from dedn import tracking
+
+    cfg, model, _ = _model_and_batch(tiny_dataset)
+    first = _register(cfg, model, tiny_dataset, val_h=0.50)  # semi-synthetic 16 x 2 x 2
+    assert first.champion and first.champion_line() == "alias champion set"
+    real_cfg, real = _real_shaped(tiny_dataset)
+    second = _register(real_cfg, real, tiny_dataset, val_h=0.30, semi_synthetic=False)  # real-shaped 32 x 1 x 1
+    line = second.champion_line()
+    assert second.champion and second.version == "2", line
+    assert str(tracking.client().get_model_version_by_alias("dedn-cub", "champion").version) == "2"
+    assert line.startswith("alias champion moved here: data differs from version 1's (")
+    assert "feature shape [16, 2, 2] -> [32, 1, 1]" in line and "semi-synthetic -> real features" in line
+    assert "versions of other data no longer compete" in line
+    # the version records its data
+    tags = tracking.client().get_model_version("dedn-cub", "2").tags
+    assert tags["data_name"] == "CUB" and tags["data_feature_shape"] == "[32, 1, 1]" and tags["semi_synthetic"] == "false"
+    assert tags["data_class_side"] == tracking.client().get_model_version("dedn-cub", "1").tags["data_class_side"]
+    # on the new data, validation H decides again; version 1 (better H, other data) no longer competes
+    worse = _register(real_cfg, real, tiny_dataset, val_h=0.20, semi_synthetic=False)
+    assert not worse.champion and worse.champion_version == "2" and "stays on version 2" in worse.champion_line()
+    better = _register(real_cfg, real, tiny_dataset, val_h=0.40, semi_synthetic=False)
+    assert better.champion and better.champion_line() == "alias champion moved here"
+    # back to the semi-synthetic data: its versions compete among themselves, the best of them (1) is champion
+    back = _register(cfg, model, tiny_dataset, val_h=0.10)
+    assert not back.champion and back.champion_version == "1"
+    assert back.champion_line().startswith("alias champion moved to version 1, the best version on this data"), back.champion_line()
+    assert "data differs from version 4's (feature shape [32, 1, 1] -> [16, 2, 2]" in back.champion_line()
+
+
+@pytest.mark.timeout(180)
+def test_versions_registered_before_data_identity_are_told_apart(store, tiny_dataset):
+    from dedn import tracking
+    from dedn.tracking import registry
+
+    cfg, model, _ = _model_and_batch(tiny_dataset)
+    _register(cfg, model, tiny_dataset, val_h=0.50)
+    c = tracking.client()
+    for k in registry.IDENTITY_TAGS:  # as registered before versions recorded their data
+        if k != "semi_synthetic":
+            c.delete_model_version_tag("dedn-cub", "1", k)
+    second = _register(cfg, model, tiny_dataset, val_h=0.30)
+    assert second.champion, second.champion_line()
+    assert "version 1 records no data identity" in second.champion_line()
+    assert "versions of other data no longer compete" in second.champion_line()
 
 
 @pytest.mark.timeout(120)

@@ -13,9 +13,24 @@ loading it runs our own code, which reads
   (`ModelFamily.model_meta`: DEDN's attribute clusters).
 
 Registered name `<model>-<dataset lowercase>` (`dedn-cub`, `msdn-cub`); each version carries its validation and test
-metrics as tags; alias `champion` moves to a new version only when its validation H beats the
-current champion's `val_H` tag. `load_predictor("models:/dedn-cub@champion")` gives a
-`Predictor` with `.scores(features, extra_class_attributes=None)` and `.predict(...)`.
+metrics as tags, and the identity of the data it was trained on (`DataIdentity`: dataset name, feature
+shape, a sha256 of the class side, semi-synthetic or not) as tags and in `model_meta.json`.
+
+The alias `champion` (`best_version`, `promote_best`): versions compete on validation H only with
+versions of the same data. The alias follows the newest data: the versions that compete are those
+with the identity of the newest version that records one; the best of them by `val_H` (a tie keeps
+the earlier version) is champion. A version on other data therefore never takes, nor keeps, the alias
+on validation H alone, and a registration that moves the alias to new data says so in its line
+(`RegisteredVersion.champion_line`), naming what differs. Versions registered before identities
+were recorded have none: they compete only while no version records one (the old rule), and a
+champion among them gives way to the first version that records its data, with a line that says so.
+Why not refuse to move the alias instead: the alias would then stay on a model that cannot score the
+data being worked on (`jobs/predict.py` on the new data would fail), and the only way forward would
+be a manual alias move that the next registration undoes; training on new data is what says which
+data the model of record is for.
+
+`load_predictor("models:/dedn-cub@champion")` gives a `Predictor` with
+`.scores(features, extra_class_attributes=None)`, `.predict(...)` and `.data_identity`.
 Loading needs the `dedn` package importable (installed), like any models-from-code model.
 """
 from __future__ import annotations
@@ -49,7 +64,9 @@ except ImportError:  # pragma: no cover - mlflow is a dependency
 
 __all__ = [
     "CHAMPION", "registered_name", "Predictor", "PyfuncModel", "write_model_files", "log_model",
-    "RegisteredVersion", "register_model", "promote_best", "best_version", "load_predictor", "pip_requirements", "read_extra_classes",
+    "RegisteredVersion", "register_model", "promote_best", "best_version", "competing_versions", "load_predictor",
+    "pip_requirements", "read_extra_classes", "DataIdentity", "class_side_fingerprint", "IDENTITY_TAGS", "identity_of",
+    "resolve_version", "versions_on_data",
 ]
 
 CHAMPION = "champion"
@@ -63,6 +80,115 @@ def registered_name(dataset: str, model: str = "dedn") -> str:
     return f"{model.lower()}-{dataset.lower()}"
 
 
+# ---- the identity of a model's data -------------------------------------------------------------
+IDENTITY_TAGS = ("data_name", "data_feature_shape", "data_class_side", "semi_synthetic")
+_CLASS_SIDE_SPLITS = ("seen_classes", "unseen_classes", "train_classes", "val_classes")
+
+
+def class_side_fingerprint(cs: ClassSide) -> str:
+    """sha256 (hex) of what a model's class side is: class names, attribute names, the attribute matrix A
+    the models use (float32, row-normalised) and the class splits (seen, unseen, train, val; as sets).
+
+    Deterministic across processes and machines: every array is hashed in a fixed byte order with its
+    name, shape and length. Word vectors and attribute clusters are not part of it (they shape a model,
+    not which images and classes it can score).
+    """
+    h = hashlib.sha256(b"dedn class side v1\n")
+
+    def put(key: str, payload: bytes) -> None:
+        h.update(f"{key}:{len(payload)}\n".encode())
+        h.update(payload)
+
+    put("class_names", json.dumps([str(x) for x in cs.class_names]).encode())
+    put("attribute_names", json.dumps([str(x) for x in cs.attribute_names]).encode())
+    a = np.ascontiguousarray(np.asarray(cs.attributes, dtype=np.float32), dtype="<f4")
+    put("attributes", json.dumps(list(a.shape)).encode() + a.tobytes())
+    for split in _CLASS_SIDE_SPLITS:
+        put(split, np.unique(np.asarray(getattr(cs, split), dtype=np.int64)).astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which data a model was trained on: dataset name, feature shape [C, H, W], class-side fingerprint
+    (`class_side_fingerprint`), semi-synthetic or not. Two versions compete for `champion` only when
+    their identities are equal; `jobs/predict.py` scores a dataset only with a model of its identity."""
+
+    name: str
+    feature_shape: tuple[int, int, int]
+    class_side: str  # sha256 hex
+    semi_synthetic: bool
+
+    @classmethod
+    def of(cls, class_side: ClassSide, feature_shape: Sequence[int], semi_synthetic: bool) -> "DataIdentity":
+        shape = tuple(int(x) for x in feature_shape)
+        return cls(str(class_side.name), shape, class_side_fingerprint(class_side), bool(semi_synthetic))  # type: ignore[arg-type]
+
+    @classmethod
+    def of_dataset(cls, dataset: Any) -> "DataIdentity":
+        """The identity of an opened `dedn.data.FeatureDataset` (manifest and class side only)."""
+        return cls.of(dataset.class_side, dataset.feature_shape, dataset.semi_synthetic)
+
+    def tags(self) -> dict[str, str]:
+        return {"data_name": self.name, "data_feature_shape": json.dumps(list(self.feature_shape)),
+                "data_class_side": self.class_side, "semi_synthetic": str(self.semi_synthetic).lower()}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str] | None) -> "DataIdentity | None":
+        """The identity recorded in a version's tags; None when it records none (registered before
+        identities were recorded) or an unreadable one."""
+        tags = tags or {}
+        if not all(k in tags for k in IDENTITY_TAGS):
+            return None
+        try:
+            shape = json.loads(tags["data_feature_shape"])
+            if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) for x in shape)):
+                return None
+        except ValueError:
+            return None
+        semi = str(tags["semi_synthetic"]).lower()
+        if semi not in ("true", "false") or not tags["data_class_side"]:
+            return None
+        return cls(str(tags["data_name"]), tuple(shape), str(tags["data_class_side"]), semi == "true")  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "feature_shape": list(self.feature_shape), "class_side": self.class_side,
+                "semi_synthetic": self.semi_synthetic}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> "DataIdentity | None":
+        if not d:
+            return None
+        return cls(str(d["name"]), tuple(int(x) for x in d["feature_shape"]), str(d["class_side"]),  # type: ignore[arg-type]
+                   bool(d["semi_synthetic"]))
+
+    @property
+    def kind(self) -> str:
+        return "semi-synthetic" if self.semi_synthetic else "real features"
+
+    def __str__(self) -> str:
+        return (f"dataset {self.name}, feature shape {list(self.feature_shape)}, class side "
+                f"{self.class_side[:12]}, {self.kind}")
+
+    def differences(self, new: "DataIdentity") -> list[str]:
+        """What differs from self to `new`, as 'field old -> new' phrases."""
+        out = []
+        if self.name != new.name:
+            out.append(f"dataset {self.name} -> {new.name}")
+        if self.feature_shape != new.feature_shape:
+            out.append(f"feature shape {list(self.feature_shape)} -> {list(new.feature_shape)}")
+        if self.class_side != new.class_side:
+            out.append(f"class side {self.class_side[:12]} -> {new.class_side[:12]}")
+        if self.semi_synthetic != new.semi_synthetic:
+            out.append(f"{self.kind} -> {new.kind}")
+        return out
+
+
+def identity_of(mv: Any) -> DataIdentity | None:
+    """The data identity a registered version (an MLflow ModelVersion) records in its tags, or None."""
+    return DataIdentity.from_tags(getattr(mv, "tags", None))
+
+
 # ---- the predictor ---------------------------------------------------------------------------
 class Predictor:
     """Scores feature maps against every class (and optional new classes) with a trained network of any family.
@@ -74,8 +200,10 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, cfg: DEDNConfig, class_names: Sequence[str],
-                 seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = ()):
+                 seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = (),
+                 data_identity: DataIdentity | None = None):
         self.model = model.eval()
+        self.data_identity = data_identity  # the data it was trained on; None for a model logged before identities
         self.cfg = cfg
         self.family = family_of(cfg)
         self.class_names = tuple(map(str, class_names))
@@ -196,7 +324,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
     model.load_state_dict(state)
     model.to(device)
     return Predictor(model, cfg, cs["class_names"].tolist(), cs["seen_classes"], cs["unseen_classes"],
-                         cs["attribute_names"].tolist())
+                     cs["attribute_names"].tolist(), data_identity=DataIdentity.from_json(meta.get("data")))
 
 
 # ---- the pyfunc wrapper (models from code: dedn/tracking/pyfunc_model.py) -------------------
@@ -225,8 +353,11 @@ class PyfuncModel(_PythonModel):  # type: ignore[misc,valid-type]
 
 
 # ---- writing and logging ---------------------------------------------------------------------
-def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path."""
+def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str],
+                      identity: DataIdentity | None = None) -> dict[str, str]:
+    """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path.
+
+    identity: the data the model was trained on, kept in model_meta.json under "data"."""
     net = unwrap_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +376,8 @@ def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, 
     )
     meta = {"feature_shape": list(net.feature_shape), "family_meta": family_of(cfg).model_meta(net),
             "model": cfg.model.name, "dataset": cfg.dataset, "variant": cfg.variant, "format": 2}
+    if identity is not None:
+        meta["data"] = identity.to_json()
     (out / META_FILE).write_text(json.dumps(meta))
     return {"weights": str(out / WEIGHTS_FILE), "config": str(out / CONFIG_FILE),
             "class_side": str(out / CLASS_SIDE_FILE), "meta": str(out / META_FILE)}
@@ -264,7 +397,8 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str, name: str = "model",
-              registered_model_name: str | None = None, input_example: np.ndarray | None = None) -> Any:
+              registered_model_name: str | None = None, input_example: np.ndarray | None = None,
+              identity: DataIdentity | None = None) -> Any:
     """Log the network as a models-from-code pyfunc into run `run_id`; returns MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -284,7 +418,7 @@ def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_i
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         # MLflow suggests predict type hints for schema inference; the explicit signature does that job
         warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
-        files = write_model_files(net, cfg, class_side, d)
+        files = write_model_files(net, cfg, class_side, d, identity)
         with mlflow.start_run(run_id=run_id), _quiet_registration():
             return mlflow.pyfunc.log_model(
                 name=name, python_model=str(PYFUNC_CODE), artifacts=files, signature=signature,
@@ -317,12 +451,41 @@ class RegisteredVersion:
     champion: bool  # whether alias `champion` now points at this version
     previous_champion_val_H: float | None
     champion_version: str | None = None  # where the alias points after this registration
+    identity: DataIdentity | None = None  # the data of this version
+    previous_champion_version: str | None = None  # where the alias pointed before this registration
+    previous_identity: DataIdentity | None = None  # that version's data (None: it records none)
+    champion_identity: DataIdentity | None = None  # the data of the version the alias points at now
+
+    @property
+    def data_changed(self) -> bool:
+        """Whether this version's data differs from the previous champion's (or that one records none)."""
+        return (self.identity is not None and self.previous_champion_version not in (None, self.version)
+                and self.previous_identity != self.identity)
 
     def champion_line(self) -> str:
         """What happened to the alias, and why, in one line for the console."""
+        cv = self.champion_version
+        if self.data_changed:
+            prev = self.previous_champion_version
+            if self.previous_identity is None:
+                why = (f"version {prev} records no data identity (registered before versions recorded their "
+                       f"data), so its validation H is not comparable")
+                tail = "versions of other data no longer compete, nor versions that record none"
+            else:
+                assert self.identity is not None
+                why = f"data differs from version {prev}'s ({'; '.join(self.previous_identity.differences(self.identity))})"
+                tail = "versions of other data no longer compete"
+            if self.champion:
+                return f"alias champion moved here: {why}; {tail}"
+            if self.champion_identity == self.identity:
+                return f"alias champion moved to version {cv}, the best version on this data: {why}; {tail}"
+        if (not self.champion and self.identity is not None and self.champion_identity is not None
+                and self.champion_identity != self.identity):  # a concurrent registration on other data
+            diff = "; ".join(self.identity.differences(self.champion_identity))
+            return f"alias champion is on version {cv}, registered meanwhile on other data ({diff}); the newest data's versions compete"
         if self.champion:
             return "alias champion moved here" if self.previous_champion_val_H is not None else "alias champion set"
-        return (f"alias champion stays on version {self.champion_version} (its validation H "
+        return (f"alias champion stays on version {cv} (its validation H "
                 f"{self.previous_champion_val_H!r} is not beaten; a tie keeps the earlier version)")
 
 
@@ -334,10 +497,15 @@ def _metric_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
 
 def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str,
                    val_metrics: Mapping[str, float], test_metrics: Mapping[str, float],
-                   input_example: np.ndarray | None = None, semi_synthetic: bool = False) -> RegisteredVersion:
-    """Log + register as `<model>-<dataset>`, tag the version with its metrics, point `champion` at the best version.
+                   input_example: np.ndarray | None = None, semi_synthetic: bool | None = None) -> RegisteredVersion:
+    """Log + register as `<model>-<dataset>`, tag the version with its metrics and its data, point `champion`
+    at the best version on the newest data (`best_version`).
 
     val_metrics / test_metrics: {"T", "U", "S", "H"} fractions; tagged as val_* / test_*.
+    The data identity (`DataIdentity`: class_side.name, the network's feature shape, the class-side
+    fingerprint, `semi_synthetic`) is tagged as `IDENTITY_TAGS` and kept in model_meta.json.
+    semi_synthetic: whether the data is semi-synthetic; None reads it from the run's `semi_synthetic` tag
+    (every training run has one; false when the run has none).
     """
     from mlflow.exceptions import MlflowException
 
@@ -345,19 +513,45 @@ def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, 
 
     tracking.init_store()
     name = registered_name(cfg.dataset, cfg.model.name)
-    info = log_model(model, cfg, class_side, run_id=run_id, registered_model_name=name, input_example=input_example)
     c = tracking.client()
+    if semi_synthetic is None:
+        try:
+            semi_synthetic = c.get_run(run_id).data.tags.get("semi_synthetic") == "true"
+        except MlflowException:
+            semi_synthetic = False
+    identity = DataIdentity.of(class_side, unwrap_model(model).feature_shape, semi_synthetic)
+    try:  # the alias before this registration: what the line compares with
+        before = c.get_model_version_by_alias(name, CHAMPION)
+        old_h: float | None = _tag_float(before.tags, "val_H")
+        old_version: str | None = str(before.version)
+        old_identity = identity_of(before)
+    except MlflowException:  # no such model or no alias yet
+        old_h, old_version, old_identity = None, None, None
+    info = log_model(model, cfg, class_side, run_id=run_id, registered_model_name=name, input_example=input_example,
+                     identity=identity)
     version = str(info.registered_model_version)
     tags = {**_metric_tags("val_", val_metrics), **_metric_tags("test_", test_metrics),
-            "run_id": run_id, "variant": cfg.variant, "semi_synthetic": str(bool(semi_synthetic)).lower()}
+            "run_id": run_id, "variant": cfg.variant, **identity.tags()}
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, v)
-    try:
-        old_h: float | None = float(c.get_model_version_by_alias(name, CHAMPION).tags.get("val_H", "nan"))
-    except MlflowException:
-        old_h = None
     champion = promote_best(name)
-    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion == version, old_h, champion)
+    if champion == version or champion is None:
+        champion_identity = identity if champion else None
+    else:
+        try:
+            champion_identity = identity_of(c.get_model_version(name, champion))
+        except MlflowException:
+            champion_identity = None
+    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion == version, old_h, champion,
+                             identity=identity, previous_champion_version=old_version, previous_identity=old_identity,
+                             champion_identity=champion_identity)
+
+
+def _tag_float(tags: Mapping[str, str] | None, key: str) -> float:
+    try:
+        return float((tags or {}).get(key, "nan"))
+    except ValueError:
+        return float("nan")
 
 
 def _val_h(mv: Any) -> float:
@@ -368,8 +562,25 @@ def _val_h(mv: Any) -> float:
     return h if np.isfinite(h) else float("nan")
 
 
+def competing_versions(versions: Sequence[Any]) -> list[Any]:
+    """The versions that compete for `champion`: those on the newest data.
+
+    The newest data is the identity (`identity_of`) of the highest-numbered version that records one;
+    versions of any other identity, and versions that record none, do not compete. When no version
+    records an identity (all registered before identities were recorded), every version competes.
+    """
+    known = [(v, identity_of(v)) for v in versions]
+    known = [(v, i) for v, i in known if i is not None]
+    if not known:
+        return list(versions)
+    newest = max(known, key=lambda vi: int(vi[0].version))[1]
+    return [v for v, i in known if i == newest]
+
+
 def best_version(versions: Sequence[Any]) -> str | None:
-    """The version with the highest val_H tag (ties: the earliest); the newest when none has one."""
+    """Among `competing_versions` (the newest data's): the highest val_H tag (ties: the earliest); the newest
+    when none has one. A version on other data never wins on validation H alone."""
+    versions = competing_versions(versions)
     if not versions:
         return None
     scored = [(v, _val_h(v)) for v in versions]
@@ -380,7 +591,7 @@ def best_version(versions: Sequence[Any]) -> str | None:
 
 
 def promote_best(name: str, attempts: int = 20) -> str | None:
-    """Point `champion` at the best version of `name` (by val_H) and return it.
+    """Point `champion` at the best version of `name` (`best_version`: by val_H among the newest data's) and return it.
 
     Safe under concurrent registrations without a lock (a remote server has none to offer):
     every registrant writes the alias and then reads again, until the alias it reads is the
@@ -408,6 +619,38 @@ def promote_best(name: str, attempts: int = 20) -> str | None:
 
 
 # ---- loading ---------------------------------------------------------------------------------
+def resolve_version(uri: str) -> tuple[str, str] | None:
+    """`models:/name/3` or `models:/name@alias` -> (name, version); None for other URIs or when unknown."""
+    from mlflow.exceptions import MlflowException
+
+    from dedn.tracking import store as tracking
+
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):].strip("/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, str(tracking.client().get_model_version_by_alias(name, alias).version)
+        name, _, version = rest.rpartition("/")
+        return (name, version) if name and version.isdigit() else None
+    except MlflowException:
+        return None
+
+
+def versions_on_data(name: str, identity: DataIdentity) -> list[str]:
+    """The versions of registered model `name` trained on data of `identity`, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    from dedn.tracking import store as tracking
+
+    try:
+        versions = tracking.client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return []
+    return [str(v) for v in sorted(int(mv.version) for mv in versions if identity_of(mv) == identity)]
+
+
 def load_predictor(uri: str) -> Predictor:
     """`models:/dedn-cub@champion`, `models:/msdn-cub/3`, `runs:/<id>/model` -> Predictor."""
     import mlflow.pyfunc
