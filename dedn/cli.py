@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "add_overrides", "command", "is_override", "parse_command_line", "program", "require_environment"]
+__all__ = ["HelpFormatter", "add_address", "add_overrides", "command", "is_override", "parse_command_line", "program", "require_environment", "use_address"]
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding jobs/ and tuning/
 
@@ -49,6 +49,21 @@ def add_overrides(parser: argparse.ArgumentParser, help: str) -> argparse.Action
     """The positional `key=value ...` config overrides; parse with `parse_command_line`, so that they may
     stand anywhere on the command line, before, between and after the options."""
     return parser.add_argument("overrides", nargs="*", metavar=OVERRIDES_METAVAR, help=help)
+
+
+def add_address(parser: argparse.ArgumentParser) -> argparse.Action:
+    """`--address`: the Ray cluster to join. Without it a run joins only what Ray itself would name
+    (RAY_ADDRESS, a cluster `ray start` made on this machine) and otherwise starts a private Ray."""
+    return parser.add_argument(
+        "--address", default="",
+        help="Ray cluster to join (host:port of its GCS, or ray://...); default: $RAY_ADDRESS, else a cluster "
+             "`ray start` made on this machine, else a private embedded Ray that no other run joins")
+
+
+def use_address(args: argparse.Namespace) -> None:
+    """Hand `--address` to Ray the way Ray reads it (RAY_ADDRESS), for this process and what it starts."""
+    if getattr(args, "address", ""):
+        os.environ["RAY_ADDRESS"] = args.address
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

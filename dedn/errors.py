@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason", "ServerError"]
+__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason", "ServerError", "ClusterError"]
 
 
 def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
@@ -117,3 +117,15 @@ class ServerError(DednError, RuntimeError):
     def __init__(self, what: object, problem: str):
         self.what, self.problem = str(what), problem
         super().__init__(f"{self.what}: {problem}")
+
+
+class ClusterError(DednError, RuntimeError):
+    """The Ray cluster a run was told to use (`--address`, `RAY_ADDRESS`) cannot be reached, or went away.
+
+    `address` names the cluster; `problem` says what happened and, for a run that had started, the
+    `--name` that continues it from its last checkpoint.
+    """
+
+    def __init__(self, address: object, problem: str):
+        self.address, self.problem = str(address), problem
+        super().__init__(f"Ray cluster {self.address}: {problem}")

@@ -23,14 +23,14 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter
+from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import ConfigError, DednError  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides applied to every setting, e.g. epochs=5 (not the switches the settings set)")
+    add_overrides(p, "config overrides applied to every setting, anywhere on the command line, e.g. epochs=5 "
+                     "(not the switches the settings set)")
     p.add_argument("--data", default="", help="dataset directory (dataset.json)")
     p.add_argument("--preset", default="", help="preset of a dataset (default: the dataset's own name)")
     p.add_argument("--model", default="dedn", help="model family whose studies run (default: dedn)")
@@ -44,7 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>-ablation)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing setting")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines from the workers")
-    return p.parse_args(argv)
+    add_address(p)
+    return parse_command_line(p, argv)
 
 
 def list_settings(model: str) -> str:
@@ -61,6 +62,7 @@ def list_settings(model: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    use_address(args)
     try:
         if args.list:
             print(list_settings(args.model))

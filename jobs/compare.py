@@ -17,14 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from dedn.cli import HelpFormatter
+from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides applied to every model; family:key=value applies to that family only")
+    add_overrides(p, "config overrides applied to every model, anywhere on the command line; family:key=value "
+                     "applies to that family only")
     p.add_argument("--data", default="", help="dataset directory; default: write a CUB-shaped semi-synthetic set")
     p.add_argument("--preset", default="", help="dataset preset of every family (default: the dataset's name)")
     p.add_argument("--models", nargs="+", default=None, help="model families (default: every registered one)")
@@ -40,7 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     syn.add_argument("--channels", type=int, default=2048, help="C of the feature maps")
     syn.add_argument("--size", type=int, default=7, help="H = W of the feature maps")
     syn.add_argument("--images-per-class", type=int, default=4, help="cap per class and split")
-    return p.parse_args(argv)
+    add_address(p)
+    return parse_command_line(p, argv)
 
 
 def _synthetic_cub(args: argparse.Namespace) -> Path:
@@ -84,6 +85,7 @@ def _finish_parent(run_id: str, rows, files: tuple[Path, Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    use_address(args)
     from dedn.analysis.compare import compare_models, write_table
     from dedn.data import FeatureDataset
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter, add_overrides, command, parse_command_line, program, require_environment
+from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, program,
+                      require_environment, use_address)
 from dedn.errors import DednError  # noqa: E402
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
@@ -49,6 +50,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>)")
     p.add_argument("--no-register", action="store_true", help="do not register the final model")
     p.add_argument("--no-track", action="store_true", help="no MLflow run (and no registry)")
+    add_address(p)
     return parse_command_line(p, argv)
 
 
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
     """The job. handle_sigterm: default when run as a program (argv None); debug: DebugHooks (tools/soak.py)."""
     args = parse(argv)
     require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
+    use_address(args)
     if handle_sigterm is None:
         handle_sigterm = argv is None
     if handle_sigterm:

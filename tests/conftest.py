@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-CUB_SOURCE = Path("/work/shared/data/CUB")  # real class-side files; the packaged asset otherwise
+# real class-side files: ../shared/data beside the checkout (CI lays it there); the packaged asset otherwise
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CUB_SOURCE = SHARED_DATA / "CUB"
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +21,14 @@ def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say at the top of every run where the class-side data come from: no silent fallback."""
+    if SHARED_DATA.is_dir():
+        return f"class-side data: {SHARED_DATA} (the real xlsa17 files)"
+    return (f"class-side data: NOTE {SHARED_DATA} is missing: the packaged class sides stand in, and the "
+            "tests that need the real files are skipped")
 
 
 def cub_source() -> Path | None:

@@ -81,10 +81,12 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     from dedn.tracking import git_commit
     from dedn.training.ray_cluster import job_runtime_env
 
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DEDN_HOME", "DEDN_GIT_COMMIT"):
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DEDN_HOME", "DEDN_GIT_COMMIT",
+              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
         monkeypatch.delenv(k, raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert job_runtime_env(ROOT) == {"env_vars": {"DEDN_GIT_COMMIT": head}}
+    # a loaded node's slow worker start is waited for, not a traceback and a second start (issue 27)
+    assert job_runtime_env(ROOT) == {"env_vars": {"DEDN_GIT_COMMIT": head, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     monkeypatch.setenv("DEDN_HOME", "~/somewhere")
     env = job_runtime_env(ROOT)["env_vars"]

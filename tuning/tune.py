@@ -23,7 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter, add_overrides, command, parse_command_line, require_environment
+from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, require_environment,
+                      use_address)
 from dedn.errors import ConfigError, DednError
 
 
@@ -45,12 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final", action="store_true", help="retrain the best configuration on trainval and register it")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its checkpoint")
     add_overrides(p, "config overrides for every trial, anywhere on the command line, e.g. optim.epochs=20")
+    add_address(p)
     return parse_command_line(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
+    use_address(args)
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
     from dedn.config import config_for_dataset
     from dedn.data import FeatureDataset

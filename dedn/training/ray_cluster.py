@@ -1,4 +1,4 @@
-"""The Ray a driver runs on: a running cluster when there is one, else an embedded one it owns.
+"""The Ray a driver runs on: the cluster the user asked for, else a private embedded one it owns.
 
 An embedded Ray belongs to its driver and must not outlive it. On a normal exit or a SIGTERM
 (jobs turn it into an exit) `ray.shutdown` runs at exit. On a SIGKILL nothing in the driver
@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["init_ray", "job_runtime_env", "reap_orphaned_agents", "descendants", "running"]
+from dedn.errors import ClusterError
+
+__all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents", "descendants", "running"]
 
 AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
-def init_ray(dashboard: bool = False) -> None:
-    """Connect to a running cluster (`ray job submit`, `ray start`), else start an embedded one.
+def init_ray(dashboard: bool = False, address: str | None = None) -> None:
+    """Join the cluster the user asked for, else start a private embedded Ray; no-op when Ray is up.
 
+    address: an `--address` option (`host:port`, `ray://...`); `auto` means "the running cluster".
     dashboard: give the embedded Ray its dashboard (its State API frees each finished Ray Train
     run's placement group at once; a sweep of TorchTrainer trials needs that).
 
-    `address="auto"` joins a cluster when there is one (`ray job submit` sets RAY_ADDRESS; `ray
-    start` leaves its address on the node); otherwise an embedded Ray starts, without the
-    dashboard (about 1 GB RSS) unless asked. Ray-internal loggers are raised to ERROR there
-    (docs/stack-notes.md#ray-connecting-and-authentication: the placement-group cleaner's
-    once-a-second warning); our progress lines are written to stdout, not logged, so they
-    still show.
+    A cluster is joined only when asked for, as Ray's own `ray.init()` would find it: `address`,
+    `RAY_ADDRESS` (`ray job submit` sets it), or a cluster that `ray start` made on this machine
+    (its address file, `/tmp/ray/ray_current_cluster`, naming a GCS that answers). Anything else
+    — another run's embedded Ray, say — is not joined: Ray's `address="auto"` would scan the
+    process table and join any Ray it finds, and the second run would then die with the first
+    (docs/stack-notes.md). The embedded Ray is started with `address="local"`, without the
+    dashboard (about 1 GB RSS) unless asked; Ray-internal loggers are raised to ERROR there.
     """
     import ray
 
@@ -40,41 +47,128 @@ def init_ray(dashboard: bool = False) -> None:
     # replace the driver's (jobs/train.py: exit cleanly, mark the run KILLED); put the driver's back
     keep_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
-        _init_ray(dashboard)
+        _init_ray(dashboard, cluster_address(address))
     finally:
         if callable(keep_sigterm):
             signal.signal(signal.SIGTERM, keep_sigterm)
 
 
-def _init_ray(dashboard: bool) -> None:
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join (`address`, `RAY_ADDRESS`, a live `ray start` cluster here), or None: start a private one."""
+    if address:
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    started = _ray_start_address()
+    return started if started and _answers(started) else None
+
+
+def _ray_start_address() -> str | None:
+    """The GCS address `ray start --head` left on this machine (removed again by `ray stop`)."""
+    try:
+        from ray._private.utils import read_ray_address  # the file ray.init() itself reads
+    except ImportError:  # another Ray layout: its default file
+        path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        return path.read_text().strip() or None if path.is_file() else None
+    return read_ray_address() or None
+
+
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    """Whether something listens at host:port (a head killed without `ray stop` leaves its file behind)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _init_ray(dashboard: bool, address: str | None) -> None:
     import ray
 
-    try:
-        ray.init(address="auto", log_to_driver=True, runtime_env=_tracking_runtime_env())
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):  # a named cluster that is not there: say so, do not start another
-            raise
-        # Ray Train 2.60 starts a PreemptionWatcher actor (max_restarts=-1, worker handles as
-        # arguments) and Ray core logs an error-level line about it on every run. It only watches
-        # node drains, which a single-node embedded Ray never has; real clusters keep it.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        quiet = ray.LoggingConfig(log_level="ERROR")  # Ray's INFO/WARNING chatter (start-up, placement-group cleanup)
-        if dashboard:
-            ray.init(log_to_driver=True, logging_config=quiet)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True, logging_config=quiet)
-        # the embedded cluster is this process's: it goes when the driver exits, however it exits
-        # (jobs turn SIGTERM into an exit, so atexit runs then too)
-        atexit.register(ray.shutdown)
-        reap_orphaned_agents()
+    if address is not None:
+        try:
+            ctx = ray.init(address=address, log_to_driver=True, runtime_env=_tracking_runtime_env())
+        except (ConnectionError, ValueError) as e:  # a named cluster that is not there: say so, start no other
+            raise ClusterError(address, f"no Ray cluster answers there ({str(e).splitlines()[0]})") from None
+        gcs = (getattr(ctx, "address_info", None) or {}).get("gcs_address") or address
+        if not gcs.startswith("ray://"):  # a Ray Client connection has no GCS of ours to watch
+            _ClusterWatch(gcs).start()
+        return
+    # Ray Train 2.60 starts a PreemptionWatcher actor (max_restarts=-1, worker handles as
+    # arguments) and Ray core logs an error-level line about it on every run. It only watches
+    # node drains, which a single-node embedded Ray never has; real clusters keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for k, v in RAY_TRAIN_ENV.items():  # the embedded Ray's processes inherit this environment
+        os.environ.setdefault(k, v)
+    quiet = ray.LoggingConfig(log_level="ERROR")  # Ray's INFO/WARNING chatter (start-up, placement-group cleanup)
+    # A temp folder of its own: Ray's helpers that look for "the" cluster without an address (Ray
+    # Train's placement-group cleaner, the State API) read `$RAY_TMPDIR/ray/ray_current_cluster`, and
+    # with several Rays on the machine and no such file they fail ("Found multiple active Ray
+    # instances"). Every process of this Ray inherits RAY_TMPDIR, so they find this one.
+    private = Path(tempfile.gettempdir()) / f"dedn-ray-{os.getpid()}"  # short: Ray's socket paths max ~107 chars
+    os.environ["RAY_TMPDIR"] = str(private)
+    # "local": a new Ray of this process's own, even when others run on the machine
+    ctx = ray.init(address="local", include_dashboard=dashboard, log_to_driver=True, logging_config=quiet)
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ctx.address_info["gcs_address"])  # into the private folder (RAY_TMPDIR)
+    # the embedded cluster is this process's: it goes when the driver exits, however it exits
+    # (jobs turn SIGTERM into an exit, so atexit runs then too); its folder goes after it
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    atexit.register(ray.shutdown)  # atexit runs last-registered first
+    reap_orphaned_agents()
+
+
+# ---- a joined cluster that goes away -------------------------------------------------------------
+_CONTINUE_HINT: list[str] = []  # what continues the current run (train() sets it: "--name NAME")
+
+
+def set_continue_hint(hint: str) -> None:
+    """What the cluster-lost line tells the user to run again (the driver's `--name`)."""
+    _CONTINUE_HINT[:] = [hint]
+
+
+class _ClusterWatch(threading.Thread):
+    """Ends the driver with one line when the cluster it joined stops answering.
+
+    Ray core does not raise in Python when its GCS dies: the driver hangs for 60 s in a reconnect
+    loop, then Ray's C++ side logs "Failed to connect to GCS ... The program will terminate" and exits
+    the process (measured, Ray 2.60). A daemon thread probing the GCS port ends it within seconds
+    instead, saying what happened and how the run continues (the checkpoints and the MLflow run
+    are kept; the next start marks an unfinished run KILLED).
+    """
+
+    def __init__(self, gcs_address: str, every_s: float = 2.0, misses: int = 3):
+        super().__init__(name="dedn-cluster-watch", daemon=True)
+        self.address, self.every_s, self.misses = gcs_address, every_s, misses
+
+    def run(self) -> None:
+        import time
+
+        missed = 0
+        while True:
+            time.sleep(self.every_s)
+            missed = 0 if _answers(self.address) else missed + 1
+            if missed >= self.misses:
+                break
+        hint = _CONTINUE_HINT[0] if _CONTINUE_HINT else "run the same command again"
+        os.write(2, (f"error: Ray cluster {self.address} went away (its GCS stopped answering for "
+                     f"{self.every_s * self.misses:.0f} s); start it again and {hint}\n").encode())
+        os._exit(2)  # Ray's blocking calls cannot be interrupted from Python; its own exit would be 60 s later
 
 
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 FORWARDED_ENV = (*TRACKING_ENV, "DEDN_HOME")  # where runs land: the submitting shell's choice, not the node's
+# Ray Train gives a worker group 60 s to start, then logs a WorkerGroupStartupTimeoutError traceback and
+# starts it again; on a loaded node (a sweep beside a run, 2 cores) a healthy start takes longer. Ray
+# Train's controller reads it, so it travels with the job (or is inherited by an embedded Ray).
+RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def _forwarded_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = {k: os.environ.get(k) or v for k, v in RAY_TRAIN_ENV.items()}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     if "DEDN_HOME" in env:  # a relative or ~ path means the shell's, not the job's working directory's
         env["DEDN_HOME"] = os.path.abspath(os.path.expanduser(env["DEDN_HOME"]))
     return env
