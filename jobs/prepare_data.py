@@ -5,9 +5,16 @@
         --word-vectors CUB_attribute.pkl --name CUB --out data/cub
     python jobs/prepare_data.py from-xlsa17 --res101 res101.mat --att-splits att_splits.mat \\
         --word-vectors CUB_attribute.pkl --name CUB --out data/cub-pooled
+    python jobs/prepare_data.py image-labels --res101 res101.mat --att-splits att_splits.mat \\
+        --out ../shared/data/CUB/image_labels.npz
 
 Datasets without published attribute word vectors (APY, AWA1) need `--word-vectors FILE`:
 a D x G array (.npy, .txt or .pkl), one row per attribute in att_splits.mat order.
+
+`synthetic --source-dir DIR` reads DIR/image_labels.npz: `labels`, the 0-based class of every
+image in res101.mat order (also trainval_loc / test_seen_loc / test_unseen_loc, 0-based image
+indices, seenclasses / unseenclasses, 0-based class ids, and image_files). `image-labels` writes
+it from xlsa17's res101.mat (its labels and image paths only) and att_splits.mat.
 """
 from __future__ import annotations
 
@@ -56,13 +63,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     _common(x)
     _files(x)
     x.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat")
+    i = sub.add_parser("image-labels", formatter_class=HelpFormatter,
+                       help="image_labels.npz (0-based labels, splits, image paths) from res101.mat and att_splits.mat")
+    i.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat (only labels and image_files are read)")
+    i.add_argument("--att-splits", required=True, type=Path, help="xlsa17 att_splits.mat")
+    i.add_argument("--out", required=True, type=Path, help="the .npz to write, e.g. DIR/image_labels.npz")
+    i.add_argument("--strip-prefix", default="", help="removed from the start of every image path that has it "
+                   "(xlsa17's image_files are the authors' absolute paths)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     try:
+        if args.command == "image-labels":
+            from dedn.data.sources import write_image_labels
+
+            print(write_image_labels(args.res101, args.att_splits, args.out, args.strip_prefix))
+            return 0
+        common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
         if args.command == "synthetic":
             from dedn.data.synthetic import write_synthetic
 

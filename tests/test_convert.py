@@ -6,6 +6,7 @@ shared files), with tiny feature sizes.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import h5py
@@ -124,8 +125,11 @@ BAD_HDF5 = {  # case -> (writer overrides built from the CUB source, expected me
     "short_labels": (lambda cub: dict(labels=np.zeros(N - 1, np.int64)), r"labels: expected 11788 labels"),
     "one_based": (lambda cub: dict(labels=cub.labels + 1),
                   r"labels: expected 0-based class ids in \[0, 200\).*\(labels look 1-based\)"),
+    # named against att_splits.mat (the class's images in both splits), with the labels' file
     "wrong_label": (lambda cub: dict(labels=_swap_label(cub)),
-                    r"labels: expected test_unseen_loc classes disjoint from trainval_loc classes"),
+                    r"att_splits.mat: test_unseen_loc: expected images of unseen classes only, i.e. of classes without "
+                    r"a trainval_loc image \(by the labels of .*bad.h5\), found class 151 \(004.Groove_billed_Ani\) "
+                    r"has 1 image in trainval_loc \(1-based indices \[10877\]\) and 60 in test_unseen_loc"),
     "other_split": (lambda cub: dict(trainval_loc=cub.locs["trainval_loc"] + 1),
                     r"trainval_loc: expected the images of trainval_loc in .*att_splits.mat"),
     "nan": (lambda cub: dict(feature_map=_nan_row(cub)), r"feature_map: expected finite values, found NaN/inf in rows \[7\]"),
@@ -172,7 +176,8 @@ def test_xlsa17_res101(tmp_path, files, cub):
 
 
 def test_xlsa17_bad_labels(tmp_path, files, cub):
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pooled-features note before an error about the inputs (issue 27)
         with pytest.raises(DatasetError, match=r"labels: expected 1-based class ids in \[1, 200\].*look 0-based"):
             convert_xlsa17(write_res101(tmp_path / "r.mat", cub, labels=cub.labels[:, None]), out=tmp_path / "ds", **args(files))
         with pytest.raises(DatasetError, match=r"keys: expected features .*missing \['features'\]"):

@@ -61,9 +61,10 @@ def test_make_splits_stratified_and_seeded(cub):
 
 
 def test_make_splits_small_classes():
-    labels = np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
-    locs = {"trainval_loc": np.arange(13), "test_seen_loc": np.arange(1), "test_unseen_loc": np.arange(1),
-            "train_loc": np.arange(13), "val_loc": np.arange(1)}
+    # train classes 0-2 (1, 2 and 10 trainval images), val class 3, a test_seen image of 2, an unseen class 4
+    labels = np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 2, 4])
+    locs = {"trainval_loc": np.arange(14), "test_seen_loc": np.array([14]), "test_unseen_loc": np.array([15]),
+            "train_loc": np.append(np.arange(13), 14), "val_loc": np.array([13])}
     s = make_splits(labels, locs, seed=3)
     assert 0 in s["train"] and 0 not in s["val_seen"]  # a lone image trains
     assert np.count_nonzero(labels[s["val_seen"]] == 1) == 1 and np.count_nonzero(labels[s["val_seen"]] == 2) == 2
@@ -153,9 +154,11 @@ def test_word_vector_formats_and_errors(tmp_path):
 
 def _att_mat(tmp_path, **changes):
     k, d = 4, 3
+    locs = {"trainval_loc": [1, 2, 3], "test_seen_loc": [4], "test_unseen_loc": [5], "train_loc": [1, 2, 4],
+            "val_loc": [3]}  # 1-based; train_loc may hold a test_seen image, as xlsa17's do
     mat = {"att": np.ones((d, k)), "original_att": np.ones((d, k)),
            "allclasses_names": np.array([[np.array([f"c{i}"])] for i in range(k)], dtype=object),
-           **{f: np.arange(1, 4, dtype=np.uint16)[:, None] for f in LOC_FIELDS}}
+           **{f: np.array(v, dtype=np.uint16)[:, None] for f, v in locs.items()}}
     mat.update(changes)
     mat = {key: v for key, v in mat.items() if v is not None}
     path = tmp_path / "att_splits.mat"
@@ -166,7 +169,10 @@ def _att_mat(tmp_path, **changes):
 def test_load_att_splits_checks(tmp_path):
     s = load_att_splits(_att_mat(tmp_path))
     assert s.att.shape == (4, 3) and s.class_names == ("c0", "c1", "c2", "c3")
-    np.testing.assert_array_equal(s.locs["val_loc"], [0, 1, 2])
+    np.testing.assert_array_equal(s.locs["train_loc"], [0, 1, 3])
+    with pytest.raises(DatasetError, match=r"att_splits.mat: trainval_loc and test_seen_loc: expected no image in both "
+                                           r"\(.*\), found 1 image in both, at 1-based indices \[3\]"):
+        load_att_splits(_att_mat(tmp_path, test_seen_loc=np.array([[4], [3]])))
     with pytest.raises(DatasetError, match=r"keys: .*missing \['test_unseen_loc'\]"):
         load_att_splits(_att_mat(tmp_path, test_unseen_loc=None))
     with pytest.raises(DatasetError, match="original_att: expected a numeric D x K = 3 x 4"):
@@ -247,8 +253,10 @@ def test_att_splits_without_original_att_and_class_names_are_derived_with_warnin
     assert any("no allclasses_names and no allclasses.txt" in m for m in said), said
     assert src.class_names[:2] == ("class_000", "class_001") and len(src.class_names) == 50
     np.testing.assert_array_equal(src.original_att, src.att)
-    with pytest.warns(UserWarning, match="negative values"):
-        assert build_class_side(src).attributes_raw.min() >= 0
+    # att's -1 marks are normalised (-0.0038, no longer exactly -1): no mark to set, the values are kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(build_class_side(src).attributes_raw, src.att)
 
     names = [f"animal {i}" for i in range(50)]
     (folder / "allclasses.txt").write_text("\n".join(names) + "\n")

@@ -16,7 +16,7 @@ class ClassSide:
     name: str
     class_names: tuple[str, ...]  # (K,)
     attribute_names: tuple[str, ...]  # (D,)
-    attributes_raw: np.ndarray  # (K, D) as given by the source (AWA2's -1 clamped to 0)
+    attributes_raw: np.ndarray  # (K, D) as given by the source (only AWA1/AWA2's -1 missing-value marks set to 0)
     attributes: np.ndarray  # (K, D) float32, row-L2-normalised: the A the model uses
     word_vectors: np.ndarray  # (D, G) float32, as given (the model normalises rows at init)
     seen_classes: np.ndarray  # int64, classes of trainval

@@ -21,6 +21,7 @@ import numpy as np
 
 from dedn.data.class_side import ClassSide
 from dedn.data import SPLITS, DatasetWriter
+from dedn.data.format import DISJOINT_SPLITS, shared_ids
 from dedn.errors import DatasetError
 from dedn.data.sources import ClassSideSource, build_class_side, load_xlsa17, make_splits
 
@@ -35,13 +36,24 @@ def write_dataset(
 ) -> Path:
     """Write every split from one pass over (sample_ids (n,), labels (n,), features (n, C, H, W)) chunks.
 
-    split_ids: split -> the image ids it holds; an image in several splits is written to each.
+    split_ids: split -> the image ids it holds; an image in several splits is written to each
+    (trainval and a selection split), but no split may be empty and no two splits of
+    format.DISJOINT_SPLITS may share an image: both are refused before anything is written.
     Chunks may cover images of no split (they are skipped). Raises DatasetError when a split
     did not receive all its images; nothing is left on disk then.
     """
     from tqdm import tqdm
 
     wanted = {s: np.unique(np.asarray(split_ids[s], dtype=np.int64)) for s in SPLITS}
+    # make_splits names att_splits.mat for these; this catches any other caller's split ids
+    for name, ids in wanted.items():
+        if ids.size == 0:
+            raise DatasetError(root, f"splits.{name}", "at least one image in every split", "none")
+    found = shared_ids(wanted)
+    if found is not None:
+        a, b, both = found
+        raise DatasetError(root, f"splits.{a} and splits.{b}", f"no image in both ({DISJOINT_SPLITS[(a, b)]})",
+                           f"{both.size} shared, e.g. image ids {both[:5].tolist()}")
     kwargs = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
     with DatasetWriter(root, class_side=class_side, feature_shape=feature_shape, storage_dtype=storage_dtype,
                        source=source, semi_synthetic=semi_synthetic, overwrite=overwrite, **kwargs) as writer:
@@ -138,7 +150,7 @@ def convert_hdf5(features: str | Path, att_splits: str | Path, word_vectors: str
                     raise DatasetError(path, "feature_map", "finite values", f"NaN/inf in rows {(start + np.flatnonzero(bad))[:5].tolist()}")
                 yield np.arange(start, stop, dtype=np.int64), src.labels[start:stop], block
 
-        return write_dataset(out, build_class_side(src), make_splits(src.labels, src.locs, seed), chunks(),
+        return write_dataset(out, build_class_side(src), make_splits(src.labels, src.locs, seed, src.origin), chunks(),
                              feature_shape=tuple(fm.shape[1:]), storage_dtype=storage_dtype, source="hdf5",
                              overwrite=overwrite, progress=progress, shard_bytes=shard_bytes, total=n)
 
@@ -153,8 +165,6 @@ def convert_xlsa17(res101: str | Path, att_splits: str | Path, word_vectors: str
     import scipy.io
 
     path = Path(res101)
-    warnings.warn(f"{path}: pooled features give 1 x 1 maps; region attention degenerates with a single region "
-                  "(use HDF5 feature maps for the paper's setting)", stacklevel=2)
     if not path.is_file():
         raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
     try:
@@ -181,6 +191,10 @@ def convert_xlsa17(res101: str | Path, att_splits: str | Path, word_vectors: str
                            f"range [{raw.min()}, {raw.max()}]")
     labels = raw.astype(np.int64) - 1
     src = src.with_labels(labels, str(path), seed)
+    splits = make_splits(labels, src.locs, seed, src.origin)
+    # only now, with every input read and checked: the note must not precede an error about a bad file
+    warnings.warn(f"{path}: pooled features give 1 x 1 maps; region attention degenerates with a single region "
+                  "(use HDF5 feature maps for the paper's setting)", stacklevel=2)
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for start in range(0, n, block_rows):
@@ -191,6 +205,6 @@ def convert_xlsa17(res101: str | Path, att_splits: str | Path, word_vectors: str
                 raise DatasetError(path, "features", "finite values", f"NaN/inf in images {rows[:5].tolist()}")
             yield np.arange(start, stop, dtype=np.int64), labels[start:stop], block.reshape(stop - start, c, 1, 1)
 
-    return write_dataset(out, build_class_side(src), make_splits(labels, src.locs, seed), chunks(),
+    return write_dataset(out, build_class_side(src), splits, chunks(),
                          feature_shape=(c, 1, 1), storage_dtype=storage_dtype, source="xlsa17",
                          overwrite=overwrite, progress=progress, shard_bytes=shard_bytes, total=n)

@@ -16,8 +16,8 @@ from dedn.data.class_side import ClassSide
 from dedn.errors import DatasetError
 from dedn.data.format import (
     SCHEMA_VERSION, SPLITS, SOURCES, STORAGE_DTYPES, VERIFY_MODES, MANIFEST_FILE, CLASS_SIDE_ARRAYS, COLUMNS,
-    _REQUIRED_KEYS, _SPLIT_SIDE, ShardInfo, SplitInfo, split_classes, sha256_file, check_shard_sha256,
-    arrow_error, check_finite_features, _brief, validate_class_side, check_shard_schema,
+    _REQUIRED_KEYS, _SPLIT_SIDE, DISJOINT_SPLITS, ShardInfo, SplitInfo, split_classes, sha256_file, check_shard_sha256,
+    arrow_error, check_finite_features, _brief, validate_class_side, check_shard_schema, shared_ids,
 )
 
 
@@ -60,10 +60,13 @@ class FeatureDataset:
 
         verify: "none" trusts the manifest; "rows" also checks every shard exists, has the
         manifest's row count and the expected columns (Parquet footers only); "full" also checks
-        every sha256, that every label belongs to its split's classes and that every feature is
-        finite. `splits` limits the shard checks to those splits (a sweep never opens the test
-        shards). Whatever the mode, a shard file listed twice in dataset.json is refused, and a
-        ShardReader checks each shard's sha256 before its first read and the features it decodes.
+        every sha256 and that every feature is finite. Both "rows" and "full" check that every label
+        belongs to its split's classes and that no two splits of DISJOINT_SPLITS share a sample_id
+        (the label and sample_id columns: a few KiB a shard, seconds for any xlsa17 dataset).
+        `splits` limits the shard checks to those splits (a sweep never opens the test shards, so
+        their overlap with trainval is checked by the final run's open). Whatever the mode, an
+        empty split and a shard file listed twice in dataset.json are refused, and a ShardReader
+        checks each shard's sha256 before its first read and the features it decodes.
         """
         root = Path(root)
         if verify not in VERIFY_MODES:
@@ -94,9 +97,11 @@ class FeatureDataset:
         parsed = _parse_splits(mpath, manifest)
         ds = cls(root, manifest, class_side, parsed)
         if verify != "none":
+            ids = {}
             for info in (parsed.values() if splits is None else [ds.split(s) for s in splits]):
-                for shard in info.shards:
-                    _verify_shard(ds, info.name, shard, full=verify == "full")
+                ids[info.name] = np.concatenate([np.zeros(0, np.int64)] + [
+                    _verify_shard(ds, info.name, shard, full=verify == "full") for shard in info.shards])
+            check_disjoint_splits(mpath, ids)
         return ds
 
 
@@ -174,11 +179,30 @@ def _parse_splits(mpath: Path, manifest: dict[str, Any]) -> dict[str, SplitInfo]
         total = sum(s.num_rows for s in shards)
         if total != num_rows:
             raise DatasetError(mpath, f"splits.{name}.num_rows", f"the sum of its shards' rows ({total})", num_rows)
+        if num_rows == 0:  # every split is trained or evaluated on: an empty one gives a run that means nothing
+            raise DatasetError(mpath, f"splits.{name}.num_rows", f"at least 1 row (split {name} is trained or "
+                               "evaluated on; an empty one would give a meaningless score)", 0)
         out[name] = SplitInfo(name, num_rows, shards)
     return out
 
 
-def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) -> None:
+def check_disjoint_splits(mpath: Path, ids: dict[str, np.ndarray]) -> None:
+    """DatasetError naming dataset.json and two splits of DISJOINT_SPLITS (both in `ids`) that share sample ids.
+
+    ids: split -> the sample_id column of its shards. Only pairs whose splits are both given are
+    checked (a selection-only open reads no test shard).
+    """
+    found = shared_ids(ids)
+    if found is not None:
+        a, b, both = found
+        n = both.size
+        raise DatasetError(mpath, f"splits.{a} and splits.{b}",
+                           f"no sample_id in both ({DISJOINT_SPLITS[(a, b)]})",
+                           f"{n} sample_id{'s' if n > 1 else ''} in both: {both[:5].tolist()}{' ...' if n > 5 else ''}")
+
+
+def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) -> np.ndarray:
+    """Check one shard (see FeatureDataset.open); returns its sample_id column (int64)."""
     path = ds.shard_path(shard)
     if not path.is_file():
         raise DatasetError(path, "file", f"a shard of split {split} (dataset.json)", "no such file")
@@ -191,30 +215,35 @@ def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) 
         if pf.metadata.num_rows != shard.num_rows:
             raise DatasetError(path, "num_rows", f"{shard.num_rows} (dataset.json)", pf.metadata.num_rows)
         if not full:
-            # the label column alone (a few KiB a shard): a manifest whose class sets disagree with
-            # the shards fails here, in the driver, not at the test step inside a worker
+            # the label and sample_id columns alone (a few KiB a shard): a manifest whose class sets
+            # disagree with the shards, or splits that share images, fail here, in the driver, not at
+            # the test step inside a worker
             try:
-                labels = pf.read(columns=["label"]).column("label").to_numpy()
+                table = pf.read(columns=["sample_id", "label"])
+                labels, sample_ids = table.column("label").to_numpy(), table.column("sample_id").to_numpy()
             except (OSError, pa.ArrowException) as e:
                 check_shard_sha256(path, shard.sha256)  # a damaged file is named as such when its bytes changed
-                raise DatasetError(path, "label", "a readable label column", arrow_error(e)) from None
+                raise DatasetError(path, "label", "a readable label column and sample_id column",
+                                   arrow_error(e)) from None
             _check_labels(path, labels, ds, split)
-    if full:  # the checksum first: a corrupt shard is named as such, not by what its bytes decode to
-        check_shard_sha256(path, shard.sha256)
-        with pq.ParquetFile(path) as pf:
-            allowed = split_classes(ds.class_side, split)
-            first_row = 0
-            for g in range(pf.metadata.num_row_groups):  # one row group at a time: memory stays small
-                try:
-                    table = pf.read_row_group(g, columns=list(COLUMNS))
-                except (OSError, pa.ArrowException) as e:
-                    raise DatasetError(path, f"row group {g}", "a readable Parquet row group",
-                                       arrow_error(e)) from None
-                _check_labels(path, table.column("label").to_numpy(), ds, split, allowed)
-                feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                check_finite_features(path, feats.reshape(table.num_rows, ds.feature_size),
-                                      table.column("sample_id").to_numpy(), first_row)
-                first_row += table.num_rows
+            return sample_ids.astype(np.int64, copy=False)
+    # full: the checksum first, so a corrupt shard is named as such, not by what its bytes decode to
+    check_shard_sha256(path, shard.sha256)
+    with pq.ParquetFile(path) as pf:
+        allowed = split_classes(ds.class_side, split)
+        first_row, ids = 0, [np.zeros(0, np.int64)]
+        for g in range(pf.metadata.num_row_groups):  # one row group at a time: memory stays small
+            try:
+                table = pf.read_row_group(g, columns=list(COLUMNS))
+            except (OSError, pa.ArrowException) as e:
+                raise DatasetError(path, f"row group {g}", "a readable Parquet row group",
+                                   arrow_error(e)) from None
+            _check_labels(path, table.column("label").to_numpy(), ds, split, allowed)
+            feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            ids.append(table.column("sample_id").to_numpy())
+            check_finite_features(path, feats.reshape(table.num_rows, ds.feature_size), ids[-1], first_row)
+            first_row += table.num_rows
+    return np.concatenate(ids).astype(np.int64, copy=False)
 
 
 def _check_labels(path: Path, labels: np.ndarray, ds: FeatureDataset, split: str,

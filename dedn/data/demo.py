@@ -42,7 +42,7 @@ def ensure_demo_dataset(root: str | os.PathLike[str] | None = None, *, progress:
             pass  # half-written or from an older schema: write it again
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        # the packaged AWA2 class side has its 4 known missing-value marks (-1), clamped to 0: expected
+        # the packaged AWA2 class side has its 4 known missing-value marks (exactly -1), set to 0: expected
         # here, so not worth a warning on every first demo; a user's own files still warn (sources.py)
         warnings.filterwarnings("ignore", message=r".*original_att holds \d+ negative values", category=UserWarning)
         write_synthetic(path, DEMO_NAME, None, overwrite=True, progress=progress, **DEMO_SIZES)  # type: ignore[arg-type]

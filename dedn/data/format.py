@@ -52,6 +52,23 @@ _SPLIT_SIDE = {  # split -> the ClassSide field naming the classes it may hold
     "val_seen": "train_classes",
     "val_unseen": "val_classes",
 }
+# Pairs of splits that must share no image (sample_id), each with the reason. trainval, test_seen and
+# test_unseen partition the Proposed Split's images; the selection splits are drawn from trainval
+# (that overlap is by design, so it is not listed) and hold no test image and none of each other's.
+DISJOINT_SPLITS: dict[tuple[str, str], str] = {
+    ("trainval", "test_seen"): "an image in both would be trained on and then tested on",
+    ("trainval", "test_unseen"): "an image in both would be trained on and then tested on",
+    ("test_seen", "test_unseen"): "an image is of a seen or of an unseen class, not both",
+    ("test_seen", "train"): "model selection never sees a test image",
+    ("test_seen", "val_seen"): "model selection never sees a test image",
+    ("test_seen", "val_unseen"): "model selection never sees a test image",
+    ("test_unseen", "train"): "model selection never sees a test image",
+    ("test_unseen", "val_seen"): "model selection never sees a test image",
+    ("test_unseen", "val_unseen"): "model selection never sees a test image",
+    ("train", "val_seen"): "an image validated on must not be trained on",
+    ("train", "val_unseen"): "an image validated on must not be trained on",
+    ("val_seen", "val_unseen"): "an image is of a train or of a validation class, not both",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,19 @@ def split_classes(class_side: ClassSide, split: str) -> np.ndarray:
     if split not in _SPLIT_SIDE:
         raise DatasetError(class_side.name, "split", f"one of {list(SPLITS)}", repr(split))
     return np.unique(np.asarray(getattr(class_side, _SPLIT_SIDE[split]), dtype=np.int64))
+
+
+def shared_ids(ids: Mapping[str, np.ndarray]) -> tuple[str, str, np.ndarray] | None:
+    """The first pair of DISJOINT_SPLITS (both present in `ids`) that shares ids, with the shared ids (sorted).
+
+    ids: split -> its sample ids (image indices). None when every such pair is disjoint.
+    """
+    for a, b in DISJOINT_SPLITS:
+        if a in ids and b in ids:
+            both = np.intersect1d(np.asarray(ids[a]), np.asarray(ids[b]))
+            if both.size:
+                return a, b, both
+    return None
 
 
 def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:

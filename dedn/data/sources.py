@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data.format import DISJOINT_SPLITS, shared_ids
 from dedn.errors import DatasetError
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
@@ -39,6 +40,32 @@ VAL_CLASS_FRACTION = 1 / 3
 # are missing from some circulating copies and are then derived, with a warning.
 REQUIRED_LOC_FIELDS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 CLASS_SPLIT_FIELDS = ("train_loc", "val_loc")
+# Location pairs that must share no image, each with the reason. The Proposed Split's three are
+# pairwise disjoint. xlsa17's train_loc/val_loc predate it and cover every seen-class image, so they
+# legitimately include test_seen images (make_splits drops those); a test_unseen image in them, or
+# an image in both, would leak into model selection.
+DISJOINT_LOCS: dict[tuple[str, str], str] = {
+    ("trainval_loc", "test_seen_loc"): "an image in both would be trained on and then tested on",
+    ("trainval_loc", "test_unseen_loc"): "an image in both would be trained on and then tested on",
+    ("test_seen_loc", "test_unseen_loc"): "an image is of a seen or of an unseen class, not both",
+    ("train_loc", "test_unseen_loc"): "train_loc feeds model selection, which never sees a test image",
+    ("val_loc", "test_unseen_loc"): "val_loc feeds model selection, which never sees a test image",
+    ("train_loc", "val_loc"): "an image validated on must not be trained on",
+}
+# Datasets whose original_att has a documented missing-value mark, and the mark. Animals with
+# Attributes (AWA1 and AWA2) publish their class-attribute strengths as predicate-matrix-continuous.txt,
+# where -1 (-1.00) marks a missing value; xlsa17's original_att copies that matrix (AWA2 has 4 marks:
+# class antelope, predicates black, white, blue, brown). Only exactly this value is a mark; every
+# other value, negative ones included (FLO's attributes are signed sentence embeddings), is kept.
+MISSING_VALUE_MARKS: dict[str, float] = {"AWA1": -1.0, "AWA2": -1.0}
+# What an image_labels.npz holds (as the shared folders have it) and how to make one.
+IMAGE_LABELS_HELP = (
+    "an image_labels.npz holding `labels` (N,) int64, the 0-based class of every image in res101.mat order "
+    "(required; res101.mat's 1-based labels minus 1), and as written by the command below also trainval_loc, "
+    "test_seen_loc, test_unseen_loc (0-based image indices of att_splits.mat's splits), seenclasses, "
+    "unseenclasses (0-based class ids) and image_files (the image paths, res101.mat order); make it with "
+    "`python jobs/prepare_data.py image-labels --res101 res101.mat --att-splits att_splits.mat --out {out}`"
+)
 
 
 class DerivedFieldWarning(UserWarning):
@@ -196,10 +223,85 @@ def load_att_splits(path: str | Path) -> AttSplits:
         if np.unique(loc).size != loc.size:
             raise DatasetError(path, field, "distinct image indices", "duplicates")
         locs[field] = loc - 1
+    check_disjoint_locations(locs, path)  # before any label is read: a leak is the file's, not the labels'
     if not split_fields:
         derived.extend(CLASS_SPLIT_FIELDS)
     return AttSplits(att=att.T.astype(np.float64), original_att=original.T.astype(np.float64), class_names=names,
                      locs=locs, derived=tuple(derived))
+
+
+def _indices(locs: np.ndarray, limit: int = 5) -> str:
+    """0-based image indices as the file writes them: "1-based indices [1, 3, ...]" (sorted, the first few)."""
+    locs = np.sort(np.asarray(locs))
+    return f"1-based indices {(locs[:limit] + 1).tolist()}{' ...' if locs.size > limit else ''}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check_disjoint_locations(locs: Mapping[str, np.ndarray], origin: str | Path) -> None:
+    """DatasetError naming `origin` (att_splits.mat), two fields of DISJOINT_LOCS that share images and where.
+
+    locs: field -> 0-based image indices; pairs with a field absent (train_loc/val_loc not yet
+    derived) are skipped.
+    """
+    for (a, b), why in DISJOINT_LOCS.items():
+        if a in locs and b in locs:
+            both = np.intersect1d(locs[a], locs[b])
+            if both.size:
+                raise DatasetError(origin, f"{a} and {b}", f"no image in both ({why})",
+                                   f"{_plural(both.size, 'image')} in both, at {_indices(both)}")
+
+
+def _class_list(ids: np.ndarray, names: tuple[str, ...], limit: int = 5) -> str:
+    ids = np.asarray(ids)
+    shown = ", ".join(f"{int(c)} ({names[int(c)]})" for c in ids[:limit])
+    return shown + (f", ... ({ids.size} in all)" if ids.size > limit else "")
+
+
+def check_split_sides(locs: Mapping[str, np.ndarray], labels: np.ndarray, class_names: tuple[str, ...],
+                      origin: str | Path, where: str | Path) -> None:
+    """DatasetError, named against `origin` (att_splits.mat), unless every location's image is of its split's side.
+
+    labels (N,) 0-based, from `where` (named in the message too: the labels or the locations may be
+    the wrong ones). Seen classes are those of trainval_loc's images: test_seen_loc, train_loc and
+    val_loc hold only them, test_unseen_loc none of them, train_loc and val_loc disjoint classes.
+    train_loc/val_loc are checked when present (a derived class split is right by construction).
+    """
+    labels = np.asarray(labels)
+    k = len(class_names)
+    by = f"by the labels of {where}"
+    tv, tu = np.asarray(locs["trainval_loc"]), np.asarray(locs["test_unseen_loc"])
+    seen = np.unique(labels[tv])
+    both = np.intersect1d(seen, labels[tu])
+    if both.size:
+        c = int(both[0])
+        in_tv, in_tu = tv[labels[tv] == c], tu[labels[tu] == c]
+        more = f"; {_plural(both.size - 1, 'more class')} like it" if both.size > 1 else ""
+        raise DatasetError(origin, "test_unseen_loc", f"images of unseen classes only, i.e. of classes without a "
+                           f"trainval_loc image ({by})",
+                           f"class {_class_list(both[:1], class_names)} has {_plural(in_tv.size, 'image')} in "
+                           f"trainval_loc ({_indices(in_tv)}) and {in_tu.size} in test_unseen_loc ({_indices(in_tu)})"
+                           f"{more}")
+    neither = np.setdiff1d(np.arange(k), np.union1d(seen, labels[tu]))
+    if neither.size:
+        raise DatasetError(origin, "trainval_loc and test_unseen_loc", f"images of every one of the {k} classes "
+                           f"(columns of att) in one of them ({by})",
+                           f"{_plural(neither.size, 'class')} in neither: {_class_list(neither, class_names)}")
+    for field in ("test_seen_loc", *(f for f in CLASS_SPLIT_FIELDS if f in locs)):
+        loc = np.asarray(locs[field])
+        out = loc[~np.isin(labels[loc], seen)]
+        if out.size:
+            raise DatasetError(origin, field, f"images of seen classes only, i.e. of classes with trainval_loc "
+                               f"images ({by})", f"{_plural(out.size, 'image')} of other classes, at {_indices(out)} "
+                               f"({'class' if np.unique(labels[out]).size == 1 else 'classes'} "
+                               f"{_class_list(np.unique(labels[out]), class_names)})")
+    both = np.intersect1d(labels[locs["train_loc"]], labels[locs["val_loc"]]) if "val_loc" in locs else []
+    if len(both):
+        raise DatasetError(origin, "train_loc and val_loc", f"images of disjoint classes (val_loc's classes are "
+                           f"unseen while selecting; {by})",
+                           f"{_plural(len(both), 'class')} in both: {_class_list(both, class_names)}")
 
 
 def _derived_class_names(path: Path, k: int) -> tuple[str, ...]:
@@ -276,18 +378,81 @@ def load_attribute_names(dataset_dir: str | Path | None, name: str, num_attribut
 def load_image_labels(path: str | Path) -> np.ndarray:
     """The 0-based class of every image (res101.mat order) from an image_labels.npz."""
     path = Path(path)
+    help_ = IMAGE_LABELS_HELP.format(out=path)
     if not path.is_file():
-        raise DatasetError(path, "file", "an image_labels.npz with a `labels` array", "no such file")
+        raise DatasetError(path, "file", help_, "no such file")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "labels" not in z.files:
-                raise DatasetError(path, "keys", "a `labels` array", f"keys {z.files}")
+                raise DatasetError(path, "keys", help_, f"keys {z.files}")
             labels = z["labels"]
     except (OSError, ValueError) as e:
-        raise DatasetError(path, "file", "a numpy .npz without pickles", f"{type(e).__name__}: {e}") from None
+        raise DatasetError(path, "file", f"{help_} (a numpy .npz without pickles)", f"{type(e).__name__}: {e}") from None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DatasetError(path, "labels", "a 1-D integer array", f"{labels.dtype} {labels.shape}")
+        raise DatasetError(path, "labels", "a 1-D integer array (the 0-based class of every image)",
+                           f"{labels.dtype} {labels.shape}")
     return labels.astype(np.int64)
+
+
+def image_labels_arrays(res101: str | Path, att_splits: str | Path,
+                        strip_prefix: str = "") -> dict[str, np.ndarray]:
+    """The arrays of an image_labels.npz (IMAGE_LABELS_HELP) from xlsa17's res101.mat and att_splits.mat.
+
+    Reads only res101.mat's `labels` (N x 1, 1-based) and `image_files` (N x 1 cell of paths,
+    optional), not its features. The labels and locations pass the same checks as a conversion's
+    (disjoint locations, every image on its split's side). strip_prefix: removed from the start
+    of every image path that has it (xlsa17's are the authors' absolute paths).
+    """
+    import scipy.io
+
+    path = Path(res101)
+    if not path.is_file():
+        raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
+    try:
+        mat = scipy.io.loadmat(path, variable_names=("labels", "image_files"))
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:
+        raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
+    if "labels" not in mat:
+        raise DatasetError(path, "keys", "labels (N x 1, 1-based) and optionally image_files", "no labels")
+    raw = np.asarray(mat["labels"]).ravel()
+    if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or not np.all(raw == np.round(raw)):
+        raise DatasetError(path, "labels", "integer 1-based class ids, one per image", f"{raw.dtype} {raw.shape}")
+    splits = load_att_splits(att_splits)
+    k = len(splits.class_names)
+    if raw.min() < 1 or raw.max() > k:
+        hint = " (labels look 0-based)" if raw.min() == 0 else ""
+        raise DatasetError(path, "labels", f"1-based class ids in [1, {k}] ({att_splits} has K={k}){hint}",
+                           f"range [{raw.min()}, {raw.max()}]")
+    labels = raw.astype(np.int64) - 1
+    n = labels.size
+    for field, loc in splits.locs.items():
+        if loc.max() >= n:
+            raise DatasetError(path, "labels", f"at least {int(loc.max()) + 1} images ({field} of {att_splits})", n)
+    check_split_sides(splits.locs, labels, splits.class_names, att_splits, path)
+    out = {
+        "labels": labels,
+        **{f: splits.locs[f] for f in REQUIRED_LOC_FIELDS},
+        "seenclasses": np.unique(labels[splits.locs["trainval_loc"]]),
+        "unseenclasses": np.unique(labels[splits.locs["test_unseen_loc"]]),
+    }
+    if "image_files" in mat:
+        files = _mat_strings(path, "image_files", mat["image_files"])
+        if len(files) != n:
+            raise DatasetError(path, "image_files", f"{n} paths (one per label)", len(files))
+        out["image_files"] = np.array([f[len(strip_prefix):] if strip_prefix and f.startswith(strip_prefix) else f
+                                       for f in files], dtype=str)
+    return out
+
+
+def write_image_labels(res101: str | Path, att_splits: str | Path, out: str | Path, strip_prefix: str = "") -> Path:
+    """Write `image_labels_arrays` to `out` (an .npz) via a temporary name and a rename; returns `out`."""
+    from dedn.atomic import atomic_path
+
+    arrays = image_labels_arrays(res101, att_splits, strip_prefix)  # every check before anything is written
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+            np.savez(f, **arrays)
+    return Path(out)
 
 
 @dataclass(frozen=True)
@@ -332,33 +497,25 @@ class ClassSideSource:
             raise DatasetError(where, "labels", "a 1-D integer array", f"{labels.dtype} {labels.shape}")
         bad = labels[(labels < 0) | (labels >= k)]
         if bad.size:
-            raise DatasetError(where, "labels", f"0-based class ids in [0, {k}) ({self.origin})", f"{bad.size} outside, e.g. {bad[:5].tolist()}")
+            hint = " (labels look 1-based: subtract 1)" if labels.min() >= 1 and labels.max() == k else ""
+            raise DatasetError(where, "labels", f"0-based class ids in [0, {k}) ({self.origin} has K={k}){hint}",
+                               f"{bad.size} outside, e.g. {bad[:5].tolist()}")
         n = labels.shape[0]
         for field, loc in self.locs.items():
             if loc.max() >= n:
                 raise DatasetError(where, "labels", f"at least {int(loc.max()) + 1} images ({field} of {self.origin})", n)
-        seen = np.unique(labels[self.locs["trainval_loc"]])
-        unseen = np.unique(labels[self.locs["test_unseen_loc"]])
-        if np.intersect1d(seen, unseen).size:
-            raise DatasetError(where, "labels", "test_unseen_loc classes disjoint from trainval_loc classes",
-                               f"{np.intersect1d(seen, unseen).size} classes in both")
-        if seen.size + unseen.size != k:
-            raise DatasetError(where, "labels", f"trainval_loc and test_unseen_loc together covering all {k} classes",
-                               f"{seen.size} + {unseen.size}")
-        for field in ("test_seen_loc", "train_loc", "val_loc"):
-            outside = np.setdiff1d(labels[self.locs[field]], seen)
-            if outside.size:
-                raise DatasetError(where, "labels", f"{field} images of seen (trainval) classes only", f"classes {outside[:5].tolist()}")
-        train, val = np.unique(labels[self.locs["train_loc"]]), np.unique(labels[self.locs["val_loc"]])
-        if np.intersect1d(train, val).size:
-            raise DatasetError(where, "labels", "train_loc and val_loc classes disjoint", f"{np.intersect1d(train, val).size} shared")
+        # locations first: two splits sharing an image is the locations' fault, whatever the labels say
+        check_disjoint_locations(self.locs, self.origin)
+        check_split_sides(self.locs, labels, self.class_names, self.origin, where)
 
 
 def load_xlsa17(name: str, att_splits: str | Path, word_vectors: str | Path,
-                dataset_dir: str | Path | None = None, labels: np.ndarray | None = None, seed: int = 0) -> ClassSideSource:
+                dataset_dir: str | Path | None = None, labels: np.ndarray | None = None, seed: int = 0,
+                labels_origin: str | Path | None = None) -> ClassSideSource:
     """A source from the individual files: att_splits.mat, a word-vector file, optional names and labels.
 
     seed: of the class split derived for a file without train_loc/val_loc (see `complete_class_split`).
+    labels_origin: the file the labels came from, for messages (default: dataset_dir or att_splits).
     """
     splits = load_att_splits(att_splits)
     wv = load_word_vectors(word_vectors)
@@ -371,7 +528,7 @@ def load_xlsa17(name: str, att_splits: str | Path, word_vectors: str | Path,
         att=splits.att, original_att=splits.original_att, word_vectors=wv, locs=splits.locs,
         labels=None, origin=str(att_splits),
     )
-    return src if labels is None else src.with_labels(labels, str(dataset_dir or att_splits), seed)
+    return src if labels is None else src.with_labels(labels, str(labels_origin or dataset_dir or att_splits), seed)
 
 
 def _find_word_vectors(source_dir: Path, name: str) -> Path:
@@ -391,7 +548,8 @@ def load_source(name: str, source_dir: str | Path | None = None, word_vectors: s
     if not d.is_dir():
         raise DatasetError(d, "source_dir", f"a folder with att_splits.mat, {name}_attribute.pkl, image_labels.npz", "no such folder")
     labels = load_image_labels(d / "image_labels.npz")
-    return load_xlsa17(name, d / "att_splits.mat", word_vectors or _find_word_vectors(d, name), d, labels, seed)
+    return load_xlsa17(name, d / "att_splits.mat", word_vectors or _find_word_vectors(d, name), d, labels, seed,
+                       labels_origin=d / "image_labels.npz")
 
 
 # ---------------------------------------------------------------- packaged assets
@@ -466,16 +624,21 @@ def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, l
                      labels: np.ndarray | None = None) -> ClassSide:
     """The ClassSide of a source.
 
-    attributes_raw = original_att with negative values (AWA2's -1 = missing) clamped to 0;
+    attributes_raw = original_att as the file has it, except a dataset's documented missing-value
+    marks (MISSING_VALUE_MARKS: AWA1/AWA2's exactly -1), which become 0, with a warning;
     attributes = row-L2-normalised att (K, D) float32. clusters default to "manual" and "halved"
     for CUB/SUN/AWA2 and to nothing for other datasets.
     """
-    raw = src.original_att.astype(np.float64)
-    n_neg = int(np.count_nonzero(raw < 0))
-    if n_neg:
-        warnings.warn(f"{src.origin}: original_att holds {n_neg} negative values (missing-value marks); clamped to 0",
-                      stacklevel=2)
-        raw = np.maximum(raw, 0.0)
+    raw = src.original_att.astype(np.float64)  # a copy: the source keeps the file's values
+    mark = MISSING_VALUE_MARKS.get(src.name.upper())
+    if mark is not None:
+        missing = raw == mark
+        if missing.any():
+            # the message keeps "negative values" (filters in demo.py and tests/conftest.py match it)
+            warnings.warn(f"{src.origin}: original_att holds {int(missing.sum())} negative values that are "
+                          f"{src.name}'s missing-value marks (exactly {mark:g}); set to 0 in attributes_raw",
+                          stacklevel=2)
+            raw[missing] = 0.0
     if clusters is None:
         from dedn.data.clusters import default_clusters
 
@@ -488,7 +651,19 @@ def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, l
     )
 
 
-def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+# How each split is made from att_splits.mat, for the message about an empty one.
+_SPLIT_RECIPE = {
+    "trainval": "trainval = trainval_loc", "test_seen": "test_seen = test_seen_loc",
+    "test_unseen": "test_unseen = test_unseen_loc",
+    "train": "train = train_loc's trainval_loc images less those drawn for val_seen",
+    "val_seen": f"val_seen = round({VAL_SEEN_FRACTION:.0%}) of each class's trainval_loc images in train_loc; "
+                "a class with a single one keeps it in train",
+    "val_unseen": "val_unseen = val_loc's trainval_loc images (its test_seen_loc images are left out)",
+}
+
+
+def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 0,
+                origin: str | Path = "att_splits.mat") -> dict[str, np.ndarray]:
     """Image indices of the six splits (docs/design.md#dataset-directory-schema_version-1): xlsa17 trainval/test_*; train/val_seen from train_loc; val_unseen = val_loc.
 
     xlsa17's train_loc and val_loc predate the Proposed Split and together cover every
@@ -499,6 +674,9 @@ def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 
     train_loc is split per class: round(20 %) of each class's images (at least 1, at most all
     but 1 when the class has two or more) go to val_seen, drawn by a generator seeded with
     `seed`, so every train class has images in both. Indices come back sorted.
+
+    DatasetError naming `origin` (the att_splits.mat the locations came from) when a split would
+    be empty or two splits would share an image (format.DISJOINT_SPLITS).
     """
     labels = np.asarray(labels)
     trainval = np.asarray(locs["trainval_loc"], dtype=np.int64)
@@ -520,4 +698,21 @@ def make_splits(labels: np.ndarray, locs: Mapping[str, np.ndarray], seed: int = 
         "trainval": locs["trainval_loc"], "test_seen": locs["test_seen_loc"], "test_unseen": locs["test_unseen_loc"],
         "train": train_loc[~val_mask], "val_seen": train_loc[val_mask], "val_unseen": val_loc,
     }
-    return {s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in out.items()}
+    out = {s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in out.items()}
+    for split, ids in out.items():
+        if ids.size == 0:  # an empty split trains or scores on nothing, and the run would still exit 0
+            detail = {
+                "train": f"{_plural(in_trainval.size, 'train_loc image')}, {int(in_trainval.sum())} of them in "
+                         "trainval_loc",
+                "val_seen": f"each of the {np.unique(loc_labels).size} train_loc classes has a single trainval_loc "
+                            "image",
+                "val_unseen": f"{_plural(np.asarray(locs['val_loc']).size, 'val_loc image')}, none in trainval_loc",
+            }.get(split, f"an empty {split}_loc")
+            raise DatasetError(origin, f"splits.{split}", f"at least one image in every split ({_SPLIT_RECIPE[split]})",
+                               f"none: {detail}")
+    found = shared_ids(out)  # reached only when the locations bypassed the file checks (a direct call)
+    if found is not None:
+        a, b, both = found
+        raise DatasetError(origin, f"splits.{a} and splits.{b}", f"no image in both ({DISJOINT_SPLITS[(a, b)]})",
+                           f"{_plural(both.size, 'image')} in both, at {_indices(both)}")
+    return out

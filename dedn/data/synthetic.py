@@ -98,7 +98,8 @@ def attribute_clusters(src: ClassSideSource) -> list[list[int]]:
 
 def presence_probability(original_att: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
     """p (K, D): sigmoid(sharpness * (v - threshold)), v = raw value / its maximum over classes, clipped to [0, 1]."""
-    raw = np.maximum(np.asarray(original_att, dtype=np.float64), 0.0)  # AWA2's -1 = missing -> absent
+    # negative values (AWA's -1 missing-value marks, signed embedding values such as FLO's) count as absent
+    raw = np.maximum(np.asarray(original_att, dtype=np.float64), 0.0)
     top = raw.max(axis=0, keepdims=True)
     v = np.clip(raw / np.where(top > 0, top, 1.0), 0.0, 1.0)
     return (1.0 / (1.0 + np.exp(-cfg.sharpness * (v - cfg.threshold)))).astype(np.float32)
@@ -162,7 +163,7 @@ def render(model: AttributeModel, labels: np.ndarray, cfg: SyntheticConfig, rng:
 def plan_splits(src: ClassSideSource, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
     """Sorted image ids of each split: the real splits, or at most images_per_class per class and split."""
     assert src.labels is not None
-    splits = make_splits(src.labels, src.locs, seed=cfg.seed)
+    splits = make_splits(src.labels, src.locs, seed=cfg.seed, origin=src.origin)
     if cfg.images_per_class is None:
         return splits
     rng = np.random.default_rng([cfg.seed, 1])
