@@ -52,7 +52,8 @@ def write_synthetic(root: Path, rows: int, shape: tuple[int, int, int], chunk: i
                 for start in range(0, n, chunk):
                     m = min(chunk, n - start)
                     labels = rng.choice(split_classes(cs, split), m)
-                    s.add(np.arange(start, start + m), labels, rng.standard_normal((m, *shape), dtype=np.float32))
+                    # each split its own ids: a test image that is also a training image is refused
+                    s.add(SPLITS.index(split) * rows + np.arange(start, start + m), labels, rng.standard_normal((m, *shape), dtype=np.float32))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -296,7 +296,7 @@ def test_node_shared_copy_is_decoded_once_for_two_processes(ray_env, tiny_datase
         for split in SPLITS:
             n = 400 if split == "val_unseen" else 2
             with w.split(split) as sp:
-                sp.add(np.arange(n), rng.choice(split_classes(cs, split), n), rng.standard_normal((n, 64, 2, 2)))
+                sp.add(1000 * SPLITS.index(split) + np.arange(n), rng.choice(split_classes(cs, split), n), rng.standard_normal((n, 64, 2, 2)))
     ds = FeatureDataset.open(ray_env / "shared-ds")
     readers = [Reader.remote(), Reader.remote()]
     got = ray.get([r.read.remote(str(ds.root), "val_unseen") for r in readers])

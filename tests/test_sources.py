@@ -15,8 +15,9 @@ from dedn.errors import DatasetError
 from dedn.data.sources import (LOC_FIELDS, build_class_side, load_asset, load_att_splits, load_source,
                           load_word_vectors, make_splits)
 
-SHARED = Path("/work/shared/data")
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs /work/shared/data")
+from conftest import SHARED_DATA as SHARED  # noqa: E402 - ../shared/data beside the checkout
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data beside the checkout")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from conftest import SHARED_DATA
 import scipy.io
 
 from dedn.data import SPLITS, DatasetWriter, FeatureDataset, split_classes
@@ -396,13 +398,13 @@ def test_the_image_labels_subcommand_writes_what_synthetic_reads(tmp_path, capsy
     assert not (bad / "image_labels.npz").exists()
 
 
-@pytest.mark.skipif(not Path("/work/shared/data/CUB/image_labels.npz").is_file(), reason="needs /work/shared/data")
+@pytest.mark.skipif(not (SHARED_DATA / "CUB" / "image_labels.npz").is_file(), reason="needs ../shared/data beside the checkout")
 def test_image_labels_remade_from_res101_equal_the_shared_file(tmp_path):
     """The shared CUB image_labels.npz, remade from a res101.mat with its labels (1-based) and its image
     paths under an absolute prefix, and the real att_splits.mat: the same keys, dtypes and values."""
     from dedn.data.sources import write_image_labels
 
-    shared = Path("/work/shared/data/CUB")
+    shared = SHARED_DATA / "CUB"
     with np.load(shared / "image_labels.npz", allow_pickle=False) as z:
         ref = {k: z[k] for k in z.files}
     files = np.empty((ref["labels"].size, 1), dtype=object)
