@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
+import logging
 import os
+import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence, cast
+
+from dedn.errors import DednError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "dedn_home", "tracking_uri", "artifact_root", "client", "init_store", "get_or_create_experiment", "experiment_name", "start_run", "run_tags", "run_page", "metric_key", "PERF_METRICS", "git_commit", "GIT_COMMIT_ENV", "ray_job_id", "RunLogger", "MAX_PARAM_LENGTH", "log_params", "finish_run", "set_tags", "log_artifact", "log_metrics", "PARENT_TAG", "KIND_TAG", "CHECKPOINT_TAG", "REGISTERED_TAG", "SWEEP_TAG", "TRIAL_TAG", "MODEL_TAG", "find_child_run", "child_runs", "model_version_by_alias", "DRIVER_TAG", "DESCRIPTION_TAG", "system_metrics",
+    "TrackingStoreError", "store_errors", "redact_uri", "record_unfinished", "end_recorded_runs",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 accepts up to 6000 characters per param value
@@ -47,6 +54,126 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Against a tracking server MLflow writes "View run ... at: <url>" to stdout at every run end; our
 # summary names the run and the server once.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+class TrackingStoreError(DednError, RuntimeError):
+    """The tracking store failed a request: read-only, locked, full, a server gone or refusing.
+
+    One line naming the store (its URI without a password) and the reason the store gave. Not
+    retried: a restarted worker group would meet the same store, and every restart's traceback
+    would bury the reason. `note` says what became of the run (e.g. that it is left RUNNING).
+    """
+
+    def __init__(self, uri: object, what: str, reason: str, note: str = ""):
+        self.uri, self.what, self.reason, self.note = redact_uri(str(uri)), what, reason, note
+        super().__init__(f"tracking store {self.uri}: {what} failed: {reason}" + (f"; {note}" if note else ""))
+
+
+_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@/\s]+@")
+
+
+def redact_uri(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` in it replaced by `***`."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
+# MLflow error codes of a store that cannot do what it is asked, whatever the request (the rest,
+# e.g. RESOURCE_DOES_NOT_EXIST, answer the request itself, and callers catch them on purpose)
+_FAILURE_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "PERMISSION_DENIED",
+                            "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND", "IO_ERROR"})
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e`, what it was raised from, and a database driver's own error (`.orig`), innermost last."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        yield x
+        orig = getattr(x, "orig", None)  # sqlalchemy's DBAPIError keeps the driver's error here
+        context = None if x.__suppress_context__ else x.__context__
+        x = x.__cause__ or (orig if isinstance(orig, BaseException) else None) or context
+
+
+def is_store_failure(e: BaseException) -> bool:
+    """Whether `e` (from an MLflow call) says the store itself failed, rather than answering the request.
+
+    A database error (read-only, locked, full, gone), an OSError (a full or read-only artifact
+    folder, a refused connection: requests' errors are OSErrors too) or an MlflowException with a
+    failure code (MLflow turns SQLAlchemy's OperationalError into TEMPORARILY_UNAVAILABLE).
+    """
+    for x in _chain(e):
+        if isinstance(x, DednError):
+            return False
+        if isinstance(x, OSError) or type(x).__name__ in ("OperationalError", "DisconnectionError", "InterfaceError"):
+            return True
+        if str(getattr(x, "error_code", "")) in _FAILURE_CODES:
+            return True
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    """The store's own words, one line: the innermost error of the chain (a database driver's message
+    with its type), else the error's first line; passwords left out."""
+    inner = list(_chain(e))[-1]
+    text = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+    text = re.sub(r"^\((?:[\w.]+)\)\s*", "", text)  # sqlalchemy's "(sqlite3.OperationalError) " prefix
+    kind = f"{type(inner).__module__}.{type(inner).__qualname__}".removeprefix("builtins.")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return redact_uri(f"{text} ({kind})" if text else kind)
+
+
+@contextlib.contextmanager
+def store_errors(what: str, uri: str | None = None, *, every: bool = True) -> Iterator[None]:
+    """Inside the block, an error of the tracking store becomes a TrackingStoreError naming the store.
+
+    every=True: any error but a DednError (the block is nothing but a request to the store, so
+    whatever it raises is the store refusing it); every=False: only store failures
+    (`is_store_failure`), so an MlflowException that answers the request (no such run, already
+    exists) reaches callers that catch it on purpose. A TrackingStoreError from a request inside
+    (a `client()` call) is named after this block's `what` when every=True.
+    """
+    try:
+        yield
+    except TrackingStoreError as e:  # from a client() call inside: named by this, the caller's, request
+        if not every:
+            raise
+        raise TrackingStoreError(e.uri, what, e.reason, e.note) from None
+    except DednError:
+        raise
+    except Exception as e:
+        if not every and not is_store_failure(e):
+            raise
+        # from None: the chain is SQLAlchemy's and MLflow's frames around the reason given here
+        raise TrackingStoreError(uri or tracking_uri(), what, _reason(e)) from None
+
+
+class _OneLine(logging.Filter):
+    """Keeps only the first line of a log message (the store's error without its SQL and traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "\n" in msg:
+            record.msg, record.args = msg.splitlines()[0][:300], None
+        return True
+
+
+class _DropStoreErrorLog(logging.Filter):
+    """Drops MLflow's own report of a failed SQL statement (see below)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SQLAlchemy database error")
+
+
+# A failed SQL statement (a read-only or locked sqlite file, a full disk, a database gone) is logged
+# by MLflow at ERROR with its whole traceback, 60-odd lines, before MLflow raises the same error;
+# every call into the store then repeats it. The error itself reaches the caller, which dedn turns
+# into one TrackingStoreError line, so the log is only a duplicate: dropped (that message alone).
+logging.getLogger("mlflow.store.db.utils").addFilter(_DropStoreErrorLog())
+# MLflow's system-metrics sampler warns once and stops when the store fails, with the error's whole
+# text (the SQL statement and its parameters): its first line says it.
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(_OneLine())
 
 # Tag keys, once. MLflow's own nesting tag makes a run a child in its UI.
 PARENT_TAG = "mlflow.parentRunId"
@@ -82,13 +209,37 @@ def artifact_root() -> Path:
     return dedn_home() / "mlartifacts"
 
 
-def client() -> "MlflowClient":
-    """An MlflowClient on `tracking_uri()` (the global tracking URI is left alone)."""
-    from mlflow.tracking import MlflowClient
+class _StoreClient:
+    """An MlflowClient whose store failures (`is_store_failure`) are TrackingStoreErrors naming the store;
+    MLflow's answers to the request itself (no such run, already exists) pass unchanged."""
 
-    uri = tracking_uri()
-    # registry_uri explicitly: otherwise a registry URI set earlier in this process wins
-    return MlflowClient(uri, registry_uri=uri)
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = uri
+        with store_errors("opening the store", uri):  # a sqlite store is opened (and checked) here
+            # registry_uri explicitly: otherwise a registry URI set earlier in this process wins
+            self._client = MlflowClient(uri, registry_uri=uri)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with store_errors(name, self.tracking_uri, every=False):
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def client(uri: str | None = None) -> "MlflowClient":
+    """An MlflowClient on `uri` (default `tracking_uri()`; the global tracking URI is left alone).
+
+    A failing store raises TrackingStoreError (one line naming the store) instead of MLflow's error.
+    """
+    return cast("MlflowClient", _StoreClient(uri or tracking_uri()))
 
 
 PERF_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "worker_peak_rss_mib", "data_resident_mib",
@@ -146,7 +297,52 @@ def init_store() -> str:
 
             check_reachable(uri)  # one quick question: MLflow's client would retry a dead server for minutes
         client().search_experiments(max_results=1)  # fail here on an unreachable store
+    end_recorded_runs(uri)
     return uri
+
+
+UNFINISHED_DIR = "unfinished_runs"  # under DEDN_HOME: runs a failing store kept from being marked ended
+
+
+def record_unfinished(run_id: str, status: str, uri: str | None = None) -> Path:
+    """Note in `<DEDN_HOME>/unfinished_runs/` that run `run_id` of store `uri` should be `status` but
+    could not be marked so (the store failed too); the next `init_store` on that store marks it."""
+    from dedn.atomic import write_text
+
+    uri = uri or tracking_uri()
+    doc = {"uri": uri, "run_id": run_id, "status": status, "time": time.time()}
+    return write_text(dedn_home() / UNFINISHED_DIR / f"{run_id}.json", json.dumps(doc))
+
+
+def end_recorded_runs(uri: str | None = None) -> list[str]:
+    """Mark the runs `record_unfinished` noted for store `uri` with their status; the ids marked.
+
+    A run no longer RUNNING there (ended or continued since) is left as it is; the note goes once
+    the store has answered. A store that still fails keeps the note for the next start.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    folder = dedn_home() / UNFINISHED_DIR
+    marked: list[str] = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or doc.get("uri") != uri:
+            continue
+        try:
+            c = client(uri)
+            if c.get_run(doc["run_id"]).info.status == "RUNNING":
+                c.set_terminated(doc["run_id"], str(doc.get("status") or "FAILED"))
+                marked.append(doc["run_id"])
+        except TrackingStoreError:  # still failing: the next start tries again
+            continue
+        except MlflowException:  # the run is gone from the store: nothing to mark
+            pass
+        path.unlink(missing_ok=True)
+    return marked
 
 
 @contextlib.contextmanager
@@ -270,34 +466,38 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     """Params of a run, values cut to MLflow's length limit, in batches of 100 (log_batch's limit)."""
     from mlflow.entities import Param
 
-    c = client()
     items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i:i + 100])
+    with store_errors(f"logging the params of run {run_id}"):
+        c = client()
+        for i in range(0, len(items), 100):
+            c.log_batch(run_id, params=items[i:i + 100])
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
     """Metrics of a run at one step, in one batch."""
-    import time
-
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, int(step)) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+    with store_errors(f"logging step {step}'s metrics to run {run_id}"):
+        client().log_batch(run_id, metrics=batch)
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    c = client()
-    for k, v in tags.items():
-        c.set_tag(run_id, k, str(v))
+    with store_errors(f"setting tags of run {run_id}"):
+        c = client()
+        for k, v in tags.items():
+            c.set_tag(run_id, k, str(v))
 
 
 def log_artifact(run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-    client().log_artifact(run_id, str(path), artifact_path)
+    with store_errors(f"logging artifact {Path(path).name} to run {run_id}"):
+        client().log_artifact(run_id, str(path), artifact_path)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status)
+    with store_errors(f"marking run {run_id} {status}"):
+        client().set_terminated(run_id, status)
 
 
 def start_run(name: str, *, experiment: str, tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None,
@@ -318,49 +518,54 @@ class RunLogger:
 
     Metrics are logged with step = epoch; `skip_through` skips steps already in the store (a
     worker restarted from a checkpoint may redo an epoch it logged before failing), so each
-    metric has one history entry per epoch.
+    metric has one history entry per epoch. Every request is one to the store: whatever it
+    raises is a TrackingStoreError naming the store (not retried: see `dedn.errors`).
     """
 
     def __init__(self, run_id: str, uri: str | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.run_id = run_id
-        uri = uri or tracking_uri()
-        self.client = MlflowClient(uri, registry_uri=uri)
+        self.uri = uri or tracking_uri()
+        self.client = client(self.uri)
         self._logged_steps: dict[str, int] = {}
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return store_errors(f"{what} (run {self.run_id})", self.uri)
 
     def last_step(self, key: str) -> int:
         """Highest step logged for `key` in this run (-1 when none); cached after the first query."""
         if key not in self._logged_steps:
-            hist = self.client.get_metric_history(self.run_id, key)
+            with self._errors(f"reading the history of {key}"):
+                hist = self.client.get_metric_history(self.run_id, key)
             self._logged_steps[key] = max((m.step for m in hist), default=-1)
         return self._logged_steps[key]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """One history entry per metric and step; steps already logged are skipped."""
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if step > self.last_step(k)]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        with self._errors(f"logging step {step}'s metrics"):
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
         for m in batch:
             self._logged_steps[m.key] = int(step)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        with self._errors("setting tags"):
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with self._errors(f"logging artifact {artifact_file}"):
+            self.client.log_text(self.run_id, text, artifact_file)
 
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(d, indent=2, sort_keys=True, default=float), artifact_file)
+        self.log_text(json.dumps(d, indent=2, sort_keys=True, default=float), artifact_file)
 
     def log_file(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with self._errors(f"logging artifact {Path(path).name}"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_table_csv(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """Rows of dicts (same keys) as a CSV artifact."""
@@ -376,10 +581,12 @@ class RunLogger:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every entry of metric `key`, sorted by step."""
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+        with self._errors(f"reading the history of {key}"):
+            return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        with self._errors(f"marking the run {status}"):
+            self.client.set_terminated(self.run_id, status)
 
 
 def find_child_run(experiment: str, parent_run_id: str, tags: Mapping[str, str]) -> str | None:

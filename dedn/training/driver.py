@@ -51,7 +51,7 @@ from dedn.protocol import TEST_SPLITS
 from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
 from dedn.training.preflight import (FATAL_FILE, _read_fatal, _write_fatal, check_cluster_resources, open_dataset,
                                      preflight)
-from dedn.training.ray_cluster import init_ray
+from dedn.training.ray_cluster import init_ray, set_continue_hint
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn, say
 
 __all__ = [
@@ -231,6 +231,30 @@ def _quiet_ray_train_reports(keep: bool) -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+class _DropTrainingErrorLog(logging.Filter):
+    """Drops Ray Train's "Error in training function:" log of one error (found by its message)."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Error in training function") and self.message in text)
+
+
+def _quiet_fatal_error_log(e: DednError) -> None:
+    """A non-retryable DednError reaches the user as one `error:` line from the driver; Ray Train also
+    logs it at ERROR in the worker with the whole traceback, once per attempt (each restart re-raises
+    it), which would bury that line: that log is dropped for this error alone. A retryable error, a
+    bug, keeps Ray's traceback."""
+    try:
+        from ray.train.v2._internal import util as train_util
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(train_util.__name__).addFilter(_DropTrainingErrorLog(str(e)))
+
+
 def _resume_state() -> dict[str, Any] | None:
     import ray.train
 
@@ -269,16 +293,20 @@ def train_func(config: dict[str, Any]) -> None:
     fatal = Path(config["fatal_file"]) if config.get("fatal_file") else None
     recorded = _read_fatal(fatal) if fatal is not None else None
     if recorded is not None:  # a restart after a deterministic error: it would happen again, end now
+        _quiet_fatal_error_log(recorded)
         raise recorded
     try:
         with guard:
             _train_worker(config, cfg, rank, world_size, device, autocast_dtype, distributed)
     except DednError as e:
-        if fatal is not None and not e.retryable:
-            try:
-                _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
-            except OutputError:  # a full disk: Ray's restart meets the same error again, and ends the same way
-                pass
+        # e.g. TrackingStoreError: the tracking store failed (read-only, locked, full, a server gone)
+        if not e.retryable:
+            _quiet_fatal_error_log(e)
+            if fatal is not None:
+                try:
+                    _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
+                except OutputError:  # a full disk: Ray's restart meets the same error again, and ends the same way
+                    pass
         raise
 
 
@@ -390,8 +418,10 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep, checkpoint_score_attribute=SCORE_ATTRIBUTE,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=settings.max_failures),
-            # Ray Train logs every report at INFO; our rank-0 progress lines say what matters
-            logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "WARNING"),
+            # Ray Train logs every report at INFO; our rank-0 progress lines say what matters. Its
+            # warnings are transient noise with a traceback each on a loaded node ("Failed to send
+            # resource request ... safe to ignore" when its coordinator answers after 5 s): errors only
+            logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "ERROR"),
             callbacks=list(callbacks) or None,
         ),
     )
@@ -419,6 +449,29 @@ def read_outcome(ckpt_dir: str | None, cfg: DEDNConfig) -> dict[str, Any]:
             "history": history}
 
 
+def _end_failed_run(run: Any, status: str) -> str:
+    """Mark the MLflow run of a run that ended with an error `status` (FAILED, KILLED); "" when done.
+
+    When the store fails that too (the store that failed the run, a full disk), the run is left
+    RUNNING there: that is recorded under DEDN_HOME (`record_unfinished`) and the next start against
+    the store marks it. Returns what became of the run, in words, for the error the user sees.
+    """
+    from dedn.tracking.store import record_unfinished
+
+    try:
+        run.finish(status)
+        return ""
+    except Exception as store_error:  # noqa: BLE001 - whatever the store says, the run's own error comes first
+        left = f"MLflow run {run.run_id} could not be marked {status} ({store_error})"
+    try:
+        record_unfinished(run.run_id, status, run.tracking_uri)
+    except OutputError as e:  # DEDN_HOME itself cannot be written: only a dead driver's runs are found
+        logging.getLogger(__name__).warning("%s; nor recorded (%s)", left, e)
+        return f"run {run.run_id} is left RUNNING there"
+    logging.getLogger(__name__).warning("%s; the next start against this store marks it", left)
+    return f"run {run.run_id} is left RUNNING there until the next start against this store marks it {status}"
+
+
 def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Run cfg.protocol on Ray Train (initialising Ray if needed), track it, register the final model.
 
@@ -439,6 +492,7 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     if settings.track:
         tracking.init_store()  # in the driver, before any worker touches the store
     init_ray()  # before the run's tags: they name the Ray job
+    set_continue_hint(f"run again with --name {name} to continue from the last checkpoint")
     # workers the cluster can never place would wait forever: say what it has, before any MLflow run
     check_cluster_resources(settings, cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker))
     if cfg.data.resident != "off" and cfg.data.resident_shared:
@@ -470,13 +524,14 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
         if result.error is not None:  # older behaviour: the error on the result instead of raised
             raise result.error
     except BaseException as e:
-        if run is not None:
-            try:  # a signal turned into an exit (jobs/train.py's SIGTERM) or Ctrl-C: killed, not failed
-                run.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            except Exception as store_error:  # e.g. the store on the same full disk: the next start marks it
-                logging.getLogger(__name__).warning("could not mark MLflow run %s ended (%s); the next run "
-                                                    "marks it KILLED", run.run_id, os_reason(store_error))
         recorded = _read_fatal(fatal)
+        if run is not None:
+            # a signal turned into an exit (jobs/train.py's SIGTERM) or Ctrl-C: killed, not failed
+            left = _end_failed_run(run, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            from dedn.tracking.store import TrackingStoreError
+
+            if left and isinstance(recorded, TrackingStoreError):  # the user's one line says it
+                recorded = TrackingStoreError(recorded.uri, recorded.what, recorded.reason, note=left)
         if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
             raise recorded from e
         raise
