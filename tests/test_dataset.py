@@ -393,7 +393,7 @@ def _rewrite_shard(root: Path, split: str, index: int, table: pa.Table) -> None:
     def edit(m):
         for s in m["splits"][split]["shards"]:
             if s["file"] == name:
-                s["sha256"] = sha256_file(root / name)
+                s["sha256"], s["bytes"] = sha256_file(root / name), (root / name).stat().st_size
     _edit_manifest(root, edit)
 
 

@@ -164,7 +164,8 @@ def _parse_splits(mpath: Path, manifest: dict[str, Any]) -> dict[str, SplitInfo]
     for name in SPLITS:
         entry = raw[name]
         try:
-            shards = tuple(ShardInfo(str(s["file"]), int(s["num_rows"]), str(s["sha256"])) for s in entry["shards"])
+            shards = tuple(ShardInfo(str(s["file"]), int(s["num_rows"]), str(s["sha256"]),
+                                     None if s.get("bytes") is None else int(s["bytes"])) for s in entry["shards"])
             num_rows = int(entry["num_rows"])
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(mpath, f"splits.{name}", '{"num_rows", "shards": [{"file", "num_rows", "sha256"}]}',
@@ -206,6 +207,9 @@ def _verify_shard(ds: FeatureDataset, split: str, shard: ShardInfo, full: bool) 
     path = ds.shard_path(shard)
     if not path.is_file():
         raise DatasetError(path, "file", f"a shard of split {split} (dataset.json)", "no such file")
+    if shard.size is not None and path.stat().st_size != shard.size:  # before the footer: says what happened
+        raise DatasetError(path, "bytes", f"{shard.size} (dataset.json)", f"{path.stat().st_size}: the file was "
+                           "truncated, extended or replaced since the dataset was written")
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:

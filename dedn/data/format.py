@@ -78,6 +78,9 @@ class ShardInfo:
     file: str
     num_rows: int
     sha256: str
+    # bytes on disk: checked by every open in seconds (a truncated or appended-to shard), while the
+    # sha256 is checked as the shard is read; None in manifests written before it was recorded
+    size: int | None = None
 
 
 @dataclass(frozen=True)

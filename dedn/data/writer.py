@@ -156,7 +156,7 @@ class SplitWriter:
         self._pq.close()
         final = self._pq_tmp.with_name(self._pq_tmp.name[: -len(".tmp")])
         os.replace(self._pq_tmp, final)
-        self._shards.append(ShardInfo(f"{SHARD_DIR}/{final.name}", self._pq_rows, sha256_file(final)))
+        self._shards.append(ShardInfo(f"{SHARD_DIR}/{final.name}", self._pq_rows, sha256_file(final), final.stat().st_size))
         self._pq, self._pq_tmp, self._pq_rows = None, None, 0
 
     def close(self) -> SplitInfo:
@@ -275,7 +275,8 @@ class DatasetWriter:
                          for scheme, clusters in cs.clusters.items()},
             "class_side": {"file": CLASS_SIDE_FILE, "sha256": class_side_sha256},
             "splits": {s.name: {"num_rows": s.num_rows,
-                                "shards": [{"file": h.file, "num_rows": h.num_rows, "sha256": h.sha256} for h in s.shards]}
+                                "shards": [{"file": h.file, "num_rows": h.num_rows, "sha256": h.sha256, "bytes": h.size}
+                                           for h in s.shards]}
                        for s in (self._splits[n] for n in SPLITS if n in self._splits)},
             "created_by": f"dedn.data.DatasetWriter (schema {SCHEMA_VERSION}, pyarrow {pa.__version__})",
         }
