@@ -5,7 +5,11 @@
 Faults: none, worker_kill (SIGKILL a Ray Train worker mid-run; Ray restarts the group from the
 last checkpoint), driver_kill (SIGKILL the driver, then the same --name again), driver_term
 (SIGTERM, then again), disk_full (a checkpoint write fails part-way, then again), corrupt_shard
-(bytes flipped in the middle of a shard), concurrent (two runs that register at the same time).
+(bytes flipped in the middle of a shard), concurrent (two runs that register at the same time),
+second_run (a second run started on the same machine while the first trains: each has its own Ray,
+both finish with the clean metrics), store_readonly (the tracking store stops taking writes
+mid-run: one `error:` line naming it, exit 2, then the same --name continues the same MLflow run
+once the store takes writes again).
 
 Every round must end with the clean run's final metrics or with a clear message (exit 2, the
 file named), and after every round the store is checked for what must never be left: a
@@ -28,14 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dedn.training.ray_cluster import AGENT_TITLES, descendants, running
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent")
+FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent", "second_run",
+          "store_readonly")
 COLUMNS = ("round", "fault", "at", "outcome", "T/U/S/H %", "same", "store", "seconds", "verdict")
 
 
@@ -126,6 +132,28 @@ def wait_for_checkpoint(soak: Soak, name: str, epoch: int, proc: Proc, timeout: 
             return False
         time.sleep(0.05)
     return False
+
+
+@contextmanager
+def read_only_store(db: Path) -> Iterator[str]:
+    """The sqlite store takes no writes inside the block, even for root (file modes do not stop root):
+    immutable (`chattr +i`) where the file system allows it, else held locked by another process."""
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode == 0:
+        try:
+            yield "immutable"
+        finally:
+            subprocess.run(["chattr", "-i", str(db)], check=True)
+        return
+    hold = ("import sqlite3, sys\ncon = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "con.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield "locked"
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def check_store(work: Path) -> list[str]:
@@ -246,6 +274,34 @@ def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[st
         row["outcome"] = "message naming the shard" if named else f"rc {rc}: {err[:80]}"
         row["T/U/S/H %"], row["same"] = "-", "n/a"
         shutil.rmtree(data)
+    elif fault == "second_run":
+        first = soak.start(name)
+        row["at"] = f"after epoch {k} of the first"
+        if not wait_for_checkpoint(soak, name, k, first):
+            row["at"] += " (the run ended first: not injected)"
+        second = soak.start(f"{name}-2")
+        outs = [first.wait(), second.wait()]
+        row["outcome"] = "both finished" if all(o[0] == 0 for o in outs) else "; ".join(f"rc {o[0]}: {o[2][:60]}" for o in outs)
+        row["T/U/S/H %"] = " and ".join(tush(o[1]) for o in outs)
+        row["same"] = "yes" if all(same(o[1], clean) for o in outs) else "NO"
+    elif fault == "store_readonly":
+        proc = soak.start(name)
+        row["at"] = f"after epoch {k}"
+        db = soak.work / "home" / "mlflow.db"
+        rc1, err1 = None, ""
+        if wait_for_checkpoint(soak, name, k, proc):
+            with read_only_store(db) as how:
+                rc1, _, err1 = proc.wait()
+            row["at"] += f" ({how})"
+        else:
+            row["at"] += " (the run ended first: not injected)"
+        msg_ok = rc1 is None or (rc1 == 2 and str(db) in err1 and "Traceback" not in proc.log.read_text(errors="replace"))
+        first = run_record(soak.storage(name))
+        rc, result, err = soak.start(name).wait()  # the store takes writes again: the same --name continues
+        row["outcome"] = (("message, then resumed" if msg_ok and rc == 0 else f"rc {rc1}/{rc}: {(err1 or err)[:80]}")
+                          + (", same MLflow run" if result and first and result["run_id"] == first["run_id"]
+                             else ", NEW MLflow run"))
+        finish(result)
     elif fault == "concurrent":
         procs = [soak.start(f"{name}-{j}", register=True, extra=(f"optim.seed={rng.randrange(1000)}",)) for j in range(2)]
         outs = [p.wait() for p in procs]
@@ -308,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if fault.startswith("driver"):  # the same MLflow run continued, and the embedded Ray went with the driver
             ok = ok and "NEW MLflow run" not in row["outcome"] and "NOT reaped" not in row["outcome"] \
                 and ("left after 15 s: 0 core" in row["at"] or "not injected" in row["at"])
+        if fault == "store_readonly":  # the run the store could not end is continued, not replaced
+            ok = ok and "NEW MLflow run" not in row["outcome"]
         row.update(seconds=f"{time.time() - t:.0f}", store="ok" if not problems else "; ".join(problems)[:120],
                    verdict="PASS" if ok else "FAIL")
         failures += not ok
