@@ -16,7 +16,10 @@ class MLflowSink:
     """Logs `EpochReport.metrics()` with step = epoch, under their MLflow keys (`metric_key`: `val/H`,
     `train/loss`, ...), into an existing run (steps already logged are
     skipped, so a restarted worker group leaves one entry per epoch); after the final phase's test:
-    config YAMLs, final_metrics.json, per_class_accuracy.csv and training_curves.png."""
+    config YAMLs, final_metrics.json, per_class_accuracy.csv and training_curves.png.
+
+    A store that fails (read-only, locked, full, a server gone) raises `TrackingStoreError` from
+    `RunLogger`: a non-retryable DednError, so the run ends at once, with one line naming the store."""
 
     def __init__(self, run_id: str, uri: str | None, cfg: DEDNConfig, dataset: Any, *, semi_synthetic: bool = False):
         self.logger = RunLogger(run_id, uri)

@@ -91,8 +91,8 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         seen.add(id(x))
         yield x
         orig = getattr(x, "orig", None)  # sqlalchemy's DBAPIError keeps the driver's error here
-        context = None if x.__suppress_context__ else x.__context__
-        x = x.__cause__ or (orig if isinstance(orig, BaseException) else None) or context
+        # not __context__: an answer raised while handling something else (a missing file) is an answer
+        x = x.__cause__ or (orig if isinstance(orig, BaseException) else None)
 
 
 def is_store_failure(e: BaseException) -> bool:
@@ -159,18 +159,29 @@ class _OneLine(logging.Filter):
         return True
 
 
-class _DropStoreErrorLog(logging.Filter):
-    """Drops MLflow's own report of a failed SQL statement (see below)."""
+class _StoreLog(logging.Filter):
+    """MLflow's database layer: its report of a failed statement dropped, its retries in one line each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("SQLAlchemy database error")
+        msg = str(record.msg)
+        if msg.startswith("SQLAlchemy database error"):
+            return False
+        if msg.startswith("SQLAlchemy engine could not be created") and isinstance(record.args, tuple) \
+                and len(record.args) == 2:
+            error, delay = record.args
+            first = next((line for line in str(error).splitlines() if line.strip()), "")
+            record.msg, record.args = "the tracking store could not be opened (%s); MLflow tries again in %.1f s", \
+                (redact_uri(first[:300]), delay)
+        return True
 
 
 # A failed SQL statement (a read-only or locked sqlite file, a full disk, a database gone) is logged
 # by MLflow at ERROR with its whole traceback, 60-odd lines, before MLflow raises the same error;
 # every call into the store then repeats it. The error itself reaches the caller, which dedn turns
-# into one TrackingStoreError line, so the log is only a duplicate: dropped (that message alone).
-logging.getLogger("mlflow.store.db.utils").addFilter(_DropStoreErrorLog())
+# into one TrackingStoreError line, so that log is only a duplicate: dropped (that message alone).
+# Opening a store that does not answer, MLflow retries for about 100 s, logging each retry with the
+# error's whole text: one line each says it is waiting and why.
+logging.getLogger("mlflow.store.db.utils").addFilter(_StoreLog())
 # MLflow's system-metrics sampler warns once and stops when the store fails, with the error's whole
 # text (the SQL statement and its parameters): its first line says it.
 logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(_OneLine())
