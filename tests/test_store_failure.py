@@ -4,7 +4,7 @@ A store that stops taking writes in the middle of a run (its sqlite file made im
 full disk, a server gone) ends the run at once with one `TrackingStoreError` line naming the store:
 not retried by Ray Train (it is recorded in the run's fatal-error file), no traceback from MLflow,
 SQLAlchemy or Ray, exit code 2. The run is marked FAILED; when that write fails too, the driver
-records it under DEDN_HOME and the next start against the store marks it.
+records it under DEDN_HOME and the next start against the store marks it KILLED.
 
 Tests run as root, where file modes do not stop writes: the store is made immutable (`chattr +i`)
 where the file system allows it, else locked by another process (`BEGIN EXCLUSIVE`: every write then
@@ -193,7 +193,7 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
     assert errors[0].startswith(f"error: tracking store {uri}: "), errors[0]
-    assert f"run {run_id} is left RUNNING there until the next start against this store marks it FAILED" in errors[0]
+    assert f"run {run_id} is left RUNNING there until the next start against this store marks it KILLED" in errors[0]
     assert "Traceback" not in out + err, (out + err)[-5000:]
     assert len(err.splitlines()) <= 5, err  # the error line and at most MLflow's sampler saying it stopped
     # trained once: no epoch was trained (and printed) twice, and the run ended before its last epoch
@@ -205,7 +205,7 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     # the store takes writes again: the run is RUNNING until the next start against the store marks it
     c = tracking.client()
     assert c.get_run(run_id).info.status == "RUNNING"
-    assert json.loads((home / "unfinished_runs" / f"{run_id}.json").read_text())["status"] == "FAILED"
+    assert json.loads((home / "unfinished_runs" / f"{run_id}.json").read_text())["status"] == "KILLED"
     tracking.init_store()
-    assert c.get_run(run_id).info.status == "FAILED"
+    assert c.get_run(run_id).info.status == "KILLED"
     assert not (home / "unfinished_runs" / f"{run_id}.json").exists()

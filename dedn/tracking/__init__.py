@@ -10,7 +10,7 @@
 """
 from dedn.tracking.store import (
     BEST_TRIAL_TAG, CHECKPOINT_TAG, DESCRIPTION_TAG, DRIVER_TAG, FINAL_RUN_TAG, KIND_TAG, MAX_PARAM_LENGTH, MODEL_TAG, PARENT_TAG, REGISTERED_TAG,
-    SETTING_TAG, SWEEP_TAG, TRIAL_TAG, RunLogger, artifact_root, child_runs, client, dedn_home, experiment_name,
+    SETTING_TAG, SWEEP_TAG, TRIAL_TAG, RunLogger, TrackingStoreError, artifact_root, child_runs, client, dedn_home, experiment_name,
     find_child_run, finish_run, get_or_create_experiment, git_commit, init_store, log_artifact, log_metrics, log_params,
     metric_key, model_version_by_alias, ray_job_id, run_page, run_tags, set_tags, start_run, system_metrics, tracking_uri,
 )
@@ -31,7 +31,7 @@ def __getattr__(name: str):  # the sink and the registry import torch and the mo
 
 __all__ = [
     "BEST_TRIAL_TAG", "CHECKPOINT_TAG", "DESCRIPTION_TAG", "DRIVER_TAG", "FINAL_RUN_TAG", "KIND_TAG", "MAX_PARAM_LENGTH", "MODEL_TAG", "PARENT_TAG",
-    "REGISTERED_TAG", "SETTING_TAG", "SWEEP_TAG", "TRIAL_TAG", "Run", "RunLogger", "artifact_root", "child_runs",
+    "REGISTERED_TAG", "SETTING_TAG", "SWEEP_TAG", "TRIAL_TAG", "Run", "RunLogger", "TrackingStoreError", "artifact_root", "child_runs",
     "client", "dedn_home", "experiment_name", "find_child_run", "finish_run", "get_or_create_experiment", "git_commit",
     "init_store", "log_artifact", "log_metrics", "log_params", "metric_key", "model_version_by_alias", "mark_orphans", "reopen_run", "ray_job_id", "run_page", "run_tags",
     "set_tags", "start_run", "start_training_run", "system_metrics", "tracking_uri", "MLflowSink", "registry",

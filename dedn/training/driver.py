@@ -243,11 +243,11 @@ class _DropTrainingErrorLog(logging.Filter):
         return not (text.startswith("Error in training function") and self.message in text)
 
 
-def _quiet_fatal_error_log(e: DednError) -> None:
+def _quiet_fatal_error_log(e: BaseException) -> None:
     """A non-retryable DednError reaches the user as one `error:` line from the driver; Ray Train also
     logs it at ERROR in the worker with the whole traceback, once per attempt (each restart re-raises
-    it), which would bury that line: that log is dropped for this error alone. A retryable error, a
-    bug, keeps Ray's traceback."""
+    it), which would bury that line: that log is dropped for this error alone (and for another rank's
+    error that merely followed from it). A retryable error, a bug, keeps Ray's traceback."""
     try:
         from ray.train.v2._internal import util as train_util
     except ImportError:  # another Ray layout: keep its logs
@@ -307,6 +307,12 @@ def train_func(config: dict[str, Any]) -> None:
                     _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
                 except OutputError:  # a full disk: Ray's restart meets the same error again, and ends the same way
                     pass
+        raise
+    except Exception as e:
+        # another rank's deterministic error ended the group (Ray's synchronisation actor, the collectives
+        # are gone): the driver raises that one, recorded first
+        if fatal is not None and fatal.is_file():
+            _quiet_fatal_error_log(e)
         raise
 
 
@@ -454,7 +460,8 @@ def _end_failed_run(run: Any, status: str) -> str:
 
     When the store fails that too (the store that failed the run, a full disk), the run is left
     RUNNING there: that is recorded under DEDN_HOME (`record_unfinished`) and the next start against
-    the store marks it. Returns what became of the run, in words, for the error the user sees.
+    the store marks it KILLED (its driver is gone by then, as for a killed driver's run). Returns
+    what became of the run, in words, for the error the user sees.
     """
     from dedn.tracking.store import record_unfinished
 
@@ -464,12 +471,12 @@ def _end_failed_run(run: Any, status: str) -> str:
     except Exception as store_error:  # noqa: BLE001 - whatever the store says, the run's own error comes first
         left = f"MLflow run {run.run_id} could not be marked {status} ({store_error})"
     try:
-        record_unfinished(run.run_id, status, run.tracking_uri)
+        record_unfinished(run.run_id, "KILLED", run.tracking_uri)
     except OutputError as e:  # DEDN_HOME itself cannot be written: only a dead driver's runs are found
         logging.getLogger(__name__).warning("%s; nor recorded (%s)", left, e)
         return f"run {run.run_id} is left RUNNING there"
     logging.getLogger(__name__).warning("%s; the next start against this store marks it", left)
-    return f"run {run.run_id} is left RUNNING there until the next start against this store marks it {status}"
+    return f"run {run.run_id} is left RUNNING there until the next start against this store marks it KILLED"
 
 
 def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: Sequence[Any] = ()) -> TrainOutcome:
@@ -545,13 +552,18 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
                            got["test"], got["best_epoch"], got["weights"],
                            got.get("history", []))
     if run is not None:
-        if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
-            run.set_tags({tracking.CHECKPOINT_TAG: ckpt_dir})
-        if settings.register and got["test"] is not None:
-            outcome.registered = _register(cfg, dataset, got["state"], run.run_id, outcome.val_metrics or {}, got["test"])
-            run.set_tags({tracking.REGISTERED_TAG: f"{outcome.registered.name}/{outcome.registered.version}"})
-        run.set_tags({tracking.DESCRIPTION_TAG: run_description(cfg, outcome, semi_synthetic=dataset.semi_synthetic)})
-        run.finish("FINISHED")
+        try:
+            if ckpt_dir is not None:  # where the final weights are: `jobs/heatmap.py --checkpoint`, any run
+                run.set_tags({tracking.CHECKPOINT_TAG: ckpt_dir})
+            if settings.register and got["test"] is not None:
+                outcome.registered = _register(cfg, dataset, got["state"], run.run_id, outcome.val_metrics or {},
+                                               got["test"])
+                run.set_tags({tracking.REGISTERED_TAG: f"{outcome.registered.name}/{outcome.registered.version}"})
+            run.set_tags({tracking.DESCRIPTION_TAG: run_description(cfg, outcome, semi_synthetic=dataset.semi_synthetic)})
+            run.finish("FINISHED")
+        except tracking.TrackingStoreError as e:  # trained, but the store failed after: the run is not left RUNNING
+            left = _end_failed_run(run, "FAILED")
+            raise (tracking.TrackingStoreError(e.uri, e.what, e.reason, note=left) if left else e) from None
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
