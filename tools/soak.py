@@ -84,8 +84,10 @@ def run_record(run_dir: Path) -> dict[str, Any] | None:
         return None
     run_id = json.loads(record.read_text())["run_id"]
     run = tracking.client().get_run(run_id)
+    # what a fault must not change: losses, validation and test (perf/ and system/ are timings and load)
     timing = ("images_per_s", "epoch_time_s", "data_wait_frac", "rss_mib", "seconds")
-    metrics = {k: v for k, v in run.data.metrics.items() if not any(t in k for t in timing)}
+    metrics = {k: v for k, v in run.data.metrics.items()
+               if k.startswith(("train/", "final/", "val/", "test/")) and not k.endswith(timing)}
     return {"run_id": run_id, "metrics": metrics, "version": run.data.tags.get(tracking.REGISTERED_TAG)}
 
 
@@ -195,7 +197,7 @@ def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 
 def tush(result: dict[str, Any] | None) -> str:
     m = (result or {}).get("metrics", {})
-    return "/".join(f"{100 * m[k]:.1f}" for k in ("test_T", "test_U", "test_S", "test_H")) if "test_H" in m else "-"
+    return "/".join(f"{100 * m[k]:.1f}" for k in ("test/T", "test/U", "test/S", "test/H")) if "test/H" in m else "-"
 
 
 def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[str, Any], epochs: int) -> dict[str, str]:
