@@ -34,18 +34,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/train.py
 
-# Team mode: PostgreSQL + an MLflow server with basic auth and proxied artifacts (README "For a team").
+# Team mode: PostgreSQL + an MLflow server with basic auth and proxied artifacts (docs/team.md).
 # SERVER_ARGS passes options, e.g. make server SERVER_ARGS="--data-dir /srv/dedn-team --port 5000".
 server: $(STAMP)
 	$(PY) jobs/server.py start $(SERVER_ARGS)
 
 benchmark: $(STAMP)
-	$(PY) jobs/benchmark.py --quick
+	$(PY) bench/benchmark.py --quick
 
 # One command on a GPU node, under 5 minutes: GEMM peaks, step times, Ray Train resident vs streaming,
-# bf16 vs fp32 (jobs/gpu_check.py). Needs a CUDA build of torch (the pinned CPU build above has no CUDA).
+# bf16 vs fp32 (bench/gpu_check.py). Needs a CUDA build of torch (the pinned CPU build above has no CUDA).
 gpu-check: $(STAMP)
-	$(PY) jobs/gpu_check.py
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,7 +10,8 @@ import pytest
 from dedn.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("jobs/*.py"), ROOT / "tuning" / "tune.py"])
+ENTRY_POINTS = sorted(p.relative_to(ROOT).as_posix()
+                      for p in [*ROOT.glob("jobs/*.py"), *ROOT.glob("bench/*.py"), ROOT / "tuning" / "tune.py"])
 
 
 def test_formatter_shows_defaults_where_there_are_some():

@@ -73,7 +73,7 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, te
         assert start.returncode == 0, start.stdout + start.stderr
         token_file = home / ".ray" / "auth_token"
         token_file.chmod(0o600)  # as the README says: Ray writes it readable by every local user
-        # the dashboard's REST API: 401 without the token, answers with it (README "On a cluster")
+        # the dashboard's REST API: 401 without the token, answers with it (docs/cluster.md#authentication)
         api = f"http://127.0.0.1:{dash}/api/jobs/"
         assert _http_status(api) == 401
         assert _http_status(api, {"Authorization": f"Bearer {token_file.read_text().strip()}"}) == 200

@@ -40,7 +40,8 @@ def test_no_import_path_edits():
 
 
 @pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for p in
-                                          [*(ROOT / "jobs").glob("*.py"), ROOT / "tools" / "pack_assets.py"]))
+                                          [*(ROOT / "jobs").glob("*.py"), *(ROOT / "bench").glob("*.py"),
+                                           ROOT / "tools" / "pack_assets.py"]))
 def test_script_starts_from_anywhere(script, tmp_path):
     """The script's own folder is all Python adds to the path: `dedn` must come from the install."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -14,7 +14,7 @@ from dedn.tuning import Dimension, best_config, default_space_path, load_search_
 
 
 # ---- search space ------------------------------------------------------------------------------
-# README.md#hyper-parameter-sweeps-ray-tune (the default space, dedn/families/dedn/search_space.yaml)
+# docs/sweeps.md (the default space, dedn/families/dedn/search_space.yaml)
 def test_default_space_is_the_documented_one() -> None:
     space = load_search_space(default_space_path())
     dims = {d.key: d for d in space.dims}

@@ -1,8 +1,8 @@
 """Measure ShardReader throughput: Parquet (fp16) -> float32 tensors, MB/s and rows/s, and peak RSS.
 
-    python jobs/benchmark_reader.py --rows 4000 --channels 2048 --height 7 --width 7
-    python jobs/benchmark_reader.py --data /path/to/dataset --split trainval
-    python jobs/benchmark_reader.py --data /path/to/dataset --split train --resident --class-balanced
+    python bench/benchmark_reader.py --rows 4000 --channels 2048 --height 7 --width 7
+    python bench/benchmark_reader.py --data /path/to/dataset --split trainval
+    python bench/benchmark_reader.py --data /path/to/dataset --split train --resident --class-balanced
 
 --resident: decode the split once (timed), then time the epochs' batch assembly from the resident
 tensor (the training reader's plan, gathered by index; data.resident) instead of streaming.

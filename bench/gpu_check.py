@@ -1,12 +1,12 @@
 """One-shot device check (`make gpu-check`): what a GPU node does with DEDN, in under 5 minutes.
 
-    python jobs/gpu_check.py                 # on a machine with a CUDA GPU
-    python jobs/gpu_check.py --device cpu --images-per-class 4 --steps 20   # the same path on a CPU (a smoke run)
+    python bench/gpu_check.py                 # on a machine with a CUDA GPU
+    python bench/gpu_check.py --device cpu --images-per-class 4 --steps 20   # the same path on a CPU (a smoke run)
 
 Prints, in order:
 1. the device, and its measured GEMM peaks: fp32, tf32 and bf16 (8192^3 torch.mm on a GPU);
 2. DEDN (fused), MSDN and D3GZSL training steps at R = 49 and 196 (D3GZSL: pooled, once) in fp32
-   and bf16, with their share of the measured peak (jobs/benchmark.py --device);
+   and bf16, with their share of the measured peak (bench/benchmark.py --device);
 3. a 1-GPU Ray Train run (protocol select, one epoch) on a generated CUB-sized semi-synthetic dataset
    (the real image count, 2048 x 7 x 7, float16), with resident and with streaming data: training
    images/s, data wait, epoch time and the GPU's peak memory;
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         report["gemm_gflop_s"] = peaks = gemm_peaks(args.device)
         say("   GEMM peaks: " + ", ".join(f"{k} {v / 1000:.1f} TFLOP/s" for k, v in peaks.items()))
         if not args.skip_steps:
-            say("== 2. training steps (jobs/benchmark.py): share of the peak measured there")
+            say("== 2. training steps (bench/benchmark.py): share of the peak measured there")
             sys.stdout.flush()
             dtypes = ["fp32"] + (["bf16"] if ok else [])
             step_times(args.device, dtypes, folder / "steps.json")

@@ -1,8 +1,8 @@
 """Whole selection epochs on Ray Train (training + validation + checkpoint) with resident and with
-streaming data, against the step-only rates of jobs/benchmark.py at the same shapes and threads.
+streaming data, against the step-only rates of bench/benchmark.py at the same shapes and threads.
 
-    python jobs/benchmark_epoch.py --data DIR                  # 2 CPU workers, 2 epochs per mode
-    python jobs/benchmark_epoch.py --data DIR --workers 2 --epochs 3 --modes auto off
+    python bench/benchmark_epoch.py --data DIR                  # 2 CPU workers, 2 epochs per mode
+    python bench/benchmark_epoch.py --data DIR --workers 2 --epochs 3 --modes auto off
 
 DIR must be CUB-shaped (C=2048, K=200, 312 attributes; R = H x W) for the step-only comparison, e.g.
 `python jobs/prepare_data.py synthetic --name CUB --out DIR` (semi-synthetic, full image count).
@@ -11,7 +11,7 @@ Printed per mode and epoch: data wait (share of the training time spent waiting 
 rank), training images/s, epoch wall time, and the whole-epoch work rate: the epoch's work counted
 as docs/performance.md#counting-work does (48 B D C R a training image, 16 a validation image:
 a forward pass), over the epoch's wall time, as a share of the step-only work rate of
-jobs/benchmark.py (DEDN fused, fp32) with each worker's thread count, times the workers.
+bench/benchmark.py (DEDN fused, fp32) with each worker's thread count, times the workers.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def step_only(r: int, threads: int) -> dict[str, float]:
-    """jobs/benchmark.py's fused training step and inference forward (s, batch 50) at `threads` threads."""
+    """bench/benchmark.py's fused training step and inference forward (s, batch 50) at `threads` threads."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "bench.json"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch_threads(cpus_per_worker(args.workers, False))
     rates = step_only(h * w, threads)
     B = 50
-    print(f"{ds}\nstep-only (jobs/benchmark.py, fp32, {threads} thread(s)): training step {rates['fused']:.3f} s, "
+    print(f"{ds}\nstep-only (bench/benchmark.py, fp32, {threads} thread(s)): training step {rates['fused']:.3f} s, "
           f"inference forward {rates['infer']:.3f} s at B={B}; x{args.workers} workers = "
           f"{args.workers * B / rates['fused']:.1f} training img/s", flush=True)
     step_rate = args.workers * B / rates["fused"]  # training images/s, the step-only work rate in image units

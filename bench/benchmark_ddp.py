@@ -1,7 +1,7 @@
 """DDP's options on the DEDN training step: step time and what each does to the loss.
 
-    python jobs/benchmark_ddp.py                        # 2 gloo processes, 1 thread each, R=49
-    python jobs/benchmark_ddp.py --workers 2 --steps 12 --r 49 --options none bf16_hook bucket100
+    python bench/benchmark_ddp.py                        # 2 gloo processes, 1 thread each, R=49
+    python bench/benchmark_ddp.py --workers 2 --steps 12 --r 49 --options none bf16_hook bucket100
 
 W processes on this machine (torch.multiprocessing, gloo; NCCL with --device cuda, one GPU per
 process) train DEDN at CUB shapes (B=50 per worker, C=2048, D=312, K=200) on fixed random batches

@@ -1,9 +1,9 @@
 """The scaling model of docs/scaling.md: per-GPU step, ingest, all-reduce, predicted efficiency.
 
-    python jobs/scaling_model.py                           # GPUs: 1-64 over 1-8 nodes, from the defaults
-    python jobs/scaling_model.py --step-ms 1.0 --batch 50  # your measured step (e.g. from make gpu-check)
-    python jobs/scaling_model.py --gpu-report ~/.dedn/gpu_check/<time>/report.json
-    python jobs/scaling_model.py --cpu-check               # measure this CPU: 1- and 2-worker prediction
+    python bench/scaling_model.py                           # GPUs: 1-64 over 1-8 nodes, from the defaults
+    python bench/scaling_model.py --step-ms 1.0 --batch 50  # your measured step (e.g. from make gpu-check)
+    python bench/scaling_model.py --gpu-report ~/.dedn/gpu_check/<time>/report.json
+    python bench/scaling_model.py --cpu-check               # measure this CPU: 1- and 2-worker prediction
 
 Model (per step, W = N nodes x G GPUs, every GPU a DDP rank with --batch images):
   compute      t_c: the step time of one GPU (default 1 ms: 75 GFLOP = 48 B D C R at CUB shapes, R=49,
@@ -127,7 +127,7 @@ def cpu_check() -> None:
           "so nothing overlaps: step = t_c + t_ar")
     print(f"predicted training rate: 1 worker {b / t_c:.1f} img/s; 2 workers {2 * b / (t_c + t_ar):.1f} img/s "
           f"(efficiency {t_c / (t_c + t_ar):.0%})")
-    print("compare: python jobs/benchmark_epoch.py --data DIR --workers 1 (and --workers 2), column train img/s")
+    print("compare: python bench/benchmark_epoch.py --data DIR --workers 1 (and --workers 2), column train img/s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Training-step and inference throughput of DEDN (and MSDN) at CUB shapes, against the machine's GEMM rate.
 
-    python jobs/benchmark.py --quick                     # all configurations, few repetitions
-    python jobs/benchmark.py --r 49 --dtype fp32 bf16    # a subset
-    python jobs/benchmark.py --variants msdn msdn_infer  # MSDN's training step and inference
-    python jobs/benchmark.py --variants d3gzsl d3gzsl_ref d3gzsl_base --r 1   # D3GZSL iterations
+    python bench/benchmark.py --quick                     # all configurations, few repetitions
+    python bench/benchmark.py --r 49 --dtype fp32 bf16    # a subset
+    python bench/benchmark.py --variants msdn msdn_infer  # MSDN's training step and inference
+    python bench/benchmark.py --variants d3gzsl d3gzsl_ref d3gzsl_base --r 1   # D3GZSL iterations
 
 Shapes: B=50, C=2048, D=312, G=300, K=200 (150 seen / 50 unseen), Q=6 with CUB's manual
 cluster sizes 112/87/24/40/15/34, R=49 (7x7) and/or R=196 (14x14). Random features.

@@ -1,6 +1,6 @@
 """Node memory of a concurrent sweep with the node-shared decoded copy and without it.
 
-    python jobs/benchmark_sweep_memory.py --data DIR            # 4 trials, 4 at a time, 1 epoch each
+    python bench/benchmark_sweep_memory.py --data DIR            # 4 trials, 4 at a time, 1 epoch each
 
 Runs `tuning/tune.py` twice on DIR (data.resident=host; data.resident_shared=true, then false), each
 trial a short selection epoch (optim.max_steps_per_epoch=2, then a full validation), with all
