@@ -20,9 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -30,34 +28,18 @@ from dedn.errors import is_retryable
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_HOLD_LOCK = """
-import sqlite3, sys
-con = sqlite3.connect(sys.argv[1], isolation_level=None)
-con.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()  # until the test closes our stdin
-con.execute("ROLLBACK")
-"""
+def _soak_tool():
+    """tools/soak.py, whose store_readonly round makes the store read-only the same way (one helper for both)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dedn_soak_tool", ROOT / "tools" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-@contextmanager
-def read_only_store(db: Path) -> Iterator[str]:
-    """The sqlite file `db` takes no writes inside the block, even for root; yields how ("immutable", "locked")."""
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode == 0:
-        try:
-            yield "immutable"
-        finally:
-            subprocess.run(["chattr", "-i", str(db)], check=True)
-        return
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        yield "locked"
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()
-        holder.wait(timeout=30)
+read_only_store = _soak_tool().read_only_store
 
 
 @pytest.fixture()

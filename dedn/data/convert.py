@@ -23,7 +23,7 @@ from dedn.data.class_side import ClassSide
 from dedn.data import SPLITS, DatasetWriter
 from dedn.data.format import DISJOINT_SPLITS, shared_ids
 from dedn.errors import DatasetError
-from dedn.data.sources import ClassSideSource, build_class_side, load_xlsa17, make_splits
+from dedn.data.sources import ClassSideSource, build_class_side, load_res101, load_xlsa17, make_splits
 
 HDF5_KEYS = ("feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc")
 
@@ -162,15 +162,8 @@ def convert_xlsa17(res101: str | Path, att_splits: str | Path, word_vectors: str
                    block_rows: int = 1024, seed: int = 0, overwrite: bool = False, progress: bool = True,
                    shard_bytes: int | None = None) -> Path:
     """Convert xlsa17 pooled ResNet-101 features (C x N) into 1 x 1 maps (N, C, 1, 1)."""
-    import scipy.io
-
     path = Path(res101)
-    if not path.is_file():
-        raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
-    try:
-        mat = scipy.io.loadmat(path, variable_names=("features", "labels"))
-    except (OSError, ValueError, TypeError, NotImplementedError) as e:
-        raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
+    mat = load_res101(path, ("features", "labels"))
     missing = [k for k in ("features", "labels") if k not in mat]
     if missing:
         raise DatasetError(path, "keys", "features (C x N) and labels (N x 1, 1-based)", f"missing {missing}")

@@ -394,6 +394,18 @@ def load_image_labels(path: str | Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def load_res101(path: Path, variables: tuple[str, ...]) -> dict[str, Any]:
+    """The named variables of an xlsa17 res101.mat (missing ones absent), or one DatasetError naming the file."""
+    import scipy.io
+
+    if not path.is_file():
+        raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
+    try:
+        return scipy.io.loadmat(path, variable_names=variables)
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:
+        raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
+
+
 def image_labels_arrays(res101: str | Path, att_splits: str | Path,
                         strip_prefix: str = "") -> dict[str, np.ndarray]:
     """The arrays of an image_labels.npz (IMAGE_LABELS_HELP) from xlsa17's res101.mat and att_splits.mat.
@@ -403,15 +415,8 @@ def image_labels_arrays(res101: str | Path, att_splits: str | Path,
     (disjoint locations, every image on its split's side). strip_prefix: removed from the start
     of every image path that has it (xlsa17's are the authors' absolute paths).
     """
-    import scipy.io
-
     path = Path(res101)
-    if not path.is_file():
-        raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
-    try:
-        mat = scipy.io.loadmat(path, variable_names=("labels", "image_files"))
-    except (OSError, ValueError, TypeError, NotImplementedError) as e:
-        raise DatasetError(path, "file", "a MATLAB v5 file readable by scipy.io.loadmat", f"{type(e).__name__}: {e}") from None
+    mat = load_res101(path, ("labels", "image_files"))
     if "labels" not in mat:
         raise DatasetError(path, "keys", "labels (N x 1, 1-based) and optionally image_files", "no labels")
     raw = np.asarray(mat["labels"]).ravel()
