@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               "Use --device cpu for a smoke run of the same path.", file=sys.stderr)
         return 2
     from dedn.accel import fast_bf16
-    from dedn.tracking.store import dedn_home
+    from dedn.home import dedn_home
 
     t_start = time.perf_counter()
     folder = Path(args.out) if args.out else dedn_home() / "gpu_check" / time.strftime("%Y%m%d-%H%M%S")

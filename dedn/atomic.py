@@ -1,10 +1,12 @@
 """Atomic file writes: every file `dedn` writes goes to a temporary name beside its target and is
 renamed into place, so a crash or a full disk never leaves a half-written file under the real name.
 
-One helper for all writers (dataset manifests, checkpoints, tables, plots, predictions).
+One helper for all writers (dataset manifests, checkpoints, tables, plots, predictions), and
+`file_lock` for work that two processes must not do at once (creating a new sqlite store).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, Iterator
 
 from dedn.errors import OutputError, os_reason
 
-__all__ = ["atomic_path", "output_errors", "write_text", "write_bytes", "save_figure"]
+__all__ = ["atomic_path", "output_errors", "write_text", "write_bytes", "save_figure", "file_lock"]
 
 
 @contextmanager
@@ -77,7 +79,7 @@ def write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False) 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically and close it (also when saving fails)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only callers that draw pay for it
 
     try:
         with atomic_path(path, suffix=".png") as tmp:
@@ -85,3 +87,14 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (POSIX flock), held for the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason", "ServerError", "ClusterError"]
+__all__ = ["DednError", "DatasetError", "ConfigError", "NonFiniteLossError", "OutputError", "is_retryable", "os_reason",
+           "ServerError", "ClusterError", "rebuild"]
 
 
-def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
+def rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "DednError":
     """Unpickle a DednError without calling its __init__ (whose signature is the subclass's own)."""
     obj = cls.__new__(cls, *args)
     obj.args = args
@@ -41,7 +42,7 @@ class DednError(Exception):
         # The default (cls, self.args) would call a subclass's __init__ with the message alone
         # (ConfigError.__init__() missing 2 required positional arguments ...); rebuild from
         # the message args and the instance attributes instead, for every subclass.
-        return _rebuild, (type(self), tuple(self.args), dict(self.__dict__))
+        return rebuild, (type(self), tuple(self.args), dict(self.__dict__))
 
 
 def is_retryable(exc: BaseException) -> bool:

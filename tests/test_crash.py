@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dedn.config import build_config
-from dedn.training.ray_cluster import AGENT_TITLES as AGENTS, descendants, running
+from dedn.procs import descendants, running
+from dedn.training.ray_cluster import AGENT_TITLES as AGENTS
 
 
 @pytest.fixture()

@@ -11,7 +11,8 @@ import pytest
 from dedn.config import build_config
 from dedn.errors import ConfigError, DatasetError
 from dedn.training.driver import TrainSettings, train
-from dedn.training.preflight import FATAL_FILE, preflight
+from dedn.training.fatal import FATAL_FILE
+from dedn.training.preflight import preflight
 
 QUICK = ["epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64"]
 
@@ -114,11 +115,11 @@ def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, t
 def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tiny_dataset, tmp_path):
     """The recorded error comes back as its own class and message; a run that fails its preflight
     leaves the run folder as it was."""
-    from dedn.training.preflight import _read_fatal, _write_fatal
+    from dedn.training.fatal import read_fatal, write_fatal
 
     fatal = tmp_path / "ray" / "again" / FATAL_FILE
-    _write_fatal(fatal, DatasetError("x.parquet", "sha256", "abc", "def"))
-    again = _read_fatal(fatal)
+    write_fatal(fatal, DatasetError("x.parquet", "sha256", "abc", "def"))
+    again = read_fatal(fatal)
     assert type(again) is DatasetError and str(again) == "x.parquet: sha256: expected abc, found def"
     with pytest.raises(ConfigError, match="model.num_clusters"):  # the preflight fails before the run folder is touched
         train(_cfg(tiny_dataset.root, "model.clusters=kmeans", "model.num_clusters=1000"),

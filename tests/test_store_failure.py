@@ -61,8 +61,9 @@ class _Records(logging.Handler):
 
 def test_a_store_that_stops_taking_writes_is_one_line_naming_it_and_the_next_start_ends_the_run(home: Path) -> None:
     from dedn import tracking
-    from dedn.tracking.store import RunLogger, TrackingStoreError, record_unfinished
-    from dedn.training.preflight import _read_fatal, _write_fatal
+    from dedn.tracking.errors import TrackingStoreError
+    from dedn.tracking.store import RunLogger, record_unfinished
+    from dedn.training.fatal import read_fatal, write_fatal
 
     uri = tracking.init_store()
     db = home / "mlflow.db"
@@ -92,8 +93,8 @@ def test_a_store_that_stops_taking_writes_is_one_line_naming_it_and_the_next_sta
     # as a Ray worker's error reaches the driver, and as a restart finds it in the fatal-error file
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is TrackingStoreError and str(back) == msg and back.reason == e.reason
-    _write_fatal(home / "fatal_error.json", e)
-    again = _read_fatal(home / "fatal_error.json")
+    write_fatal(home / "fatal_error.json", e)
+    again = read_fatal(home / "fatal_error.json")
     assert type(again) is TrackingStoreError and str(again) == msg and not is_retryable(again)
     # MLflow logs each failed statement with its traceback before raising it: dropped, the error says it
     assert mlflow_log.records == []
@@ -114,7 +115,9 @@ def test_a_server_that_is_gone_and_answers_that_are_not_failures(home: Path, mon
     from mlflow.exceptions import MlflowException
 
     from dedn import tracking
-    from dedn.tracking.store import RunLogger, TrackingStoreError, is_store_failure, redact_uri
+    from dedn.tracking.errors import TrackingStoreError, is_store_failure
+    from dedn.tracking.location import redact_uri
+    from dedn.tracking.store import RunLogger
 
     # a server gone: nothing listens there (MLflow's own retries off, or it tries for minutes)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -148,9 +151,9 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     epoch was retried by Ray Train's restarts, 1,774 lines of tracebacks, exit 1, no `error:` line, the
     run RUNNING. Rank 1, stopped when rank 0's error ends the group, adds no traceback either."""
     from dedn import tracking
-    from dedn.tracking.store import TrackingStoreError
+    from dedn.tracking.errors import TrackingStoreError
     from dedn.training.driver import RUN_RECORD_FILE
-    from dedn.training.preflight import FATAL_FILE, _read_fatal
+    from dedn.training.fatal import FATAL_FILE, read_fatal
 
     epochs = 6  # the store fails in epoch 2 or, on a slow machine, a later one: long before the end
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(tiny_dataset.root), "--preset", "cub",
@@ -181,7 +184,7 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     # trained once: no epoch was trained (and printed) twice, and the run ended before its last epoch
     trained = [line.split("/")[0] for line in out.splitlines() if line.startswith("[select] epoch")]
     assert len(trained) == len(set(trained)) and 2 <= len(trained) < epochs, out
-    recorded = _read_fatal(run_dir / FATAL_FILE)  # what each restart re-raised at once, and the driver raised
+    recorded = read_fatal(run_dir / FATAL_FILE)  # what each restart re-raised at once, and the driver raised
     assert isinstance(recorded, TrackingStoreError) and recorded.uri == uri
 
     # the store takes writes again: the run is RUNNING until the next start against the store marks it

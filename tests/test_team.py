@@ -424,7 +424,7 @@ def test_stop_and_start_again_keeps_runs_and_models(team: Team) -> None:
         models = {m.name for m in c.search_registered_models()}
         st = server.status(team.data_dir)
         assert server.stop(team.data_dir) is not None
-        assert server._http_status(f"{team.uri}/health") is None  # the MLflow server is gone ...
+        assert server.http_status(f"{team.uri}/health") is None  # the MLflow server is gone ...
         assert not server._pg_running(Path(st["pg_data"]))  # ... and so is PostgreSQL
         assert not server.status(team.data_dir)["running"]
         info = server.start(team.data_dir, port=st["port"], pg_port=st["pg_port"])

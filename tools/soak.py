@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dedn.training.ray_cluster import AGENT_TITLES, descendants, running
+from dedn.procs import descendants, running
+from dedn.training.ray_cluster import AGENT_TITLES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent", "second_run",

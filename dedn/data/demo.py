@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 
 from dedn.data import MANIFEST_FILE, FeatureDataset
+from dedn.data.synthetic import write_synthetic
 from dedn.errors import DatasetError
+from dedn.home import dedn_home
 
 __all__ = ["DEMO_SIZES", "demo_dir", "ensure_demo_dataset"]
 
@@ -24,15 +26,11 @@ DEMO_NAME = "AWA2"
 
 def demo_dir() -> Path:
     """`<DEDN_HOME>/data/demo-awa2-semisynthetic` (DEDN_HOME defaults to ~/.dedn)."""
-    from dedn.tracking import dedn_home
-
     return dedn_home() / "data" / "demo-awa2-semisynthetic"
 
 
 def ensure_demo_dataset(root: str | os.PathLike[str] | None = None, *, progress: bool = True) -> tuple[Path, bool]:
     """The demo dataset directory, written first when missing or unreadable. Returns (path, created)."""
-    from dedn.data.synthetic import write_synthetic
-
     path = Path(root) if root else demo_dir()
     if (path / MANIFEST_FILE).exists():
         try:

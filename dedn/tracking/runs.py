@@ -3,13 +3,14 @@ a dead driver left RUNNING. Every MLflow call goes through `dedn.tracking.store`
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from dedn.tracking.store import (
-    DRIVER_TAG, client, experiment_name, finish_run, run_tags, set_tags, start_run, tracking_uri,
-)
+from dedn.procs import process_start
+from dedn.tracking.location import tracking_uri
+from dedn.tracking.names import DRIVER_TAG, experiment_name
+from dedn.tracking.store import client, finish_run, run_tags, set_tags, start_run
 
 if TYPE_CHECKING:
     from dedn.config import DEDNConfig
@@ -49,7 +50,7 @@ def start_training_run(cfg: "DEDNConfig", *, name: str, semi_synthetic: bool, ex
 
 def reopen_run(run_id: str) -> Run | None:
     """The run a resumed training continues (its history stays whole), RUNNING again; None if the store lacks it."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow on use (dedn.tracking.store's docstring)
 
     c = client()
     try:
@@ -62,30 +63,9 @@ def reopen_run(run_id: str) -> Run | None:
     return Run(run_id, run.info.experiment_id, exp.name, tracking_uri())
 
 
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (Linux: clock ticks since boot, /proc/<pid>/stat field 22); "" where
-    that cannot be read (the pid alone then identifies it); None when no such process exists."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        pass
-    except (OSError, IndexError):
-        return ""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return ""
-    return "" if not Path("/proc/self/stat").exists() else None
-
-
 def _driver_id(pid: int | None = None) -> str:
-    import socket
-
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or ''}"
+    return f"{socket.gethostname()}:{pid}:{process_start(pid) or ''}"
 
 
 def mark_orphans(experiment: str) -> list[str]:
@@ -94,8 +74,6 @@ def mark_orphans(experiment: str) -> list[str]:
     A driver is identified by host, pid and process start time (a reused pid is not the same
     driver). Runs opened on other hosts are left alone: from here their driver cannot be seen.
     """
-    import socket
-
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -107,7 +85,7 @@ def mark_orphans(experiment: str) -> list[str]:
         pid_s, _, started = rest.partition(":")
         if h != host or not pid_s.isdigit():
             continue
-        now = _process_start(int(pid_s))
+        now = process_start(int(pid_s))
         alive = now is not None and (now == started or not (now and started))
         if not alive:
             client().set_terminated(run.info.run_id, "KILLED")

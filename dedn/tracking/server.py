@@ -25,24 +25,30 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
+import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from dedn.atomic import write_text
+from dedn.cli import command
 from dedn.errors import ServerError
+from dedn.home import dedn_home
+from dedn.procs import alive, descendants, kill_group
+from dedn.tracking.mlflow_settings import MLFLOW_DEFAULTS
+from dedn.tracking.probe import auth_header, check_reachable, http_status
 
-__all__ = ["ServerInfo", "default_dir", "start", "stop", "status", "env_lines", "backup", "server_memory_mib", "check_reachable"]
+# check_reachable: dedn.tracking.probe's (the client side), named here too
+__all__ = ["ServerInfo", "default_dir", "start", "stop", "status", "env_lines", "backup", "server_memory_mib",
+           "check_reachable"]
 
 ADMIN = "admin"
 DB_USER = "dedn"
@@ -55,8 +61,6 @@ def default_dir() -> Path:
     """`$DEDN_HOME/team`; for root `/var/lib/dedn-team` (PostgreSQL's user cannot reach root's home)."""
     if os.geteuid() == 0:
         return Path("/var/lib/dedn-team")
-    from dedn.tracking.store import dedn_home
-
     return dedn_home() / "team"
 
 
@@ -76,8 +80,6 @@ class ServerInfo:
     started: float
 
     def stop_command(self) -> str:
-        from dedn.cli import command
-
         return command("jobs/server.py", "stop", "--data-dir", self.data_dir)
 
 
@@ -117,8 +119,6 @@ def _pg_user() -> str | None:
     """The user PostgreSQL runs as: None (this one) unless we are root, then `postgres`."""
     if os.geteuid() != 0:
         return None
-    import pwd
-
     try:
         pwd.getpwnam("postgres")
     except KeyError:
@@ -157,8 +157,6 @@ def _ensure_cluster(root: Path, pg_port: int, db_password: str) -> Path:
     base, data, _ = _pg_paths(root)
     base.mkdir(parents=True, exist_ok=True)
     if user is not None:
-        import pwd
-
         pw = pwd.getpwnam(user)
         os.chown(base, pw.pw_uid, pw.pw_gid)
         probe = subprocess.run(_as_pg(["test", "-w", str(base)], user), capture_output=True)
@@ -212,7 +210,7 @@ def _start_postgres(root: Path, pg_port: int, db_password: str) -> Path:
 
 
 def _create_databases(admin_url: str, password: str) -> None:
-    import psycopg
+    import psycopg  # only `start` needs the PostgreSQL driver: `jobs/server.py status`, `env`, `stop` stay light
 
     try:
         with psycopg.connect(admin_url, password=password, autocommit=True, connect_timeout=10) as conn:
@@ -242,66 +240,17 @@ def _port_free(host: str, port: int, option: str) -> None:
 
 def _split_password(url: str) -> tuple[str, str | None]:
     """(URL without its password, the password): the password travels in PGPASSWORD, never on a command line."""
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import URL, make_url  # heavy, and only `start` needs it (as psycopg above)
 
     try:
         u = make_url(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError and friends
         raise ServerError("--database-url", f"expected a database URL such as postgresql://user:pw@host:5432/mlflow, found {url!r} ({e})") from None
-    from sqlalchemy.engine import URL
 
     driver = "postgresql+psycopg" if u.drivername in ("postgresql", "postgres") else u.drivername  # psycopg 3
     # built anew: URL.set(password=None) keeps the password in SQLAlchemy 2.1
     bare = URL.create(driver, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
     return bare.render_as_string(hide_password=False), u.password
-
-
-def _auth_header(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def _http_status(url: str, headers: Mapping[str, str] | None = None, timeout: float = 5) -> int | None:
-    """The HTTP status of a GET (None when nothing answers)."""
-    req = urllib.request.Request(url, headers=dict(headers or {}))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def check_reachable(uri: str, timeout: float = 5) -> None:
-    """Fail fast, with what to do, when the tracking server at `uri` does not answer or refuses our credentials.
-
-    MLflow's own client retries a dead server for minutes; this asks once.
-    """
-    base = uri.rstrip("/")
-    if _http_status(f"{base}/health", timeout=timeout) is None:
-        raise ServerError("MLFLOW_TRACKING_URI", f"no MLflow server answers at {uri} (is it started? "
-                                                 "`python jobs/server.py status` tells)")
-    user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    headers = _auth_header(user, pw) if user and pw else {}
-    code = _http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers, timeout)
-    if code in (401, 403):
-        said = "were refused" if headers else "are not set"
-        raise ServerError("MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
-                          f"the MLflow server at {uri} asks for credentials and they {said}; "
-                          "`eval \"$(python jobs/server.py env)\"` sets them for the team server")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own child, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _read_state(root: Path) -> ServerInfo | None:
@@ -330,7 +279,7 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
     the sense that a folder whose server already runs is refused with its URI."""
     root = Path(root or default_dir()).expanduser().resolve()
     running = _read_state(root)
-    if running is not None and _alive(running.pid):
+    if running is not None and alive(running.pid):
         raise ServerError(root, f"its server already runs at {running.uri} (pid {running.pid}); stop it with `{running.stop_command()}`")
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -377,6 +326,7 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
         artifacts = str(Path(artifacts).expanduser().resolve())
         Path(artifacts).mkdir(parents=True, exist_ok=True)
     env = {
+        **MLFLOW_DEFAULTS,  # the quiet logs dedn's own processes have (dedn.tracking.mlflow_settings)
         **os.environ,
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": sec["admin_password"],  # used once, when the user store is new
@@ -402,44 +352,23 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
             if pg_data is not None:
                 _stop_postgres(pg_data)
             raise ServerError(f"mlflow server (log {log})", f"exited with {proc.returncode} while starting:\n{_log_tail(log)}")
-        if _http_status(f"{uri}/health", timeout=2) == 200:
+        if http_status(f"{uri}/health", timeout=2) == 200:
             break
         time.sleep(0.5)
     else:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         if pg_data is not None:
             _stop_postgres(pg_data)
         raise ServerError(f"mlflow server (log {log})", f"not healthy after {timeout:.0f} s:\n{_log_tail(log)}")
-    code = _http_status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", _auth_header(ADMIN, sec["admin_password"]))
+    code = http_status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", auth_header(ADMIN, sec["admin_password"]))
     if code != 200:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         raise ServerError(f"mlflow server (log {log})", f"refused its own admin credentials (HTTP {code}); if the user "
                                                         f"store predates {root / SECRETS_FILE}, reset the admin password there")
     info = ServerInfo(uri=uri, host=host, port=port, pid=proc.pid, data_dir=str(root), artifacts_destination=artifacts,
                       backend=backend, pg_data=str(pg_data) if pg_data else None, pg_port=pg_port_used, started=time.time())
     write_text(root / STATE_FILE, json.dumps(asdict(info), indent=2))
     return info
-
-
-def _kill_group(pid: int, grace: float = 20.0) -> None:
-    """SIGTERM the process group `pid` leads (the server and its uvicorn workers), SIGKILL after `grace` s."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-        except ChildProcessError:
-            pass
-        if not _alive(pid):
-            break
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # any worker left behind
-    except ProcessLookupError:
-        pass
 
 
 def stop(root: str | os.PathLike[str] | None = None) -> ServerInfo | None:
@@ -451,7 +380,7 @@ def stop(root: str | os.PathLike[str] | None = None) -> ServerInfo | None:
         if _pg_running(data):  # a start that failed half-way
             _stop_postgres(data)
         return None
-    _kill_group(info.pid)
+    kill_group(info.pid)
     if info.pg_data:
         _stop_postgres(Path(info.pg_data))
     (root / STATE_FILE).unlink(missing_ok=True)
@@ -464,18 +393,16 @@ def status(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     info = _read_state(root)
     if info is None:
         return {"data_dir": str(root), "running": False}
-    alive = _alive(info.pid)
-    healthy = alive and _http_status(f"{info.uri}/health") == 200
-    out: dict[str, Any] = {**asdict(info), "running": alive, "healthy": healthy}
-    if alive:
+    up = alive(info.pid)
+    healthy = up and http_status(f"{info.uri}/health") == 200
+    out: dict[str, Any] = {**asdict(info), "running": up, "healthy": healthy}
+    if up:
         out["memory_mib"] = server_memory_mib(info)
     return out
 
 
 def env_lines(root: str | os.PathLike[str] | None = None) -> list[str]:
     """`export` lines that point a shell's jobs at the team server (for `eval "$(...)"`)."""
-    import shlex
-
     root = Path(root or default_dir()).expanduser().resolve()
     info = _read_state(root)
     if info is None:
@@ -487,8 +414,6 @@ def env_lines(root: str | os.PathLike[str] | None = None) -> list[str]:
 
 def server_memory_mib(info: ServerInfo) -> dict[str, float]:
     """Resident memory (MiB) of the MLflow server's process group and of the PostgreSQL cluster's processes."""
-    from dedn.training.ray_cluster import descendants
-
     def rss(pid: int) -> float:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -510,8 +435,6 @@ def server_memory_mib(info: ServerInfo) -> dict[str, float]:
 
 def backup(root: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str]) -> list[Path]:
     """pg_dump (custom format) of both databases and, for a local artifact store, a tar.gz of it."""
-    import tarfile
-
     root = Path(root or default_dir()).expanduser().resolve()
     info = _read_state(root)
     if info is None or not info.pg_port:

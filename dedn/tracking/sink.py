@@ -7,7 +7,8 @@ from typing import Any, Callable, Mapping
 
 from dedn.config import DEDNConfig
 from dedn.families import family_of
-from dedn.tracking.store import RunLogger, metric_key
+from dedn.tracking.names import metric_key
+from dedn.tracking.store import RunLogger
 
 __all__ = ["MLflowSink"]
 

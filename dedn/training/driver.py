@@ -1,7 +1,7 @@
 """The one training driver: a Ray Train function run by a `TorchTrainer`, for every job and trial.
 
-(~440 lines: the worker function and the driver share the loop config, the checkpoint folder
-and its record files; kept in one module so both sides of that contract read together.)
+(The worker function and the driver share the loop config, the checkpoint folder and its record
+files; kept in one module so both sides of that contract read together.)
 
 `train(cfg, settings)` (driver side) opens the dataset, creates the MLflow run, starts a
 TorchTrainer whose workers run `train_func` — the one train function: `jobs/train.py`, the
@@ -19,6 +19,10 @@ best-so-far, RNG state and, in the final phase, the selection.
 
 Test hooks (`dedn.training.debug.DebugHooks`): record which samples each rank trained on and a
 digest of its parameters, and make one rank raise once at a given epoch.
+
+Ray is imported where a function needs it, so that importing this module (tuning, the analyses,
+tests) does not load Ray Train (about 1.5 s); MLflow's registry likewise, which only the driver
+uses after a run (the Ray Train workers import this module too).
 """
 from __future__ import annotations
 
@@ -37,61 +41,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pyarrow.fs
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dedn import tracking
 from dedn.accel import autocast_dtype_for
 from dedn.atomic import write_text
 from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
-from dedn.errors import ConfigError, DednError, OutputError, os_reason
+from dedn.data.reader import ShardReader, forbid_splits
+from dedn.errors import DednError, OutputError, os_reason
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
+from dedn.tracking.sink import MLflowSink
 from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
-from dedn.training.preflight import (FATAL_FILE, _read_fatal, _write_fatal, check_cluster_resources, open_dataset,
-                                     preflight)
+from dedn.training.fatal import FATAL_FILE, read_fatal, write_fatal
+from dedn.training.loop import model_from_state, run_protocol, unwrap_model
+from dedn.training.node_cache import node_split_loader, start_node_caches
+from dedn.training.preflight import check_cluster_resources, open_dataset, preflight
 from dedn.training.ray_cluster import init_ray, set_continue_hint
 from dedn.training.report import SCORE_ATTRIBUTE, ConsoleSink, EpochReport, StateFn, say
+from dedn.training.settings import TrainSettings
 
+# TrainSettings: dedn.training.settings's, named here too (where every job imports it from)
 __all__ = [
     "STATE_FILE", "SCORE_ATTRIBUTE", "TrainSettings", "TrainOutcome", "init_ray", "cpus_per_worker", "train_func",
     "build_trainer", "train", "read_outcome", "open_dataset", "last_model",
 ]
 
 STATE_FILE = "state.pt"  # the loop's checkpoint dict (torch.save of tensors and plain values)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How a run is distributed, checkpointed and tracked (not part of the model config)."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.0  # 0 = fit the cluster: min(1, CPUs / workers) without a GPU
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
-    num_to_keep: int = 2  # checkpoints kept (best val H; the latest is always kept)
-    storage_path: str = ""  # Ray Train storage; "" = <DEDN_HOME>/ray_results
-    name: str = ""  # Ray Train run name; "" = <model>-<dataset>-<time>-<id> (a new run)
-    experiment: str = ""  # MLflow experiment; "" = dedn-<dataset>
-    register: bool = True  # register the final model (needs protocol two_phase or final)
-    track: bool = True  # MLflow on; False = no run, no registry
-    parent_run_id: str = ""  # nest the MLflow run under this run (ablations, comparisons)
-    tags: Mapping[str, str] = field(default_factory=dict)  # extra MLflow tags of the run
-    # validation T/U/S/H of a selection made elsewhere (a sweep's best trial), for a protocol-final run:
-    # the registered version carries them as val_* tags, so it competes for `champion` like any run
-    selection_val: Mapping[str, float] | None = None
-    verbose: bool = True  # rank-0 progress lines on stdout
-    ray_info_logs: bool = False  # Ray Train's own INFO logs (one line per report and rank)
-    debug: DebugHooks = field(default_factory=DebugHooks)
-
-    def __post_init__(self) -> None:
-        for key, v, lo in (("num_workers", self.num_workers, 1), ("max_failures", self.max_failures, 0),
-                           ("num_to_keep", self.num_to_keep, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"settings.{key}", f"an int >= {lo}", v, "TrainSettings")
-        if self.cpus_per_worker < 0:
-            raise ConfigError("settings.cpus_per_worker", ">= 0", self.cpus_per_worker, "TrainSettings")
 
 
 @dataclass
@@ -122,7 +105,7 @@ def cpus_per_worker(num_workers: int, use_gpu: bool, requested: float = 0.0, ava
     if requested > 0:
         return float(requested)
     if available is None:
-        import ray
+        import ray  # on use (module docstring)
 
         available = float(ray.cluster_resources().get("CPU", 1.0))
     per = available / num_workers
@@ -140,13 +123,9 @@ class _TorchCollective:
     """Sum and max over the worker group with torch.distributed."""
 
     def sum_(self, t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     def max_(self, t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
@@ -163,7 +142,7 @@ class RayTrainSink:
         self.rank, self.hooks = rank, hooks or DebugHooks()
 
     def on_epoch(self, report: EpochReport, state: StateFn) -> None:
-        import ray.train
+        import ray.train  # on use (module docstring)
 
         metrics = report.metrics()
         # final-phase epochs have no validation: NaN ranks them below every selection epoch
@@ -186,8 +165,7 @@ class RayTrainSink:
 
     def persist(self, checkpoint: Any, dir_name: str, report: EpochReport) -> Any:
         """Copy the checkpoint folder into the run's storage under `dir_name`, whole or not at all."""
-        import pyarrow.fs
-        import ray.train
+        import ray.train  # on use (module docstring)
 
         storage = ray.train.get_context().get_storage()
         fs = storage.storage_filesystem
@@ -225,7 +203,7 @@ def _quiet_ray_train_reports(keep: bool) -> None:
     if keep:
         return
     try:
-        from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import context as train_context  # on use (module docstring)
     except ImportError:  # another Ray layout: keep its logs
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
@@ -249,14 +227,14 @@ def _quiet_fatal_error_log(e: BaseException) -> None:
     it), which would bury that line: that log is dropped for this error alone (and for another rank's
     error that merely followed from it). A retryable error, a bug, keeps Ray's traceback."""
     try:
-        from ray.train.v2._internal import util as train_util
+        from ray.train.v2._internal import util as train_util  # on use (module docstring)
     except ImportError:  # another Ray layout: keep its logs
         return
     logging.getLogger(train_util.__name__).addFilter(_DropTrainingErrorLog(str(e)))
 
 
 def _resume_state() -> dict[str, Any] | None:
-    import ray.train
+    import ray.train  # on use (module docstring)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -274,11 +252,8 @@ def train_func(config: dict[str, Any]) -> None:
     recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
     training again, and the driver raises it to the user as itself.
     """
-    import ray.train
+    import ray.train  # on use (module docstring)
     import ray.train.torch
-    import torch.distributed as dist
-
-    from dedn.data.reader import forbid_splits
 
     _quiet_ray_train_reports(bool(config.get("ray_info_logs")))
     ctx = ray.train.get_context()
@@ -291,7 +266,7 @@ def train_func(config: dict[str, Any]) -> None:
     # a selection-only run (a sweep's trial) must not touch a test shard: the guard is per process
     guard = forbid_splits(TEST_SPLITS) if cfg.protocol == "select" else nullcontext()
     fatal = Path(config["fatal_file"]) if config.get("fatal_file") else None
-    recorded = _read_fatal(fatal) if fatal is not None else None
+    recorded = read_fatal(fatal) if fatal is not None else None
     if recorded is not None:  # a restart after a deterministic error: it would happen again, end now
         _quiet_fatal_error_log(recorded)
         raise recorded
@@ -304,7 +279,7 @@ def train_func(config: dict[str, Any]) -> None:
             _quiet_fatal_error_log(e)
             if fatal is not None:
                 try:
-                    _write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
+                    write_fatal(fatal, e)  # temp name + rename: with several ranks failing, one whole file wins
                 except OutputError:  # a full disk: Ray's restart meets the same error again, and ends the same way
                     pass
         raise
@@ -319,9 +294,6 @@ def train_func(config: dict[str, Any]) -> None:
 def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size: int, device: torch.device,
                   autocast_dtype: torch.dtype | None, distributed: bool) -> None:
     """train_func's body: the dataset, the sinks, then run_protocol under DDP."""
-    from dedn.training.loop import run_protocol, unwrap_model
-    from dedn.training.node_cache import node_split_loader
-
     # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
     dataset = FeatureDataset.open(cfg.data.path, verify="none")
     resume = _resume_state()
@@ -342,8 +314,6 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     if rank == 0 and config.get("verbose", True):
         sinks.append(ConsoleSink(world_size))
     if rank == 0 and config.get("run_id"):
-        from dedn.tracking import MLflowSink
-
         sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
                                 semi_synthetic=bool(config.get("semi_synthetic"))))
     sinks.append(RayTrainSink(rank, hooks))
@@ -361,37 +331,29 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
 def _node_system_metrics(config: Mapping[str, Any]) -> Any:
     """MLflow system metrics of this node into the run, from its local rank 0 (one sampler per node);
     nodes are told apart (`system/node<k>/...`) when the run spans several."""
-    import ray.train
+    import ray.train  # on use (module docstring)
 
     ctx = ray.train.get_context()
     if not config.get("run_id") or ctx.get_local_rank() != 0:
         return nullcontext()
-    from dedn.tracking import system_metrics
-
     multi_node = ctx.get_local_world_size() < ctx.get_world_size()
-    return system_metrics(config["run_id"], config.get("tracking_uri"),
+    return tracking.system_metrics(config["run_id"], config.get("tracking_uri"),
                           node_id=f"node{ctx.get_node_rank()}" if multi_node else None)
 
 
 def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:
     """DDP with the run's train.ddp_* options. The all-reduce of each bucket starts as soon as its
     gradients are ready, so it overlaps the rest of the backward pass (docs/scaling.md)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     t = cfg.train
     wrapped = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=t.ddp_bucket_mb,
                   gradient_as_bucket_view=t.ddp_grad_as_bucket_view)
     if t.ddp_comm_hook != "none":  # gradients travel as bf16/fp16 (half the bytes), are averaged back into fp32
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         wrapped.register_comm_hook(None, getattr(default_hooks, f"{t.ddp_comm_hook}_compress_hook"))
     return wrapped
 
 
 def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDataset) -> nn.Module:
     """The network of a checkpoint dict (its own config and meta), on CPU."""
-    from dedn.training.loop import model_from_state
-
     run_cfg = DEDNConfig.from_dict(state["config"], source="checkpoint") if "config" in state else cfg
     return model_from_state(run_cfg, dataset, state["model"], state.get("meta"))
 
@@ -401,7 +363,7 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
                   semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = (),
                   fatal_file: str = "") -> Any:
     """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's TuneReportCallback."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # on use
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cpus = cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker)
@@ -463,15 +425,13 @@ def _end_failed_run(run: Any, status: str) -> str:
     the store marks it KILLED (its driver is gone by then, as for a killed driver's run). Returns
     what became of the run, in words, for the error the user sees.
     """
-    from dedn.tracking.store import record_unfinished
-
     try:
         run.finish(status)
         return ""
     except Exception as store_error:  # noqa: BLE001 - whatever the store says, the run's own error comes first
         left = f"MLflow run {run.run_id} could not be marked {status} ({store_error})"
     try:
-        record_unfinished(run.run_id, "KILLED", run.tracking_uri)
+        tracking.store.record_unfinished(run.run_id, "KILLED", run.tracking_uri)
     except OutputError as e:  # DEDN_HOME itself cannot be written: only a dead driver's runs are found
         logging.getLogger(__name__).warning("%s; nor recorded (%s)", left, e)
         return f"run {run.run_id} is left RUNNING there"
@@ -485,8 +445,6 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     cfg.data.path must name a dataset directory. Returns a TrainOutcome; raises what the
     workers raised once `max_failures` restarts are used up.
     """
-    from dedn import tracking
-
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
     cfg, dataset, storage_dir = preflight(cfg, settings)  # user errors stop here: no Ray, no MLflow run yet
@@ -503,8 +461,6 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     # workers the cluster can never place would wait forever: say what it has, before any MLflow run
     check_cluster_resources(settings, cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker))
     if cfg.data.resident != "off" and cfg.data.resident_shared:
-        from dedn.training.node_cache import start_node_caches
-
         start_node_caches()  # one decoded copy per node, owned by this driver (a trial finds its sweep's)
     if settings.track:
         # the same --name again continues the checkpoints (Ray Train) and the same MLflow run, whose id
@@ -531,14 +487,12 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
         if result.error is not None:  # older behaviour: the error on the result instead of raised
             raise result.error
     except BaseException as e:
-        recorded = _read_fatal(fatal)
+        recorded = read_fatal(fatal)
         if run is not None:
             # a signal turned into an exit (jobs/train.py's SIGTERM) or Ctrl-C: killed, not failed
             left = _end_failed_run(run, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            from dedn.tracking.store import TrackingStoreError
-
-            if left and isinstance(recorded, TrackingStoreError):  # the user's one line says it
-                recorded = TrackingStoreError(recorded.uri, recorded.what, recorded.reason, note=left)
+            if left and isinstance(recorded, tracking.TrackingStoreError):  # the user's one line says it
+                recorded = tracking.TrackingStoreError(recorded.uri, recorded.what, recorded.reason, note=left)
         if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
             raise recorded from e
         raise
@@ -591,8 +545,7 @@ def run_description(cfg: DEDNConfig, outcome: TrainOutcome, *, semi_synthetic: b
 def _register(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
               val: Mapping[str, float], test: Mapping[str, float]) -> Any:
     """Rebuild the final weights from the last checkpoint and register them (driver side)."""
-    from dedn.data.reader import ShardReader
-    from dedn.tracking import registry
+    from dedn.tracking import registry  # MLflow: the driver alone registers (module docstring)
 
     final_cfg = DEDNConfig.from_dict(state["config"], source=f"checkpoint of run {run_id}")
     model = last_model(state, final_cfg, dataset)

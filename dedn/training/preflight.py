@@ -1,30 +1,26 @@
-"""Before and around a run: the driver's preflight, and deterministic errors recorded for the restarts.
+"""Before a run: the driver's preflight, in seconds, before Ray or an MLflow run starts.
 
-`preflight` checks everything a user can get wrong before Ray or an MLflow run starts (the
-dataset and its labels, the family's dataset-dependent defaults, one build of the network,
-writable locations, room for checkpoints). `_write_fatal` / `_read_fatal` keep the
-non-retryable error a worker raised beside the run's checkpoints (`FATAL_FILE`): Ray Train's
-restarts re-raise it instead of training again, and the driver raises it to the user as itself.
+`preflight` checks everything a user can get wrong (the dataset and its labels, the family's
+dataset-dependent defaults, one build of the network, writable locations, room for
+checkpoints); `check_cluster_resources`, once Ray is up, that the cluster can place the workers.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from dedn.atomic import write_text
 from dedn.config import DEDNConfig
 from dedn.data import FeatureDataset
-from dedn.errors import ConfigError, DednError
+from dedn.errors import ConfigError
 from dedn.families import family_of
+from dedn.home import dedn_home
 from dedn.protocol import SELECTION_SPLITS
+from dedn.tracking.location import tracking_uri
+from dedn.training.loop import build_model
+from dedn.training.settings import TrainSettings
 
-if TYPE_CHECKING:
-    from dedn.training.driver import TrainSettings
-
-__all__ = ["FATAL_FILE", "open_dataset", "preflight"]
+__all__ = ["open_dataset", "preflight", "check_cluster_resources"]
 
 
 def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
@@ -40,7 +36,7 @@ def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
     return cfg.replace(**{"data.path": data}), dataset
 
 
-def preflight(cfg: DEDNConfig, settings: "TrainSettings") -> tuple[DEDNConfig, FeatureDataset, Path]:
+def preflight(cfg: DEDNConfig, settings: TrainSettings) -> tuple[DEDNConfig, FeatureDataset, Path]:
     """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
 
     The dataset (manifest, shard footers, the label columns against the manifest's class sets),
@@ -49,19 +45,16 @@ def preflight(cfg: DEDNConfig, settings: "TrainSettings") -> tuple[DEDNConfig, F
     writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
     the Ray Train storage folder.
     """
-    from dedn import tracking
-    from dedn.training.loop import build_model
-
     cfg, dataset = open_dataset(cfg)
     if cfg.train.ddp_comm_hook == "bf16" and not settings.use_gpu and settings.num_workers > 1:
         raise ConfigError("train.ddp_comm_hook", "none or fp16 on CPU workers (gloo): bf16 compression needs NCCL, "
                           "i.e. --use-gpu", "bf16", "preflight")
     cfg = family_of(cfg).resolve(cfg, dataset.class_side)
     model = build_model(cfg, dataset.class_side, dataset.feature_shape)
-    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else tracking.dedn_home() / "ray_results"
+    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else dedn_home() / "ray_results"
     _check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
-    if settings.track and tracking.tracking_uri().startswith("sqlite:"):
-        _check_writable(tracking.dedn_home(), "DEDN_HOME")
+    if settings.track and tracking_uri().startswith("sqlite:"):
+        _check_writable(dedn_home(), "DEDN_HOME")
     # a checkpoint holds the weights, the optimiser state (RMSprop: about as much again, with momentum
     # twice) and the best epoch's weights: 4x the weights is a safe bound; num_to_keep + 1 are on disk
     # while the newest is written
@@ -83,35 +76,7 @@ def _check_writable(folder: Path, key: str) -> None:
         raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
 
 
-FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
-
-
-def _write_fatal(path: Path, exc: DednError) -> None:
-    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
-    state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
-    doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
-           "state": state}
-    write_text(path, json.dumps(doc))
-
-
-def _read_fatal(path: Path) -> DednError | None:
-    """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
-    import importlib
-
-    from dedn.errors import _rebuild
-
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    cls: Any = DednError
-    if str(doc.get("module", "")).startswith("dedn."):
-        found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)
-        if isinstance(found, type) and issubclass(found, DednError):
-            cls = found
-    return _rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
-
-
-def check_cluster_resources(settings: "TrainSettings", cpus_per_worker: float) -> None:
+def check_cluster_resources(settings: TrainSettings, cpus_per_worker: float) -> None:
     """ConfigError in seconds when the cluster can never place the workers (after init_ray).
 
     Without it, Ray Train waits for resources forever (asking for GPUs on a CPU-only cluster hangs

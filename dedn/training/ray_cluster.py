@@ -15,11 +15,14 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from dedn.errors import ClusterError
+from dedn.procs import parent
+from dedn.provenance import GIT_COMMIT_ENV, git_commit
 
-__all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents", "descendants", "running"]
+__all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents"]
 
 AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -144,8 +147,6 @@ class _ClusterWatch(threading.Thread):
         self.address, self.every_s, self.misses = gcs_address, every_s, misses
 
     def run(self) -> None:
-        import time
-
         missed = 0
         while True:
             time.sleep(self.every_s)
@@ -196,8 +197,6 @@ def job_runtime_env(checkout: str | os.PathLike[str] | None = None) -> dict[str,
     credentials and DEDN_HOME as environment variables. Everything else about the upload is Ray's
     default: `.git`, `.venv` and whatever `.gitignore` names (data, runs, mlruns) stay behind.
     """
-    from dedn.tracking.store import GIT_COMMIT_ENV, git_commit
-
     env = _forwarded_env()
     sha = git_commit(Path(checkout) if checkout else Path.cwd())
     if sha:
@@ -223,8 +222,8 @@ def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:
                 continue
             # the raylet starts its agents and stays their parent; an agent it left was adopted by init
             # (or a subreaper). Its environment cannot tell: Ray's proctitle overwrites that memory.
-            parent = str(_parent(proc, entry.name))
-            if b"raylet" in _read(proc / parent / "cmdline").split(b"\0", 1)[0]:
+            up = str(parent(proc, entry.name))
+            if b"raylet" in _read(proc / up / "cmdline").split(b"\0", 1)[0]:
                 continue
             os.kill(int(entry.name), signal.SIGKILL)  # it may sit in that GCS call: no SIGTERM handler would run
             reaped.append(int(entry.name))
@@ -238,38 +237,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
-
-
-# ---- /proc (Linux) -----------------------------------------------------------------------------
-def _parent(proc: Path, pid: str) -> int:
-    return int((proc / pid / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def descendants(pid: int, proc: Path = Path("/proc")) -> list[int]:
-    """Every process below `pid` (children, theirs, ...); [] where there is no /proc."""
-    parent: dict[int, int] = {}
-    for entry in proc.iterdir() if proc.is_dir() else ():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = _parent(proc, entry.name)
-            except (OSError, IndexError, ValueError):  # gone meanwhile
-                pass
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == cur]
-        out += kids
-        todo += kids
-    return out
-
-
-def running(pids: list[int], proc: Path = Path("/proc")) -> list[int]:
-    """The pids among `pids` that still run (zombies, already dead, do not count)."""
-    out = []
-    for pid in pids:
-        try:
-            if (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(pid)
-        except (OSError, IndexError):
-            pass
-    return out

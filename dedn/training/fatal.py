@@ -1,0 +1,41 @@
+"""The deterministic error of a run, recorded beside its checkpoints for the restarts.
+
+A worker that raises a non-retryable `DednError` (bad data, a non-finite loss, a failing store)
+writes it to `<storage>/<run name>/FATAL_FILE` (`write_fatal`); the restart Ray Train makes after
+it reads it (`read_fatal`) and re-raises it at once instead of training again, and the driver
+raises it to the user as itself rather than Ray's wrapper around it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from dedn.atomic import write_text
+from dedn.errors import DednError, rebuild
+
+__all__ = ["FATAL_FILE", "read_fatal", "write_fatal"]
+
+FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
+
+
+def write_fatal(path: Path, exc: DednError) -> None:
+    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
+    state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
+    doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
+           "state": state}
+    write_text(path, json.dumps(doc))
+
+
+def read_fatal(path: Path) -> DednError | None:
+    """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    cls: Any = DednError
+    if str(doc.get("module", "")).startswith("dedn."):
+        found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)
+        if isinstance(found, type) and issubclass(found, DednError):
+            cls = found
+    return rebuild(cls, tuple(doc.get("args", ())), dict(doc.get("state", {})))
