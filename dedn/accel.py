@@ -1,4 +1,4 @@
-"""What the compute device does fast: native bf16, and the autocast dtype a run should use.
+"""What the compute device does fast: native bf16, the autocast dtype a run should use, and that autocast.
 
 bf16 is only worth it where the hardware multiplies it natively: CUDA compute capability >= 8.0
 (Ampere on), or a CPU with AVX512_BF16 or AMX-BF16. Elsewhere (an AVX2-only CPU, a V100) torch
@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 
 from dedn.errors import ConfigError
 
-__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "autocast_dtype_for", "gemm_rate", "set_tf32"]
+__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "autocast_dtype_for", "autocast", "gemm_rate", "set_tf32"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -71,6 +72,11 @@ def autocast_dtype_for(precision: str, device: str | torch.device) -> torch.dtyp
                       stacklevel=2)
         return None
     return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """torch.autocast to `dtype` on `device`'s type (the run's `autocast_dtype_for`); nothing when dtype is None (fp32)."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 _GEMM_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}

@@ -1,7 +1,9 @@
 """Typed configuration: defaults <- preset YAML (with its variant block) <- command-line `key=value`.
 
 The merged `DEDNConfig` is what a run logs, stores in its checkpoints and what Ray Tune's
-search space overrides (through the same dotted keys).
+search space overrides (through the same dotted keys). Its `model`, `loss` and `eval` blocks are
+the run's family's (`dedn.families`); the common sections and `check` are `dedn.config_sections`
+(re-exported here), which the families build their own blocks on.
 """
 from __future__ import annotations
 
@@ -15,130 +17,18 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from dedn.config_sections import (
+    PRESETS, VARIANTS, DataConfig, EvalConfig, OptimConfig, TrainConfig, Variant, check,
+)
 from dedn.errors import ConfigError
+from dedn.families import family_names, get_family
 
-Variant = Literal["paper", "reference"]
-VARIANTS = ("paper", "reference")
-PRESETS = ("cub", "sun", "awa2")  # the datasets with DEDN presets (the paper's three)
+__all__ = [
+    "PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "DEDNConfig",
+    "section_types", "known_keys", "resolve_key", "apply_overrides", "parse_overrides", "available_presets",
+    "preset_path", "load_preset", "cub", "sun", "awa2", "read_yaml_file", "build_config", "config_for_dataset",
+]
 
-
-def _check(cond: bool, key: str, expected: str, found: Any) -> None:
-    if not cond:
-        raise ConfigError(key, expected, found)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """RMSprop as in the paper; epochs and batch size."""
-
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    alpha: float = 0.99
-    batch_size: int = 50
-    epochs: int = 20
-    max_steps_per_epoch: int = 0  # 0 = a full pass over the training split
-    grad_clip: float = 0.0  # 0 = no clipping (the paper does not clip)
-    seed: int = 0
-    # Each of W workers takes batch_size rows a step (global batch = batch_size x W); the learning
-    # rate used is lr x W (linear), lr x sqrt(W) (sqrt) or lr (none: the published single-GPU runs).
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", "> 0", self.lr)
-        _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
-        _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
-        _check(0 < self.alpha < 1, "optim.alpha", "in (0, 1)", self.alpha)
-        _check(self.batch_size >= 1, "optim.batch_size", ">= 1", self.batch_size)
-        _check(self.epochs >= 1, "optim.epochs", ">= 1", self.epochs)
-        _check(self.max_steps_per_epoch >= 0, "optim.max_steps_per_epoch", ">= 0", self.max_steps_per_epoch)
-        _check(self.grad_clip >= 0, "optim.grad_clip", ">= 0", self.grad_clip)
-        _check(0 <= self.seed < 2**63, "optim.seed", "an integer in [0, 2**63)", self.seed)  # numpy SeedSequence range
-        _check(self.lr_scaling in ("none", "linear", "sqrt"), "optim.lr_scaling", "one of none|linear|sqrt",
-               self.lr_scaling)
-
-    def scaled_lr(self, lr: float, world_size: int) -> float:
-        """`lr` under the lr_scaling rule for `world_size` workers (global batch batch_size x world_size)."""
-        w = max(1, int(world_size))
-        return lr * {"none": 1.0, "linear": float(w), "sqrt": math.sqrt(w)}[self.lr_scaling]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the dataset directory is and how it is streamed."""
-
-    path: str = ""  # dataset directory (dataset.json); jobs make a demo dataset when empty
-    class_balanced: bool = True  # reference: CUB/AWA2 balanced batches, SUN uniform
-    shuffle_buffer: int = 4096  # rows held by the reader's shuffle buffer ...
-    shuffle_buffer_mib: int = 1024  # ... at most this much feature storage: 14x14 maps hold 4x fewer rows
-    loader_workers: int = 0  # DataLoader worker processes per training worker (streaming only)
-    # Resident data: a split decoded once and kept (host memory, node-shared under Ray; or device memory),
-    # batches gathered by index; the same batches as streaming. auto = resident when the split fits
-    # resident_budget_mib (device memory on a GPU, host otherwise), streaming when it does not.
-    resident: Literal["auto", "off", "host", "device"] = "auto"
-    resident_budget_mib: int = 8192
-    resident_shared: bool = True  # under Ray: the node's one decoded copy (False: each worker decodes its own)
-
-    def __post_init__(self) -> None:
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.shuffle_buffer)
-        _check(self.shuffle_buffer_mib >= 1, "data.shuffle_buffer_mib", ">= 1", self.shuffle_buffer_mib)
-        _check(self.loader_workers >= 0, "data.loader_workers", ">= 0", self.loader_workers)
-        _check(self.resident in ("auto", "off", "host", "device"), "data.resident", "one of auto|off|host|device",
-               self.resident)
-        _check(self.resident_budget_mib >= 0, "data.resident_budget_mib", ">= 0", self.resident_budget_mib)
-
-    def shuffle_rows(self, row_bytes: int) -> int:
-        """Rows of the shuffle buffer for rows of `row_bytes` stored bytes: the row count, capped by the MiB budget.
-
-        Keeps a worker's memory independent of the feature-map size (CUB 2048x7x7 fp16: 4096
-        rows, 0.8 GiB; 2048x14x14: 1337 rows, 1 GiB). At least one row.
-        """
-        return max(1, min(self.shuffle_buffer, (self.shuffle_buffer_mib << 20) // max(1, int(row_bytes))))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the step runs on the hardware: precision, compilation and DDP's communication.
-
-    None of these changes the maths beyond rounding; docs/scaling.md states each one's measured
-    effect on step time and on the loss.
-    """
-
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU with native bf16, else fp32
-    compile: bool = False  # torch.compile the training module (off: it costs more than it saves on CPU)
-    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (torch's default)
-    ddp_grad_as_bucket_view: bool = True  # gradients are views into the buckets: no copy, less memory
-    # Gradient compression: bf16 (NCCL only) or fp16 (gloo or NCCL) halves the all-reduce bytes.
-    # (No static_graph key: on torch 2.13 it leaves some of DEDN's gradients un-averaged; docs/scaling.md.)
-    ddp_comm_hook: Literal["none", "bf16", "fp16"] = "none"
-
-    def __post_init__(self) -> None:
-        _check(self.precision in ("auto", "fp32", "bf16"), "train.precision", "one of auto|fp32|bf16", self.precision)
-        _check(self.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "> 0", self.ddp_bucket_mb)
-        _check(self.ddp_comm_hook in ("none", "bf16", "fp16"), "train.ddp_comm_hook", "one of none|bf16|fp16",
-               self.ddp_comm_hook)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How a family's inference weights are chosen on validation; families extend it with the weights
-    themselves (DEDN: lambda_rc, lambda_e; MSDN: w1), each a float in [0, 1]."""
-
-    calibration: float = 0.0  # calibrated stacking: subtracted from seen-class scores at evaluation
-    fit_lambdas: bool = True  # refit the family's inference weights on validation outputs each epoch
-    lambda_grid_step: float = 0.05  # grid step of that fit, on [0, 1]
-    batch_size: int = 200
-
-    def __post_init__(self) -> None:
-        _check(self.calibration == self.calibration, "eval.calibration", "a number", self.calibration)
-        _check(0 < self.lambda_grid_step <= 0.5, "eval.lambda_grid_step", "in (0, 0.5]", self.lambda_grid_step)
-        _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
-
-
-def _family(name: str) -> Any:
-    from dedn.families import get_family  # families import this module: resolve at call time
-
-    return get_family(name)
 
 
 @dataclass(frozen=True)
@@ -149,16 +39,16 @@ class DEDNConfig:
     variant: Variant = "paper"
     protocol: Literal["two_phase", "select", "final"] = "two_phase"
     # model / loss / eval: the blocks of the family named by model.name (dedn.families)
-    model: Any = field(default_factory=lambda: _family("dedn").model_config())
-    loss: Any = field(default_factory=lambda: _family("dedn").loss_config())
+    model: Any = field(default_factory=lambda: get_family("dedn").model_config())
+    loss: Any = field(default_factory=lambda: get_family("dedn").loss_config())
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: Any = field(default_factory=lambda: _family("dedn").eval_config())
+    eval: Any = field(default_factory=lambda: get_family("dedn").eval_config())
 
     def __post_init__(self) -> None:
-        _check(self.variant in VARIANTS, "variant", "one of paper|reference", self.variant)
-        _check(self.protocol in ("two_phase", "select", "final"), "protocol", "one of two_phase|select|final", self.protocol)
+        check(self.variant in VARIANTS, "variant", "one of paper|reference", self.variant)
+        check(self.protocol in ("two_phase", "select", "final"), "protocol", "one of two_phase|select|final", self.protocol)
 
     # ---- conversions ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +74,7 @@ class DEDNConfig:
     @classmethod
     def for_family(cls, name: str) -> "DEDNConfig":
         """The defaults of family `name` (its model, loss and eval blocks)."""
-        fam = _family(name)
+        fam = get_family(name)
         return cls(model=fam.model_config(), loss=fam.loss_config(), eval=fam.eval_config())
 
     def replace(self, **dotted: Any) -> "DEDNConfig":
@@ -231,15 +121,13 @@ def _doc_model(d: Mapping[str, Any]) -> str:
 def _sections(model: str) -> dict[str, type]:
     """{section or a family's alias of one: its dataclass}; DEDN's sections when `model` is unknown (the
     unknown model.name is reported where the config is applied)."""
-    from dedn.families import family_names
-
     try:
         types = section_types(model)
     except ConfigError:
         types = section_types("dedn")
     out = dict(types)
     for name in family_names():  # every family's aliases: a file of one family read before its model is known
-        for alias, sec in _family(name).section_aliases.items():
+        for alias, sec in get_family(name).section_aliases.items():
             out.setdefault(alias, section_types(name)[sec])
     return out
 
@@ -280,7 +168,7 @@ _TOP_KEYS = ("dataset", "variant", "protocol")
 
 def section_types(model: str = "dedn") -> dict[str, type]:
     """{section: dataclass} of a run of family `model`."""
-    fam = _family(model)
+    fam = get_family(model)
     return {"model": fam.model_config, "loss": fam.loss_config, "optim": OptimConfig, "data": DataConfig,
             "train": TrainConfig, "eval": fam.eval_config}
 
@@ -300,7 +188,7 @@ def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str
     if key in keys:
         return key
     head, dot, leaf = key.partition(".")
-    aliases = _family(model).section_aliases
+    aliases = get_family(model).section_aliases
     if dot and head in aliases and f"{aliases[head]}.{leaf}" in keys:
         return f"{aliases[head]}.{leaf}"
     if key == "model":
@@ -385,7 +273,7 @@ def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str =
     """
     model = _model_name(overrides, cfg.model.name)
     if model != cfg.model.name:
-        _family(model)  # ConfigError naming model.name and the known families
+        get_family(model)  # ConfigError naming model.name and the known families
         fresh = DEDNConfig.for_family(model)
         cfg = dataclasses.replace(cfg, model=fresh.model, loss=fresh.loss, eval=fresh.eval)
     top: dict[str, Any] = {}
@@ -420,11 +308,11 @@ def parse_overrides(args: Sequence[str]) -> dict[str, str]:
 # ---- presets ---------------------------------------------------------------------------
 def available_presets(model: str = "dedn") -> tuple[str, ...]:
     """The datasets family `model` ships presets for ("awa2", "cub", "sun")."""
-    return _family(model).presets()
+    return get_family(model).presets()
 
 
 def preset_path(name: str, model: str = "dedn") -> Path:
-    f = _family(model).preset_file(name)
+    f = get_family(model).preset_file(name)
     if f is None:
         raise ConfigError("preset", f"one of {'|'.join(available_presets(model))} (presets of model {model})", name)
     return Path(str(f))

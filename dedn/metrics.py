@@ -7,7 +7,8 @@
 
 Each figure is the mean over the classes (of that side, with at least one sample) of the
 fraction of that class's samples predicted correctly. Calibrated stacking subtracts a constant
-from the seen-class scores before the GZSL argmax (not for T, where only unseen classes compete).
+from the seen-class scores before the GZSL argmax (not for T, where only unseen classes compete):
+`gzsl_decision`, the one decision rule, which `dedn.inference.Predictor` applies too.
 
 Everything is accumulated as integer per-class counts held in ONE int64 tensor, so that a
 distributed evaluation does a single `all_reduce(SUM)` and every rank then computes the same
@@ -65,13 +66,26 @@ def _columns(protocol: ClassProtocol, device: torch.device | str) -> _Columns:
     return _Columns(active, protocol.seen_mask(device)[active], torch.nonzero(protocol.unseen_mask(device)[active]).reshape(-1))
 
 
-def _predict(z: Tensor, cols: _Columns, calibration: float, with_t: bool) -> tuple[Tensor, Tensor | None]:
-    """z (..., A) scores of the active classes -> (GZSL class ids (...,), T class ids (...,) | None).
+def calibrated(scores: Tensor, seen: Tensor, calibration: float) -> Tensor:
+    """Calibrated stacking: `calibration` subtracted from the scores (..., C) of the seen classes (`seen` (C,) bool)."""
+    return scores - calibration * seen.to(scores.dtype) if calibration != 0.0 else scores
 
-    Ascending columns keep torch.argmax's first-maximum rule: ties go to the smallest class id.
+
+def gzsl_decision(scores: Tensor, classes: Tensor, seen: Tensor, calibration: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The GZSL decision, the one rule of evaluation and prediction: calibrated stacking, then the argmax.
+
+    scores (..., C): the scores of `classes` (C,) int64, ascending; seen (C,) bool marks the seen ones.
+    -> (the winning class ids (...,) int64, their calibrated scores (...,)). Ascending columns keep
+    torch.argmax's first-maximum rule: ties go to the smallest class id.
     """
-    zc = z - calibration * cols.seen_in_active.to(z.dtype) if calibration != 0.0 else z  # calibrated stacking
-    pred = cols.active[zc.argmax(-1)]
+    z = calibrated(scores, seen, calibration)
+    i = z.argmax(-1)
+    return classes[i], z.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+
+
+def _predict(z: Tensor, cols: _Columns, calibration: float, with_t: bool) -> tuple[Tensor, Tensor | None]:
+    """z (..., A) scores of the active classes -> (GZSL class ids (...,), T class ids (...,) | None)."""
+    pred, _ = gzsl_decision(z, cols.active, cols.seen_in_active, calibration)
     pred_t = cols.active[cols.unseen_pos][z[..., cols.unseen_pos].argmax(-1)] if with_t else None
     return pred, pred_t
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedn.config import EvalConfig, _check
+from dedn.config_sections import EvalConfig, check
 from dedn.families import ModelFamily, register_family
 from dedn.families.base import StepContext
 
@@ -36,7 +36,7 @@ class ToyLossConfig:
     ridge: float = 1e-3  # weight of the squared-weight penalty
 
     def __post_init__(self) -> None:
-        _check(self.ridge >= 0, "loss.ridge", ">= 0", self.ridge)
+        check(self.ridge >= 0, "loss.ridge", ">= 0", self.ridge)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ToyEvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.alpha <= 1, "eval.alpha", "in [0, 1]", self.alpha)
+        check(0 <= self.alpha <= 1, "eval.alpha", "in [0, 1]", self.alpha)
 
 
 @dataclass

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dedn.atomic import save_figure, write_text
-from dedn.config import DEDNConfig
+from dedn.config import DEDNConfig, resolve_key
 from dedn.errors import ConfigError
+from dedn.families import get_family
+from dedn.families.base import Setting
 from dedn.metrics import METRICS, format_pct
 
 __all__ = [
@@ -30,28 +32,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One row of Table 3 or one bar of Figure 5: a key, the paper's label, the switch values."""
-
-    key: str  # identifier used on the command line, in run names and in the CSV
-    label: str  # the row label as the paper prints it
-    study: str  # "table3" or "figure5"
-    changes: tuple[tuple[str, Any], ...] = ()  # departures from FULL, as (dotted key, value)
-    description: str = ""
-
-    full: tuple[tuple[str, Any], ...] = ()  # every switch of the family's studies at its full-model value
-
-    @property
-    def overrides(self) -> dict[str, Any]:
-        """Values of every switch for this setting (`full` with `changes` applied)."""
-        return {**dict(self.full), **dict(self.changes)}
-
-
 def family_settings(model: str = "dedn") -> dict[str, Setting]:
     """{key: Setting} of the studies family `model` declares, in table order."""
-    from dedn.families import get_family
-
     rows = get_family(model).ablations
     if not rows:
         raise ConfigError("model.name", "a model family that declares ablation settings", model, "dedn.analysis.ablation")
@@ -91,7 +73,7 @@ def select_settings(keys: Iterable[str] | None = None, model: str = "dedn") -> l
 
 def check_base_overrides(overrides: Mapping[str, Any], model: str = "dedn") -> None:
     """Refuse user overrides of the switches the settings set: the table would not say what ran."""
-    from dedn.config import resolve_key  # the same key resolution as build_config
+    # resolve_key: the same key resolution as build_config
 
     switches = switch_keys(model)
     for raw in overrides:
@@ -215,7 +197,7 @@ def plot_cluster_study(results: Sequence[AblationResult], path: str | os.PathLik
 
     Written as PNG to a temp name, then renamed.
     """
-    import matplotlib
+    import matplotlib  # heavy, and the backend is set here, not by an import: only when drawing
 
     matplotlib.use("Agg")  # no display on workers and CI
     import matplotlib.pyplot as plt

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from dedn.data import FeatureDataset
 from dedn.data.class_side import ClassSide, normalize_rows
 
 # phase -> (training split, seen evaluation split, unseen evaluation split); mirrors dedn.protocol.PHASES.
@@ -120,10 +122,8 @@ def pooled_split(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
     return np.concatenate(ids), np.concatenate(labels).astype(np.int64), np.concatenate(xs)
 
 
-def read_pooled(dataset: "FeatureDataset", split: str, batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
+def read_pooled(dataset: FeatureDataset, split: str, batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features (N, C) and labels (N,) of one split of a FeatureDataset, streamed by record batches."""
-    import pyarrow.parquet as pq
-
     c, h, w = dataset.feature_shape
 
     def chunks() -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -139,7 +139,7 @@ def read_pooled(dataset: "FeatureDataset", split: str, batch_rows: int = 1024) -
     return x, labels
 
 
-def run_baseline(dataset: "FeatureDataset", phase: str = "final", alpha: float = 0.01) -> BaselineResult:  # noqa: F821
+def run_baseline(dataset: FeatureDataset, phase: str = "final", alpha: float = 0.01) -> BaselineResult:
     """The baseline on a dataset directory: fit on the phase's training split, score its two evaluation splits."""
     train_split, seen_split, unseen_split = BASELINE_PHASES[phase]
     cs = dataset.class_side

@@ -25,6 +25,8 @@ from dedn.config import DEDNConfig, apply_overrides, config_for_dataset, parse_o
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError
 from dedn.families import family_names, get_family
+from dedn.training.driver import TrainSettings, train
+from dedn.training.loop import build_model
 
 __all__ = ["ComparisonRow", "model_config", "compare_models", "to_markdown", "to_csv", "write_table"]
 
@@ -78,8 +80,6 @@ def model_config(model: str, dataset: str, preset: str | None = None, overrides:
 
 
 def _param_count(cfg: DEDNConfig, ds: FeatureDataset) -> int:
-    from dedn.training.loop import build_model
-
     m = build_model(cfg, ds.class_side, ds.feature_shape)
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
@@ -93,8 +93,6 @@ def compare_models(dataset: FeatureDataset | str | os.PathLike[str], *, preset: 
     One row per model, in order. settings: the driver's TrainSettings (workers, tracking; default
     one worker, no tracking); each model's run is nested under parent_run_id when given.
     """
-    from dedn.training.driver import TrainSettings, train
-
     if protocol not in ("two_phase", "final"):  # both end with a test evaluation; checked before any training
         raise ConfigError("protocol", "two_phase or final (a test evaluation)", protocol, "dedn.analysis.compare")
     ds = dataset if isinstance(dataset, FeatureDataset) else FeatureDataset.open(dataset)

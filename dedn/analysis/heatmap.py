@@ -12,6 +12,7 @@ No MLflow or Ray here (the job logs the PNGs).
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,8 +22,14 @@ import torch
 from torch import nn
 
 from dedn.atomic import save_figure
+from dedn.checkpoint import load_checkpoint
 from dedn.config import DEDNConfig
+from dedn.data.reader import ShardReader
 from dedn.errors import ConfigError, DatasetError
+from dedn.families.base import ModelFamily
+from dedn.inference import predictor_from_files
+from dedn.training.driver import STATE_FILE
+from dedn.training.loop import model_from_state
 
 __all__ = [
     "SampleRows", "resolve_attributes", "parse_indices", "read_samples", "attention_maps",
@@ -90,8 +97,6 @@ class SampleRows:
 
 def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRows:
     """The rows at `positions` (0-based, in the split's stored order) of a FeatureDataset split."""
-    from dedn.data.reader import ShardReader
-
     n = dataset.split(split).num_rows
     bad = [p for p in positions if not 0 <= p < n]
     if bad:
@@ -120,8 +125,6 @@ def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequ
     features (N, C, H, W). Each map is (N, D, R) in the original attribute order with R = H*W in
     row-major (H, W) order (the features' flatten order); an ablated expert is absent.
     """
-    from dedn.families.base import ModelFamily
-
     if type(family).attention_maps is ModelFamily.attention_maps:  # none defined (D3GZSL): say so before a forward
         raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.analysis.heatmap")
     net = getattr(model, "module", model)
@@ -188,7 +191,7 @@ def image_path(files: np.ndarray | None, sample_id: int, image_root: str | os.Pa
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """An image as (h, w, 3|4) array for imshow (JPEG and PNG through matplotlib/Pillow)."""
-    import matplotlib.image as mpimg
+    import matplotlib.image as mpimg  # matplotlib (heavy) only when drawing
 
     try:
         return np.asarray(mpimg.imread(str(path)))
@@ -208,7 +211,7 @@ def heatmap_figure(maps: Mapping[str, np.ndarray], attribute_names: Sequence[str
     smallest to the largest weight shown; cmap defaults to jet over images, viridis on the grid.
     Returns the matplotlib Figure (Agg).
     """
-    import matplotlib
+    import matplotlib  # heavy, and the backend is set here, not by an import: only when drawing
 
     matplotlib.use("Agg")  # no display on workers and CI
     import matplotlib.pyplot as plt
@@ -265,8 +268,6 @@ def heatmap_figure(maps: Mapping[str, np.ndarray], attribute_names: Sequence[str
     full_title = (title + ("  [semi-synthetic data]" if semi_synthetic else "")).strip()
     if full_title:
         # wrapped to the figure's width: with one or two attributes a long title would be cut at both edges
-        import textwrap
-
         chars = max(24, int(fig.get_figwidth() * 72 / (10 * 0.6)))  # 10 pt text is about 6 pt per character
         fig.suptitle("\n".join(textwrap.wrap(full_title, chars, break_on_hyphens=False)), fontsize=10)
     return fig
@@ -285,14 +286,8 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     path: a training-loop checkpoint file (state.pt: {"model", "config", ...}), a Ray Train checkpoint
     folder holding state.pt, or a folder of registry model files (weights.pt, config.yaml, ...).
     """
-    from dedn.checkpoint import load_checkpoint
-    from dedn.training.driver import STATE_FILE
-    from dedn.training.loop import model_from_state
-
     p = Path(path)
     if p.is_dir() and (p / "weights.pt").is_file():
-        from dedn.tracking.registry import predictor_from_files
-
         pred = predictor_from_files(p)
         return pred.model, pred.cfg
     if p.is_dir():

@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data.format import validate_clusters
 from dedn.errors import ConfigError, DatasetError
 
 SCHEMES = ("manual", "halved", "kmeans")
@@ -108,8 +109,6 @@ def apply_cluster_layout(clusters: Sequence[Sequence[int]], layout: str) -> list
 
 
 def _validate(clusters: Mapping[str, Sequence[int]], num_attributes: int, where: str, field: str) -> None:
-    from dedn.data import validate_clusters
-
     validate_clusters(clusters, num_attributes, where, field)
 
 
@@ -138,7 +137,7 @@ def kmeans_clusters(word_vectors: np.ndarray, q: int, seed: int = 0) -> dict[str
     Clusters are named kmeans_0.. in order of their smallest attribute id, so the same
     partition always gets the same names.
     """
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # scikit-learn (about 1 s): only k-means clusters need it
 
     x = normalize_rows(np.asarray(word_vectors))  # (D, G)
     d = x.shape[0]

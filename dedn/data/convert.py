@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from dedn.data.class_side import ClassSide
 from dedn.data import SPLITS, DatasetWriter
@@ -42,8 +43,6 @@ def write_dataset(
     Chunks may cover images of no split (they are skipped). Raises DatasetError when a split
     did not receive all its images; nothing is left on disk then.
     """
-    from tqdm import tqdm
-
     wanted = {s: np.unique(np.asarray(split_ids[s], dtype=np.int64)) for s in SPLITS}
     # make_splits names att_splits.mat for these; this catches any other caller's split ids
     for name, ids in wanted.items():
@@ -126,7 +125,7 @@ def convert_hdf5(features: str | Path, att_splits: str | Path, word_vectors: str
                  block_rows: int = 256, seed: int = 0, overwrite: bool = False, progress: bool = True,
                  shard_bytes: int | None = None) -> Path:
     """Convert an HDF5 feature-map file; rows are read in blocks of `block_rows` (peak memory ~ one block)."""
-    import h5py
+    import h5py  # HDF5 (heavy): only this converter needs it
 
     path = Path(features)
     if not path.is_file():

@@ -1,8 +1,8 @@
 """Streaming, rank-partitioned, seeded reading of a split's Parquet shards into feature batches.
 
-(One module of ~490 lines on purpose: the partition, the shuffle buffer, the read-ahead thread
-and the integrity checks all work on the same (shard, row group) units; apart, each would have
-to re-derive or pass around that bookkeeping.)
+(One module on purpose: the partition, the shuffle buffer, the read-ahead thread and the
+integrity checks all work on the same (shard, row group) units; apart, each would have to
+re-derive or pass around that bookkeeping.)
 
 Partition (every sample of a split is read exactly once per epoch across ranks):
 
@@ -68,7 +68,7 @@ from dedn.data.dataset import FeatureDataset
 from dedn.data.format import arrow_error, check_finite_features, check_shard_schema, check_shard_sha256, split_classes
 from dedn.errors import ConfigError, DatasetError
 
-__all__ = ["Batch", "ResidentSplit", "ShardReader", "ShardIterableDataset", "forbid_splits", "forbidden_splits", "partition_rows"]
+__all__ = ["Batch", "ResidentSplit", "ShardReader", "ShardIterableDataset", "forbid_splits", "partition_rows"]
 
 # --- forbidden splits (e.g. the test splits during hyper-parameter tuning) -----------------
 _forbidden: Counter[str] = Counter()
@@ -92,9 +92,6 @@ def forbid_splits(splits: Iterable[str]) -> Iterator[None]:
             _forbidden.subtract(names)
             for n in [n for n, c in _forbidden.items() if c <= 0]:
                 del _forbidden[n]
-
-
-forbidden_splits = forbid_splits  # alias: both names are public (`__all__`); the package itself uses forbid_splits
 
 
 def _is_forbidden(split: str) -> bool:

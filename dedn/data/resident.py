@@ -27,6 +27,7 @@ import torch
 
 from dedn.data.dataset import FeatureDataset
 from dedn.data.reader import ResidentSplit, ShardReader
+from dedn.errors import ConfigError
 
 __all__ = ["ResidentChoice", "ResidentData", "decode_split", "split_nbytes", "RESIDENT_MODES"]
 
@@ -68,8 +69,6 @@ class ResidentData:
     def __init__(self, dataset: FeatureDataset, mode: str, budget_mib: int, device: str | torch.device,
                  load: SplitLoader | None = None, announce: Callable[[str], None] | None = None):
         if mode not in RESIDENT_MODES:
-            from dedn.errors import ConfigError
-
             raise ConfigError("data.resident", f"one of {'|'.join(RESIDENT_MODES)}", mode)
         self.dataset, self.mode, self.budget = dataset, mode, int(budget_mib) << 20
         self.device = torch.device(device)

@@ -1,6 +1,6 @@
 """The class side of a dataset as published: xlsa17 `att_splits.mat`, attribute word vectors, image labels.
 
-(~430 lines: each published file's reader sits next to the checks that name its fields.)
+(One module: each published file's reader sits next to the checks that name its fields.)
 
 Two ways in, one result (`ClassSideSource`):
 
@@ -24,7 +24,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dedn.atomic import atomic_path
 from dedn.data.class_side import ClassSide, normalize_rows
+from dedn.data.clusters import default_clusters
 from dedn.data.format import DISJOINT_SPLITS, shared_ids
 from dedn.errors import DatasetError
 
@@ -166,7 +168,7 @@ def load_att_splits(path: str | Path) -> AttSplits:
     made once the labels are known: `complete_class_split`) are accepted with a
     DerivedFieldWarning that says what was derived.
     """
-    import scipy.io
+    import scipy.io  # scipy (heavy): only the .mat readers need it
 
     path = Path(path)
     if not path.is_file():
@@ -361,7 +363,7 @@ def load_attribute_names(dataset_dir: str | Path | None, name: str, num_attribut
             break
     else:
         if (d / "attributes.mat").is_file():
-            import scipy.io
+            import scipy.io  # scipy (heavy): only the .mat readers need it
 
             where = d / "attributes.mat"
             mat = scipy.io.loadmat(where)
@@ -396,7 +398,7 @@ def load_image_labels(path: str | Path) -> np.ndarray:
 
 def load_res101(path: Path, variables: tuple[str, ...]) -> dict[str, Any]:
     """The named variables of an xlsa17 res101.mat (missing ones absent), or one DatasetError naming the file."""
-    import scipy.io
+    import scipy.io  # scipy (heavy): only the .mat readers need it
 
     if not path.is_file():
         raise DatasetError(path, "file", "an xlsa17 res101.mat", "no such file")
@@ -451,8 +453,6 @@ def image_labels_arrays(res101: str | Path, att_splits: str | Path,
 
 def write_image_labels(res101: str | Path, att_splits: str | Path, out: str | Path, strip_prefix: str = "") -> Path:
     """Write `image_labels_arrays` to `out` (an .npz) via a temporary name and a rename; returns `out`."""
-    from dedn.atomic import atomic_path
-
     arrays = image_labels_arrays(res101, att_splits, strip_prefix)  # every check before anything is written
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
@@ -645,8 +645,6 @@ def build_class_side(src: ClassSideSource, clusters: Mapping[str, Mapping[str, l
                           stacklevel=2)
             raw[missing] = 0.0
     if clusters is None:
-        from dedn.data.clusters import default_clusters
-
         clusters = default_clusters(src.name, src.num_attributes)
     return ClassSide(
         name=src.name, class_names=tuple(src.class_names), attribute_names=tuple(src.attribute_names),

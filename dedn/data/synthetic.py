@@ -27,8 +27,9 @@ from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from dedn.data.clusters import MANUAL_CLUSTERS, kmeans_clusters
 from dedn.data import SPLITS
+from dedn.data.clusters import MANUAL_CLUSTERS, kmeans_clusters
+from dedn.data.convert import write_dataset
 from dedn.errors import ConfigError
 from dedn.data.sources import ClassSideSource, build_class_side, load_source, make_splits
 
@@ -205,8 +206,6 @@ def write_synthetic(root: str | Path, name: str, source_dir: str | Path | None =
     source_dir: a shared-style folder with the real files; None = the packaged asset.
     word_vectors: the word-vector file when the folder has no <name>_attribute.pkl/.npy/.txt.
     """
-    from dedn.data.convert import write_dataset
-
     cfg = SyntheticConfig(**sizes)  # type: ignore[arg-type]
     if word_vectors is not None and source_dir is None:
         raise ConfigError("synthetic.word_vectors", "a --source-dir to go with --word-vectors (the packaged "

@@ -20,10 +20,10 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from dedn.errors import ConfigError
-from dedn.families.base import ModelFamily, PostHocWeights
 
 if TYPE_CHECKING:
     from dedn.config import DEDNConfig
+    from dedn.families.base import ModelFamily
 
 __all__ = ["ModelFamily", "PostHocWeights", "register_family", "get_family", "family_names", "family_of",
            "FAMILY_MODULES_ENV"]
@@ -75,3 +75,11 @@ def get_family(name: str) -> ModelFamily:
 
 def family_of(cfg: "DEDNConfig") -> ModelFamily:
     return get_family(cfg.model.name)
+
+
+def __getattr__(name: str):  # the interface imports torch: `dedn.config` and the registry stay light until a family loads
+    if name in ("ModelFamily", "PostHocWeights"):
+        from dedn.families import base
+
+        return getattr(base, name)
+    raise AttributeError(name)

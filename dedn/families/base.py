@@ -27,7 +27,7 @@ Contract, in the order the training loop uses it (docs/design.md#model-families)
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.abc import Traversable
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dedn.accel import autocast
 from dedn.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from dedn.data.reader import Batch
     from dedn.protocol import ClassProtocol
 
-__all__ = ["ModelFamily", "PhaseData", "PostHocWeights", "StepContext", "lambda_grid"]
+__all__ = ["ModelFamily", "PhaseData", "PostHocWeights", "Setting", "StepContext", "lambda_grid", "unwrap_model"]
 
 
 def lambda_grid(step: float) -> tuple[float, ...]:
@@ -56,6 +57,11 @@ def lambda_grid(step: float) -> tuple[float, ...]:
     if vals[-1] < 1.0:
         vals.append(1.0)
     return tuple(vals)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside a DDP (or similar) wrapper (`ModelFamily.wrap`); the model itself otherwise."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,25 @@ class PostHocWeights:
         return out
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One ablation setting a family declares (`ModelFamily.ablations`; DEDN's: a row of Table 3 or a bar of
+    Figure 5): a key, the paper's label, the values of the switches it turns (`dedn.analysis.ablation` runs them)."""
+
+    key: str  # identifier used on the command line, in run names and in the CSV
+    label: str  # the row label as the paper prints it
+    study: str  # "table3" or "figure5"
+    changes: tuple[tuple[str, Any], ...] = ()  # departures from FULL, as (dotted key, value)
+    description: str = ""
+
+    full: tuple[tuple[str, Any], ...] = ()  # every switch of the family's studies at its full-model value
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Values of every switch for this setting (`full` with `changes` applied)."""
+        return {**dict(self.full), **dict(self.changes)}
+
+
 @dataclass
 class StepContext:
     """What one training step needs besides the batch; the loop fills it."""
@@ -89,9 +114,8 @@ class StepContext:
     epoch: int = 0
     step: int = 0  # 1-based step within the epoch
 
-    def autocast(self):
-        return (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-                if self.autocast_dtype is not None else nullcontext())
+    def autocast(self) -> AbstractContextManager[object]:
+        return autocast(self.device, self.autocast_dtype)
 
     def check_finite(self, parts: Mapping[str, Tensor]) -> dict[str, float]:
         """Loss parts as floats (one host sync); NonFiniteLossError naming epoch, step and parts on NaN/inf."""
@@ -130,7 +154,7 @@ class ModelFamily:
     score_part_names: tuple[str, ...] = ()
     weight_names: tuple[str, ...] = ()  # eval.<name> keys, each a float in [0, 1]
     package: str = ""  # import path of the package holding presets/ and search_space.yaml ("" = none)
-    ablations: tuple[Any, ...] = ()  # dedn.analysis.ablation.Setting rows this family defines (Table 3 for DEDN)
+    ablations: tuple[Setting, ...] = ()  # the ablation settings this family defines (Table 3 for DEDN)
     section_aliases: Mapping[str, str] = {}  # {alias: section}: `d3.enabled` means `loss.enabled` for D3GZSL
 
     # ---- presets and search space ------------------------------------------------------

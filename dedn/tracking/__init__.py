@@ -14,6 +14,8 @@
 
 Importing this package loads no MLflow (each function imports it on first use).
 """
+import importlib
+
 from dedn.home import dedn_home
 from dedn.provenance import git_commit, ray_job_id
 from dedn.tracking.errors import TrackingStoreError
@@ -35,8 +37,6 @@ def __getattr__(name: str):  # the sink and the registry import torch and the mo
 
         return MLflowSink
     if name == "registry":
-        import importlib
-
         return importlib.import_module("dedn.tracking.registry")
     raise AttributeError(name)
 

@@ -1,4 +1,4 @@
-"""The names runs carry in the store: tag keys, experiment names, and the MLflow key of each training metric."""
+"""The names in the store: tag keys, experiment and registered-model names, the MLflow key of each training metric."""
 from __future__ import annotations
 
 from typing import Collection
@@ -6,7 +6,7 @@ from typing import Collection
 __all__ = [
     "BEST_TRIAL_TAG", "CHECKPOINT_TAG", "DESCRIPTION_TAG", "DRIVER_TAG", "FINAL_RUN_TAG", "KIND_TAG", "MODEL_TAG",
     "PARENT_TAG", "PERF_METRICS", "REGISTERED_TAG", "SETTING_TAG", "SWEEP_TAG", "TRIAL_TAG", "experiment_name",
-    "metric_key",
+    "metric_key", "registered_name",
 ]
 
 # Tag keys, once. MLflow's own nesting tag makes a run a child in its UI.
@@ -26,6 +26,11 @@ DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (Markdown) in M
 
 def experiment_name(dataset: str) -> str:
     return f"dedn-{dataset.lower()}"
+
+
+def registered_name(dataset: str, model: str = "dedn") -> str:
+    """`dedn-cub`, `msdn-cub`: one registered model per (model family, dataset)."""
+    return f"{model.lower()}-{dataset.lower()}"
 
 
 PERF_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "worker_peak_rss_mib", "data_resident_mib",

@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 
 from dedn.errors import ConfigError
 from dedn.metrics import METRICS, format_pct
-from dedn.tracking import KIND_TAG, PARENT_TAG, SWEEP_TAG, metric_key
+from dedn.tracking import store
+from dedn.tracking.names import KIND_TAG, PARENT_TAG, SWEEP_TAG, experiment_name, metric_key, registered_name
 
 __all__ = [
     "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
@@ -57,10 +58,8 @@ class ResultEntry:
 def _client(client: Any | None) -> Any:
     if client is not None:
         return client
-    from dedn import tracking
-
-    tracking.init_store()
-    return tracking.client()
+    store.init_store()
+    return store.client()
 
 
 def _is_true(v: Any) -> bool:
@@ -86,9 +85,7 @@ def _run_semi(client: Any, run_id: str, fallback: Any) -> bool:
 
 def from_registry(dataset: str, client: Any | None = None, alias: str = "champion") -> ResultEntry | None:
     """The `alias` version of `dedn-<dataset>` with its tagged test metrics; None when there is none."""
-    from mlflow.exceptions import MlflowException
-
-    from dedn.tracking.registry import registered_name
+    from mlflow.exceptions import MlflowException  # mlflow on use (dedn.tracking.store's docstring)
 
     c = _client(client)
     name = registered_name(dataset)
@@ -109,8 +106,6 @@ def from_registry(dataset: str, client: Any | None = None, alias: str = "champio
 def from_runs(dataset: str, client: Any | None = None, experiment: str | None = None,
               variant: str | None = None) -> ResultEntry | None:
     """The best finished training run of `dataset` by validation H (see module docstring); None when none."""
-    from dedn.tracking import experiment_name
-
     c = _client(client)
     exp = c.get_experiment_by_name(experiment or experiment_name(dataset))
     if exp is None:

@@ -1,12 +1,15 @@
 """The MLflow sink of the training loop: rank 0 logs each epoch's metrics and, after the test, the artifacts."""
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dedn.config import DEDNConfig
 from dedn.families import family_of
+from dedn.metrics import METRICS
+from dedn.tracking.curves import plot_training_curves
 from dedn.tracking.names import metric_key
 from dedn.tracking.store import RunLogger
 
@@ -31,16 +34,12 @@ class MLflowSink:
         return metric_key(name, self.weight_names)
 
     def on_epoch(self, report: Any, state: Callable[[], dict[str, Any]]) -> None:
-        import math
-
         numeric = {self.key(k): v for k, v in report.metrics().items() if k != "epoch" and math.isfinite(v)}
         self.logger.log_metrics(numeric, step=int(report.epoch))
         if report.test:
             self._final_artifacts(report, state())
 
     def _final_artifacts(self, report: Any, st: Mapping[str, Any]) -> None:
-        from dedn.analysis.plots import plot_training_curves
-
         cfg, log = self.cfg, self.logger
         fam = family_of(cfg)
         final_cfg = DEDNConfig.from_dict(st["config"], source="final checkpoint")
@@ -66,8 +65,6 @@ class MLflowSink:
 
     def _history_rows(self, loss_parts: tuple[str, ...], prefix: str) -> list[dict[str, float]]:
         """Per-epoch rows of one phase read back from MLflow (complete even after worker restarts)."""
-        from dedn.metrics import METRICS
-
         rows: dict[int, dict[str, float]] = {}
         for k in [prefix + k for k in loss_parts] + [f"val_{k}" for k in METRICS]:
             for step, value in self.logger.history(self.key(k)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,6 @@ def simulated_full_disk(hooks: DebugHooks, rank: int, phase: str, epoch: int) ->
             and epoch == hooks.fail_epoch and hooks.fail_marker and not os.path.exists(hooks.fail_marker)):
         yield
         return
-    import resource
-
     Path(hooks.fail_marker).write_text(f"rank {rank}: checkpoint write of select epoch {epoch} fails\n")
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))

@@ -5,13 +5,13 @@ docs/method.md#post-hoc-lambda-fit)."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from dedn.accel import autocast
 from dedn.config import DEDNConfig
 from dedn.data.reader import Batch
 from dedn.families import ModelFamily, family_of
@@ -27,10 +27,6 @@ class Collective(Protocol):
     def sum_(self, t: Tensor) -> None: ...
 
     def max_(self, t: Tensor) -> None: ...
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @dataclass
@@ -78,7 +74,7 @@ def evaluate(model: nn.Module, seen_batches: Iterable[Batch], unseen_batches: It
             for batch in batches:
                 x = batch.features.to(device, torch.float32, non_blocking=True)  # (B, C, H, W), float32 on the device
                 y = batch.labels.to(device, non_blocking=True)
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     out = model(x)
                 parts = family.score_parts(out)  # {name: (B, K)} in float32
                 counts.update(family.combine(cfg, parts, weights), y, protocol, side=side,  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ during selection.
 from __future__ import annotations
 
 import copy
-import random
 import resource
 import time
 from contextlib import nullcontext
@@ -34,8 +33,9 @@ from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_sp
 from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
-from dedn.families.base import PhaseData, StepContext
+from dedn.families.base import PhaseData, StepContext, unwrap_model
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
+from dedn.seeds import derive_seed, seed_everything
 from dedn.training.evaluate import Collective, EvalResult, evaluate
 from dedn.training.report import Best, EpochReport, Sink, emit
 
@@ -64,15 +64,6 @@ def model_from_state(cfg: DEDNConfig, dataset: FeatureDataset, model_state: Mapp
     model = build_model(cfg, dataset.class_side, dataset.feature_shape, meta)
     model.load_state_dict(dict(model_state))
     return model
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The network inside a DDP (or similar) wrapper; the model itself otherwise."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
@@ -148,13 +139,7 @@ class PhaseResult:
 
 def phase_seed(seed: int, rank: int, epoch: int = 0) -> int:
     """A torch/numpy/random seed for (seed, rank[, epoch]): runtime randomness differs per rank, reproducibly."""
-    return int(np.random.SeedSequence([seed, rank] + ([epoch] if epoch else [])).generate_state(1)[0])
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    return derive_seed(seed, rank, *([epoch] if epoch else []))
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -256,7 +241,7 @@ class _Phase:
         self.extra_state = extra_state
         self.family = family_of(cfg)
         self.protocol = ClassProtocol.for_phase(phase, ds.class_side)
-        _seed_everything(phase_seed(cfg.optim.seed, rank))
+        seed_everything(phase_seed(cfg.optim.seed, rank))
         # setup: model (identical init on every rank), optimisers
         self.model = build_model(cfg, ds.class_side, ds.feature_shape).to(device)
         self.optimizers = self.family.optimizers(self.step_cfg, self.model)
@@ -338,7 +323,7 @@ class _Phase:
             t0 = time.perf_counter()
             # Every rank's runtime randomness (D3GZSL's noise draws) restarts from (seed, rank, epoch): a
             # checkpoint holds rank 0's RNG state only, so a resumed rank 1 must not depend on it.
-            _seed_everything(phase_seed(self.cfg.optim.seed, self.rank, epoch))
+            seed_everything(phase_seed(self.cfg.optim.seed, self.rank, epoch))
             train_reader.set_epoch(epoch)
             stats = train_one_epoch(wrapped, _loader(train_reader, self.cfg.data.loader_workers), self.optimizers,
                                     self.protocol, self.step_cfg, device=self.device, autocast_dtype=self.autocast_dtype,

@@ -11,7 +11,8 @@ Lifetime: the actors belong to the driver that calls `start_node_caches` (a trai
 sweep's driver before any trial starts) and die with it; the objects they put die with them.
 Their names carry the Ray job id, so two jobs on one cluster never share, or kill, each other's
 copy. A worker on a node without an actor (a node that joined later; a run without Ray) decodes
-for itself and says so.
+for itself and says so. Ray is imported where it is used: the driver imports this module, and
+importing the driver does not load Ray.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class NodeSplitCache:
 
     def get(self, root: str, split: str, key: str) -> dict[str, Any]:
         """{"ref": [ObjectRef of the arrays]} or {"error": the DednError decoding raised}."""
-        import ray
+        import ray  # on use (module docstring)
 
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -74,7 +75,7 @@ class NodeSplitCache:
 
 def start_node_caches() -> list[Any]:
     """Create (or find) this job's cache actor on every alive node; call from the driver, after init_ray."""
-    import ray
+    import ray  # on use (module docstring)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     job = ray.get_runtime_context().get_job_id()
@@ -101,7 +102,7 @@ def node_split_loader(announce: Any = None) -> Any:
     """A `ResidentData` loader: the node's shared copy under Ray, a local decode where there is none."""
 
     def load(dataset: FeatureDataset, split: str) -> ResidentSplit:
-        import ray
+        import ray  # on use (module docstring)
 
         try:
             ctx = ray.get_runtime_context()

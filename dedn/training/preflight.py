@@ -83,7 +83,7 @@ def check_cluster_resources(settings: TrainSettings, cpus_per_worker: float) -> 
     with an autoscaler message every ~35 s). Counts what the cluster has now; an autoscaling
     cluster that would add GPU nodes on demand needs them started first.
     """
-    import ray
+    import ray  # Ray is up by now; importing this module does not load it (the driver's rule)
 
     have = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

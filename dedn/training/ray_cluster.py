@@ -4,7 +4,8 @@ An embedded Ray belongs to its driver and must not outlive it. On a normal exit 
 (jobs turn it into an exit) `ray.shutdown` runs at exit. On a SIGKILL nothing in the driver
 runs: Ray's GCS and raylet fate-share with it and die at once, their workers with them, but the
 two per-node agents (dashboard, runtime-env) wait for one last 60 s GCS call before they exit;
-the next embedded start reaps such orphans (`reap_orphaned_agents`).
+the next embedded start reaps such orphans (`reap_orphaned_agents`). Ray is imported where it
+is used: the driver imports this module, and importing the driver does not load Ray.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def init_ray(dashboard: bool = False, address: str | None = None) -> None:
     (docs/stack-notes.md). The embedded Ray is started with `address="local"`, without the
     dashboard (about 1 GB RSS) unless asked; Ray-internal loggers are raised to ERROR there.
     """
-    import ray
+    import ray  # on use (module docstring)
 
     if ray.is_initialized():
         return
@@ -69,7 +70,7 @@ def cluster_address(address: str | None = None) -> str | None:
 def _ray_start_address() -> str | None:
     """The GCS address `ray start --head` left on this machine (removed again by `ray stop`)."""
     try:
-        from ray._private.utils import read_ray_address  # the file ray.init() itself reads
+        from ray._private.utils import read_ray_address  # the file ray.init() itself reads; Ray on use
     except ImportError:  # another Ray layout: its default file
         path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         return path.read_text().strip() or None if path.is_file() else None
@@ -87,7 +88,7 @@ def _answers(address: str, timeout: float = 1.0) -> bool:
 
 
 def _init_ray(dashboard: bool, address: str | None) -> None:
-    import ray
+    import ray  # on use (module docstring)
 
     if address is not None:
         try:
@@ -113,7 +114,7 @@ def _init_ray(dashboard: bool, address: str | None) -> None:
     os.environ["RAY_TMPDIR"] = str(private)
     # "local": a new Ray of this process's own, even when others run on the machine
     ctx = ray.init(address="local", include_dashboard=dashboard, log_to_driver=True, logging_config=quiet)
-    from ray._private.utils import write_ray_address
+    from ray._private.utils import write_ray_address  # Ray on use (module docstring)
 
     write_ray_address(ctx.address_info["gcs_address"])  # into the private folder (RAY_TMPDIR)
     # the embedded cluster is this process's: it goes when the driver exits, however it exits

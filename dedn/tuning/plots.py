@@ -13,7 +13,7 @@ from dedn.atomic import save_figure
 def plot_lambda_curves(grid: Mapping[str, np.ndarray], weights: Mapping[str, float], path: Path, title: str = "") -> Path:
     """Figure 3 of the paper from a validation grid (`validation_weight_grid`): validation H against each
     inference weight, the other weights held at their best values."""
-    import matplotlib
+    import matplotlib  # heavy, and the backend is set here, not by an import: only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,7 +41,7 @@ def plot_hparams(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], log_key
     With `max_epochs`, a trial that ran fewer epochs (`epochs_run`: ASHA stopped it) is drawn hollow:
     its point is the best of a shorter run, not a finished one.
     """
-    import matplotlib
+    import matplotlib  # heavy, and the backend is set here, not by an import: only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,16 +27,26 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import optuna
 import yaml
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
+from dedn import tracking
 from dedn.atomic import atomic_path, write_text
+from dedn.checkpoint import load_checkpoint
 from dedn.cli import command
 from dedn.config import DEDNConfig
+from dedn.data.reader import forbid_splits
 from dedn.errors import ConfigError
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
+from dedn.tracking.names import metric_key
+from dedn.training import driver
 from dedn.training.driver import STATE_FILE
+from dedn.training.loop import final_config
+from dedn.training.node_cache import start_node_caches
 from dedn.tuning.space import reported_metrics, SearchSpace
 from dedn.tuning.plots import plot_lambda_curves, plot_hparams
 from dedn.tuning.trial import open_for_selection, trial_config, tune_trainable, validation_weight_grid
@@ -58,16 +68,12 @@ class MLflowSweepCallback(tune.Callback):
 
     def __init__(self, experiment_name: str, parent_run_id: str, sweep_name: str, reported: Sequence[str],
                  weight_names: Sequence[str] = ()):
-        from dedn.tracking import metric_key
-
         self.experiment_name, self.parent_run_id, self.sweep_name = experiment_name, parent_run_id, sweep_name
         self.keys = {k: metric_key(k, weight_names) for k in reported}  # reported name -> its key in a training run
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
 
     def run_id(self, trial: Any) -> str:
         """The child run of `trial`, created (with its sampled params) on first sight."""
-        from dedn import tracking
-
         tid = trial.trial_id
         if tid not in self._runs:
             found = tracking.find_child_run(self.experiment_name, self.parent_run_id, {tracking.TRIAL_TAG: tid})
@@ -81,16 +87,12 @@ class MLflowSweepCallback(tune.Callback):
         self.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from dedn import tracking
-
         metrics = {key: float(result[k]) for k, key in self.keys.items()
                    if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
         if metrics:
             tracking.log_metrics(self.run_id(trial), metrics, step=int(result.get("training_iteration", 0)))
 
     def _end(self, trial: Any, status: str) -> None:
-        from dedn import tracking
-
         tracking.finish_run(self.run_id(trial), status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -154,12 +156,6 @@ def _sweep_name(cfg: DEDNConfig) -> str:
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     """Run (or, with resume, continue) a sweep and summarise it; returns the best configuration."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from dedn.data.reader import forbid_splits
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": Tune's table says it all
 
     storage = Path(spec.storage or _tune_root()).expanduser().resolve()
@@ -203,8 +199,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
                 ),
             )
         if base.data.resident != "off" and base.data.resident_shared:  # one decoded copy per node for all concurrent trials, owned here
-            from dedn.training.node_cache import start_node_caches
-
             start_node_caches()
         results = tuner.fit()
         done = results.num_terminated + results.num_errors
@@ -215,15 +209,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
 
 
 def _tune_root() -> Path:
-    from dedn import tracking
-
     return tracking.dedn_home() / "tune"
 
 
 def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) -> dict[str, Any]:
     """Create the store (in the driver, before any trial), the experiment and the parent run; record them."""
-    from dedn import tracking
-
     uri = tracking.init_store()  # the sqlite tables exist before any trial starts
     experiment = tracking.experiment_name(spec.base.dataset) + "-tune"
     params = {
@@ -282,15 +272,11 @@ def _last_checkpoint(df: Any, result: Any) -> str | None:
 
 def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weights: Mapping[str, float]) -> DEDNConfig:
     """The configuration the final run trains: sampled values, fitted lambdas, epochs = best epoch."""
-    from dedn.training.loop import final_config
-
     return final_config(base.replace(**params), epochs, weights)
 
 
 def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> SweepSummary:
     """Pick the best (trial, epoch) on validation, write best_config.yaml, plots and summary.json; log them."""
-    from dedn import tracking
-
     metric, mode = meta["metric"], meta["mode"]
     base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
     fam = family_of(base)
@@ -312,8 +298,6 @@ def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> S
     plots = [plot_hparams(rows, meta["keys"], meta["log_keys"], metric, sweep_dir / "hparams.png", title,
                           max_epochs=base.optim.epochs)]
     if best["checkpoint"] and (Path(best["checkpoint"]) / STATE_FILE).exists():
-        from dedn.checkpoint import load_checkpoint
-
         state = load_checkpoint(Path(best["checkpoint"]) / STATE_FILE)
         if state.get("best_model") is not None and int(state["best"]["epoch"]) == best["epoch"]:
             sel_cfg = trial_config(meta["base"], best["params"], meta["search_lambdas"])
@@ -360,9 +344,6 @@ def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_w
     it) on `best_config.yaml`: protocol final, epochs = the best trial's best epoch, weights = its
     fitted ones. Returns its TrainOutcome; the sweep's parent run is tagged with the final run id.
     """
-    from dedn import tracking
-    from dedn.training import driver
-
     sweep_dir = Path(sweep_dir)
     meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
     path = sweep_dir / BEST_CONFIG_FILE

@@ -13,9 +13,15 @@ from typing import Any, Mapping
 
 import numpy as np
 from ray import tune
+from ray.tune.integration import ray_train
 
 from dedn.config import DEDNConfig, known_keys
-from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS
+from dedn.data import FeatureDataset
+from dedn.data.reader import ShardReader, forbid_splits
+from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS, ClassProtocol
+from dedn.training import driver
+from dedn.training.evaluate import evaluate
+from dedn.training.loop import model_from_state
 
 
 DRIVER_CPUS = 0.01  # what a distributed trial's own function holds
@@ -27,8 +33,6 @@ def open_for_selection(path: str | os.PathLike[str]) -> Any:
     A plain `FeatureDataset.open` reads the footer of every shard, test ones included; a sweep
     must not open test files at all.
     """
-    from dedn.data import FeatureDataset
-
     return FeatureDataset.open(path, splits=SELECTION_SPLITS)
 
 
@@ -57,15 +61,11 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lam
     with the Tune driver (track=False here). Re-running a trial of the same name and storage
     resumes it from its last checkpoint (an interrupted sweep).
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from dedn.training.driver import TrainSettings, train
-
     cfg = trial_config(base, config, search_lambdas).replace(**{"data.path": data})
-    settings = TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
+    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
                              register=False, track=False, verbose=False, storage_path=storage,
                              name=_trial_id())
-    train(cfg, settings, callbacks=[TuneReportCallback()])
+    driver.train(cfg, settings, callbacks=[ray_train.TuneReportCallback()])
 
 
 def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
@@ -75,11 +75,6 @@ def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[s
     One `evaluate` pass over val_seen / val_unseen with the weight fit on; its counts give every
     grid point. Returns each weight's values (n_i,) and T, U, S, H each of shape (n_1, n_2, ...).
     """
-    from dedn.protocol import ClassProtocol
-    from dedn.data.reader import ShardReader, forbid_splits
-    from dedn.training.evaluate import evaluate
-    from dedn.training.loop import model_from_state
-
     with forbid_splits(TEST_SPLITS):
         model = model_from_state(cfg, dataset, model_state, meta).to(device)
         protocol = ClassProtocol.selection(dataset.class_side)

@@ -32,7 +32,13 @@ from torch import Tensor, nn
 from dedn.errors import ConfigError
 from dedn.families import register_family
 from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, lambda_grid
+from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
 from dedn.families.d3gzsl.config import D3EvalConfig, D3LossConfig, D3ModelConfig
+from dedn.families.d3gzsl.losses import D3Weights
+from dedn.families.d3gzsl.model import D3GZSL
+from dedn.families.d3gzsl.step import D3Nets, StepConfig, critic_step, generator_step
+from dedn.protocol import ClassProtocol
+from dedn.seeds import derive_seed
 
 if TYPE_CHECKING:
     from dedn.config import DEDNConfig
@@ -73,10 +79,6 @@ def _pooled(data: PhaseData, device: torch.device) -> tuple[Tensor, Tensor]:
     return data.cache["x"].to(device), data.cache["y"].to(device)
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 class D3GZSLFamily(ModelFamily):
     name = "d3gzsl"
     title = "D3GZSL"
@@ -99,9 +101,6 @@ class D3GZSLFamily(ModelFamily):
 
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
-        from dedn.families.d3gzsl.model import D3GZSL
-        from dedn.protocol import ClassProtocol
-
         protocol = ClassProtocol.of_run(cfg.protocol, class_side)
         return D3GZSL(cfg.model, class_attributes=torch.from_numpy(np.asarray(class_side.attributes, np.float32)),
                       feature_shape=feature_shape, seen=protocol.seen, unseen=protocol.unseen,
@@ -132,9 +131,6 @@ class D3GZSLFamily(ModelFamily):
                 group["lr"] = lr * factor ** periods
 
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> dict[str, float]:
-        from dedn.families.d3gzsl.losses import D3Weights
-        from dedn.families.d3gzsl.step import D3Nets, StepConfig, critic_step, generator_step
-
         cfg, lo = ctx.cfg, ctx.cfg.loss
         train = model if isinstance(model, D3Train) else D3Train(model, lambda m: m)
         net = train.module
@@ -171,7 +167,7 @@ class D3GZSLFamily(ModelFamily):
         t = mapped[y]
         if (t < 0).any():
             raise ConfigError("data", "training rows of seen classes only", "a row of a class outside the phase's seen set")
-        g = torch.Generator().manual_seed(_seed(cfg.optim.seed, 17))
+        g = torch.Generator().manual_seed(derive_seed(cfg.optim.seed, 17))
         teacher.requires_grad_(True)
         opt = torch.optim.Adam(teacher.parameters(), lr=lo.teacher_lr, betas=(lo.beta1, 0.999), fused=True)
         n, bs, last = x.shape[0], min(lo.teacher_batch, x.shape[0]), 0.0
@@ -196,7 +192,7 @@ class D3GZSLFamily(ModelFamily):
         real = model.scaler(x)
         self._fill_bank(model, real, y)
         clf = self._fit(model, ctx.cfg, real, y, model.class_attributes, model.unseen_ids,
-                        seed=_seed(ctx.cfg.optim.seed, ctx.epoch, 29))
+                        seed=derive_seed(ctx.cfg.optim.seed, ctx.epoch, 29))
         model.classifier.load_state_dict(clf.state_dict())
 
     @staticmethod
@@ -217,8 +213,6 @@ class D3GZSLFamily(ModelFamily):
              generated_ids: Tensor, *, seed: int) -> nn.Linear:
         """The final classifier over len(class_attributes) classes: real rows plus eval.syn_per_class
         generated rows of each class in generated_ids, in the classifier's space."""
-        from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
-
         ev = cfg.eval
         fake, fy = synthesize(model.generator, class_attributes, generated_ids, ev.syn_per_class, seed)
         feats = torch.cat([real, fake])
@@ -255,7 +249,7 @@ class D3GZSLFamily(ModelFamily):
         keep = out.bank_y >= 0
         real, y = out.bank_x[keep].float(), out.bank_y[keep]
         gen_ids = torch.cat([torch.as_tensor(sorted(unseen), dtype=torch.long), torch.arange(k, a.shape[0])])
-        clf = self._fit(out, cfg, real, y, a, gen_ids.to(a.device), seed=_seed(cfg.optim.seed, a.shape[0], 31))
+        clf = self._fit(out, cfg, real, y, a, gen_ids.to(a.device), seed=derive_seed(cfg.optim.seed, a.shape[0], 31))
         out.classifier = clf
         out.class_attributes = a
         return out.eval()

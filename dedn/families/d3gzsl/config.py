@@ -8,13 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from dedn.config import EvalConfig, _check
+from dedn.config_sections import EvalConfig, check
 
 __all__ = ["D3ModelConfig", "D3LossConfig", "D3EvalConfig"]
 
 
 def _nonneg(key: str, v: float) -> None:
-    _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, key, "a finite number >= 0", v)
+    check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, key, "a finite number >= 0", v)
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class D3ModelConfig:
 
     def __post_init__(self) -> None:
         for key in ("hidden", "embed_dim"):
-            _check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
-        _check(self.noise_dim >= 0, "model.noise_dim", ">= 0 (0 = attribute size)", self.noise_dim)
+            check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
+        check(self.noise_dim >= 0, "model.noise_dim", ">= 0 (0 = attribute size)", self.noise_dim)
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class D3LossConfig:
         for key in ("w_cls", "w_od", "w_kd", "gp_weight"):
             _nonneg(f"loss.{key}", getattr(self, key))
         for key in ("syn_per_unseen", "n_critic", "teacher_epochs", "teacher_batch"):
-            _check(getattr(self, key) >= 1, f"loss.{key}", ">= 1", getattr(self, key))
-        _check(0 <= self.beta1 < 1, "loss.beta1", "in [0, 1)", self.beta1)
+            check(getattr(self, key) >= 1, f"loss.{key}", ">= 1", getattr(self, key))
+        check(0 <= self.beta1 < 1, "loss.beta1", "in [0, 1)", self.beta1)
         for key in ("lr_student", "teacher_lr", "lr_gan_factor", "lr_student_factor", "lr_sigmoid_factor"):
             v = getattr(self, key)
-            _check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"loss.{key}", "a finite number > 0", v)
-        _check(self.lr_every >= 0, "loss.lr_every", ">= 0 (0 = constant)", self.lr_every)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"loss.{key}", "a finite number > 0", v)
+        check(self.lr_every >= 0, "loss.lr_every", ">= 0 (0 = constant)", self.lr_every)
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,10 @@ class D3EvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.w_student <= 1, "eval.w_student", "in [0, 1]", self.w_student)
+        check(0 <= self.w_student <= 1, "eval.w_student", "in [0, 1]", self.w_student)
         for key in ("syn_per_class", "classifier_epochs", "classifier_batch", "refit_real_per_class"):
-            _check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
-        _check(self.classifier_space in ("auto", "student", "features"), "eval.classifier_space",
+            check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
+        check(self.classifier_space in ("auto", "student", "features"), "eval.classifier_space",
                "one of auto|student|features", self.classifier_space)
-        _check(math.isfinite(self.classifier_lr) and self.classifier_lr > 0, "eval.classifier_lr", "> 0",
+        check(math.isfinite(self.classifier_lr) and self.classifier_lr > 0, "eval.classifier_lr", "> 0",
                self.classifier_lr)

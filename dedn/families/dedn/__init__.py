@@ -6,6 +6,7 @@ lambda_e (eq. 19, coarse vs fine). docs/method.md#inference states the equations
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -13,9 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_clusters, resolve_named_clusters
 from dedn.families import register_family
 from dedn.families.base import ModelFamily, PostHocWeights, lambda_grid
+from dedn.families.dedn.ablations import SETTINGS
 from dedn.families.dedn.config import DEDNEvalConfig, DEDNLossConfig, DEDNModelConfig
+from dedn.families.dedn.losses import dedn_loss
+from dedn.families.dedn.model import DEDN
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
@@ -37,20 +42,13 @@ class DEDNFamily(ModelFamily):
     score_part_names = PART_NAMES
     weight_names = ("lambda_rc", "lambda_e")
     package = "dedn.families.dedn"
-
-    @property
-    def ablations(self) -> tuple[Any, ...]:  # type: ignore[override]
-        from dedn.families.dedn.ablations import SETTINGS
-
-        return SETTINGS
+    ablations = SETTINGS
 
     def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
         """model.clusters=manual on a dataset without manual clusters (APY, your own) becomes k-means,
         with a warning that says so: the default config then runs on any dataset. k-means clusters
         are made here once: model.num_clusters becomes their number (what the run logs), and one
         line prints which attributes each holds."""
-        from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_named_clusters
-
         m = cfg.model
         has_manual = "manual" in (class_side.clusters or {}) or class_side.name in MANUAL_CLUSTERS
         fallback = m.clusters == "manual" and not has_manual
@@ -69,13 +67,9 @@ class DEDNFamily(ModelFamily):
 
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
-        from dedn.families.dedn.model import DEDN
-
         if meta and meta.get("clusters"):
             clusters = [list(map(int, q)) for q in meta["clusters"]]
         else:  # only DEDN's fine expert has clusters: resolved (k-means, ...) here
-            from dedn.data.clusters import resolve_clusters
-
             m = cfg.model
             clusters = resolve_clusters(class_side, m.clusters, m.num_clusters, cfg.optim.seed, layout=m.cluster_layout)
         return DEDN(cfg.model, word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
@@ -86,14 +80,10 @@ class DEDNFamily(ModelFamily):
         return {"clusters": [list(map(int, q)) for q in getattr(model, "clusters", [])]}
 
     def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
-        from dedn.families.dedn.losses import dedn_loss
-
         return dedn_loss(out, labels, protocol, cfg.loss, cfg.variant)
 
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
         if class_attributes is not None:
-            import dataclasses
-
             out = dataclasses.replace(out, class_attributes=class_attributes)
         return out.score_parts()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dedn.analysis.ablation import Setting
+from dedn.families.base import Setting
 
 __all__ = ["FULL", "TABLE3", "FIGURE5", "SETTINGS"]
 

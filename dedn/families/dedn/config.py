@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dedn.config import EvalConfig, _check
+from dedn.config_sections import EvalConfig, check
 
 __all__ = ["DEDNModelConfig", "DEDNLossConfig", "DEDNEvalConfig"]
 
@@ -28,14 +28,14 @@ class DEDNModelConfig:
     normalize_features: bool = True  # L2 over channels per region, as the reference code does
 
     def __post_init__(self) -> None:
-        _check(self.experts in ("both", "coarse", "fine"), "model.experts", "one of both|coarse|fine", self.experts)
-        _check(self.clusters in ("manual", "halved", "kmeans"), "model.clusters", "one of manual|halved|kmeans", self.clusters)
-        _check(self.num_clusters >= 0, "model.num_clusters", ">= 0", self.num_clusters)
-        _check(self.region_rank >= 0, "model.region_rank", ">= 0", self.region_rank)
-        _check(self.region_init in ("scaled", "unit"), "model.region_init", "one of scaled|unit", self.region_init)
-        _check(self.cluster_layout in ("paper", "reference_sun"), "model.cluster_layout", "one of paper|reference_sun",
+        check(self.experts in ("both", "coarse", "fine"), "model.experts", "one of both|coarse|fine", self.experts)
+        check(self.clusters in ("manual", "halved", "kmeans"), "model.clusters", "one of manual|halved|kmeans", self.clusters)
+        check(self.num_clusters >= 0, "model.num_clusters", ">= 0", self.num_clusters)
+        check(self.region_rank >= 0, "model.region_rank", ">= 0", self.region_rank)
+        check(self.region_init in ("scaled", "unit"), "model.region_init", "one of scaled|unit", self.region_init)
+        check(self.cluster_layout in ("paper", "reference_sun"), "model.cluster_layout", "one of paper|reference_sun",
                self.cluster_layout)
-        _check(self.cluster_layout == "paper" or self.clusters == "manual", "model.cluster_layout",
+        check(self.cluster_layout == "paper" or self.clusters == "manual", "model.cluster_layout",
                f"'paper' with model.clusters={self.clusters} ('reference_sun' rewrites the manual clusters only)",
                self.cluster_layout)
 
@@ -58,8 +58,8 @@ class DEDNLossConfig:
     def __post_init__(self) -> None:
         for key in ("beta", "gamma", "epsilon", "calibration_weight", "reference_margin"):
             v = getattr(self, key)
-            _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
-        _check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
+            check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
+        check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
 
 
 @dataclass(frozen=True)
@@ -71,5 +71,5 @@ class DEDNEvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.lambda_rc <= 1, "eval.lambda_rc", "in [0, 1]", self.lambda_rc)
-        _check(0 <= self.lambda_e <= 1, "eval.lambda_e", "in [0, 1]", self.lambda_e)
+        check(0 <= self.lambda_rc <= 1, "eval.lambda_rc", "in [0, 1]", self.lambda_rc)
+        check(0 <= self.lambda_e <= 1, "eval.lambda_e", "in [0, 1]", self.lambda_e)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dedn.errors import ConfigError
 from dedn.families.base import PostHocWeights, lambda_grid
+from dedn.families.dedn import FAMILY
 from dedn.metrics import GZSLCounts, WeightSearch
 from dedn.protocol import ClassProtocol
 
@@ -17,8 +18,6 @@ __all__ = ["LambdaSearch"]
 class LambdaSearch(WeightSearch):
     def __init__(self, num_classes: int, step: float = 0.05, experts: str = "both", *, channel_attention: bool = True,
                  calibration: float = 0.0, prefer: tuple[float, float] = (0.8, 0.9), max_elements: int = 1 << 24):
-        from dedn.families.dedn import FAMILY
-
         if experts not in ("both", "coarse", "fine"):
             raise ConfigError("model.experts", "one of both|coarse|fine", experts, "LambdaSearch")
         grid = lambda_grid(step)

@@ -7,6 +7,7 @@ without the +-1 margin (calibrated stacking applies it at evaluation). One post-
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from dedn.families import register_family
 from dedn.families.base import ModelFamily
 from dedn.families.msdn.config import MSDNEvalConfig, MSDNLossConfig, MSDNModelConfig
+from dedn.families.msdn.model import MSDN, msdn_loss
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
@@ -38,21 +40,15 @@ class MSDNFamily(ModelFamily):
 
     def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
-        from dedn.families.msdn.model import MSDN
-
         return MSDN(cfg.model, word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
                     class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
                     feature_shape=tuple(int(x) for x in feature_shape))
 
     def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
-        from dedn.families.msdn.model import msdn_loss
-
         return msdn_loss(out, labels, protocol, cfg.loss)
 
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
         if class_attributes is not None:
-            import dataclasses
-
             out = dataclasses.replace(out, class_attributes=class_attributes)
         return {"S_av": out.scores_av, "S_va": out.scores_va}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dedn.config import EvalConfig, _check
+from dedn.config_sections import EvalConfig, check
 
 __all__ = ["MSDNModelConfig", "MSDNLossConfig", "MSDNEvalConfig"]
 
@@ -29,8 +29,8 @@ class MSDNLossConfig:
     def __post_init__(self) -> None:
         for key in ("gamma", "calibration_weight"):
             v = getattr(self, key)
-            _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
-        _check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
+            check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
+        check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,4 @@ class MSDNEvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.w1 <= 1, "eval.w1", "in [0, 1]", self.w1)
+        check(0 <= self.w1 <= 1, "eval.w1", "in [0, 1]", self.w1)
