@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dedn-installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test demo server benchmark gpu-check clean
+.PHONY: install lint test demo server benchmark gpu-check clean
 
 # pip: --quiet drops progress chatter only (warnings and errors still print); no version nag.
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The layers of docs/design.md (import-linter's contracts in pyproject.toml) and ruff's rules, in seconds.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

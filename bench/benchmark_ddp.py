@@ -125,8 +125,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
         out[name] = (statistics.median(times), float(loss.detach()), flat, float(spread))
     if rank == 0:
         ref = out.get("default")
-        queue.put({k: (t, l, float((p - ref[2]).abs().max()) if ref is not None else float("nan"), sp)
-                   for k, (t, l, p, sp) in out.items()})
+        queue.put({k: (t, lv, float((p - ref[2]).abs().max()) if ref is not None else float("nan"), sp)
+                   for k, (t, lv, p, sp) in out.items()})
     dist.destroy_process_group()
 
 

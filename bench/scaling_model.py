@@ -78,7 +78,7 @@ def gpu_table(args: argparse.Namespace) -> None:
     for nodes, gpus in layouts:
         row = []
         for d in ("device", "host"):
-            for g, nbytes in (("fp32", PARAMS * 4), ("bf16", PARAMS * 2)):
+            for _dtype, nbytes in (("fp32", PARAMS * 4), ("bf16", PARAMS * 2)):
                 for n in (100, 400):
                     e, _, _ = efficiency(t_c, args.batch, nodes, gpus, n, nbytes, d, args.nvlink_gbs, args.bucket_mb,
                                          args.h2d_gbs)

@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
-from dedn.errors import ConfigError, DednError  # noqa: E402
+from dedn.errors import ConfigError, DednError
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster work
 
 from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, program,
                       require_environment, use_address)
-from dedn.errors import DednError  # noqa: E402
+from dedn.errors import DednError
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
 # at lr 1e-3 so the tiny semi-synthetic set learns within a minute or two; user key=value pairs still win.

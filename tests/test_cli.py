@@ -34,7 +34,7 @@ def test_every_entry_point_uses_it(path, monkeypatch, capsys):
     made: list[argparse.ArgumentParser] = []
     init = argparse.ArgumentParser.__init__
 
-    def record(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003 - a spy on every parser the job builds
+    def record(self, *a, **kw):  # a spy on every parser the job builds
         init(self, *a, **kw)
         made.append(self)
 

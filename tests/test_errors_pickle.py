@@ -146,6 +146,6 @@ def test_retryable_marks_user_errors():
         try:
             raise ConfigError("k", "e", "f")
         except ConfigError:
-            raise OSError("disk gone")  # merely during handling: judged on its own
+            raise OSError("disk gone")  # noqa: B904 - merely during handling (the case tested): judged on its own
     except OSError as e:
         assert is_retryable(e)

@@ -6,17 +6,17 @@ from dataclasses import dataclass
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+from torch import nn
 
-from dedn.analysis import heatmap  # noqa: E402
-from dedn.config import build_config  # noqa: E402
-from dedn.errors import ConfigError, DatasetError  # noqa: E402
-from dedn.families import get_family  # noqa: E402
-from toydata import TOY_SHAPE, load_job, toy_class_side, write_toy_dataset  # noqa: E402
+from dedn.analysis import heatmap
+from dedn.config import build_config
+from dedn.errors import ConfigError, DatasetError
+from dedn.families import get_family
+from toydata import TOY_SHAPE, load_job, toy_class_side, write_toy_dataset
 
 DEDN_FAMILY = get_family("dedn")  # which maps a model has is the family's to say
 NAMES = ("has_bill_shape::curved", "has_belly_color::grey", "has_belly_color::white", "leg_color::white")

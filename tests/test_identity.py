@@ -6,7 +6,6 @@ import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from toydata import toy_class_side
 
 from dedn.tracking.registry import (DataIdentity, RegisteredVersion, best_version, class_side_fingerprint,

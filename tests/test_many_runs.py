@@ -88,7 +88,7 @@ def test_three_local_runs_and_a_sweep_at_once_each_finish(tiny_dataset, tmp_path
         if key == "a":  # A's Ray is up and its run is created before the others start
             _wait_for(procs["a"], logs["a"], "MLflow: run", 240)
     end = time.time() + 800
-    for key, p in procs.items():
+    for p in procs.values():
         try:
             p.wait(max(1.0, end - time.time()))
         except subprocess.TimeoutExpired:

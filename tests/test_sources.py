@@ -15,7 +15,7 @@ from dedn.errors import DatasetError
 from dedn.data.sources import (LOC_FIELDS, build_class_side, load_asset, load_att_splits, load_source,
                           load_word_vectors, make_splits)
 
-from conftest import SHARED_DATA as SHARED  # noqa: E402 - ../shared/data beside the checkout
+from conftest import SHARED_DATA as SHARED
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data beside the checkout")
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time

@@ -143,7 +143,7 @@ def test_hparams_plot_marks_trials_asha_stopped(tmp_path: Path, monkeypatch: pyt
 
     drawn = {}
 
-    def keep(fig, path, dpi=110):  # noqa: ANN001, ANN202 - inspect the figure instead of writing it
+    def keep(fig, path, dpi=110):  # inspect the figure instead of writing it
         drawn["labels"] = fig.axes[0].get_legend_handles_labels()[1]
         drawn["hollow"] = [len(c.get_offsets()) for c in fig.axes[0].collections if len(c.get_facecolors()) == 0]
         return Path(path)
@@ -185,7 +185,7 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
 
     seen: dict[str, object] = {}
 
-    def fake_train(cfg, settings, *, callbacks=()):  # noqa: ANN001, ANN202 - test double
+    def fake_train(cfg, settings, *, callbacks=()):  # test double
         seen.update(protocol=cfg.protocol, fit=cfg.eval.fit_lambdas, beta=cfg.loss.beta, data=cfg.data.path,
                     track=settings.track, register=settings.register, workers=settings.num_workers,
                     callbacks=[type(c) for c in callbacks])
@@ -251,7 +251,7 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
 
 # ---- a whole sweep on Ray ----------------------------------------------------------------------------
 @pytest.fixture
-def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A 2-CPU embedded Ray with DEDN_HOME and the MLflow store under tmp_path.
 
     With the dashboard, as `tuning/tune.py` starts it: every trial is a TorchTrainer, and without

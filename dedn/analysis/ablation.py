@@ -120,7 +120,7 @@ def run_ablation(base: DEDNConfig, settings: Sequence[Setting], train_one: Train
         t0 = time.perf_counter()
         try:
             res = train_one(setting, cfg)
-        except Exception as e:  # noqa: BLE001 - recorded and reported in the table
+        except Exception as e:  # recorded and reported in the table (re-raised unless keep_going)
             if not keep_going:
                 raise
             res = AblationResult(setting, error=f"{type(e).__name__}: {e}")
