@@ -46,9 +46,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from dedn.accel import fast_bf16, gemm_rate, set_tf32
+from dedn.atomic import write_text
 from dedn.cli import HelpFormatter
-from dedn.accel import gemm_rate, set_tf32
+from dedn.config import DEDNConfig, build_config
+from dedn.families import get_family
+from dedn.families.base import StepContext
+from dedn.families.d3gzsl.model import D3GZSL
+from dedn.families.dedn.model import DEDN
+from dedn.families.msdn.model import MSDN
+from dedn.protocol import ClassProtocol
 
 B, C, D, G, K = 50, 2048, 312, 300, 200
 # ../shared/docs/d3gzsl.md §9: GEMM GFLOP of one gzsl/ iteration at CUB settings (5 x 55.1 + 25.4, plus D3's
@@ -73,12 +82,6 @@ def _sync(device: str) -> None:
 
 def run_config(cfg: dict) -> dict:
     """One configuration in this process: returns seconds/step (min, median) and memory."""
-    from dedn.config import DEDNConfig, build_config
-    from dedn.families import get_family
-    from dedn.families.dedn.model import DEDN
-    from dedn.families.msdn.model import MSDN
-    from dedn.protocol import ClassProtocol
-
     torch.manual_seed(0)
     dev = cfg.get("device", "cpu")
     set_tf32(cfg["dtype"] == "tf32")
@@ -146,14 +149,6 @@ def _timed(step, reps: int, counted=None, device: str = "cpu") -> dict:
 
 def run_d3(cfg: dict) -> dict:
     """One D3GZSL iteration (5 critic + 1 generator step) in this process: seconds, memory, counted GFLOP."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dedn.families import get_family
-    from dedn.families.base import StepContext
-    from dedn.families.d3gzsl.model import D3GZSL
-    from dedn.config import build_config
-    from dedn.protocol import ClassProtocol
-
     torch.manual_seed(0)
     dev = cfg.get("device", "cpu")
     over = ["model=d3gzsl"] + (["variant=reference"] if cfg["variant"] == "d3gzsl_ref" else []) + (
@@ -217,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         if int(round(r**0.5)) ** 2 != r:
             ap.error(f"--r: expected perfect squares, found {r}")
 
-    from dedn.accel import fast_bf16
-
     reps = 2 if args.quick else 5
     dev = args.device
     ok, why = fast_bf16(dev)
@@ -279,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
               "GFLOP/s and of GEMM by the note's count of the iteration; 'counted here' is the GEMM work "
               "torch.utils.flop_counter measures in ours.")
     if args.json:
-        from dedn.atomic import write_text
-
         write_text(args.json, json.dumps({"gemm_gflop_s": rate, "results": results}, indent=2))
     return 0
 

@@ -30,13 +30,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import time
 
-from dedn.cli import HelpFormatter
-
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dedn.cli import HelpFormatter
+from dedn.config import DEDNConfig
+from dedn.families import get_family
+from dedn.families.dedn.model import DEDN
+from dedn.protocol import ClassProtocol
 
 B, C, D, G, K = 50, 2048, 312, 300, 200
 SIZES = (112, 87, 24, 40, 15, 34)
@@ -54,13 +63,6 @@ OPTIONS = {
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from dedn.config import DEDNConfig
-    from dedn.families import get_family
-    from dedn.families.dedn.model import DEDN
-    from dedn.protocol import ClassProtocol
-
     torch.set_num_threads(args.threads)
     dev = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -90,8 +92,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
             net = DDP(model, device_ids=[rank] if dev.type == "cuda" else None, bucket_cap_mb=o["bucket_cap_mb"],
                       static_graph=o["static_graph"], gradient_as_bucket_view=o["gradient_as_bucket_view"])
             if o["hook"]:
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
                 kind = o["hook"] if o["hook"] != "auto" else ("bf16" if dev.type == "cuda" else "fp16")
                 net.register_comm_hook(None, getattr(default_hooks, f"{kind}_compress_hook"))
         times = []
@@ -103,8 +103,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o == "manual":
-                from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 flat = _flatten_dense_tensors(grads)
                 dist.all_reduce(flat)
@@ -145,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         args.options = [k for k in OPTIONS if not (k == "bf16_hook" and args.device == "cpu")]
     if "default" not in args.options:
         args.options = ["default", *args.options]
-    import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

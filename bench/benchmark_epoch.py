@@ -25,6 +25,9 @@ from pathlib import Path
 
 from dedn.cli import HelpFormatter
 
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="data.resident modes to run (default: %(default)s)")
     args = ap.parse_args(argv)
 
-    from dedn.config import config_for_dataset
+    from dedn.config import config_for_dataset  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
     from dedn.training.driver import TrainSettings, cpus_per_worker, init_ray, torch_threads, train
 

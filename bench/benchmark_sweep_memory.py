@@ -21,6 +21,9 @@ from pathlib import Path
 
 from dedn.cli import HelpFormatter
 
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="dataset directory the trials read (e.g. a full-size CUB set)")
     ap.add_argument("--trials", type=int, default=4, help="trials, all at once (default: %(default)s)")
     args = ap.parse_args(argv)
-    from dedn.data import FeatureDataset
+    from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
     from dedn.data.resident import split_nbytes
 
     ds = FeatureDataset.open(args.data)

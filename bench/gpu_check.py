@@ -28,9 +28,20 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from dedn.cli import HelpFormatter
-
 import torch
+
+from dedn.accel import fast_bf16, gemm_rate
+from dedn.cli import HelpFormatter
+from dedn.config import config_for_dataset
+from dedn.data import FeatureDataset
+from dedn.data.reader import ShardReader
+from dedn.data.synthetic import write_synthetic
+from dedn.families import family_of
+from dedn.families.base import StepContext
+from dedn.home import dedn_home
+from dedn.protocol import ClassProtocol
+from dedn.training.driver import TrainSettings, train
+from dedn.training.loop import build_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,8 +51,6 @@ def say(line: str = "") -> None:
 
 
 def gemm_peaks(device: str) -> dict[str, float]:
-    from dedn.accel import fast_bf16, gemm_rate
-
     n = 8192 if device.startswith("cuda") else 2048
     dtypes = ["fp32"] + (["tf32"] if device.startswith("cuda") else []) + (["bf16"] if fast_bf16(device)[0] else [])
     return {dt: gemm_rate(dt, n=n, reps=10 if device.startswith("cuda") else 2, device=device) for dt in dtypes}
@@ -54,10 +63,6 @@ def step_times(device: str, dtypes: list[str], out: Path) -> None:
 
 
 def ray_runs(data: str, device: str, out: dict) -> None:
-    from dedn.config import config_for_dataset
-    from dedn.data import FeatureDataset
-    from dedn.training.driver import TrainSettings, train
-
     ds = FeatureDataset.open(data)
     gpu = device.startswith("cuda")
     for mode in ("auto", "off"):
@@ -79,14 +84,6 @@ def ray_runs(data: str, device: str, out: dict) -> None:
 
 def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
     """fp32 and bf16 autocast training of DEDN from one init on the same batches (resident reader)."""
-    from dedn.config import config_for_dataset
-    from dedn.data import FeatureDataset
-    from dedn.data.reader import ShardReader
-    from dedn.families import family_of
-    from dedn.families.base import StepContext
-    from dedn.protocol import ClassProtocol
-    from dedn.training.loop import build_model
-
     ds = FeatureDataset.open(data)
     cfg = config_for_dataset(ds.name, data, "cub")
     dev = torch.device(device)
@@ -136,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); this check has not run. "
               "Use --device cpu for a smoke run of the same path.", file=sys.stderr)
         return 2
-    from dedn.accel import fast_bf16
-    from dedn.home import dedn_home
 
     t_start = time.perf_counter()
     folder = Path(args.out) if args.out else dedn_home() / "gpu_check" / time.strftime("%Y%m%d-%H%M%S")
@@ -170,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="dedn-gpu-check-") as tmp:
             data = args.data
             if data is None:
-                from dedn.data.synthetic import write_synthetic
-
                 t0 = time.perf_counter()
                 data = str(write_synthetic(Path(tmp) / "cub", "CUB", progress=False,
                                            **({"images_per_class": args.images_per_class}

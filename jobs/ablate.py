@@ -23,8 +23,12 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
+from dedn import tracking
 from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import ConfigError, DednError
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def list_settings(model: str) -> str:
-    from dedn.analysis.ablation import family_settings
+    from dedn.analysis.ablation import family_settings  # heavy: after the arguments (see the imports above)
 
     settings = family_settings(model)
     full = next(iter(settings.values())).full
@@ -67,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_settings(args.model))
             return 0
-        from dedn import tracking
-        from dedn.analysis import ablation
+        from dedn.analysis import ablation  # heavy: after the arguments (see the imports above)
         from dedn.config import config_for_dataset, parse_overrides
         from dedn.data import FeatureDataset
         from dedn.training.driver import TrainSettings, train

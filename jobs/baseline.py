@@ -12,6 +12,9 @@ from pathlib import Path
 from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.01, help="ridge penalty per sample on standardised features")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    from dedn.analysis.baseline import run_baseline
+    from dedn.analysis.baseline import run_baseline  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
 
     try:

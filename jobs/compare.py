@@ -17,8 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn import tracking
 from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import DednError
+from dedn.home import dedn_home
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,9 +50,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _synthetic_cub(args: argparse.Namespace) -> Path:
-    from dedn.data import MANIFEST_FILE
+    from dedn.data import MANIFEST_FILE  # heavy: after the arguments (see the imports above)
     from dedn.data.synthetic import write_synthetic
-    from dedn.tracking import dedn_home
 
     root = dedn_home() / "data" / f"compare-cub-{args.channels}x{args.size}x{args.size}-{args.images_per_class}"
     if not (root / MANIFEST_FILE).exists():
@@ -58,8 +62,6 @@ def _synthetic_cub(args: argparse.Namespace) -> Path:
 
 
 def _start_parent(args: argparse.Namespace, ds, models: list[str]) -> str:
-    from dedn import tracking
-
     tracking.init_store()
     _, run_id = tracking.start_run(
         "compare-" + "-".join(models), experiment=f"dedn-compare-{ds.name.lower()}",
@@ -71,8 +73,6 @@ def _start_parent(args: argparse.Namespace, ds, models: list[str]) -> str:
 
 
 def _finish_parent(run_id: str, rows, files: tuple[Path, Path]) -> None:
-    from dedn import tracking
-
     metrics: dict[str, float] = {}
     for r in rows:
         metrics.update({f"{r.model}.{m}": getattr(r, m) for m in ("T", "U", "S", "H", "images_per_s")})
@@ -86,7 +86,7 @@ def _finish_parent(run_id: str, rows, files: tuple[Path, Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     use_address(args)
-    from dedn.analysis.compare import compare_models, write_table
+    from dedn.analysis.compare import compare_models, write_table  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
 
     from dedn.families import family_names
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
                               settings=settings, parent_run_id=run_id)
     except DednError as e:
         if run_id:
-            from dedn import tracking
-
             tracking.finish_run(run_id, "FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
+from dedn import tracking
 from dedn.cli import HelpFormatter
 from dedn.errors import ConfigError, DednError
+from dedn.home import dedn_home
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +45,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_out(source: str) -> Path:
     """`$DEDN_HOME/heatmaps/<source>`: one folder per model or checkpoint, so two models' maps never mix."""
-    import re
-
-    from dedn.tracking import dedn_home
-
     p = Path(source)
     tail = source.removeprefix("models:/") if source.startswith("models:/") else (
         f"{p.parent.name}-{p.name}" if p.name in ("state.pt",) or p.name.startswith("checkpoint") else p.name)
@@ -57,15 +59,14 @@ def _active_run_id(explicit: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn.analysis import heatmap
+    from dedn.analysis import heatmap  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
     from dedn.families import family_of
 
     try:
         ds = FeatureDataset.open(args.data)
         if args.model:
-            from dedn import tracking
-            from dedn.tracking.registry import load_predictor
+            from dedn.tracking.registry import load_predictor  # heavy: after the arguments (see the imports above)
 
             tracking.init_store()
             pred = load_predictor(args.model)
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = _active_run_id(args.run_id)
     if run_id:
-        from dedn import tracking
-
         tracking.init_store()
         for p in written:
             tracking.log_artifact(run_id, p, "heatmaps")

@@ -23,8 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from dedn.atomic import atomic_path
 from dedn.cli import HelpFormatter
 from dedn.errors import ConfigError, DatasetError, DednError
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,13 +47,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, int]):
     """Yields (sample_ids (B,), labels (B,) or None, features (B, C, H, W) float32, where each row is from)."""
-    import numpy as np
+    import numpy as np  # heavy: after the arguments (see the imports above)
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
 
     if args.data:
-        from dedn.data import FeatureDataset
+        from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
         from dedn.data.reader import ShardReader
 
         ds = FeatureDataset.open(args.data)
@@ -95,7 +99,7 @@ def _feature_batches(args: argparse.Namespace, feature_shape: tuple[int, int, in
 
 def _check_column_types(path: Path, schema) -> None:
     """sample_id and label integers, features a list of numbers: otherwise a message naming the column."""
-    import pyarrow as pa
+    import pyarrow as pa  # heavy: after the arguments (see the imports above)
 
 
     for col in ("sample_id", "label"):
@@ -109,7 +113,7 @@ def _check_column_types(path: Path, schema) -> None:
 
 def _check_same_data(uri: str, predictor, ds, data: str) -> None:
     """The model's data identity against the dataset's, from the manifest and class side alone (no shard read)."""
-    from dedn.data import MANIFEST_FILE
+    from dedn.data import MANIFEST_FILE  # heavy: after the arguments (see the imports above)
     from dedn.tracking.registry import DataIdentity, resolve_version, versions_on_data
 
     want, have = predictor.data_identity, DataIdentity.of_dataset(ds)
@@ -132,7 +136,7 @@ def _check_same_data(uri: str, predictor, ds, data: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    import numpy as np
+    import numpy as np  # heavy: after the arguments (see the imports above)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = args.model
         ds = None
         if args.data:
-            from dedn.data import FeatureDataset
+            from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
 
             ds = FeatureDataset.open(args.data, verify="none")  # manifest and class side: the data's identity
         if not uri:
@@ -193,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         if has_labels and out_cols["label"]:
             table["label"] = np.concatenate(out_cols["label"])
-        from dedn.atomic import atomic_path
 
         out = Path(args.out)
         with atomic_path(out) as tmp:

@@ -25,6 +25,9 @@ from pathlib import Path
 from dedn.cli import HelpFormatter
 from dedn.errors import DednError
 
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="dataset name, e.g. CUB, SUN, AWA2")
@@ -77,18 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         if args.command == "image-labels":
-            from dedn.data.sources import write_image_labels
+            from dedn.data.sources import write_image_labels  # heavy: after the arguments (see the imports above)
 
             print(write_image_labels(args.res101, args.att_splits, args.out, args.strip_prefix))
             return 0
         common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
         if args.command == "synthetic":
-            from dedn.data.synthetic import write_synthetic
+            from dedn.data.synthetic import write_synthetic  # heavy: after the arguments (see the imports above)
 
             out = write_synthetic(args.out, args.name, args.source_dir, word_vectors=args.word_vectors,
                                   channels=args.channels, height=args.height,
                                   width=args.width, images_per_class=args.images_per_class, seed=args.seed, **common)
         else:
+            # heavy: after the arguments (see the imports above)
             from dedn.data.convert import convert_hdf5, convert_xlsa17
 
             files = dict(att_splits=args.att_splits, word_vectors=args.word_vectors, name=args.name, out=args.out,
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dedn.data import FeatureDataset
+    from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
 
     print(FeatureDataset.open(out))
     return 0

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dedn import atomic, tracking
 from dedn.cli import HelpFormatter
 from dedn.errors import DednError
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,8 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn import atomic, tracking
-    from dedn.tracking import results
+    from dedn.tracking import results  # heavy: after the arguments (see the imports above)
 
     try:
         entries = results.collect(args.datasets, args.source, variant=args.variant or None)

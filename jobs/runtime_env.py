@@ -15,13 +15,13 @@ import json
 import sys
 
 from dedn.cli import HelpFormatter
+from dedn.training.ray_cluster import job_runtime_env
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkout", default=".", help="the git checkout whose commit the job records")
     args = p.parse_args(argv)
-    from dedn.training.ray_cluster import job_runtime_env
 
     env = job_runtime_env(args.checkout)
     if "DEDN_GIT_COMMIT" not in env.get("env_vars", {}):

@@ -21,6 +21,7 @@ import sys
 
 from dedn.cli import HelpFormatter, command
 from dedn.errors import DednError
+from dedn.tracking import server
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from dedn.tracking import server
 
     try:
         if args.command == "start":

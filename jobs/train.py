@@ -23,9 +23,13 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
+from dedn import tracking
 from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, program,
                       require_environment, use_address)
 from dedn.errors import DednError
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 # The demo: the reference variant (calibrated stacking makes U, H meaningful at this size), 25 epochs
 # at lr 1e-3 so the tiny semi-synthetic set learns within a minute or two; user key=value pairs still win.
@@ -79,8 +83,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
         # run as a program: a SIGTERM (kill, a scheduler) exits cleanly, so the MLflow run is marked
         # KILLED and the embedded Ray shuts down (atexit) instead of being left behind
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    from dedn import tracking
-    from dedn.config import config_for_dataset
+    from dedn.config import config_for_dataset  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
     from dedn.training.driver import TrainSettings, train
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
         if args.data:
             data = Path(args.data).expanduser().resolve()
         else:
-            from dedn.data.demo import ensure_demo_dataset
+            from dedn.data.demo import ensure_demo_dataset  # heavy: after the arguments (see the imports above)
 
             data, created = ensure_demo_dataset()
             print(f"{'Built' if created else 'Using'} the SEMI-SYNTHETIC demo dataset at {data} "

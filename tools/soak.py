@@ -37,8 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from dedn import tracking
 from dedn.procs import descendants, running
 from dedn.training.ray_cluster import AGENT_TITLES
+import importlib.util
+
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent", "second_run",
@@ -49,9 +54,7 @@ COLUMNS = ("round", "fault", "at", "outcome", "T/U/S/H %", "same", "store", "sec
 # ---- one driver process --------------------------------------------------------------------------
 def drive(spec: dict[str, Any]) -> int:
     """One run of jobs/train.py's main (its SIGTERM handling included) with the fault's DebugHooks."""
-    import importlib.util
-
-    from dedn.training.debug import DebugHooks
+    from dedn.training.debug import DebugHooks  # heavy: after the arguments (see the imports above)
 
     loader = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
     job = importlib.util.module_from_spec(loader)
@@ -78,8 +81,6 @@ class Proc:
 
 def run_record(run_dir: Path) -> dict[str, Any] | None:
     """The MLflow run a run folder belongs to: its id, final metrics (test, last validation, losses), registered version."""
-    from dedn import tracking
-
     record = run_dir / "mlflow_run.json"
     if not record.is_file():
         return None
@@ -161,8 +162,7 @@ def read_only_store(db: Path) -> Iterator[str]:
 
 def check_store(work: Path) -> list[str]:
     """What must never be left: a partial or unloadable checkpoint, a RUNNING run, a champion on a worse version."""
-    from dedn import tracking
-    from dedn.checkpoint import CheckpointError, load_checkpoint
+    from dedn.checkpoint import CheckpointError, load_checkpoint  # heavy: after the arguments (see the imports above)
     from dedn.tracking.registry import CHAMPION, best_version
 
     problems = []
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"DEDN_HOME": env["DEDN_HOME"]})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    from dedn.data.synthetic import write_synthetic
+    from dedn.data.synthetic import write_synthetic  # heavy: after the arguments (see the imports above)
 
     data = work / "cub-tiny"
     if not (data / "dataset.json").is_file():

@@ -27,6 +27,9 @@ from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_
                       use_address)
 from dedn.errors import ConfigError, DednError
 
+# The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
+# after the arguments are parsed: --help and a usage error answer at once.
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
     use_address(args)
     # Ray Tune and torch load here, after argparse: `--help` and usage errors stay instant
-    from dedn.config import config_for_dataset
+    from dedn.config import config_for_dataset  # heavy: after the arguments (see the imports above)
     from dedn.data import FeatureDataset
     from dedn.protocol import SELECTION_SPLITS
     from dedn.training.ray_cluster import init_ray
