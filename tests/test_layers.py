@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from toydata import write_toy_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WITHOUT_RAY_OR_MLFLOW = textwrap.dedent("""
@@ -37,10 +39,7 @@ SCRIPT = WITHOUT_RAY_OR_MLFLOW + textwrap.dedent("""
 
     for name in family_names():  # every built-in family, its model and loss modules
         get_family(name)
-    sys.path.insert(0, sys.argv[2])
-    from toydata import write_toy_dataset
-
-    root = write_toy_dataset(Path(sys.argv[1]) / "toy")
+    root = Path(sys.argv[1])
     cfg = build_config(None, {"dataset": "TOY", "data.path": str(root), "protocol": "select", "epochs": 1,
                               "optim.max_steps_per_epoch": 1, "optim.batch_size": 4})
     result = run_protocol(cfg, FeatureDataset.open(root))
@@ -54,7 +53,8 @@ def test_the_model_the_loop_and_the_reader_need_neither_ray_nor_mlflow(tmp_path:
     blocked = subprocess.run([sys.executable, "-c", WITHOUT_RAY_OR_MLFLOW + "import ray"], capture_output=True,
                              text=True, cwd=ROOT)
     assert blocked.returncode != 0 and "ray is blocked" in blocked.stderr  # the blocker works
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(ROOT / "tests")], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    root = write_toy_dataset(tmp_path / "toy")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(root)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().startswith("ok"), out.stdout
