@@ -53,4 +53,4 @@ gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache
