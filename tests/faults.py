@@ -35,7 +35,8 @@ from dedn.atomic import write_text
 from dedn.training.callbacks import PLUGINS_ENV, Callback, WorkerContext
 from dedn.training.report import EpochReport, StateFn
 
-__all__ = ["PLUGIN", "FAIL_KINDS", "Faults", "InjectedFault", "feature_digest", "params_digest", "state_digest", "plugin", "env"]
+__all__ = ["PLUGIN", "FAIL_KINDS", "Faults", "InjectedFault", "feature_digest", "params_digest", "state_digest",
+           "plugin", "env"]
 
 PLUGIN = "faults:Faults"
 FAIL_KINDS = ("raise", "nan", "disk_full")

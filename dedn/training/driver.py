@@ -273,8 +273,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     config: {"cfg": run config dict (data.path absolute), "use_gpu", "threads", "run_id",
     "tracking_uri", "semi_synthetic", "plugins": {"module:callable": options} (dedn.training.callbacks),
-    "verbose", "ray_info_logs", "fatal_file"}. A deterministic error (a non-retryable DednError: bad data, a non-finite loss) is
-    recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
+    "verbose", "ray_info_logs", "fatal_file"}. A deterministic error (a non-retryable DednError: bad
+    data, a non-finite loss) is recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
     training again, and the driver raises it to the user as itself.
     """
     import ray.train
