@@ -51,11 +51,17 @@ COLUMNS = ("round", "fault", "at", "outcome", "T/U/S/H %", "same", "store", "sec
 
 # ---- faults from inside a run --------------------------------------------------------------------
 def faults_plugin(**options: Any) -> dict[str, str]:
-    """DEDN_TRAIN_PLUGINS for a run that injects these faults (`tests/faults.py`, its options)."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    import faults
+    """DEDN_TRAIN_PLUGINS for a run that injects these faults (`tests/faults.py`, loaded by path here;
+    the runs import it as `faults`, tests/ being on their PYTHONPATH)."""
+    import importlib.util
 
+    faults = sys.modules.get("faults")
+    if faults is None:
+        spec = importlib.util.spec_from_file_location("faults", TESTS / "faults.py")
+        assert spec is not None and spec.loader is not None
+        faults = importlib.util.module_from_spec(spec)
+        sys.modules["faults"] = faults  # its dataclass looks its module up there
+        spec.loader.exec_module(faults)
     return {PLUGINS_ENV: json.dumps(faults.plugin(**options))}
 
 
