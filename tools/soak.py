@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dedn.training.callbacks import PLUGINS_ENV
 from dedn.training.ray_cluster import AGENT_TITLES, descendants, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +53,8 @@ def faults_plugin(**options: Any) -> dict[str, str]:
     """DEDN_TRAIN_PLUGINS for a run that injects these faults (`tests/faults.py`, loaded by path here;
     the runs import it as `faults`, tests/ being on their PYTHONPATH)."""
     import importlib.util
+
+    from dedn.training.callbacks import PLUGINS_ENV
 
     faults = sys.modules.get("faults")
     if faults is None:

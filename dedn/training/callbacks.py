@@ -32,13 +32,13 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
-import torch
-from torch import nn
-
 from dedn.errors import ConfigError
 from dedn.training.report import EpochReport, StateFn
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # no torch at import: the soak and the driver's environment helpers load this module
+    import torch
+    from torch import nn
+
     from dedn.config import DEDNConfig
 
 __all__ = ["PLUGINS_ENV", "Callback", "WorkerContext", "plugin_specs", "resolve_plugin", "load_callbacks",
@@ -53,7 +53,7 @@ class WorkerContext:
 
     rank: int
     world_size: int
-    device: torch.device
+    device: "torch.device"
     cfg: "DEDNConfig"
     phase: str  # the phase the worker starts in: "select" or "final"
     epoch: int  # the epoch it starts at (after a restart: the last checkpoint's epoch + 1)
