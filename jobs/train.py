@@ -72,8 +72,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
-def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, debug: object = None) -> int:
-    """The job. handle_sigterm: default when run as a program (argv None); debug: DebugHooks (tools/soak.py)."""
+def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None) -> int:
+    """The job. handle_sigterm: default when run as a program (argv None)."""
     args = parse(argv)
     require_environment("torch", "ray", "mlflow", "pyarrow")  # a job run by another python: say so first
     use_address(args)
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None, d
             num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             max_failures=args.max_failures, num_to_keep=args.num_to_keep, storage_path=args.storage_path,
             name=args.name, experiment=args.experiment, register=not args.no_register, track=not args.no_track,
-            **({"debug": debug} if debug is not None else {}),
         )
         label = "SEMI-SYNTHETIC " if ds.semi_synthetic else ""
         print(f"Training {cfg.model.name.upper()} on {label}{ds.name} ({data}), variant {cfg.variant}, protocol {cfg.protocol}, "

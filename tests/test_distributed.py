@@ -6,6 +6,10 @@ the group), or with the disk filling up while epoch 2's checkpoint is written (t
 that message; the same name continues it), and must end bitwise identical to it (CPU, gloo:
 every operation is deterministic and the checkpoint holds model, optimiser, history and RNG
 state).
+
+Faults and the per-rank records come from the test-side training plugin `tests/faults.py`
+(`TrainSettings.plugins`, or DEDN_TRAIN_PLUGINS for jobs/train.py): this folder is on the
+PYTHONPATH the Ray workers inherit.
 """
 from __future__ import annotations
 
@@ -26,10 +30,15 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
     """A 2-CPU Ray of its own (address='local' never joins another cluster) and a private DEDN_HOME."""
     import ray
 
+    from faults import TESTS
+
     home = tmp_path_factory.mktemp("dedn_home")
     saved = {k: os.environ.get(k) for k in ("DEDN_HOME", "MLFLOW_TRACKING_URI", "RAY_USAGE_STATS_ENABLED",
-                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    os.environ.update(DEDN_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
+                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "PYTHONPATH")}
+    # the workers import the faults plugin (tests/faults.py): they inherit this PYTHONPATH from ray.init
+    path = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ.update(DEDN_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+                      PYTHONPATH=path)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -43,15 +52,16 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
                 os.environ[k] = v
 
 
-def _run(tiny_dataset, home: Path, name: str, overrides: tuple[str, ...] = (), **debug):
+def _run(tiny_dataset, home: Path, name: str, overrides: tuple[str, ...] = (), **faults):
+    from faults import plugin
+
     from dedn.config import build_config
-    from dedn.training.debug import DebugHooks
     from dedn.training.driver import TrainSettings, train
 
     cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}", *overrides])
     record = home / f"record-{name}"
     settings = TrainSettings(num_workers=2, name=name, max_failures=1, verbose=False, register=name == "baseline",
-                             debug=DebugHooks(record_dir=str(record), **debug))
+                             plugins=plugin(record_dir=str(record), **faults))
     return train(cfg, settings), record
 
 
@@ -61,7 +71,7 @@ def baseline(ray_env, tiny_dataset):
 
 
 def _split_digests(ds, split: str) -> set[str]:
-    from dedn.training.debug import feature_digest
+    from faults import feature_digest
     from dedn.data.reader import ShardReader
 
     out: list[str] = []
@@ -231,19 +241,23 @@ def test_d3gzsl_through_jobs_train_ddp_ranks_agree_and_a_worker_failure_resumes_
     DDP wrapper (ranks read different rows, so equal parameters at the end mean every network's
     gradients were all-reduced); every loss part is logged; the model registers as d3gzsl-cub; and
     rank 1 failing in selection epoch 2 then resuming ends bitwise equal to the uninterrupted run."""
+    import faults
     from toydata import load_job
 
     from dedn import tracking
-    from dedn.training.debug import DebugHooks
+    from dedn.training.callbacks import PLUGINS_ENV
 
     main = load_job("train").main
     c = tracking.client()
 
-    def run(name: str, **debug):
+    def run(name: str, **options):
         record = ray_env / f"record-{name}"
         argv = ["--data", str(tiny_dataset.root), "--preset", "cub", "--num-workers", "2", "--max-failures", "1",
                 "--name", name, *D3_ARGS]
-        assert main(argv, debug=DebugHooks(record_dir=str(record), **debug)) == 0
+        # the job has no fault parameter: the plugin comes from the driver's environment, as for the soak
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(PLUGINS_ENV, faults.env(record_dir=str(record), **options)[PLUGINS_ENV])
+            assert main(argv) == 0
         (found,) = c.search_runs([c.get_experiment_by_name("dedn-cub").experiment_id], f"tags.ray_train_run = '{name}'")
         return found, _ranks(record)
 

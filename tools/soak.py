@@ -17,8 +17,10 @@ checkpoint that does not load or a partial copy, an MLflow run still RUNNING, a 
 a version worse than the best. The data are a tiny SEMI-SYNTHETIC CUB-shaped set: the metrics
 only check that faults change nothing, they are not benchmark results.
 
-Each run is a separate driver process (`soak.py _drive SPEC`): `dedn.training.driver.train`,
-with a SIGTERM handler as in jobs/train.py and the DebugHooks the fault needs.
+Each run is a separate driver process, `jobs/train.py` itself (its SIGTERM handling included). A
+fault injected from inside the run (disk_full) comes from the test-side training plugin
+`tests/faults.py`, named in the run's environment (DEDN_TRAIN_PLUGINS, tests/ on PYTHONPATH);
+production code has none.
 """
 from __future__ import annotations
 
@@ -40,28 +42,33 @@ from typing import Any, Iterator
 from dedn import tracking
 from dedn.procs import descendants, running
 from dedn.training.ray_cluster import AGENT_TITLES
-import importlib.util
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
 # after the arguments are parsed: --help and a usage error answer at once.
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"  # the faults plugin (tests/faults.py)
 FAULTS = ("none", "worker_kill", "driver_kill", "driver_term", "disk_full", "corrupt_shard", "concurrent", "second_run",
           "store_readonly")
 COLUMNS = ("round", "fault", "at", "outcome", "T/U/S/H %", "same", "store", "seconds", "verdict")
 
 
-# ---- one driver process --------------------------------------------------------------------------
-def drive(spec: dict[str, Any]) -> int:
-    """One run of jobs/train.py's main (its SIGTERM handling included) with the fault's DebugHooks."""
-    from dedn.training.debug import DebugHooks  # heavy: after the arguments (see the imports above)
+# ---- faults from inside a run --------------------------------------------------------------------
+def faults_plugin(**options: Any) -> dict[str, str]:
+    """DEDN_TRAIN_PLUGINS for a run that injects these faults (`tests/faults.py`, loaded by path here;
+    the runs import it as `faults`, tests/ being on their PYTHONPATH)."""
+    import importlib.util
 
-    loader = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(job)
-    argv = ["--data", spec["data"], "--preset", "cub", *spec["overrides"], "--num-workers", str(spec["num_workers"]),
-            "--name", spec["name"], "--max-failures", "2", *([] if spec["register"] else ["--no-register"])]
-    return job.main(argv, handle_sigterm=True, debug=DebugHooks(**spec.get("hooks", {})))
+    from dedn.training.callbacks import PLUGINS_ENV
+
+    faults = sys.modules.get("faults")
+    if faults is None:
+        spec = importlib.util.spec_from_file_location("faults", TESTS / "faults.py")
+        assert spec is not None and spec.loader is not None
+        faults = importlib.util.module_from_spec(spec)
+        sys.modules["faults"] = faults  # its dataclass looks its module up there
+        spec.loader.exec_module(faults)
+    return {PLUGINS_ENV: json.dumps(faults.plugin(**options))}
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------
@@ -102,16 +109,20 @@ class Soak:
     env: dict[str, str] = field(default_factory=dict)
     n: int = 0
 
-    def start(self, name: str, *, data: Path | None = None, hooks: dict[str, Any] | None = None,
+    def start(self, name: str, *, data: Path | None = None, faults: dict[str, Any] | None = None,
               register: bool = False, extra: tuple[str, ...] = ()) -> Proc:
+        """jobs/train.py on `data` (default: the soak's) as a process of its own; faults: the options of
+        the faults plugin (tests/faults.py) for this run."""
         self.n += 1
-        spec = {"data": str(data or self.data), "name": name, "overrides": [*self.overrides, *extra],
-                "num_workers": self.num_workers, "register": register, "hooks": hooks or {}}
+        argv = ["--data", str(data or self.data), "--preset", "cub", *self.overrides, *extra,
+                "--num-workers", str(self.num_workers), "--name", name, "--max-failures", "2",
+                *([] if register else ["--no-register"])]
         log = self.work / "logs" / f"{self.n:03d}-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, **(faults_plugin(**faults) if faults else {})}
         with open(log, "w") as f:
-            popen = subprocess.Popen([sys.executable, __file__, "_drive", json.dumps(spec)], stdout=f,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.work)
+            popen = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *argv], stdout=f,
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.work)
         return Proc(popen, log, self.storage(name))
 
     def storage(self, name: str) -> Path:
@@ -255,11 +266,11 @@ def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[st
         finish(result)
     elif fault == "disk_full":
         marker = soak.work / f"{name}.marker"
-        hooks = {"fail_rank": 0, "fail_epoch": k, "fail_marker": str(marker), "fail_kind": "disk_full"}
-        rc1, _, err1 = soak.start(name, hooks=hooks).wait()
+        faults = {"fail_rank": 0, "fail_epoch": k, "fail_marker": str(marker), "fail_kind": "disk_full"}
+        rc1, _, err1 = soak.start(name, faults=faults).wait()
         row["at"] = f"checkpoint of epoch {k}"
-        msg_ok = rc1 == 2 and "could not be written" in err1
-        rc, result, err = soak.start(name, hooks=hooks).wait()  # the marker exists: no fault now
+        msg_ok = rc1 == 2 and "could not be written" in err1 and marker.exists()
+        rc, result, err = soak.start(name, faults=faults).wait()  # the marker exists: no fault now
         row["outcome"] = ("message, then resumed" if msg_ok and rc == 0 else f"rc {rc1}/{rc}: {(err1 or err)[:80]}")
         finish(result)
     elif fault == "corrupt_shard":
@@ -317,8 +328,6 @@ def run_round(soak: Soak, i: int, fault: str, rng: random.Random, clean: dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "_drive":
-        return drive(json.loads(sys.argv[2]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="dedn-soak-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DEDN_HOME": str(work / "home"), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     os.environ.update({"DEDN_HOME": env["DEDN_HOME"]})

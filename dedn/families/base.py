@@ -217,8 +217,9 @@ class ModelFamily:
 
     def wrap(self, model: nn.Module, ddp: Callable[[nn.Module], nn.Module]) -> nn.Module:
         """The module train_step receives: `ddp` (DistributedDataParallel, or identity on one
-        process) around the whole network. Its forward must be called once per training step (the
-        driver's fault hooks sit on it) and `.module` must lead to the network (`unwrap_model`)."""
+        process) around the whole network. `.module` must lead to the network (`unwrap_model`), and
+        `train_step` calls it once per step on the batch's features: the training callbacks'
+        `wrap_model` (`dedn.training.callbacks`) may hook that call."""
         return ddp(model)
 
     def prepare(self, model: nn.Module, data: PhaseData, ctx: StepContext) -> None:

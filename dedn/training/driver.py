@@ -17,8 +17,9 @@ the checkpoint). After a worker failure Ray restarts the group (`FailureConfig`)
 continues from `ray.train.get_checkpoint()`; the checkpoint carries model, optimisers, history,
 best-so-far, RNG state and, in the final phase, the selection.
 
-Test hooks (`dedn.training.debug.DebugHooks`): record which samples each rank trained on and a
-digest of its parameters, and make one rank raise once at a given epoch.
+Training callbacks (`dedn.training.callbacks`): plugins named in `TrainSettings.plugins` or
+`DEDN_TRAIN_PLUGINS` are loaded in every worker and see its start, each phase's training module,
+every epoch, rank 0's checkpoint writes and the trained network (the fault tests inject faults so).
 
 Ray is imported where a function needs it, so that importing this module (tuning, the analyses,
 tests) does not load Ray Train (about 1.5 s); MLflow's registry likewise, which only the driver
@@ -26,7 +27,6 @@ uses after a run (the Ray Train workers import this module too).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -39,7 +39,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import pyarrow.fs
 import torch
@@ -59,9 +59,9 @@ from dedn.errors import DednError, OutputError, os_reason
 from dedn.families import family_of
 from dedn.protocol import TEST_SPLITS
 from dedn.tracking.sink import MLflowSink
-from dedn.training.debug import DebugHooks, _Recorder, simulated_full_disk
+from dedn.training.callbacks import CallbackList, WorkerContext, load_callbacks, plugin_specs
 from dedn.training.fatal import FATAL_FILE, read_fatal, write_fatal
-from dedn.training.loop import model_from_state, run_protocol, unwrap_model
+from dedn.training.loop import model_from_state, run_protocol
 from dedn.training.node_cache import node_split_loader, start_node_caches
 from dedn.training.preflight import check_cluster_resources, open_dataset, preflight
 from dedn.training.ray_cluster import init_ray, set_continue_hint
@@ -138,8 +138,9 @@ class RayTrainSink:
     CheckpointWriteError.
     """
 
-    def __init__(self, rank: int, hooks: DebugHooks | None = None):
-        self.rank, self.hooks = rank, hooks or DebugHooks()
+    def __init__(self, rank: int, around_write: Callable[[EpochReport], ContextManager[None]] | None = None):
+        self.rank = rank
+        self.around_write = around_write or (lambda report: nullcontext())
 
     def on_epoch(self, report: EpochReport, state: StateFn) -> None:
         import ray.train  # on use (module docstring)
@@ -174,7 +175,7 @@ class RayTrainSink:
         final = Path(storage.build_checkpoint_path_from_name(dir_name))
         tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
         try:
-            with simulated_full_disk(self.hooks, self.rank, report.phase, report.epoch):
+            with self.around_write(report):  # the callbacks' (a test's full disk)
                 shutil.rmtree(tmp, ignore_errors=True)
                 _copy_folder(Path(checkpoint.path), tmp)
             if final.exists():  # a resumed run reports the epoch it was in again
@@ -247,9 +248,9 @@ def train_func(config: dict[str, Any]) -> None:
     """The one train function (every Ray Train worker of every run): `run_protocol` with DDP and sinks.
 
     config: {"cfg": run config dict (data.path absolute), "use_gpu", "threads", "run_id",
-    "tracking_uri", "semi_synthetic", "debug": DebugHooks fields, "verbose", "ray_info_logs",
-    "fatal_file"}. A deterministic error (a non-retryable DednError: bad data, a non-finite loss) is
-    recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
+    "tracking_uri", "semi_synthetic", "plugins": {"module:callable": options} (dedn.training.callbacks),
+    "verbose", "ray_info_logs", "fatal_file"}. A deterministic error (a non-retryable DednError: bad
+    data, a non-finite loss) is recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
     training again, and the driver raises it to the user as itself.
     """
     import ray.train  # on use (module docstring)
@@ -293,39 +294,49 @@ def train_func(config: dict[str, Any]) -> None:
 
 def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size: int, device: torch.device,
                   autocast_dtype: torch.dtype | None, distributed: bool) -> None:
-    """train_func's body: the dataset, the sinks, then run_protocol under DDP."""
+    """train_func's body: the dataset, the callbacks and sinks, then run_protocol under DDP."""
     # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
     dataset = FeatureDataset.open(cfg.data.path, verify="none")
     resume = _resume_state()
-    phase = resume["phase"] if resume else ("select" if cfg.protocol != "final" else "final")
-    hooks = DebugHooks(**config.get("debug", {}))
-    recorder = _Recorder(hooks, rank, phase, int(resume["epoch"]) + 1 if resume else 1)
+    callbacks = CallbackList(load_callbacks(config.get("plugins") or {}))
+    phase, epoch = _start_position(cfg, resume)
+    callbacks.on_start(WorkerContext(rank, world_size, device, cfg, phase, epoch, resume is not None))
+    trained: list[nn.Module] = []  # the network of the phase in training: the trained one at the end
 
     def ddp(net: nn.Module) -> nn.Module:
         return _ddp(net, cfg, device) if distributed else net
 
     def wrap(model: nn.Module) -> nn.Module:
-        wrapped = family_of(cfg).wrap(model, ddp)  # DDP around the network, or around each of a family's networks
-        wrapped.register_forward_pre_hook(recorder)
-        return wrapped
+        trained[:] = [model]
+        # DDP around the network, or around each of a family's networks; then the callbacks'
+        return callbacks.wrap_model(family_of(cfg).wrap(model, ddp))
 
-    sinks: list[Any] = [recorder]
+    sinks: list[Any] = [callbacks] if callbacks else []
     announce = say if rank == 0 and config.get("verbose", True) else None  # what data.resident chose, per split
     if rank == 0 and config.get("verbose", True):
         sinks.append(ConsoleSink(world_size))
     if rank == 0 and config.get("run_id"):
         sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
                                 semi_synthetic=bool(config.get("semi_synthetic"))))
-    sinks.append(RayTrainSink(rank, hooks))
+    sinks.append(RayTrainSink(rank, callbacks.around_checkpoint_write if callbacks else None))
     with _node_system_metrics(config):
-        result = run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size,
-                              device=device, wrap_model=wrap, collective=_TorchCollective() if distributed else None,
-                              autocast_dtype=autocast_dtype,
-                              split_loader=node_split_loader(announce) if cfg.data.resident_shared else None,
-                              announce=announce)
-    last = result.final or result.select
-    assert last is not None
-    recorder.write(unwrap_model(last_model(last.state, cfg, dataset)))
+        run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size, device=device,
+                     wrap_model=wrap, collective=_TorchCollective() if distributed else None,
+                     autocast_dtype=autocast_dtype,
+                     split_loader=node_split_loader(announce) if cfg.data.resident_shared else None, announce=announce)
+    if trained:  # the loop's own network, as trained: nothing rebuilt
+        callbacks.on_end(trained[0])
+
+
+def _start_position(cfg: DEDNConfig, resume: Mapping[str, Any] | None) -> tuple[str, int]:
+    """The phase and epoch a worker trains first: after a checkpoint, the next epoch (after selection's
+    last epoch, the final phase's first)."""
+    if resume is None:
+        return ("final" if cfg.protocol == "final" else "select"), 1
+    phase, epoch = str(resume["phase"]), int(resume["epoch"]) + 1
+    if phase == "select" and epoch > int(resume.get("epochs", epoch)):
+        return "final", 1
+    return phase, epoch
 
 
 def _node_system_metrics(config: Mapping[str, Any]) -> Any:
@@ -373,7 +384,7 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
     loop_config = {
         "cfg": cfg.to_dict(), "use_gpu": settings.use_gpu, "threads": torch_threads(cpus), "run_id": run_id,
         "tracking_uri": tracking_uri, "semi_synthetic": semi_synthetic, "verbose": settings.verbose,
-        "debug": dataclasses.asdict(settings.debug), "ray_info_logs": settings.ray_info_logs, "fatal_file": fatal_file,
+        "plugins": plugin_specs(settings.plugins), "ray_info_logs": settings.ray_info_logs, "fatal_file": fatal_file,
     }
     return TorchTrainer(
         train_func,

@@ -206,7 +206,7 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
     """Train one phase ("select" or "final"); the only training loop (see module docstring).
 
     wrap_model: the training-time module around the network (the driver: the family's `wrap` with
-    DDP, plus its hooks); default the family's `wrap` without DDP.
+    DDP, then its training callbacks'); default the family's `wrap` without DDP.
     epochs: defaults to cfg.optim.epochs. final evaluates the test splits once, after the last
     epoch, at cfg.eval's weights (set them to the selected ones). Every epoch's EpochReport
     goes to each sink with a function returning the checkpoint dict (extra_state merged in).

@@ -17,6 +17,7 @@ from dedn.families import family_of
 from dedn.home import dedn_home
 from dedn.protocol import SELECTION_SPLITS
 from dedn.tracking.location import tracking_uri
+from dedn.training.callbacks import plugin_specs
 from dedn.training.loop import build_model
 from dedn.training.settings import TrainSettings
 
@@ -41,11 +42,13 @@ def preflight(cfg: DEDNConfig, settings: TrainSettings) -> tuple[DEDNConfig, Fea
 
     The dataset (manifest, shard footers, the label columns against the manifest's class sets),
     the family's dataset-dependent defaults (`ModelFamily.resolve`), the network built once
-    (clusters, sizes: every check the family makes at build time), and the checkpoint location:
+    (clusters, sizes: every check the family makes at build time), the training plugins (each name
+imports), and the checkpoint location:
     writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
     the Ray Train storage folder.
     """
     cfg, dataset = open_dataset(cfg)
+    plugin_specs(settings.plugins, check=True)  # every training plugin imports here, as in the workers
     if cfg.train.ddp_comm_hook == "bf16" and not settings.use_gpu and settings.num_workers > 1:
         raise ConfigError("train.ddp_comm_hook", "none or fp16 on CPU workers (gloo): bf16 compression needs NCCL, "
                           "i.e. --use-gpu", "bf16", "preflight")

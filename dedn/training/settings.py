@@ -6,10 +6,9 @@ analyses that start runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from dedn.errors import ConfigError
-from dedn.training.debug import DebugHooks
 
 __all__ = ["TrainSettings"]
 
@@ -35,7 +34,9 @@ class TrainSettings:
     selection_val: Mapping[str, float] | None = None
     verbose: bool = True  # rank-0 progress lines on stdout
     ray_info_logs: bool = False  # Ray Train's own INFO logs (one line per report and rank)
-    debug: DebugHooks = field(default_factory=DebugHooks)
+    # training callbacks loaded in every worker, {"module:callable": {options}} (dedn.training.callbacks;
+    # DEDN_TRAIN_PLUGINS adds more)
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, v, lo in (("num_workers", self.num_workers, 1), ("max_failures", self.max_failures, 0),
