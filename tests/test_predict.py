@@ -125,18 +125,19 @@ def test_a_model_scores_only_data_of_its_identity(registered, tiny_dataset, tmp_
         def __init__(self, *a, **k):
             raise AssertionError("features were read before the identity check")
 
-    monkeypatch.setattr(reader, "ShardReader", NoReads)
     out = tmp_path / "p.parquet"
-    for model in (["--model", "models:/dedn-cub@champion"], []):  # explicit, and the default URI of the dataset
-        capsys.readouterr()
-        assert main(model + ["--data", str(real.root), "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("error:") == 1 and err.startswith(f"error: {real.root / 'dataset.json'}: data identity: "), err
-        assert "model models:/dedn-cub@champion (version 1): " + str(want) in err, err
-        assert f"found {have} (differs: feature shape [16, 2, 2] -> [32, 1, 1]; semi-synthetic -> real features)" in err
-        assert "no version of dedn-cub was trained on this data" in err and "feature_shape: expected" not in err
-        assert not out.exists()
-    monkeypatch.undo()
+    # only the reader is patched here: undo() would also drop the fixture's DEDN_HOME (the store)
+    with monkeypatch.context() as patched:
+        patched.setattr(reader, "ShardReader", NoReads)
+        for model in (["--model", "models:/dedn-cub@champion"], []):  # explicit, and the default URI of the dataset
+            capsys.readouterr()
+            assert main(model + ["--data", str(real.root), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("error:") == 1 and err.startswith(f"error: {real.root / 'dataset.json'}: data identity: "), err
+            assert "model models:/dedn-cub@champion (version 1): " + str(want) in err, err
+            assert f"found {have} (differs: feature shape [16, 2, 2] -> [32, 1, 1]; semi-synthetic -> real features)" in err
+            assert "no version of dedn-cub was trained on this data" in err and "feature_shape: expected" not in err
+            assert not out.exists()
 
     # the user's sequence: a model trained on the real-shaped data becomes champion and scores it;
     # the semi-synthetic data then needs its own version, which the error names
