@@ -409,11 +409,11 @@ def test_image_labels_remade_from_res101_equal_the_shared_file(tmp_path):
         ref = {k: z[k] for k in z.files}
     files = np.empty((ref["labels"].size, 1), dtype=object)
     for i, f in enumerate(ref["image_files"]):
-        files[i, 0] = np.array(["/BS/xian/work/data/" + f])
+        files[i, 0] = np.array(["/xlsa17-authors/images/" + f])
     scipy.io.savemat(tmp_path / "res101.mat", {"labels": (ref["labels"] + 1)[:, None].astype(np.float64),
                                                "image_files": files})
     out = write_image_labels(tmp_path / "res101.mat", shared / "att_splits.mat", tmp_path / "image_labels.npz",
-                             strip_prefix="/BS/xian/work/data/")
+                             strip_prefix="/xlsa17-authors/images/")
     with np.load(out, allow_pickle=False) as z:
         assert sorted(z.files) == sorted(ref)
         for k, v in ref.items():

@@ -1,6 +1,6 @@
 """Write dedn/data/assets/<DS>.npz (the class side and image labels of CUB, SUN, AWA2) from a shared-style data folder.
 
-    python tools/pack_assets.py [--data-dir /work/shared/data] [--names CUB SUN AWA2]
+    python tools/pack_assets.py [--data-dir ../shared/data] [--names CUB SUN AWA2]
 
 The assets are plain compressed npz archives (no pickles, strings as fixed-width unicode), so
 `dedn.data.sources.load_source(name)` works on a machine without the original files.
@@ -30,7 +30,8 @@ def pack(name: str, data_dir: Path, out_dir: Path = ASSET_DIR) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=Path("/work/shared/data"))
+    p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                   help="xlsa17 class-side folders (default: ../shared/data beside the checkout)")
     p.add_argument("--names", nargs="+", default=["CUB", "SUN", "AWA2"])
     p.add_argument("--out-dir", type=Path, default=ASSET_DIR)
     args = p.parse_args(argv)
