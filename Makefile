@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dedn-installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install lint test demo server benchmark gpu-check clean
+.PHONY: install lint test test-fast demo server benchmark gpu-check clean
 
 # pip: --quiet drops progress chatter only (warnings and errors still print); no version nag.
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in a few minutes.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) jobs/train.py

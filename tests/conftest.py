@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,75 @@ def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+
+
+# ---- one Ray for the whole session --------------------------------------------------------------------
+TESTS = Path(__file__).resolve().parent
+RAY_ENV = {  # the session Ray's processes inherit these
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # as tuning/tune.py sets it: a worker group starts in seconds
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # tiny epochs: noise
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that own a cluster (`own_cluster`: `ray start`/`ray stop`, a killed driver, runs that must
+    not share a Ray) run after all others, once the session's Ray is shut down; the order is otherwise kept."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The embedded Ray every in-process Ray test (marker `ray`) shares, started once.
+
+    As a job starts its own (`init_ray`): a private temp folder with its own address file, so no
+    job a test starts joins it, and Ray's helpers find it there. Unlike a job's: 2 CPUs (the CI
+    machine's, whatever this one has), the dashboard (a sweep's finished trials give their CPUs back
+    at once only through its State API), workers' output not forwarded (it would land in whichever
+    test's capture is open), tests/ on the workers' path (the faults plugin). Starting Ray once
+    instead of once per module saves about 5 s a module.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+    from ray._private.utils import write_ray_address
+
+    from dedn.training.ray_cluster import PRIVATE_PREFIX
+
+    os.environ.update(RAY_ENV)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    private = Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}"
+    os.environ["RAY_TMPDIR"] = str(private)
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+                   logging_config=ray.LoggingConfig(log_level="ERROR"))
+    write_ray_address(ctx.address_info["gcs_address"])
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_ray(request: pytest.FixtureRequest):
+    """`ray` tests get the session's Ray (`own_cluster` ones none: it is shut down before them); any
+    other test must leave Ray as it found it: one that starts Ray unmarked fails, naming itself."""
+    import sys
+
+    own = request.node.get_closest_marker("own_cluster") is not None
+    if own:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+    elif request.node.get_closest_marker("ray") is not None:
+        request.getfixturevalue("ray_session")
+    before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    after = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if after and not before and not own:
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray of its own: mark it `ray` (the session's Ray) or `own_cluster`")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -105,6 +173,7 @@ def team_server() -> Team:
 
 
 # ---- one sweep shared by test_tuning (its assertions) and test_team (the same sweep on the server) ----
+SWEEP_TRIALS = 4  # all at once: the concurrency the team server must survive, at half the old 8-trial cost
 TINY_TRAIN = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 
 
@@ -135,8 +204,8 @@ def poison_test_shards(root: Path) -> dict[Path, bytes]:
     return poisoned
 
 
-def eight_trial_sweep(data: Path, name: str, storage: Path) -> object:
-    """8 trials, 4 at a time, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
+def four_trial_sweep(data: Path, name: str, storage: Path) -> object:
+    """4 trials, all at once, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
     early and the outcome cannot depend on which trial reported first (the SQLite/server twins)."""
     import yaml
 
@@ -151,7 +220,7 @@ def eight_trial_sweep(data: Path, name: str, storage: Path) -> object:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(space))
     base = build_config("awa2", TINY_TRAIN + [f"data.path={data}"])
-    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=8, max_concurrent_trials=4,
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=SWEEP_TRIALS, max_concurrent_trials=SWEEP_TRIALS,
                      cpus_per_trial=0.5, name=name, verbose=0, seed=3, storage=str(storage / "tune"))
     return run_sweep(spec)
 
@@ -164,24 +233,9 @@ class SqliteSweep:
     home: Path  # DEDN_HOME; the store is sqlite:///<home>/mlflow.db
 
 
-@contextmanager
-def sweep_ray():
-    """A fresh embedded 2-CPU Ray with its dashboard, shut down after: as `tuning/tune.py` starts it
-    (every trial is a TorchTrainer; without the State API a finished run's CPUs come back after a minute)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="session")
-def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
-    """The 8-trial sweep on the embedded SQLite store, once per session (embedded 2-CPU Ray with its dashboard)."""
+def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory, ray_session) -> SqliteSweep:
+    """The sweep on the embedded SQLite store, once per session, on the session's Ray."""
     import shutil
 
     tmp = tmp_path_factory.mktemp("sqlite-sweep")
@@ -192,11 +246,8 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     mp = pytest.MonkeyPatch()
     mp.setenv("DEDN_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    mp.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # tiny epochs: noise
-    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as tuning/tune.py sets it: faster worker start-up
     try:
-        with sweep_ray():
-            summary = eight_trial_sweep(data, "sweep", home)
+        summary = four_trial_sweep(data, "sweep", home)
     finally:
         mp.undo()
     return SqliteSweep(summary, data, poisoned, home)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -166,21 +165,10 @@ def test_cluster_study_plot_is_labelled(tmp_path):
 
 
 # ---- end to end on Ray Train --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ablation_job_end_to_end(ray_cluster, tmp_path, monkeypatch, capsys):
+def test_ablation_job_end_to_end(tmp_path, monkeypatch, capsys):
     """full, no-CA and cExp-only, 1 epoch each on Ray Train, under one MLflow parent run."""
     from dedn import tracking
     from dedn.checkpoint import load_checkpoint

@@ -16,22 +16,16 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_home(tmp_path_factory):
-    """An embedded 2-CPU Ray and a private DEDN_HOME (Ray Train storage) for this module."""
+def ray_home(tmp_path_factory, ray_session):
+    """A private DEDN_HOME (Ray Train storage) for this module, on the session's Ray."""
     import os
-
-    import ray
 
     home = tmp_path_factory.mktemp("compare_home")
     saved = os.environ.get("DEDN_HOME")
     os.environ["DEDN_HOME"] = str(home)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield home
     finally:
-        ray.shutdown()
         if saved is None:
             os.environ.pop("DEDN_HOME", None)
         else:

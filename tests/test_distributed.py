@@ -26,25 +26,15 @@ OVERRIDES = [f"epochs={EPOCHS}", "optim.lr=0.001", "eval.batch_size=64"]
 
 
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory: pytest.TempPathFactory):
-    """A 2-CPU Ray of its own (address='local' never joins another cluster) and a private DEDN_HOME."""
-    import ray
-
-    from faults import TESTS
-
+def ray_env(tmp_path_factory: pytest.TempPathFactory, ray_session):
+    """A private DEDN_HOME on the session's Ray (its workers find the faults plugin, tests/faults.py)."""
     home = tmp_path_factory.mktemp("dedn_home")
-    saved = {k: os.environ.get(k) for k in ("DEDN_HOME", "MLFLOW_TRACKING_URI", "RAY_USAGE_STATS_ENABLED",
-                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "PYTHONPATH")}
-    # the workers import the faults plugin (tests/faults.py): they inherit this PYTHONPATH from ray.init
-    path = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ.update(DEDN_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
-                      PYTHONPATH=path)
+    saved = {k: os.environ.get(k) for k in ("DEDN_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["DEDN_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield home
     finally:
-        ray.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

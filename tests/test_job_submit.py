@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

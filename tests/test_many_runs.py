@@ -47,6 +47,7 @@ def test_only_an_asked_for_cluster_is_joined(monkeypatch: pytest.MonkeyPatch, tm
     import ray._private.utils as ray_utils
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)  # the session's Ray sets it (conftest)
     monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: None)
     assert cluster_address() is None  # nothing asked for: a private Ray
     assert cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
@@ -60,12 +61,19 @@ def test_only_an_asked_for_cluster_is_joined(monkeypatch: pytest.MonkeyPatch, tm
         port = listening.getsockname()[1]
         monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: f"127.0.0.1:{port}")
         assert cluster_address() == f"127.0.0.1:{port}"  # `ray start` made it and it answers
+        # the same answering address in the folder a parent driver's embedded Ray left in RAY_TMPDIR
+        # (a job started by a job, or by the test session): that Ray is private, not joined
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "dedn-ray-12345"))
+        assert cluster_address() is None
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "my-ray-tmp"))  # a user's own choice of folder
+        assert cluster_address() == f"127.0.0.1:{port}"
     # the same file once its head was killed without `ray stop`: stale, not joined
     assert cluster_address() is None
 
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.own_cluster  # private Rays that must not meet another
 @pytest.mark.timeout(900)
 def test_three_local_runs_and_a_sweep_at_once_each_finish(tiny_dataset, tmp_path: Path) -> None:
     """Two training runs and a sweep started together on one machine and one store: each has its own
@@ -126,6 +134,7 @@ def _ray_processes_with(text: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.own_cluster  # private Rays that must not meet another
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the cluster's processes in /proc")
 def test_a_joined_cluster_that_goes_away_ends_the_run_with_one_line(tiny_dataset, tmp_path: Path) -> None:

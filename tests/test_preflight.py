@@ -26,27 +26,26 @@ def _settings(tmp_path: Path, **kw) -> TrainSettings:
                          storage_path=str(kw.pop("storage", tmp_path / "ray")), **kw)
 
 
-@pytest.fixture(autouse=True)
-def _no_ray_yet():
-    import ray
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The driver must stop before it asks for Ray: `init_ray` is replaced by a recorder (the session's
+    Ray may be up already, so `ray.is_initialized()` cannot tell)."""
+    from dedn.training import driver
 
-    assert not ray.is_initialized(), "a previous test left Ray running"
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+    asked: list[str] = []
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: asked.append("init_ray"))
+    return asked
 
 
 @pytest.mark.parametrize("override,key", [
     ("model.num_clusters=1000", "model.num_clusters"),  # k-means asked for more clusters than attributes
     ("dataset=SUN", "dataset"),                          # the config names another dataset than the directory
 ])
-def test_config_errors_stop_before_ray_starts(tiny_dataset, tmp_path, override, key):
-    import ray
-
+def test_config_errors_stop_before_ray_starts(tiny_dataset, tmp_path, override, key, no_ray):
     over = [override] + (["model.clusters=kmeans"] if "num_clusters" in override else [])
     with pytest.raises(ConfigError, match=key):
         train(_cfg(tiny_dataset.root, *over), _settings(tmp_path))
-    assert not ray.is_initialized()
+    assert no_ray == []
 
 
 def test_unwritable_storage_is_named(tiny_dataset, tmp_path):
@@ -56,9 +55,7 @@ def test_unwritable_storage_is_named(tiny_dataset, tmp_path):
         preflight(_cfg(tiny_dataset.root), _settings(tmp_path, storage=blocker / "ray"))
 
 
-def test_manifest_class_sets_that_disagree_with_the_shards_fail_in_the_driver(tiny_dataset, tmp_path):
-    import ray
-
+def test_manifest_class_sets_that_disagree_with_the_shards_fail_in_the_driver(tiny_dataset, tmp_path, no_ray):
     root = tmp_path / "ds"
     shutil.copytree(tiny_dataset.root, root)
     m = json.loads((root / "dataset.json").read_text())
@@ -69,7 +66,7 @@ def test_manifest_class_sets_that_disagree_with_the_shards_fail_in_the_driver(ti
     with pytest.raises(DatasetError, match=rf"test_unseen-00000.parquet: label: expected classes of unseen_classes "
                                            rf"\(split test_unseen, dataset.json\), found other classes \[{moved}\]"):
         train(_cfg(root), _settings(tmp_path))
-    assert not ray.is_initialized()
+    assert no_ray == []
 
 
 def test_a_dataset_without_manual_clusters_runs_on_kmeans_with_a_warning(tmp_path):
@@ -93,9 +90,6 @@ def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, t
     """Bytes flipped in a training shard pass the driver's footer checks; the worker's reader finds the
     checksum wrong. With max_failures=1 the restart re-raises the recorded error without training,
     and the user gets the DatasetError naming the shard, not Ray's wrapper."""
-    import ray
-
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     root = tmp_path / "ds"
     shutil.copytree(tiny_dataset.root, root)
     m = json.loads((root / "dataset.json").read_text())
@@ -104,7 +98,6 @@ def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, t
     mid = len(data) // 2
     data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
     shard.write_bytes(bytes(data))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     settings = _settings(tmp_path, max_failures=1, name="corrupt")
     with pytest.raises(DatasetError, match=rf"{shard.name}: sha256: expected") as e:
         train(_cfg(root), settings)
@@ -127,11 +120,9 @@ def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tin
     assert fatal.is_file()  # preflight failed first: nothing of the old run was touched
 
 
-def test_bf16_gradient_compression_on_cpu_workers_stops_before_ray_starts(tiny_dataset, tmp_path):
+def test_bf16_gradient_compression_on_cpu_workers_stops_before_ray_starts(tiny_dataset, tmp_path, no_ray):
     """torch refuses the bf16 hook on gloo; the driver says so in seconds, naming the key and the way out."""
-    import ray
-
     with pytest.raises(ConfigError, match="train.ddp_comm_hook.*fp16"):
         train(_cfg(tiny_dataset.root, "train.ddp_comm_hook=bf16"),
               TrainSettings(num_workers=2, track=False, register=False, verbose=False, storage_path=str(tmp_path)))
-    assert not ray.is_initialized()
+    assert no_ray == []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"

@@ -1,5 +1,5 @@
 """Team mode against real services on loopback: PostgreSQL + `mlflow server` (basic auth, proxied
-artifacts) started by `dedn.tracking.server`, a 2-worker training run, an 8-trial sweep 4 at a time
+artifacts) started by `dedn.tracking.server`, a 2-worker training run, a 4-trial sweep all at once
 (and the same sweep on SQLite), the registry and prediction by `models:/` URI, concurrent
 registrations, and the MLflow UI in headless Chromium (screenshots kept under
 `test-artifacts/screenshots/`).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN as TINY, Team, eight_trial_sweep, free_port as _free_port, unavailable as _unavailable
+from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, four_trial_sweep, free_port as _free_port, unavailable as _unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -279,28 +279,26 @@ def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_ser
 # ---- a concurrent sweep, on the server and on SQLite ---------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_sweep_of_eight_trials_four_at_a_time_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
+def test_sweep_of_four_trials_at_once_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
                                                                               tmp_path: Path, sqlite_sweep,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest's 8-trial sweep (4 trials at once) against the server; the same sweep on SQLite
+    """conftest's 4-trial sweep (all at once) against the server; the same sweep on SQLite
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
     import shutil
 
-    from conftest import poison_test_shards, sweep_ray
+    from conftest import poison_test_shards
     from dedn import tracking
 
     data = tmp_path / "data"
     shutil.copytree(awa2_tiny, data)
     poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
-    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    with sweep_ray():
-        a = eight_trial_sweep(data, "team-sweep", tmp_path)
+    a = four_trial_sweep(data, "team-sweep", tmp_path)
     c = tracking.client()
     assert c.tracking_uri == on_server.uri
     exp = c.get_experiment_by_name("dedn-awa2-tune")
     runs = c.search_runs([exp.experiment_id], filter_string="tags.`dedn.sweep` = 'team-sweep'")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == a.parent_run_id]
-    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == SWEEP_TRIALS and all(r.info.status == "FINISHED" for r in children)
     for ch in children:  # both epochs of every reported metric of every trial
         for key in ("val/H", "val/U", "val/S", "val/T", "train/loss", "val/lambda_rc", "val/lambda_e", "val/best_H"):
             assert sorted(m.step for m in c.get_metric_history(ch.info.run_id, key)) == [1, 2], (key, ch.info.run_id)

@@ -67,8 +67,15 @@ def cluster_address(address: str | None = None) -> str | None:
     return started if started and _answers(started) else None
 
 
+PRIVATE_PREFIX = "dedn-ray-"  # an embedded Ray's temp folder: <tmp>/dedn-ray-<driver pid>
+
+
 def _ray_start_address() -> str | None:
     """The GCS address `ray start --head` left on this machine (removed again by `ray stop`)."""
+    if Path(os.environ.get("RAY_TMPDIR", "")).name.startswith(PRIVATE_PREFIX):
+        # inherited from a driver with an embedded Ray (a job or test that starts this process): its
+        # address file names that driver's private Ray, which is never joined
+        return None
     try:
         from ray._private.utils import read_ray_address  # the file ray.init() itself reads; Ray on use
     except ImportError:  # another Ray layout: its default file
@@ -110,7 +117,7 @@ def _init_ray(dashboard: bool, address: str | None) -> None:
     # Train's placement-group cleaner, the State API) read `$RAY_TMPDIR/ray/ray_current_cluster`, and
     # with several Rays on the machine and no such file they fail ("Found multiple active Ray
     # instances"). Every process of this Ray inherits RAY_TMPDIR, so they find this one.
-    private = Path(tempfile.gettempdir()) / f"dedn-ray-{os.getpid()}"  # short: Ray's socket paths max ~107 chars
+    private = Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}"  # short: Ray's socket paths max ~107 chars
     os.environ["RAY_TMPDIR"] = str(private)
     # "local": a new Ray of this process's own, even when others run on the machine
     ctx = ray.init(address="local", include_dashboard=dashboard, log_to_driver=True, logging_config=quiet)
