@@ -12,7 +12,6 @@ from dedn.errors import ConfigError
 
 
 
-pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +40,8 @@ def rows(ray_home, tiny_dataset) -> list[ComparisonRow]:
                           protocol="final", overrides=d3)
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # the three families trained (`rows`)
 def test_same_seed_and_budget_for_every_model(rows, tiny_dataset) -> None:
     assert [r.model for r in rows] == ["dedn", "msdn", "d3gzsl"]
     for r in rows:
@@ -65,11 +66,15 @@ def test_family_prefixed_overrides_apply_to_that_family_only() -> None:
         own_overrides("dedn", ["gpt:epochs=2"])
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # the three families trained (`rows`)
 def test_rerun_is_deterministic(rows, tiny_dataset) -> None:
     again = compare_models(tiny_dataset, models=["msdn"], epochs=1, seed=3, max_steps_per_epoch=2, protocol="final")
     assert [again[0].T, again[0].U, again[0].S, again[0].H] == [rows[1].T, rows[1].U, rows[1].S, rows[1].H]
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # the three families trained (`rows`)
 def test_tables(rows, tmp_path) -> None:
     md = to_markdown(rows, title="tiny")
     lines = md.strip().splitlines()
@@ -90,12 +95,7 @@ def test_unknown_model_or_preset() -> None:
         model_config("msdn", "CUB", preset="imagenet")
 
 
-def test_job_writes_the_table(ray_home, tiny_dataset, tmp_path) -> None:
+def test_job_refuses_missing_data(tmp_path) -> None:
+    """The job end to end (its table, its MLflow runs): tests/test_toy_family.py, a family next to DEDN."""
     job = load_job("compare")
-    out = tmp_path / "job"
-    rc = job.main(["--data", str(tiny_dataset.root), "--models", "msdn", "--max-steps", "1", "--out", str(out),
-                   "--no-track"])
-    assert rc == 0
-    text = (out / "compare.md").read_text()
-    assert "SEMI-SYNTHETIC CUB (16x2x2)" in text and "| msdn |" in text
-    assert job.main(["--data", str(tmp_path / "missing"), "--no-track", "--out", str(out)]) == 2
+    assert job.main(["--data", str(tmp_path / "missing"), "--no-track", "--out", str(tmp_path / "job")]) == 2

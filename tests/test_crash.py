@@ -46,6 +46,7 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.own_cluster  # counts what is left of its driver's Ray processes
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the driver's processes")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # 2-worker runs, faults, resumes
 
 EPOCHS = 3
 OVERRIDES = [f"epochs={EPOCHS}", "optim.lr=0.001", "eval.batch_size=64"]

@@ -86,6 +86,7 @@ def test_a_dataset_without_manual_clusters_runs_on_kmeans_with_a_warning(tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, tmp_path, monkeypatch):
     """Bytes flipped in a training shard pass the driver's footer checks; the worker's reader finds the
     checksum wrong. With max_failures=1 the restart re-raises the recorded error without training,

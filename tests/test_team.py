@@ -24,6 +24,7 @@ import pytest
 
 from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, four_trial_sweep, free_port as _free_port, unavailable as _unavailable
 
+pytestmark = pytest.mark.slow  # PostgreSQL and an MLflow server start for the module
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from toydata import write_toy_dataset
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # three jobs, each its own Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -114,5 +115,6 @@ def test_comparison_job_runs_the_family_next_to_dedn(trained: str, env: dict[str
     out = _run(env, "jobs/compare.py", "--data", str(data), "--models", "dedn", "toy", "--max-steps", "2",
                "--out", str(tmp_path / "cmp"), "eval.batch_size=64", "optim.batch_size=8", timeout=400)
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| dedn |" in table and "| toy |" in table and "SEMI-SYNTHETIC TOY" in table
+    assert "| dedn |" in table and "| toy |" in table
+    assert re.search(r"SEMI-SYNTHETIC TOY \(\d+x\d+x\d+\)", table), table  # the data's kind and feature shape
     assert "one child run per model" in out

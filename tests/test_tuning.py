@@ -261,6 +261,7 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_sweep_of_four_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """conftest's 4-trial sweep (all at once) on SQLite; test_team runs the same sweep on the team server."""
     import shutil
@@ -331,6 +332,7 @@ def test_sweep_of_four_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_distributed_trial_fits_its_cpu_budget_and_never_reads_test_shards(tiny_data: Path, tmp_path: Path,
                                                                           ray_local: Path) -> None:
     """`--workers-per-trial 2 --cpus-per-trial 2` on a 2-CPU node: a TorchTrainer per trial starts
