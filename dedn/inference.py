@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.errors import ConfigError, DatasetError
 from dedn.families import family_of
@@ -162,7 +162,7 @@ class Predictor:
     seen, unseen and new classes (generalised zero-shot).
     """
 
-    def __init__(self, model: nn.Module, cfg: DEDNConfig, class_names: Sequence[str],
+    def __init__(self, model: nn.Module, cfg: RunConfig, class_names: Sequence[str],
                  seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = (),
                  data_identity: DataIdentity | None = None):
         self.model = model.eval()
@@ -262,7 +262,7 @@ class Predictor:
         return out
 
 
-def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+def _build_network(cfg: RunConfig, cs: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                    feature_shape: Sequence[int]) -> nn.Module:
     """The network of cfg.model.name through its family, with what it was built with (`meta`)."""
     no_ids = np.zeros(0, np.int64)
@@ -280,7 +280,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
         k: str(Path(directory) / f) for k, f in
         (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("class_side", CLASS_SIDE_FILE), ("meta", META_FILE))}
     with open(paths["config"]) as f:
-        cfg = DEDNConfig.from_dict(yaml.safe_load(f), source=paths["config"])
+        cfg = RunConfig.from_dict(yaml.safe_load(f), source=paths["config"])
     meta = json.loads(Path(paths["meta"]).read_text())
     try:
         with np.load(paths["class_side"], allow_pickle=False) as z:
@@ -296,7 +296,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str],
+def write_model_files(model: nn.Module, cfg: RunConfig, class_side: ClassSide, out_dir: str | os.PathLike[str],
                       identity: DataIdentity | None = None) -> dict[str, str]:
     """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path.
 

@@ -6,7 +6,7 @@ import yaml
 
 from dedn.config import (
     PRESETS,
-    DEDNConfig,
+    RunConfig,
     apply_overrides,
     build_config,
     known_keys,
@@ -100,15 +100,15 @@ def test_override_without_equals_sign():
 
 def test_round_trip_through_dict_and_flat_keys():
     cfg = build_config("awa2", ["variant=reference", "loss.gamma=0.3", "model.clusters=kmeans", "model.num_clusters=5"])
-    again = DEDNConfig.from_dict(cfg.to_dict())
+    again = RunConfig.from_dict(cfg.to_dict())
     assert again == cfg
-    assert apply_overrides(DEDNConfig(), cfg.flat()) == cfg
+    assert apply_overrides(RunConfig(), cfg.flat()) == cfg
     assert cfg.flat()["loss.gamma"] == 0.3
     assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
 def test_config_is_frozen():
-    cfg = DEDNConfig()
+    cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.loss.beta = 1.0  # type: ignore[misc]
 
@@ -222,6 +222,28 @@ def test_a_section_given_a_value_on_the_command_line_says_so(override, message):
 
 def test_wrong_shapes_in_a_preset_or_a_checkpoint_config_name_their_source():
     with pytest.raises(ConfigError, match=r"^checkpoint: loss: expected a mapping of loss keys .*found a list \[1\]"):
-        DEDNConfig.from_dict({"loss": [1]}, source="checkpoint")
+        RunConfig.from_dict({"loss": [1]}, source="checkpoint")
     with pytest.raises(ConfigError, match=r"^checkpoint: optim.lr: expected a finite number, found a mapping"):
-        DEDNConfig.from_dict({"optim": {"lr": {"a": 1}}}, source="checkpoint")
+        RunConfig.from_dict({"optim": {"lr": {"a": 1}}}, source="checkpoint")
+
+
+def test_the_old_name_dedn_config_still_imports_and_unpickles_as_run_config():
+    import importlib
+    import pickle
+    import warnings
+
+    import dedn.config as config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config._warned_dedn_config = False
+        from dedn.config import DEDNConfig
+
+        assert DEDNConfig is RunConfig
+        # a pickle written when the class was dedn.config.DEDNConfig (Ray payloads, user caches) loads
+        old = pickle.dumps(RunConfig(), protocol=0).replace(b"\nRunConfig\n", b"\nDEDNConfig\n")  # names end at \n
+        assert b"DEDNConfig" in old
+        assert pickle.loads(old) == RunConfig()
+    (w,) = caught  # once per process, however often it is named
+    assert issubclass(w.category, DeprecationWarning) and "use dedn.config.RunConfig" in str(w.message)
+    assert "DEDNConfig" not in importlib.import_module("dedn.config").__all__

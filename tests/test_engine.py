@@ -6,7 +6,7 @@ import torch
 
 import dedn.training.loop as engine
 from dedn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dedn.config import DEDNConfig, build_config
+from dedn.config import RunConfig, build_config
 from dedn.errors import DatasetError, NonFiniteLossError
 from dedn.families import get_family
 from dedn.training.evaluate import evaluate
@@ -19,8 +19,8 @@ TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.00
         "eval.lambda_grid_step": 0.25, "data.shuffle_buffer": 64}
 
 
-def tiny_cfg(**over) -> DEDNConfig:
-    return DEDNConfig().replace(**{**TINY, **over})
+def tiny_cfg(**over) -> RunConfig:
+    return RunConfig().replace(**{**TINY, **over})
 
 
 def _params(state: dict) -> dict[str, torch.Tensor]:

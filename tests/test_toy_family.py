@@ -60,7 +60,7 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
 
     from dedn import tracking
     from dedn.checkpoint import load_checkpoint
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.data import FeatureDataset
     from dedn.data.reader import ShardReader
     from dedn.tracking.registry import load_predictor
@@ -83,7 +83,7 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
     ds = FeatureDataset.open(data)
     state = load_checkpoint(Path(run.data.tags[tracking.CHECKPOINT_TAG]) / "state.pt")
     assert set(state["optimizers"]) == {"mean", "max"}  # the family's own two optimisers were checkpointed
-    cfg = DEDNConfig.from_dict(state["config"])
+    cfg = RunConfig.from_dict(state["config"])
     assert cfg.eval.alpha == pred.cfg.eval.alpha and not cfg.eval.fit_lambdas  # the selected weight
     net = model_from_state(cfg, ds, state["model"]).eval()
     x = next(iter(ShardReader(ds, "test_unseen", batch_size=5, shuffle=False))).features

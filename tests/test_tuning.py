@@ -272,7 +272,7 @@ def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, mon
     import shutil
 
     from dedn import tracking
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
     summary, home = sqlite_sweep.summary, sqlite_sweep.home
     monkeypatch.setenv("DEDN_HOME", str(home))
@@ -311,7 +311,7 @@ def test_sweep_of_eight_trials_four_at_a_time(sqlite_sweep, awa2_tiny: Path, mon
     # the best configuration: a complete config for the final run, at the best epoch and fitted lambdas
     sweep_dir = Path(summary.sweep_dir)
     assert sweep_dir == (home / "tune" / "sweep").resolve()
-    best = DEDNConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
+    best = RunConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
     assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
     assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (
         summary.weights["lambda_rc"], summary.weights["lambda_e"], False)

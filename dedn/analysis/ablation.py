@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dedn.atomic import save_figure, write_text
-from dedn.config import DEDNConfig, resolve_key
+from dedn.config import RunConfig, resolve_key
 from dedn.errors import ConfigError
 from dedn.families import get_family
 from dedn.families.base import Setting
@@ -83,7 +83,7 @@ def check_base_overrides(overrides: Mapping[str, Any], model: str = "dedn") -> N
                               "overrides")
 
 
-def setting_config(base: DEDNConfig, setting: Setting) -> DEDNConfig:
+def setting_config(base: RunConfig, setting: Setting) -> RunConfig:
     """The base configuration with the setting's switch values."""
     return base.replace(**setting.overrides)
 
@@ -104,10 +104,10 @@ class AblationResult:
         return self.error is None and self.metrics is not None
 
 
-TrainOne = Callable[[Setting, DEDNConfig], AblationResult]
+TrainOne = Callable[[Setting, RunConfig], AblationResult]
 
 
-def run_ablation(base: DEDNConfig, settings: Sequence[Setting], train_one: TrainOne, *,
+def run_ablation(base: RunConfig, settings: Sequence[Setting], train_one: TrainOne, *,
                  on_result: Callable[[AblationResult], None] | None = None, keep_going: bool = True) -> list[AblationResult]:
     """Train every setting in order with `train_one(setting, cfg)`; one result per setting.
 

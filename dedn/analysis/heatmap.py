@@ -23,7 +23,7 @@ from torch import nn
 
 from dedn.atomic import save_figure
 from dedn.checkpoint import load_checkpoint
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.reader import ShardReader
 from dedn.errors import ConfigError, DatasetError
 from dedn.families.base import ModelFamily
@@ -280,7 +280,7 @@ def _short(name: str, limit: int = 34) -> str:
 
 
 # ---- models -------------------------------------------------------------------------------
-def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tuple[nn.Module, DEDNConfig]:
+def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tuple[nn.Module, RunConfig]:
     """The network of a training checkpoint, on CPU, built on the dataset's class side.
 
     path: a training-loop checkpoint file (state.pt: {"model", "config", ...}), a Ray Train checkpoint
@@ -297,5 +297,5 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     state = load_checkpoint(p)
     if "model" not in state or "config" not in state:
         raise DatasetError(p, "checkpoint", "a dict with 'model' and 'config'", f"keys {sorted(state)[:8]}")
-    cfg = DEDNConfig.from_dict(state["config"], source=str(p))
+    cfg = RunConfig.from_dict(state["config"], source=str(p))
     return model_from_state(cfg, dataset, state["model"], state.get("meta")).eval(), cfg

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from dedn.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.families.base import ModelFamily
 
 __all__ = ["ModelFamily", "PostHocWeights", "register_family", "get_family", "family_names", "family_of",
@@ -73,7 +73,7 @@ def get_family(name: str) -> ModelFamily:
     return _FAMILIES[name]
 
 
-def family_of(cfg: "DEDNConfig") -> ModelFamily:
+def family_of(cfg: "RunConfig") -> ModelFamily:
     return get_family(cfg.model.name)
 
 

@@ -41,7 +41,7 @@ from dedn.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.data.reader import Batch
     from dedn.protocol import ClassProtocol
 
@@ -106,7 +106,7 @@ class Setting:
 class StepContext:
     """What one training step needs besides the batch; the loop fills it."""
 
-    cfg: "DEDNConfig"
+    cfg: "RunConfig"
     protocol: "ClassProtocol"
     optimizers: Mapping[str, torch.optim.Optimizer]
     device: torch.device
@@ -177,13 +177,13 @@ class ModelFamily:
         return folder / "search_space.yaml" if folder is not None and (folder / "search_space.yaml").is_file() else None
 
     # ---- before a run ---------------------------------------------------------------------
-    def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
+    def resolve(self, cfg: "RunConfig", class_side: "ClassSide") -> "RunConfig":
         """The run config with this family's dataset-dependent defaults filled in (the driver calls it
         before any worker starts); raise ConfigError for what cannot work on this dataset."""
         return cfg
 
     # ---- the network ---------------------------------------------------------------------
-    def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
+    def build(self, cfg: "RunConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
         raise NotImplementedError
 
@@ -192,13 +192,13 @@ class ModelFamily:
         return {}
 
     # ---- training ------------------------------------------------------------------------
-    def optimizers(self, cfg: "DEDNConfig", model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, cfg: "RunConfig", model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """RMSprop on every parameter (the paper's optimiser)."""
         o = cfg.optim
         return {"model": torch.optim.RMSprop(model.parameters(), lr=o.lr, alpha=o.alpha, momentum=o.momentum,
                                              weight_decay=o.weight_decay)}
 
-    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
+    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "RunConfig") -> dict[str, Tensor]:
         raise NotImplementedError
 
     def train_step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> dict[str, float]:
@@ -229,7 +229,7 @@ class ModelFamily:
         """Before every evaluation of the phase (validation each epoch, the test once)."""
 
     # ---- scoring -------------------------------------------------------------------------
-    def for_classes(self, model: nn.Module, cfg: "DEDNConfig", class_attributes: Tensor, *, seen: Sequence[int],
+    def for_classes(self, model: nn.Module, cfg: "RunConfig", class_attributes: Tensor, *, seen: Sequence[int],
                     unseen: Sequence[int]) -> nn.Module:
         """The network that scores the K + E classes of class_attributes (E new ones after the K known).
 
@@ -242,19 +242,19 @@ class ModelFamily:
         """{part: (B, K)} float32 scores of a forward output; class_attributes (K', D) replaces A (new classes)."""
         raise NotImplementedError
 
-    def coefficients(self, cfg: "DEDNConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
+    def coefficients(self, cfg: "RunConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
         """The factor of each named part in the inference score at `weights`."""
         raise NotImplementedError
 
-    def weight_grid(self, cfg: "DEDNConfig") -> PostHocWeights:
+    def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
         """Every weight on the eval.lambda_grid_step grid; families fix the ones a config makes moot."""
         grid = lambda_grid(cfg.eval.lambda_grid_step)
         return PostHocWeights(self.weight_names, tuple(grid for _ in self.weight_names))
 
-    def configured_weights(self, cfg: "DEDNConfig") -> dict[str, float]:
+    def configured_weights(self, cfg: "RunConfig") -> dict[str, float]:
         return {n: float(getattr(cfg.eval, n)) for n in self.weight_names}
 
-    def combine(self, cfg: "DEDNConfig", parts: Mapping[str, Tensor], weights: Mapping[str, float] | None = None) -> Tensor:
+    def combine(self, cfg: "RunConfig", parts: Mapping[str, Tensor], weights: Mapping[str, float] | None = None) -> Tensor:
         """The inference score sum_p c_p part_p (B, K) at `weights` (default: the configured ones)."""
         names = list(parts)
         coef = self.coefficients(cfg, weights if weights is not None else self.configured_weights(cfg), names)
@@ -266,7 +266,7 @@ class ModelFamily:
         return total if total is not None else torch.zeros_like(parts[names[0]])
 
     # ---- naming --------------------------------------------------------------------------
-    def describe(self, cfg: "DEDNConfig") -> str:
+    def describe(self, cfg: "RunConfig") -> str:
         """A caption: "DEDN CUB (paper)"."""
         return f"{self.title} {cfg.dataset} ({cfg.variant})"
 
