@@ -26,7 +26,7 @@ from dedn.families import family_names, get_family
 
 __all__ = [
     "PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "section_types", "known_keys", "resolve_key", "apply_overrides", "parse_overrides", "available_presets",
+    "section_types", "known_keys", "resolve_key", "RENAMED_KEYS", "apply_overrides", "parse_overrides", "available_presets",
     "preset_path", "load_preset", "cub", "sun", "awa2", "read_yaml_file", "build_config", "config_for_dataset",
 ]
 
@@ -181,12 +181,26 @@ def known_keys(model: str = "dedn") -> list[str]:
     return keys
 
 
+# Keys renamed when the eval block became family-neutral (a family's post-hoc weights are not all
+# lambdas: MSDN's w1, D3GZSL's w_student). Saved configs (checkpoints, registered models, sweeps),
+# YAML files and command lines written before still load: the old key, dotted or as a leaf name,
+# sets the new one, with one warning naming it. FutureWarning, not DeprecationWarning: the reader is
+# whoever wrote the config, and Python shows FutureWarning by default; warned from this one line, so
+# Python's registry shows each message (source and key) once per process, whichever path resolved it.
+RENAMED_KEYS = {"eval.fit_lambdas": "eval.fit_weights", "eval.lambda_grid_step": "eval.weight_grid_step"}
+_RENAMED = {**RENAMED_KEYS, **{old.split(".", 1)[1]: new for old, new in RENAMED_KEYS.items()}}
+
+
 def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str:
-    """Accept dotted keys, unique leaf names (`beta=`), `model=NAME` as model.name and the family's
-    section aliases (D3GZSL: `d3.enabled` is `loss.enabled`)."""
+    """Accept dotted keys, unique leaf names (`beta=`), `model=NAME` as model.name, the family's
+    section aliases (D3GZSL: `d3.enabled` is `loss.enabled`) and the old names of renamed keys
+    (`RENAMED_KEYS`, with a FutureWarning naming the new key)."""
     keys = known_keys(model)
     if key in keys:
         return key
+    if key in _RENAMED:
+        warnings.warn(f"{source}: {key} is deprecated: use {_RENAMED[key]}", FutureWarning, stacklevel=1)
+        return _RENAMED[key]
     head, dot, leaf = key.partition(".")
     aliases = get_family(model).section_aliases
     if dot and head in aliases and f"{aliases[head]}.{leaf}" in keys:

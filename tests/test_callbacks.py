@@ -16,8 +16,8 @@ from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.training.callbacks import PLUGINS_ENV, Callback, CallbackList, WorkerContext, load_callbacks, plugin_specs
 from dedn.training.loop import run_protocol
 
-TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_lambdas": False,
-        "eval.lambda_grid_step": 0.25, "data.shuffle_buffer": 64, "optim.epochs": 2}
+TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_weights": False,
+        "eval.weight_grid_step": 0.25, "data.shuffle_buffer": 64, "optim.epochs": 2}
 
 
 def _train(dataset, *callbacks: Callback, protocol: str = "two_phase") -> tuple[list[torch.nn.Module], object]:

@@ -1,5 +1,6 @@
 """Config: presets carry the paper's numbers, overrides are typed and checked."""
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -176,7 +177,7 @@ def test_config_for_a_dataset_with_and_without_a_preset(tmp_path):
 @pytest.mark.parametrize("doc, message", [
     ("loss: [1, 2]\n", "loss: expected a mapping of loss keys (beta, gamma, epsilon, mal, ...), found a list [1, 2]"),
     ("optim: 3\n", "optim: expected a mapping of optim keys (lr, momentum, weight_decay, alpha, ...), found a number 3"),
-    ("eval: fast\n", "eval: expected a mapping of eval keys (calibration, fit_lambdas, lambda_grid_step, batch_size, "
+    ("eval: fast\n", "eval: expected a mapping of eval keys (calibration, fit_weights, weight_grid_step, batch_size, "
                      "...), found a string 'fast'"),
     ("data: true\n", "data: expected a mapping of data keys"),
     ("model: [dedn]\n", "model: expected a model name or a mapping of model keys (name, experts, channel_attention, "
@@ -247,3 +248,48 @@ def test_the_old_name_dedn_config_still_imports_and_unpickles_as_run_config():
     (w,) = caught  # once per process, however often it is named
     assert issubclass(w.category, DeprecationWarning) and "use dedn.config.RunConfig" in str(w.message)
     assert "DEDNConfig" not in importlib.import_module("dedn.config").__all__
+
+
+def _one_deprecation(build):
+    """build()'s result and the text of the one FutureWarning it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = build()
+    (w,) = [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(caught) == 1, [str(c.message) for c in caught]
+    return cfg, str(w.message)
+
+
+def test_the_old_eval_keys_set_the_new_ones_with_one_line_naming_the_new_key(tmp_path):
+    cfg, msg = _one_deprecation(lambda: build_config("cub", ["eval.lambda_grid_step=0.25"]))
+    assert cfg.eval.weight_grid_step == 0.25 and msg == "overrides: eval.lambda_grid_step is deprecated: use eval.weight_grid_step"
+    cfg, msg = _one_deprecation(lambda: build_config("cub", ["model=msdn", "fit_lambdas=true"]))  # a leaf name, any family
+    assert cfg.eval.fit_weights is True and msg == "overrides: fit_lambdas is deprecated: use eval.fit_weights"
+    old = tmp_path / "old.yaml"
+    old.write_text("eval:\n  fit_lambdas: false\n")
+    cfg, msg = _one_deprecation(lambda: build_config(None, [], config_file=str(old)))
+    assert cfg.eval.fit_weights is False and msg == f"{old}: eval.fit_lambdas is deprecated: use eval.fit_weights"
+    # a config saved before the rename (a checkpoint's, a registered model's config.yaml) loads as it was
+    saved = RunConfig().to_dict()
+    saved["eval"] = {("lambda_grid_step" if k == "weight_grid_step" else k): v for k, v in saved["eval"].items()}
+    saved["eval"]["lambda_grid_step"] = 0.1
+    cfg, msg = _one_deprecation(lambda: RunConfig.from_dict(saved, source="checkpoint"))
+    assert cfg == RunConfig().replace(**{"eval.weight_grid_step": 0.1}) and msg.startswith("checkpoint: eval.lambda_grid_step")
+    assert "eval.fit_lambdas" not in known_keys() and "eval.fit_weights" in known_keys("d3gzsl")
+
+
+def test_one_bound_for_the_weight_grid_step():
+    from dedn.config_sections import MAX_WEIGHT_GRID_STEP
+    from dedn.families.base import weight_grid_values
+
+    assert MAX_WEIGHT_GRID_STEP == 0.5
+    assert build_config("cub", ["eval.weight_grid_step=0.5"]).eval.weight_grid_step == 0.5
+    assert weight_grid_values(0.5) == (0.0, 0.5, 1.0)
+    for bad in (0.6, 1.0, 0.0, -0.1):  # the config and the grid refuse the same steps, with the same message
+        message = f"eval.weight_grid_step: expected in (0, 0.5], found {bad}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_config("cub", [f"eval.weight_grid_step={bad}"])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            weight_grid_values(bad)

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from dedn.accel import autocast
-from dedn.errors import ConfigError, NonFiniteLossError
+from dedn.config_sections import check_weight_grid_step
+from dedn.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
@@ -45,13 +46,14 @@ if TYPE_CHECKING:
     from dedn.data.reader import Batch
     from dedn.protocol import ClassProtocol
 
-__all__ = ["ModelFamily", "PhaseData", "PostHocWeights", "Setting", "StepContext", "lambda_grid", "unwrap_model"]
+__all__ = ["ModelFamily", "PhaseData", "PostHocWeights", "Setting", "StepContext", "unwrap_model",
+           "weight_grid_values"]
 
 
-def lambda_grid(step: float) -> tuple[float, ...]:
-    """0, step, 2 step, ..., 1 (1 always included), rounded so 0.05 * 3 prints as 0.15."""
-    if not 0 < step <= 1:
-        raise ConfigError("eval.lambda_grid_step", "in (0, 1]", step)
+def weight_grid_values(step: float) -> tuple[float, ...]:
+    """0, step, 2 step, ..., 1 (1 always included), rounded so 0.05 * 3 prints as 0.15; step as
+    eval.weight_grid_step allows (`dedn.config_sections.MAX_WEIGHT_GRID_STEP`)."""
+    check_weight_grid_step(step)
     n = int(math.floor(1.0 / step + 1e-9))
     vals = [round(i * step, 10) for i in range(n + 1)]
     if vals[-1] < 1.0:
@@ -247,8 +249,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
-        """Every weight on the eval.lambda_grid_step grid; families fix the ones a config makes moot."""
-        grid = lambda_grid(cfg.eval.lambda_grid_step)
+        """Every weight on the eval.weight_grid_step grid; families fix the ones a config makes moot."""
+        grid = weight_grid_values(cfg.eval.weight_grid_step)
         return PostHocWeights(self.weight_names, tuple(grid for _ in self.weight_names))
 
     def configured_weights(self, cfg: "RunConfig") -> dict[str, float]:

@@ -302,7 +302,7 @@ class _Phase:
         self.family.before_eval(self.model, self.data, self._ctx())
         return evaluate(self.model, self._readers(seen, False), self._readers(unseen, False), self.protocol, self.cfg,
                         device=self.device, collective=self.collective, autocast_dtype=self.autocast_dtype,
-                        fit_lambdas=fit)
+                        fit_weights=fit)
 
     def run(self, wrap_model: Callable[[nn.Module], nn.Module] | None, sinks: Sequence[Sink],
             resume: Mapping[str, Any] | None) -> PhaseResult:
@@ -360,7 +360,7 @@ class _Phase:
 def final_config(cfg: RunConfig, best_epoch: int, weights: Mapping[str, float]) -> RunConfig:
     """What the final phase trains after a selection: protocol final, the selected epoch count and
     inference weights, no weight fitting. The training job and sweeps all use it."""
-    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.fit_lambdas": False,
+    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.fit_weights": False,
                           **{f"eval.{k}": float(v) for k, v in weights.items()}})
 
 

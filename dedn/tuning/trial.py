@@ -41,7 +41,7 @@ def trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lamb
     cfg = RunConfig.from_dict(base, source="sweep base config")
     over = {k: v for k, v in config.items() if k in known_keys(cfg.model.name)}
     over["protocol"] = "select"
-    over["eval.fit_lambdas"] = not search_lambdas
+    over["eval.fit_weights"] = not search_lambdas
     return cfg.replace(**over)
 
 
@@ -80,7 +80,7 @@ def validation_weight_grid(cfg: RunConfig, dataset: Any, model_state: Mapping[st
         protocol = ClassProtocol.selection(dataset.class_side)
         seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
                         for split in ("val_seen", "val_unseen"))
-        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).search
+        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_weights=True).search
         assert search is not None
         grid = search.metrics_grid(protocol)
     return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}

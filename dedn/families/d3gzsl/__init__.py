@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from dedn.errors import ConfigError
 from dedn.families import register_family
-from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, lambda_grid
+from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, weight_grid_values
 from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
 from dedn.families.d3gzsl.config import D3EvalConfig, D3LossConfig, D3ModelConfig
 from dedn.families.d3gzsl.losses import D3Weights
@@ -233,7 +233,7 @@ class D3GZSLFamily(ModelFamily):
 
     def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
         """w_student on the grid; fixed at 0 without D3 (no student is trained)."""
-        values = lambda_grid(cfg.eval.lambda_grid_step) if cfg.loss.enabled else (0.0,)
+        values = weight_grid_values(cfg.eval.weight_grid_step) if cfg.loss.enabled else (0.0,)
         return PostHocWeights(self.weight_names, (values,))
 
     def for_classes(self, model: nn.Module, cfg: "RunConfig", class_attributes: Tensor, *, seen: Sequence[int],

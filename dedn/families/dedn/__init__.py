@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_clusters, resolve_named_clusters
 from dedn.families import register_family
-from dedn.families.base import ModelFamily, PostHocWeights, lambda_grid
+from dedn.families.base import ModelFamily, PostHocWeights, weight_grid_values
 from dedn.families.dedn.ablations import SETTINGS
 from dedn.families.dedn.config import DEDNEvalConfig, DEDNLossConfig, DEDNModelConfig
 from dedn.families.dedn.losses import dedn_loss
@@ -89,7 +89,7 @@ class DEDNFamily(ModelFamily):
 
     def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
         """lambda_rc is moot without channel attention (fixed 1), lambda_e with one expert (1 coarse, 0 fine)."""
-        grid = lambda_grid(cfg.eval.lambda_grid_step)
+        grid = weight_grid_values(cfg.eval.weight_grid_step)
         m = cfg.model
         rc = grid if m.channel_attention else (1.0,)
         e = grid if m.experts == "both" else ((1.0,) if m.experts == "coarse" else (0.0,))
