@@ -23,6 +23,7 @@ from dedn.config_sections import (
 )
 from dedn.errors import ConfigError
 from dedn.families import family_names, get_family
+from dedn.families.capabilities import section_aliases
 
 __all__ = [
     "PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig",
@@ -127,7 +128,7 @@ def _sections(model: str) -> dict[str, type]:
         types = section_types("dedn")
     out = dict(types)
     for name in family_names():  # every family's aliases: a file of one family read before its model is known
-        for alias, sec in get_family(name).section_aliases.items():
+        for alias, sec in section_aliases(get_family(name)).items():
             out.setdefault(alias, section_types(name)[sec])
     return out
 
@@ -202,7 +203,7 @@ def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str
         warnings.warn(f"{source}: {key} is deprecated: use {_RENAMED[key]}", FutureWarning, stacklevel=1)
         return _RENAMED[key]
     head, dot, leaf = key.partition(".")
-    aliases = get_family(model).section_aliases
+    aliases = section_aliases(get_family(model))
     if dot and head in aliases and f"{aliases[head]}.{leaf}" in keys:
         return f"{aliases[head]}.{leaf}"
     if key == "model":

@@ -37,6 +37,7 @@ from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.errors import ConfigError, DatasetError
 from dedn.families import family_of
 from dedn.families.base import unwrap_model
+from dedn.families.capabilities import RefitsForNewClasses
 from dedn.metrics import calibrated as calibrated_stacking, gzsl_decision
 
 __all__ = [
@@ -220,8 +221,11 @@ class Predictor:
         by class attributes; a refitted copy for D3GZSL, kept for the next call with the same classes."""
         key = hashlib.sha256(a.detach().cpu().numpy().tobytes()).hexdigest()
         if self._adapted is None or self._adapted[0] != key:
-            self._adapted = (key, self.family.for_classes(self.model, self.cfg, a, seen=self.seen_classes.tolist(),
-                                                          unseen=self.unseen_classes.tolist()).eval())
+            net = self.model
+            if isinstance(self.family, RefitsForNewClasses):
+                net = self.family.for_classes(net, self.cfg, a, seen=self.seen_classes.tolist(),
+                                              unseen=self.unseen_classes.tolist())
+            self._adapted = (key, net.eval())
         return self._adapted[1]
 
     def _seen(self, width: int) -> torch.Tensor:

@@ -293,3 +293,33 @@ def test_one_bound_for_the_weight_grid_step():
             build_config("cub", [f"eval.weight_grid_step={bad}"])
         with pytest.raises(ConfigError, match=re.escape(message)):
             weight_grid_values(bad)
+
+
+def test_families_declare_their_optional_capabilities_and_derive_their_eval_block():
+    from dedn.families import ModelFamily, get_family
+    from dedn.families import capabilities as cap
+
+    declared = {name: {c.__name__ for c in (cap.PreparesPhases, cap.RefitsBeforeEval, cap.RefitsForNewClasses,
+                                              cap.WrapsForDDP, cap.HasAttentionMaps, cap.AliasesSections)
+                       if isinstance(get_family(name), c)} for name in ("dedn", "msdn", "d3gzsl")}
+    assert declared == {"dedn": {"HasAttentionMaps"}, "msdn": {"HasAttentionMaps"},
+                        "d3gzsl": {"PreparesPhases", "RefitsBeforeEval", "RefitsForNewClasses", "WrapsForDDP",
+                                   "AliasesSections"}}
+    assert cap.section_aliases(get_family("dedn")) == {} and cap.section_aliases(get_family("d3gzsl")) == {"d3": "loss"}
+    # the eval block: the common keys, the family's own (D3GZSL's classifier) and one checked float per weight
+    d3 = get_family("d3gzsl")
+    assert d3.weight_names == ("w_student",) and d3.eval_config().w_student == 0.0 and d3.eval_config().syn_per_class == 300
+
+    class Half(ModelFamily, cap.PreparesPhases):  # a capability declared and not implemented
+        name, weights = "half", {"w": 0.5}
+
+        def build(self, cfg, class_side, feature_shape, meta=None): ...
+        def score_parts(self, out, class_attributes=None): ...
+        def coefficients(self, cfg, weights, names): ...
+
+    with pytest.raises(TypeError, match="abstract method.*prepare"):
+        Half()
+    with pytest.raises(ConfigError, match=r"eval.w: expected in \[0, 1\], found 3.0"):
+        Half.eval_config(w=3.0)
+    with pytest.raises(ConfigError, match=r"eval.w: expected a default in \[0, 1\], found 2"):
+        type("Bad", (Half,), {"weights": {"w": 2}})  # a weight's default is checked when the family is defined

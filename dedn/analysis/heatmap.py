@@ -26,7 +26,7 @@ from dedn.checkpoint import load_checkpoint
 from dedn.config import RunConfig
 from dedn.data.reader import ShardReader
 from dedn.errors import ConfigError, DatasetError
-from dedn.families.base import ModelFamily
+from dedn.families.capabilities import HasAttentionMaps
 from dedn.inference import predictor_from_files
 from dedn.training.driver import STATE_FILE
 from dedn.training.loop import model_from_state
@@ -120,12 +120,12 @@ def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRo
 @torch.no_grad()
 def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequence[int], family: Any) -> dict[str, np.ndarray]:
     """Region attention for the chosen attributes, one entry per map the family names
-    (`ModelFamily.attention_maps`; DEDN: "cExp", "fExp"): {name: (N, A, H, W) float32}.
+    (`HasAttentionMaps.attention_maps`; DEDN: "cExp", "fExp"): {name: (N, A, H, W) float32}.
 
     features (N, C, H, W). Each map is (N, D, R) in the original attribute order with R = H*W in
     row-major (H, W) order (the features' flatten order); an ablated expert is absent.
     """
-    if type(family).attention_maps is ModelFamily.attention_maps:  # none defined (D3GZSL): say so before a forward
+    if not isinstance(family, HasAttentionMaps):  # none defined (D3GZSL): say so before a forward
         raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.analysis.heatmap")
     net = getattr(model, "module", model)
     _, h, w = net.feature_shape

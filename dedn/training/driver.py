@@ -57,6 +57,7 @@ from dedn.data import FeatureDataset
 from dedn.data.reader import ShardReader, forbid_splits
 from dedn.errors import DednError, OutputError, os_reason
 from dedn.families import family_of
+from dedn.families.capabilities import training_module
 from dedn.protocol import TEST_SPLITS
 from dedn.tracking.sink import MLflowSink
 from dedn.training.callbacks import CallbackList, WorkerContext, load_callbacks, plugin_specs
@@ -309,7 +310,7 @@ def _train_worker(config: dict[str, Any], cfg: RunConfig, rank: int, world_size:
     def wrap(model: nn.Module) -> nn.Module:
         trained[:] = [model]
         # DDP around the network, or around each of a family's networks; then the callbacks'
-        return callbacks.wrap_model(family_of(cfg).wrap(model, ddp))
+        return callbacks.wrap_model(training_module(family_of(cfg), model, ddp))
 
     sinks: list[Any] = [callbacks] if callbacks else []
     announce = say if rank == 0 and config.get("verbose", True) else None  # what data.resident chose, per split

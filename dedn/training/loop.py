@@ -34,6 +34,7 @@ from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext, unwrap_model
+from dedn.families.capabilities import PreparesPhases, RefitsBeforeEval, training_module
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.seeds import derive_seed, seed_everything
 from dedn.training.evaluate import Collective, EvalResult, evaluate
@@ -299,7 +300,8 @@ class _Phase:
                            world_size=self.world_size, equal_rows=False, resident=resident, out_dtype=store)
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
-        self.family.before_eval(self.model, self.data, self._ctx())
+        if isinstance(self.family, RefitsBeforeEval):
+            self.family.before_eval(self.model, self.data, self._ctx())
         return evaluate(self.model, self._readers(seen, False), self._readers(unseen, False), self.protocol, self.cfg,
                         device=self.device, collective=self.collective, autocast_dtype=self.autocast_dtype,
                         fit_weights=fit)
@@ -307,9 +309,10 @@ class _Phase:
     def run(self, wrap_model: Callable[[nn.Module], nn.Module] | None, sinks: Sequence[Sink],
             resume: Mapping[str, Any] | None) -> PhaseResult:
         start = self.restore(resume) if resume is not None else 1
-        if resume is None:
+        if resume is None and isinstance(self.family, PreparesPhases):
             self.family.prepare(self.model, self.data, self._ctx())  # before DDP copies rank 0's weights
-        wrapped = wrap_model(self.model) if wrap_model is not None else self.family.wrap(self.model, lambda m: m)
+        wrapped = wrap_model(self.model) if wrap_model is not None else training_module(self.family, self.model,
+                                                                                         lambda m: m)
         if self.cfg.train.compile:  # the training module's forward, DDP included (docs/scaling.md: measured)
             wrapped = torch.compile(wrapped)
         train_split, seen_split, unseen_split = PHASES[self.phase]

@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from dedn.errors import ConfigError
 from dedn.families import register_family
 from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, weight_grid_values
+from dedn.families.capabilities import (
+    AliasesSections, PreparesPhases, RefitsBeforeEval, RefitsForNewClasses, WrapsForDDP,
+)
 from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
 from dedn.families.d3gzsl.config import D3EvalConfig, D3LossConfig, D3ModelConfig
 from dedn.families.d3gzsl.losses import D3Weights
@@ -79,16 +82,17 @@ def _pooled(data: PhaseData, device: torch.device) -> tuple[Tensor, Tensor]:
     return data.cache["x"].to(device), data.cache["y"].to(device)
 
 
-class D3GZSLFamily(ModelFamily):
+class D3GZSLFamily(ModelFamily, WrapsForDDP, PreparesPhases, RefitsBeforeEval, RefitsForNewClasses, AliasesSections):
     name = "d3gzsl"
     title = "D3GZSL"
     model_config = D3ModelConfig
     loss_config = D3LossConfig
-    eval_config = D3EvalConfig
+    eval_base = D3EvalConfig  # the final classifier's settings
+    # (1 - w_student) log p_final + w_student log p_student: 0 the final classifier alone (default), 1 the
+    # student (the authors' default mode)
+    weights = {"w_student": 0.0}
     loss_parts = ("loss", "critic", "wasserstein", "gp", "d3", "d3_cls", "d3_kl", "d3_be", "d3_od",
                   "generator", "g_d3", "g_d3_cls", "g_d3_kl", "g_d3_be", "g_d3_od", "teacher")
-    score_part_names = ("final", "student")
-    weight_names = ("w_student",)
     package = "dedn.families.d3gzsl"
     section_aliases = {"d3": "loss"}
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_clusters, resolve_named_clusters
 from dedn.families import register_family
 from dedn.families.base import ModelFamily, PostHocWeights, weight_grid_values
-from dedn.families.dedn.ablations import SETTINGS
-from dedn.families.dedn.config import DEDNEvalConfig, DEDNLossConfig, DEDNModelConfig
+from dedn.families.capabilities import HasAttentionMaps
+from dedn.families.dedn.config import DEDNLossConfig, DEDNModelConfig
 from dedn.families.dedn.losses import dedn_loss
 from dedn.families.dedn.model import DEDN
 
@@ -32,17 +32,15 @@ __all__ = ["DEDNFamily", "FAMILY", "PART_NAMES"]
 PART_NAMES = ("P_rc", "P_cc", "P_rf", "P_cf")
 
 
-class DEDNFamily(ModelFamily):
+class DEDNFamily(ModelFamily, HasAttentionMaps):
     name = "dedn"
     title = "DEDN"
     model_config = DEDNModelConfig
     loss_config = DEDNLossConfig
-    eval_config = DEDNEvalConfig
+    # eq. 8: region vs channel output within an expert; eq. 19: cExp vs fExp scores (refitted on validation)
+    weights = {"lambda_rc": 0.8, "lambda_e": 0.9}
     loss_parts = ("loss", "mal_c", "mal_f", "align_c", "align_f", "distill", "cal_c", "cal_f")
-    score_part_names = PART_NAMES
-    weight_names = ("lambda_rc", "lambda_e")
     package = "dedn.families.dedn"
-    ablations = SETTINGS
 
     def resolve(self, cfg: "RunConfig", class_side: "ClassSide") -> "RunConfig":
         """model.clusters=manual on a dataset without manual clusters (APY, your own) becomes k-means,

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from dedn.families import register_family
 from dedn.families.base import ModelFamily
-from dedn.families.msdn.config import MSDNEvalConfig, MSDNLossConfig, MSDNModelConfig
+from dedn.families.capabilities import HasAttentionMaps
+from dedn.families.msdn.config import MSDNLossConfig, MSDNModelConfig
 from dedn.families.msdn.model import MSDN, msdn_loss
 
 if TYPE_CHECKING:
@@ -27,15 +28,15 @@ if TYPE_CHECKING:
 __all__ = ["MSDNFamily", "FAMILY"]
 
 
-class MSDNFamily(ModelFamily):
+class MSDNFamily(ModelFamily, HasAttentionMaps):
     name = "msdn"
     title = "MSDN"
     model_config = MSDNModelConfig
     loss_config = MSDNLossConfig
-    eval_config = MSDNEvalConfig
+    # w1 S1 + (1 - w1) S2 (docs/msdn.md#6-inference): the weight of the attribute->visual sub-net's scores;
+    # the authors fix it per dataset (the presets: eval.fit_weights false)
+    weights = {"w1": 0.9}
     loss_parts = ("loss", "ce_av", "ce_va", "cal_av", "cal_va", "distill")
-    score_part_names = ("S_av", "S_va")
-    weight_names = ("w1",)
     package = "dedn.families.msdn"
 
     def build(self, cfg: "RunConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
