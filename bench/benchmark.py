@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dedn.accel import fast_bf16, gemm_rate, set_tf32
 from dedn.atomic import write_text
 from dedn.cli import HelpFormatter
-from dedn.config import DEDNConfig, build_config
+from dedn.config import RunConfig, build_config
 from dedn.families import get_family
 from dedn.families.base import StepContext
 from dedn.families.d3gzsl.model import D3GZSL
@@ -96,7 +96,7 @@ def run_config(cfg: dict) -> dict:
         run_cfg = build_config("cub", ["model=msdn"])  # the authors' CUB objective (families/msdn/presets/cub.yaml)
         model = MSDN(run_cfg.model, word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), feature_shape=(C, h, h))
     else:
-        run_cfg = DEDNConfig.for_family("dedn").replace(**{"model.experts": cfg["experts"]})
+        run_cfg = RunConfig.for_family("dedn").replace(**{"model.experts": cfg["experts"]})
         model = DEDN(run_cfg.model, word_vectors=torch.randn(D, G), class_attributes=torch.rand(K, D), clusters=clusters,
                      feature_shape=(C, h, h), impl=cfg["impl"])
     family = get_family(run_cfg.model.name)

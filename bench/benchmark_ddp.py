@@ -42,7 +42,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dedn.cli import HelpFormatter
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.families import get_family
 from dedn.families.dedn.model import DEDN
 from dedn.protocol import ClassProtocol
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
     gx = torch.Generator().manual_seed(1 + rank)
     xs = [torch.rand(B, C, h, h, generator=gx).to(dev) for _ in range(4)]
     ys = [torch.randint(0, 150, (B,), generator=gx).to(dev) for _ in range(4)]
-    cfg = DEDNConfig.for_family("dedn")
+    cfg = RunConfig.for_family("dedn")
     family = get_family("dedn")
     protocol = ClassProtocol(tuple(range(150)), tuple(range(150, K)), K)
     out = {}

@@ -1,6 +1,6 @@
 """Typed configuration: defaults <- preset YAML (with its variant block) <- command-line `key=value`.
 
-The merged `DEDNConfig` is what a run logs, stores in its checkpoints and what Ray Tune's
+The merged `RunConfig` is what a run logs, stores in its checkpoints and what Ray Tune's
 search space overrides (through the same dotted keys). Its `model`, `loss` and `eval` blocks are
 the run's family's (`dedn.families`); the common sections and `check` are `dedn.config_sections`
 (re-exported here), which the families build their own blocks on.
@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -22,18 +23,18 @@ from dedn.config_sections import (
 )
 from dedn.errors import ConfigError
 from dedn.families import family_names, get_family
+from dedn.families.capabilities import section_aliases
 
 __all__ = [
-    "PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "DEDNConfig",
-    "section_types", "known_keys", "resolve_key", "apply_overrides", "parse_overrides", "available_presets",
+    "PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig", "RunConfig",
+    "section_types", "known_keys", "resolve_key", "RENAMED_KEYS", "apply_overrides", "parse_overrides", "available_presets",
     "preset_path", "load_preset", "cub", "sun", "awa2", "read_yaml_file", "build_config", "config_for_dataset",
 ]
 
 
-
 @dataclass(frozen=True)
-class DEDNConfig:
-    """A whole run: which dataset preset, which variant and protocol, and every section."""
+class RunConfig:
+    """A whole run of any family: which dataset preset, which variant and protocol, and every section."""
 
     dataset: str = "CUB"
     variant: Variant = "paper"
@@ -68,16 +69,16 @@ class DEDNConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "DEDNConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "RunConfig":
         return apply_overrides(cls(), _flatten(d, source), source=source)
 
     @classmethod
-    def for_family(cls, name: str) -> "DEDNConfig":
+    def for_family(cls, name: str) -> "RunConfig":
         """The defaults of family `name` (its model, loss and eval blocks)."""
         fam = get_family(name)
         return cls(model=fam.model_config(), loss=fam.loss_config(), eval=fam.eval_config())
 
-    def replace(self, **dotted: Any) -> "DEDNConfig":
+    def replace(self, **dotted: Any) -> "RunConfig":
         """Copy with dotted-key changes: cfg.replace(**{'loss.beta': 0.01})."""
         return apply_overrides(self, dotted, source="replace")
 
@@ -127,7 +128,7 @@ def _sections(model: str) -> dict[str, type]:
         types = section_types("dedn")
     out = dict(types)
     for name in family_names():  # every family's aliases: a file of one family read before its model is known
-        for alias, sec in get_family(name).section_aliases.items():
+        for alias, sec in section_aliases(get_family(name)).items():
             out.setdefault(alias, section_types(name)[sec])
     return out
 
@@ -181,14 +182,28 @@ def known_keys(model: str = "dedn") -> list[str]:
     return keys
 
 
+# Keys renamed when the eval block became family-neutral (a family's post-hoc weights are not all
+# lambdas: MSDN's w1, D3GZSL's w_student). Saved configs (checkpoints, registered models, sweeps),
+# YAML files and command lines written before still load: the old key, dotted or as a leaf name,
+# sets the new one, with one warning naming it. FutureWarning, not DeprecationWarning: the reader is
+# whoever wrote the config, and Python shows FutureWarning by default; warned from this one line, so
+# Python's registry shows each message (source and key) once per process, whichever path resolved it.
+RENAMED_KEYS = {"eval.fit_lambdas": "eval.fit_weights", "eval.lambda_grid_step": "eval.weight_grid_step"}
+_RENAMED = {**RENAMED_KEYS, **{old.split(".", 1)[1]: new for old, new in RENAMED_KEYS.items()}}
+
+
 def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str:
-    """Accept dotted keys, unique leaf names (`beta=`), `model=NAME` as model.name and the family's
-    section aliases (D3GZSL: `d3.enabled` is `loss.enabled`)."""
+    """Accept dotted keys, unique leaf names (`beta=`), `model=NAME` as model.name, the family's
+    section aliases (D3GZSL: `d3.enabled` is `loss.enabled`) and the old names of renamed keys
+    (`RENAMED_KEYS`, with a FutureWarning naming the new key)."""
     keys = known_keys(model)
     if key in keys:
         return key
+    if key in _RENAMED:
+        warnings.warn(f"{source}: {key} is deprecated: use {_RENAMED[key]}", FutureWarning, stacklevel=1)
+        return _RENAMED[key]
     head, dot, leaf = key.partition(".")
-    aliases = get_family(model).section_aliases
+    aliases = section_aliases(get_family(model))
     if dot and head in aliases and f"{aliases[head]}.{leaf}" in keys:
         return f"{aliases[head]}.{leaf}"
     if key == "model":
@@ -208,7 +223,7 @@ def resolve_key(key: str, source: str = "overrides", model: str = "dedn") -> str
 
 def _field_type(key: str, model: str) -> Any:
     if "." not in key:
-        return typing.get_type_hints(DEDNConfig)[key]
+        return typing.get_type_hints(RunConfig)[key]
     sec, leaf = key.split(".", 1)
     return typing.get_type_hints(section_types(model)[sec])[leaf]
 
@@ -265,7 +280,7 @@ def _model_name(overrides: Mapping[str, Any], default: str) -> str:
     return default
 
 
-def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str = "overrides") -> DEDNConfig:
+def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any], source: str = "overrides") -> RunConfig:
     """Return cfg with dotted-key overrides applied; unknown keys and bad values raise ConfigError.
 
     A different model.name switches the model, loss and eval blocks to that family's defaults
@@ -274,7 +289,7 @@ def apply_overrides(cfg: DEDNConfig, overrides: Mapping[str, Any], source: str =
     model = _model_name(overrides, cfg.model.name)
     if model != cfg.model.name:
         get_family(model)  # ConfigError naming model.name and the known families
-        fresh = DEDNConfig.for_family(model)
+        fresh = RunConfig.for_family(model)
         cfg = dataclasses.replace(cfg, model=fresh.model, loss=fresh.loss, eval=fresh.eval)
     top: dict[str, Any] = {}
     per_section: dict[str, dict[str, Any]] = {}
@@ -319,7 +334,7 @@ def preset_path(name: str, model: str = "dedn") -> Path:
 
 
 def load_preset(name: str, variant: str | None = None, model: str = "dedn", *, variant_source: str = "overrides"
-                ) -> DEDNConfig:
+                ) -> RunConfig:
     """Family `model`'s settings for a dataset; `variant='reference'` applies the preset's reference block.
 
     A preset without a block for the variant keeps its own settings (MSDN has a single form).
@@ -331,7 +346,7 @@ def load_preset(name: str, variant: str | None = None, model: str = "dedn", *, v
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     variants = doc.pop("variants", {}) or {}
-    cfg = apply_overrides(DEDNConfig.for_family(model), _flatten(doc, str(path), model), source=str(path))
+    cfg = apply_overrides(RunConfig.for_family(model), _flatten(doc, str(path), model), source=str(path))
     variant = variant or cfg.variant
     if variant not in VARIANTS:
         raise ConfigError("variant", "one of paper|reference", _found(variant), variant_source)
@@ -339,15 +354,15 @@ def load_preset(name: str, variant: str | None = None, model: str = "dedn", *, v
     return apply_overrides(cfg, {"variant": variant, **_flatten(block, str(path), model)}, source=f"{path} [variants.{variant}]")
 
 
-def cub(variant: str = "paper") -> DEDNConfig:
+def cub(variant: str = "paper") -> RunConfig:
     return load_preset("cub", variant)
 
 
-def sun(variant: str = "paper") -> DEDNConfig:
+def sun(variant: str = "paper") -> RunConfig:
     return load_preset("sun", variant)
 
 
-def awa2(variant: str = "paper") -> DEDNConfig:
+def awa2(variant: str = "paper") -> RunConfig:
     return load_preset("awa2", variant)
 
 
@@ -366,7 +381,7 @@ def read_yaml_file(path: str | os.PathLike[str], key: str = "--config") -> Any:
         raise ConfigError(key, "valid YAML", f"{path}{at}: {problem}", "config") from None
 
 
-def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> DEDNConfig:
+def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> RunConfig:
     """defaults <- preset YAML (and its variant block) <- optional YAML file <- key=value overrides.
 
     The variant is read from the overrides first, so `variant=reference` on the command line
@@ -379,14 +394,14 @@ def build_config(preset: str | None, overrides: Mapping[str, Any] | Sequence[str
     variant = ov.get("variant", file_over.get("variant"))
     model = str(_model_name(ov, _model_name(file_over, "dedn")))
     where = "overrides" if "variant" in ov else (config_file or "config file")
-    cfg = load_preset(preset, variant, model, variant_source=where) if preset else DEDNConfig.for_family(model)
+    cfg = load_preset(preset, variant, model, variant_source=where) if preset else RunConfig.for_family(model)
     if file_over:
         cfg = apply_overrides(cfg, file_over, source=config_file or "config file")
     return apply_overrides(cfg, ov)
 
 
 def config_for_dataset(dataset_name: str, data_path: str, preset: str | None = None,
-                       overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> DEDNConfig:
+                       overrides: Mapping[str, Any] | Sequence[str] = (), config_file: str | None = None) -> RunConfig:
     """The run config of a job on a dataset directory: `preset`, else the dataset's own preset
     when its name has one (and no config file is given), else the defaults named after the dataset.
 
@@ -399,3 +414,20 @@ def config_for_dataset(dataset_name: str, data_path: str, preset: str | None = N
     named = {} if name or config_file else {"dataset": dataset_name}
     return build_config(name, {**named, **ov, "data.path": str(data_path)}, config_file=config_file)
 
+
+
+def __getattr__(name: str) -> Any:
+    # The run config was called DEDNConfig while DEDN was the only family. Checkpoints, registered models
+    # and Ray's payloads hold it as a plain dict (to_dict), but user code and anything pickled by class
+    # path may still name it: `dedn.config.DEDNConfig` stays importable, and says once what it is now.
+    if name == "DEDNConfig":
+        global _warned_dedn_config
+        if not _warned_dedn_config:
+            _warned_dedn_config = True
+            warnings.warn("dedn.config.DEDNConfig is deprecated: use dedn.config.RunConfig", DeprecationWarning,
+                          stacklevel=2)
+        return RunConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_warned_dedn_config = False

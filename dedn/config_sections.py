@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from dedn.errors import ConfigError
 
-__all__ = ["PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig"]
+__all__ = ["PRESETS", "VARIANTS", "Variant", "check", "OptimConfig", "DataConfig", "TrainConfig", "EvalConfig",
+           "MAX_WEIGHT_GRID_STEP", "check_weight_grid_step"]
 
 Variant = Literal["paper", "reference"]
 VARIANTS = ("paper", "reference")
@@ -118,17 +119,30 @@ class TrainConfig:
                self.ddp_comm_hook)
 
 
+# The largest grid step of the post-hoc weight fit, the one bound of eval.weight_grid_step (the config's
+# check and the grid itself, dedn.families.base.weight_grid_values). At most 0.5, the bound every run
+# config has always had: the grid {0, step, ..., 1} then holds a point inside (0, 1) and no two of its
+# points are more than 0.5 apart, so a fit is never reduced to one part or the other (step 1: {0, 1}).
+MAX_WEIGHT_GRID_STEP = 0.5
+
+
+def check_weight_grid_step(step: float) -> None:
+    """A ConfigError naming eval.weight_grid_step unless it is in (0, MAX_WEIGHT_GRID_STEP]."""
+    check(isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= MAX_WEIGHT_GRID_STEP,
+          "eval.weight_grid_step", f"in (0, {MAX_WEIGHT_GRID_STEP}]", step)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """How a family's inference weights are chosen on validation; families extend it with the weights
-    themselves (DEDN: lambda_rc, lambda_e; MSDN: w1), each a float in [0, 1]."""
+    """How a family's inference weights are chosen on validation; the family adds the weights themselves
+    (`ModelFamily.weights`; DEDN: lambda_rc, lambda_e; MSDN: w1), each a float in [0, 1]."""
 
     calibration: float = 0.0  # calibrated stacking: subtracted from seen-class scores at evaluation
-    fit_lambdas: bool = True  # refit the family's inference weights on validation outputs each epoch
-    lambda_grid_step: float = 0.05  # grid step of that fit, on [0, 1]
+    fit_weights: bool = True  # refit the family's inference weights on validation outputs each epoch
+    weight_grid_step: float = 0.05  # grid step of that fit, on [0, 1]
     batch_size: int = 200
 
     def __post_init__(self) -> None:
         check(self.calibration == self.calibration, "eval.calibration", "a number", self.calibration)
-        check(0 < self.lambda_grid_step <= 0.5, "eval.lambda_grid_step", "in (0, 0.5]", self.lambda_grid_step)
+        check_weight_grid_step(self.weight_grid_step)
         check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)

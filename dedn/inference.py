@@ -32,11 +32,12 @@ import torch
 import yaml
 from torch import nn
 
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.errors import ConfigError, DatasetError
 from dedn.families import family_of
 from dedn.families.base import unwrap_model
+from dedn.families.capabilities import RefitsForNewClasses
 from dedn.metrics import calibrated as calibrated_stacking, gzsl_decision
 
 __all__ = [
@@ -162,7 +163,7 @@ class Predictor:
     seen, unseen and new classes (generalised zero-shot).
     """
 
-    def __init__(self, model: nn.Module, cfg: DEDNConfig, class_names: Sequence[str],
+    def __init__(self, model: nn.Module, cfg: RunConfig, class_names: Sequence[str],
                  seen_classes: Sequence[int], unseen_classes: Sequence[int], attribute_names: Sequence[str] = (),
                  data_identity: DataIdentity | None = None):
         self.model = model.eval()
@@ -220,8 +221,11 @@ class Predictor:
         by class attributes; a refitted copy for D3GZSL, kept for the next call with the same classes."""
         key = hashlib.sha256(a.detach().cpu().numpy().tobytes()).hexdigest()
         if self._adapted is None or self._adapted[0] != key:
-            self._adapted = (key, self.family.for_classes(self.model, self.cfg, a, seen=self.seen_classes.tolist(),
-                                                          unseen=self.unseen_classes.tolist()).eval())
+            net = self.model
+            if isinstance(self.family, RefitsForNewClasses):
+                net = self.family.for_classes(net, self.cfg, a, seen=self.seen_classes.tolist(),
+                                              unseen=self.unseen_classes.tolist())
+            self._adapted = (key, net.eval())
         return self._adapted[1]
 
     def _seen(self, width: int) -> torch.Tensor:
@@ -262,7 +266,7 @@ class Predictor:
         return out
 
 
-def _build_network(cfg: DEDNConfig, cs: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+def _build_network(cfg: RunConfig, cs: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                    feature_shape: Sequence[int]) -> nn.Module:
     """The network of cfg.model.name through its family, with what it was built with (`meta`)."""
     no_ids = np.zeros(0, np.int64)
@@ -280,7 +284,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
         k: str(Path(directory) / f) for k, f in
         (("weights", WEIGHTS_FILE), ("config", CONFIG_FILE), ("class_side", CLASS_SIDE_FILE), ("meta", META_FILE))}
     with open(paths["config"]) as f:
-        cfg = DEDNConfig.from_dict(yaml.safe_load(f), source=paths["config"])
+        cfg = RunConfig.from_dict(yaml.safe_load(f), source=paths["config"])
     meta = json.loads(Path(paths["meta"]).read_text())
     try:
         with np.load(paths["class_side"], allow_pickle=False) as z:
@@ -296,7 +300,7 @@ def predictor_from_files(directory: str | os.PathLike[str] | Mapping[str, str], 
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def write_model_files(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, out_dir: str | os.PathLike[str],
+def write_model_files(model: nn.Module, cfg: RunConfig, class_side: ClassSide, out_dir: str | os.PathLike[str],
                       identity: DataIdentity | None = None) -> dict[str, str]:
     """Write weights.pt, config.yaml, class_side.npz and model_meta.json to out_dir; artifact name -> path.
 

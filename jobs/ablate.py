@@ -5,7 +5,7 @@
     python jobs/ablate.py --data DIR --settings table3 --out results/ablation-cub
     python jobs/ablate.py --list                                        # the settings and what they change
 
-Each setting (the model family's studies: dedn/families/dedn/ablations.py for DEDN) is trained by
+Each setting (the studies registered for the model family in dedn/analysis/ablation.py: DEDN's) is trained by
 the one training driver (`dedn.training.driver.train`: the two-phase protocol on Ray Train,
 tracked in MLflow) as a child
 run of one parent run in experiment `dedn-<dataset>-ablation`; ablated models are not registered.

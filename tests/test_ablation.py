@@ -11,22 +11,21 @@ import torch
 
 from dedn.analysis import ablation
 from dedn.config import build_config
-from dedn.families.dedn import ablations as dedn_ablations
 from dedn.errors import ConfigError
 from toydata import TOY_SHAPE, load_job, toy_class_side, write_toy_dataset
 
 
 # ---- the settings -----------------------------------------------------------------------------
 def test_settings_cover_table3_and_figure5_in_paper_order():
-    assert [s.label for s in dedn_ablations.TABLE3] == [
+    assert [s.label for s in ablation.DEDN_TABLE3] == [
         "cExp w/o L_distill", "fExp w/o L_distill", "DEDN w/o L_distill", "DAN w/o CA", "DEDN w/o L_mal",
         "DAN w/o L_align", "DEDN (full)"]
-    assert [s.key for s in dedn_ablations.FIGURE5] == ["kmeans", "halved"]
-    settings = ablation.family_settings("dedn")  # what the DEDN family declares
-    assert tuple(settings.values()) == dedn_ablations.SETTINGS
+    assert [s.key for s in ablation.DEDN_FIGURE5] == ["kmeans", "halved"]
+    settings = ablation.family_settings("dedn")  # what dedn.analysis.ablation registers for DEDN
+    assert tuple(settings.values()) == ablation.DEDN_SETTINGS
     for s in settings.values():  # each names every switch of Table 3, so the base config cannot leak in
-        assert set(s.overrides) >= set(dedn_ablations.FULL)
-    assert settings["full"].overrides == dedn_ablations.FULL
+        assert set(s.overrides) >= set(ablation.DEDN_FULL)
+    assert settings["full"].overrides == ablation.DEDN_FULL
     # the cluster studies use the paper's cluster layout whatever the variant (SUN's reference slip is manual-only)
     assert settings["kmeans"].overrides["model.cluster_layout"] == settings["halved"].overrides["model.cluster_layout"] == "paper"
     # two settings never mean the same thing
@@ -39,6 +38,20 @@ def test_select_settings_keys_groups_and_errors():
     assert len(ablation.select_settings(None)) == 9
     with pytest.raises(ConfigError, match="nope"):
         ablation.select_settings(["full", "nope"])
+
+
+def test_studies_are_registered_by_family_name_in_the_analysis():
+    with pytest.raises(ConfigError, match=r"model.name: expected a model family with registered ablation settings \(dedn\), found 'msdn'"):
+        ablation.family_settings("msdn")  # MSDN registers none
+    with pytest.raises(ConfigError, match="model.name: expected one of"):
+        ablation.family_settings("gpt")
+    mine = ablation.Setting("no_distill", "MSDN w/o distillation", "table", (("loss.distill", False),),
+                            full=(("loss.distill", True),))
+    try:  # what a family's own module does (found through DEDN_FAMILY_MODULES)
+        ablation.register_ablations("msdn", [mine])
+        assert ablation.select_settings(model="msdn") == [mine] and ablation.switch_keys("msdn") == ("loss.distill",)
+    finally:
+        ablation._ABLATIONS.pop("msdn")
 
 
 def test_user_overrides_of_switches_are_refused():

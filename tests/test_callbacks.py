@@ -11,18 +11,18 @@ import pytest
 import torch
 
 import faults
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.training.callbacks import PLUGINS_ENV, Callback, CallbackList, WorkerContext, load_callbacks, plugin_specs
 from dedn.training.loop import run_protocol
 
-TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_lambdas": False,
-        "eval.lambda_grid_step": 0.25, "data.shuffle_buffer": 64, "optim.epochs": 2}
+TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_weights": False,
+        "eval.weight_grid_step": 0.25, "data.shuffle_buffer": 64, "optim.epochs": 2}
 
 
 def _train(dataset, *callbacks: Callback, protocol: str = "two_phase") -> tuple[list[torch.nn.Module], object]:
     """run_protocol with the callbacks wired as the driver's worker wires them (one process)."""
-    cfg = DEDNConfig().replace(**TINY, protocol=protocol)
+    cfg = RunConfig().replace(**TINY, protocol=protocol)
     cbs = CallbackList(callbacks)
     cbs.on_start(WorkerContext(0, 1, torch.device("cpu"), cfg, "select", 1, False))
     trained: list[torch.nn.Module] = []
@@ -103,7 +103,7 @@ def test_a_disk_full_fault_limits_file_size_inside_the_checkpoint_write_only(tin
 
     f = faults.Faults(fail_rank=0, fail_epoch=2, fail_marker=str(tmp_path / "m"), fail_kind="disk_full")
     cbs = CallbackList([f])
-    cbs.on_start(WorkerContext(0, 1, torch.device("cpu"), DEDNConfig(), "select", 1, False))
+    cbs.on_start(WorkerContext(0, 1, torch.device("cpu"), RunConfig(), "select", 1, False))
     big = b"x" * 4096
     report = EpochReport("select", 1, 3, {}, 1, 1, 1.0, 0.0, 0.0, Best())
     with cbs.around_checkpoint_write(report):  # epoch 1: no fault

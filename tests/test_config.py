@@ -1,12 +1,13 @@
 """Config: presets carry the paper's numbers, overrides are typed and checked."""
 import dataclasses
+import re
 
 import pytest
 import yaml
 
 from dedn.config import (
     PRESETS,
-    DEDNConfig,
+    RunConfig,
     apply_overrides,
     build_config,
     known_keys,
@@ -100,15 +101,15 @@ def test_override_without_equals_sign():
 
 def test_round_trip_through_dict_and_flat_keys():
     cfg = build_config("awa2", ["variant=reference", "loss.gamma=0.3", "model.clusters=kmeans", "model.num_clusters=5"])
-    again = DEDNConfig.from_dict(cfg.to_dict())
+    again = RunConfig.from_dict(cfg.to_dict())
     assert again == cfg
-    assert apply_overrides(DEDNConfig(), cfg.flat()) == cfg
+    assert apply_overrides(RunConfig(), cfg.flat()) == cfg
     assert cfg.flat()["loss.gamma"] == 0.3
     assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
 def test_config_is_frozen():
-    cfg = DEDNConfig()
+    cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.loss.beta = 1.0  # type: ignore[misc]
 
@@ -176,7 +177,7 @@ def test_config_for_a_dataset_with_and_without_a_preset(tmp_path):
 @pytest.mark.parametrize("doc, message", [
     ("loss: [1, 2]\n", "loss: expected a mapping of loss keys (beta, gamma, epsilon, mal, ...), found a list [1, 2]"),
     ("optim: 3\n", "optim: expected a mapping of optim keys (lr, momentum, weight_decay, alpha, ...), found a number 3"),
-    ("eval: fast\n", "eval: expected a mapping of eval keys (calibration, fit_lambdas, lambda_grid_step, batch_size, "
+    ("eval: fast\n", "eval: expected a mapping of eval keys (calibration, fit_weights, weight_grid_step, batch_size, "
                      "...), found a string 'fast'"),
     ("data: true\n", "data: expected a mapping of data keys"),
     ("model: [dedn]\n", "model: expected a model name or a mapping of model keys (name, experts, channel_attention, "
@@ -222,6 +223,103 @@ def test_a_section_given_a_value_on_the_command_line_says_so(override, message):
 
 def test_wrong_shapes_in_a_preset_or_a_checkpoint_config_name_their_source():
     with pytest.raises(ConfigError, match=r"^checkpoint: loss: expected a mapping of loss keys .*found a list \[1\]"):
-        DEDNConfig.from_dict({"loss": [1]}, source="checkpoint")
+        RunConfig.from_dict({"loss": [1]}, source="checkpoint")
     with pytest.raises(ConfigError, match=r"^checkpoint: optim.lr: expected a finite number, found a mapping"):
-        DEDNConfig.from_dict({"optim": {"lr": {"a": 1}}}, source="checkpoint")
+        RunConfig.from_dict({"optim": {"lr": {"a": 1}}}, source="checkpoint")
+
+
+def test_the_old_name_dedn_config_still_imports_and_unpickles_as_run_config():
+    import importlib
+    import pickle
+    import warnings
+
+    import dedn.config as config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config._warned_dedn_config = False
+        from dedn.config import DEDNConfig
+
+        assert DEDNConfig is RunConfig
+        # a pickle written when the class was dedn.config.DEDNConfig (Ray payloads, user caches) loads
+        old = pickle.dumps(RunConfig(), protocol=0).replace(b"\nRunConfig\n", b"\nDEDNConfig\n")  # names end at \n
+        assert b"DEDNConfig" in old
+        assert pickle.loads(old) == RunConfig()
+    (w,) = caught  # once per process, however often it is named
+    assert issubclass(w.category, DeprecationWarning) and "use dedn.config.RunConfig" in str(w.message)
+    assert "DEDNConfig" not in importlib.import_module("dedn.config").__all__
+
+
+def _one_deprecation(build):
+    """build()'s result and the text of the one FutureWarning it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = build()
+    (w,) = [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(caught) == 1, [str(c.message) for c in caught]
+    return cfg, str(w.message)
+
+
+def test_the_old_eval_keys_set_the_new_ones_with_one_line_naming_the_new_key(tmp_path):
+    cfg, msg = _one_deprecation(lambda: build_config("cub", ["eval.lambda_grid_step=0.25"]))
+    assert cfg.eval.weight_grid_step == 0.25 and msg == "overrides: eval.lambda_grid_step is deprecated: use eval.weight_grid_step"
+    cfg, msg = _one_deprecation(lambda: build_config("cub", ["model=msdn", "fit_lambdas=true"]))  # a leaf name, any family
+    assert cfg.eval.fit_weights is True and msg == "overrides: fit_lambdas is deprecated: use eval.fit_weights"
+    old = tmp_path / "old.yaml"
+    old.write_text("eval:\n  fit_lambdas: false\n")
+    cfg, msg = _one_deprecation(lambda: build_config(None, [], config_file=str(old)))
+    assert cfg.eval.fit_weights is False and msg == f"{old}: eval.fit_lambdas is deprecated: use eval.fit_weights"
+    # a config saved before the rename (a checkpoint's, a registered model's config.yaml) loads as it was
+    saved = RunConfig().to_dict()
+    saved["eval"] = {("lambda_grid_step" if k == "weight_grid_step" else k): v for k, v in saved["eval"].items()}
+    saved["eval"]["lambda_grid_step"] = 0.1
+    cfg, msg = _one_deprecation(lambda: RunConfig.from_dict(saved, source="checkpoint"))
+    assert cfg == RunConfig().replace(**{"eval.weight_grid_step": 0.1}) and msg.startswith("checkpoint: eval.lambda_grid_step")
+    assert "eval.fit_lambdas" not in known_keys() and "eval.fit_weights" in known_keys("d3gzsl")
+
+
+def test_one_bound_for_the_weight_grid_step():
+    from dedn.config_sections import MAX_WEIGHT_GRID_STEP
+    from dedn.families.base import weight_grid_values
+
+    assert MAX_WEIGHT_GRID_STEP == 0.5
+    assert build_config("cub", ["eval.weight_grid_step=0.5"]).eval.weight_grid_step == 0.5
+    assert weight_grid_values(0.5) == (0.0, 0.5, 1.0)
+    for bad in (0.6, 1.0, 0.0, -0.1):  # the config and the grid refuse the same steps, with the same message
+        message = f"eval.weight_grid_step: expected in (0, 0.5], found {bad}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_config("cub", [f"eval.weight_grid_step={bad}"])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            weight_grid_values(bad)
+
+
+def test_families_declare_their_optional_capabilities_and_derive_their_eval_block():
+    from dedn.families import ModelFamily, get_family
+    from dedn.families import capabilities as cap
+
+    declared = {name: {c.__name__ for c in (cap.PreparesPhases, cap.RefitsBeforeEval, cap.RefitsForNewClasses,
+                                              cap.WrapsForDDP, cap.HasAttentionMaps, cap.AliasesSections)
+                       if isinstance(get_family(name), c)} for name in ("dedn", "msdn", "d3gzsl")}
+    assert declared == {"dedn": {"HasAttentionMaps"}, "msdn": {"HasAttentionMaps"},
+                        "d3gzsl": {"PreparesPhases", "RefitsBeforeEval", "RefitsForNewClasses", "WrapsForDDP",
+                                   "AliasesSections"}}
+    assert cap.section_aliases(get_family("dedn")) == {} and cap.section_aliases(get_family("d3gzsl")) == {"d3": "loss"}
+    # the eval block: the common keys, the family's own (D3GZSL's classifier) and one checked float per weight
+    d3 = get_family("d3gzsl")
+    assert d3.weight_names == ("w_student",) and d3.eval_config().w_student == 0.0 and d3.eval_config().syn_per_class == 300
+
+    class Half(ModelFamily, cap.PreparesPhases):  # a capability declared and not implemented
+        name, weights = "half", {"w": 0.5}
+
+        def build(self, cfg, class_side, feature_shape, meta=None): ...
+        def score_parts(self, out, class_attributes=None): ...
+        def coefficients(self, cfg, weights, names): ...
+
+    with pytest.raises(TypeError, match="abstract method.*prepare"):
+        Half()
+    with pytest.raises(ConfigError, match=r"eval.w: expected in \[0, 1\], found 3.0"):
+        Half.eval_config(w=3.0)
+    with pytest.raises(ConfigError, match=r"eval.w: expected a default in \[0, 1\], found 2"):
+        type("Bad", (Half,), {"weights": {"w": 2}})  # a weight's default is checked when the family is defined

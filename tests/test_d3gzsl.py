@@ -27,9 +27,9 @@ def toy(tmp_path_factory):
 
 
 def _cfg(**over):
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
-    return DEDNConfig.for_family("d3gzsl").replace(**{**TINY, **over})
+    return RunConfig.for_family("d3gzsl").replace(**{**TINY, **over})
 
 
 def _phase(cfg, ds, phase="select"):

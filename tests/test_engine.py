@@ -6,7 +6,7 @@ import torch
 
 import dedn.training.loop as engine
 from dedn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dedn.config import DEDNConfig, build_config
+from dedn.config import RunConfig, build_config
 from dedn.errors import DatasetError, NonFiniteLossError
 from dedn.families import get_family
 from dedn.training.evaluate import evaluate
@@ -15,12 +15,12 @@ from dedn.protocol import ClassProtocol
 from dedn.data.reader import Batch, ShardReader, forbid_splits
 
 # Tiny and fast: 3 steps an epoch, no lambda search unless a test asks for it.
-TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_lambdas": False,
-        "eval.lambda_grid_step": 0.25, "data.shuffle_buffer": 64}
+TINY = {"optim.batch_size": 32, "optim.max_steps_per_epoch": 3, "optim.lr": 0.001, "eval.fit_weights": False,
+        "eval.weight_grid_step": 0.25, "data.shuffle_buffer": 64}
 
 
-def tiny_cfg(**over) -> DEDNConfig:
-    return DEDNConfig().replace(**{**TINY, **over})
+def tiny_cfg(**over) -> RunConfig:
+    return RunConfig().replace(**{**TINY, **over})
 
 
 def _params(state: dict) -> dict[str, torch.Tensor]:
@@ -122,7 +122,7 @@ def test_model_init_depends_on_the_seed_only(tiny_dataset):
 
 # docs/method.md#post-hoc-lambda-fit
 def test_evaluate_all_reduce_and_lambda_search(tiny_dataset):
-    cfg = tiny_cfg(**{"eval.fit_lambdas": True, "eval.lambda_grid_step": 0.1})  # (0.8, 0.9) is on the grid
+    cfg = tiny_cfg(**{"eval.fit_weights": True, "eval.weight_grid_step": 0.1})  # (0.8, 0.9) is on the grid
     model = build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
     protocol = ClassProtocol.for_phase("select", tiny_dataset.class_side)
 
@@ -159,7 +159,7 @@ def test_select_never_reads_test_splits_and_fit_runs_both_phases(tiny_dataset, m
             super().__init__(dataset, split, **kw)
 
     monkeypatch.setattr(engine, "ShardReader", Recording)
-    cfg = tiny_cfg(**{"optim.epochs": 2, "eval.fit_lambdas": True})
+    cfg = tiny_cfg(**{"optim.epochs": 2, "eval.fit_weights": True})
     with forbid_splits({"trainval"}):  # select must not need trainval either
         sel = run_phase(cfg, tiny_dataset, "select")
     assert set(opened) == {"train", "val_seen", "val_unseen"}
@@ -201,7 +201,7 @@ def cub_small(tmp_path_factory):
 # lr 10x the paper's and beta 10x lower: the paper's 80 epochs of 7057 images are ~11k steps;
 # here ~28 steps an epoch for 6 epochs must show learning.
 LEARN = ["protocol=select", "epochs=6", "optim.lr=0.001", "loss.beta=0.0001",
-         "eval.fit_lambdas=true", "eval.lambda_grid_step=0.1"]
+         "eval.fit_weights=true", "eval.weight_grid_step=0.1"]
 CHANCE_H = 1 / 150  # 150 active classes during selection (100 train + 50 val)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dedn.errors import DatasetError
-from dedn.families.base import lambda_grid
+from dedn.families.base import weight_grid_values
 from dedn.families.dedn.lambdas import LambdaSearch
 from dedn.metrics import GZSLCounts, gzsl_predictions
 from dedn.families.dedn.model import combine_score_parts
@@ -101,10 +101,10 @@ def test_tensor_round_trip_and_sum_of_shards():
 
 
 # docs/method.md#post-hoc-lambda-fit
-def test_lambda_grid():
-    assert lambda_grid(0.05) == pytest.approx([i / 20 for i in range(21)])
-    assert len(lambda_grid(0.05)) == 21 and lambda_grid(0.05)[3] == 0.15
-    assert lambda_grid(0.3) == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.0])
+def test_weight_grid_values():
+    assert weight_grid_values(0.05) == pytest.approx([i / 20 for i in range(21)])
+    assert len(weight_grid_values(0.05)) == 21 and weight_grid_values(0.05)[3] == 0.15
+    assert weight_grid_values(0.3) == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.0])
 
 
 # ---- LambdaSearch ------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
 
     from dedn import tracking
     from dedn.checkpoint import load_checkpoint
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.data import FeatureDataset
     from dedn.data.reader import ShardReader
     from dedn.tracking.registry import load_predictor
@@ -84,8 +84,8 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
     ds = FeatureDataset.open(data)
     state = load_checkpoint(Path(run.data.tags[tracking.CHECKPOINT_TAG]) / "state.pt")
     assert set(state["optimizers"]) == {"mean", "max"}  # the family's own two optimisers were checkpointed
-    cfg = DEDNConfig.from_dict(state["config"])
-    assert cfg.eval.alpha == pred.cfg.eval.alpha and not cfg.eval.fit_lambdas  # the selected weight
+    cfg = RunConfig.from_dict(state["config"])
+    assert cfg.eval.alpha == pred.cfg.eval.alpha and not cfg.eval.fit_weights  # the selected weight
     net = model_from_state(cfg, ds, state["model"]).eval()
     x = next(iter(ShardReader(ds, "test_unseen", batch_size=5, shuffle=False))).features
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
 def test_two_trial_sweep_uses_the_family_space_and_weight(trained: str, env: dict[str, str], data: Path) -> None:
     out = _run(env, "tuning/tune.py", "--data", str(data), "--num-samples", "2", "--max-concurrent-trials", "2",
                "--name", "toysweep", "model=toy", "epochs=2", "optim.batch_size=8", "eval.batch_size=64",
-               "eval.lambda_grid_step=0.25", timeout=400)
+               "eval.weight_grid_step=0.25", timeout=400)
     assert "best trial" in out and "alpha = " in out
     sweep = Path(env["DEDN_HOME"]) / "tune" / "toysweep"
     summary = json.loads((sweep / "summary.json").read_text())
@@ -105,7 +105,7 @@ def test_two_trial_sweep_uses_the_family_space_and_weight(trained: str, env: dic
     assert set(summary["best_params"]) == {"loss.ridge", "optim.lr"}  # tests/toy_space.yaml
     best = yaml.safe_load((sweep / "best_config.yaml").read_text())
     assert best["model"]["name"] == "toy" and best["protocol"] == "final"
-    assert best["eval"]["alpha"] == summary["weights"]["alpha"] and best["eval"]["fit_lambdas"] is False
+    assert best["eval"]["alpha"] == summary["weights"]["alpha"] and best["eval"]["fit_weights"] is False
     assert (sweep / "lambda_curves.png").stat().st_size > 5000  # Figure 3 over the family's one weight
 
 

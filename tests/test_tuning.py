@@ -123,7 +123,7 @@ def test_best_config_is_a_final_run() -> None:
     base = build_config("cub", ["optim.epochs=30"])
     cfg = best_config(base, {"loss.beta": 0.02, "loss.epsilon": 1.5}, 7, {"lambda_rc": 0.65, "lambda_e": 0.85})
     assert (cfg.protocol, cfg.optim.epochs, cfg.loss.beta, cfg.loss.epsilon) == ("final", 7, 0.02, 1.5)
-    assert (cfg.eval.lambda_rc, cfg.eval.lambda_e, cfg.eval.fit_lambdas) == (0.65, 0.85, False)
+    assert (cfg.eval.lambda_rc, cfg.eval.lambda_e, cfg.eval.fit_weights) == (0.65, 0.85, False)
     assert cfg.loss.gamma == base.loss.gamma
 
 
@@ -186,7 +186,7 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
     seen: dict[str, object] = {}
 
     def fake_train(cfg, settings, *, callbacks=()):  # test double
-        seen.update(protocol=cfg.protocol, fit=cfg.eval.fit_lambdas, beta=cfg.loss.beta, data=cfg.data.path,
+        seen.update(protocol=cfg.protocol, fit=cfg.eval.fit_weights, beta=cfg.loss.beta, data=cfg.data.path,
                     track=settings.track, register=settings.register, workers=settings.num_workers,
                     callbacks=[type(c) for c in callbacks])
         driver.open_dataset(cfg)  # the driver's own check of a selection run's dataset
@@ -211,7 +211,7 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
     network at every grid point (ties: closest to the configured pair, then the lowest grid index).
     docs/method.md#post-hoc-lambda-fit"""
     from dedn.config import build_config
-    from dedn.families.base import lambda_grid
+    from dedn.families.base import weight_grid_values
     from dedn.protocol import ClassProtocol
     from dedn.data.reader import ShardReader
     from dedn.training import loop as engine
@@ -225,14 +225,14 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
         for rc, e in pairs:
             at = cfg.replace(**{"eval.lambda_rc": float(rc), "eval.lambda_e": float(e)})
             seen, unseen = (ShardReader(ds, s, batch_size=cfg.eval.batch_size, shuffle=False) for s in ("val_seen", "val_unseen"))
-            out.append(evaluate(model, seen, unseen, protocol, at, fit_lambdas=False).metrics)
+            out.append(evaluate(model, seen, unseen, protocol, at, fit_weights=False).metrics)
         return out
 
-    cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.lambda_grid_step=0.125", "protocol=select"])
+    cfg = build_config("awa2", TINY + ["optim.epochs=1", "eval.weight_grid_step=0.125", "protocol=select"])
     ds = open_for_selection(tiny_data)
     res = engine.run_phase(cfg, ds, "select")
     assert res.best_state is not None and res.best.metrics is not None
-    grid = lambda_grid(cfg.eval.lambda_grid_step)
+    grid = weight_grid_values(cfg.eval.weight_grid_step)
     pairs = [(rc, e) for rc in grid for e in grid]
     brute = evaluate_at_lambdas(cfg, ds, res.best_state, pairs)
     h = np.array([m["H"] for m in brute])
@@ -267,7 +267,7 @@ def test_sweep_of_four_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch
     import shutil
 
     from dedn import tracking
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
     summary, home = sqlite_sweep.summary, sqlite_sweep.home
     monkeypatch.setenv("DEDN_HOME", str(home))
@@ -306,9 +306,9 @@ def test_sweep_of_four_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch
     # the best configuration: a complete config for the final run, at the best epoch and fitted lambdas
     sweep_dir = Path(summary.sweep_dir)
     assert sweep_dir == (home / "tune" / "sweep").resolve()
-    best = DEDNConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
+    best = RunConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
     assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
-    assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_lambdas) == (
+    assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_weights) == (
         summary.weights["lambda_rc"], summary.weights["lambda_e"], False)
     assert best.loss.beta == summary.best_params["loss.beta"] and 1e-4 <= best.loss.beta <= 1e-1
     assert 1 <= summary.best_epoch <= 2

@@ -2,9 +2,9 @@
 
 Linear maps from pooled features to attributes: a mean-pooled head and a max-pooled head, each
 giving class scores (attributes) A^T; the post-hoc weight `alpha` mixes them (alpha S_mean +
-(1 - alpha) S_max). Its own config blocks, loss part names (ce_mean, ce_max, ridge), two
-optimisers (one per head, stepped in its own training step), a search space of its own and no
-preset. Importing this module registers it; Ray workers and job subprocesses import it through
+(1 - alpha) S_max). Only the required core (`dedn.families.base`): its own config blocks and
+weight, loss part names (ce_mean, ce_max, ridge), two optimisers (one per head, both stepped by the
+default training step), a search space of its own, no preset and no optional capability. Importing this module registers it; Ray workers and job subprocesses import it through
 DEDN_FAMILY_MODULES=toy_family with this folder on PYTHONPATH. Nothing outside tests/ knows it.
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedn.config_sections import EvalConfig, check
+from dedn.config_sections import check
 from dedn.families import ModelFamily, register_family
-from dedn.families.base import StepContext
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,15 +36,6 @@ class ToyLossConfig:
 
     def __post_init__(self) -> None:
         check(self.ridge >= 0, "loss.ridge", ">= 0", self.ridge)
-
-
-@dataclass(frozen=True)
-class ToyEvalConfig(EvalConfig):
-    alpha: float = 0.5  # weight of the mean-pooled head's scores
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.alpha <= 1, "eval.alpha", "in [0, 1]", self.alpha)
 
 
 @dataclass
@@ -78,10 +68,8 @@ class ToyFamily(ModelFamily):
     title = "Toy linear"
     model_config = ToyModelConfig
     loss_config = ToyLossConfig
-    eval_config = ToyEvalConfig
+    weights = {"alpha": 0.5}  # eval.alpha: weight of the mean-pooled head's scores
     loss_parts = ("loss", "ce_mean", "ce_max", "ridge")
-    score_part_names = ("S_mean", "S_max")
-    weight_names = ("alpha",)
 
     def search_space_file(self) -> Path:  # next to this file: a family outside the package ships its own
         return HERE / "toy_space.yaml"
@@ -101,17 +89,6 @@ class ToyFamily(ModelFamily):
         ridge = out.attr_mean.pow(2).mean() + out.attr_max.pow(2).mean()
         total = ce["S_mean"] + ce["S_max"] + cfg.loss.ridge * ridge
         return {"loss": total, "ce_mean": ce["S_mean"], "ce_max": ce["S_max"], "ridge": ridge}
-
-    def train_step(self, model, x, y, ctx: StepContext) -> dict[str, float]:
-        out = model(x)
-        parts = self.loss(out, y, ctx.protocol, ctx.cfg)
-        values = ctx.check_finite(parts)
-        for opt in ctx.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        for opt in ctx.optimizers.values():  # two optimisers, each on its own head
-            opt.step()
-        return values
 
     def score_parts(self, out, class_attributes=None) -> dict[str, Tensor]:
         a = out.class_attributes if class_attributes is None else class_attributes

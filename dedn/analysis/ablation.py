@@ -1,9 +1,10 @@
 """Ablation studies as named config overrides, one training run each, and their table.
 
-A model family declares its studies (`ModelFamily.ablations`: `Setting` rows; DEDN's are the
-paper's Table 3 and Figure 5, `dedn.families.dedn.ablations`). Each setting is data: a key,
-the label the paper prints and the values it gives to every switch the family's studies turn,
-so a setting means the same thing whatever the base configuration says.
+The studies of a family are registered here by family name (`register_ablations`): DEDN's, the
+paper's Table 3 and Figure 5, below; a family outside the package registers its own from its
+module (`register_ablations("myfamily", SETTINGS)`). Each setting is data: a key, the label the
+paper prints and the values it gives to every switch the family's studies turn, so a setting
+means the same thing whatever the base configuration says.
 
 No Ray, no MLflow here: `run_ablation` takes the function that trains one configuration.
 """
@@ -19,33 +20,62 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dedn.atomic import save_figure, write_text
-from dedn.config import DEDNConfig, resolve_key
+from dedn.config import RunConfig, resolve_key
 from dedn.errors import ConfigError
 from dedn.families import get_family
-from dedn.families.base import Setting
 from dedn.metrics import METRICS, format_pct
 
 __all__ = [
-    "Setting", "family_settings", "switch_keys", "select_settings",
-    "setting_config", "check_base_overrides", "AblationResult", "run_ablation", "table_rows", "caption", "format_markdown",
-    "format_csv", "write_table", "plot_cluster_study", "METRICS",
+    "Setting", "register_ablations", "family_settings", "switch_keys", "select_settings", "DEDN_FULL", "DEDN_TABLE3",
+    "DEDN_FIGURE5", "DEDN_SETTINGS", "setting_config", "check_base_overrides", "AblationResult", "run_ablation",
+    "table_rows", "caption", "format_markdown", "format_csv", "write_table", "plot_cluster_study", "METRICS",
 ]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One ablation setting of a family (DEDN's: a row of Table 3 or a bar of Figure 5): a key, the paper's
+    label, the values of the switches it turns."""
+
+    key: str  # identifier used on the command line, in run names and in the CSV
+    label: str  # the row label as the paper prints it
+    study: str  # "table3" or "figure5"
+    changes: tuple[tuple[str, Any], ...] = ()  # departures from FULL, as (dotted key, value)
+    description: str = ""
+
+    full: tuple[tuple[str, Any], ...] = ()  # every switch of the family's studies at its full-model value
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Values of every switch for this setting (`full` with `changes` applied)."""
+        return {**dict(self.full), **dict(self.changes)}
+
+
+_ABLATIONS: dict[str, tuple[Setting, ...]] = {}
+
+
+def register_ablations(model: str, settings: Sequence[Setting]) -> tuple[Setting, ...]:
+    """Make `settings` the studies of family `model`, in table order (registering again replaces them)."""
+    keys = [s.key for s in settings]
+    if not settings or len(set(keys)) != len(keys):
+        raise ConfigError("ablation.settings", "one or more settings with distinct keys", keys, model)
+    _ABLATIONS[model] = tuple(settings)
+    return _ABLATIONS[model]
+
+
 def family_settings(model: str = "dedn") -> dict[str, Setting]:
-    """{key: Setting} of the studies family `model` declares, in table order."""
-    rows = get_family(model).ablations
-    if not rows:
-        raise ConfigError("model.name", "a model family that declares ablation settings", model, "dedn.analysis.ablation")
-    return {s.key: s for s in rows}
+    """{key: Setting} of the studies registered for family `model`, in table order."""
+    get_family(model)  # ConfigError naming the known families; loads DEDN_FAMILY_MODULES, which may register studies
+    if model not in _ABLATIONS:
+        raise ConfigError("model.name", "a model family with registered ablation settings "
+                          f"({'|'.join(sorted(_ABLATIONS))})", model, "dedn.analysis.ablation")
+    return {s.key: s for s in _ABLATIONS[model]}
 
 
 def switch_keys(model: str = "dedn") -> tuple[str, ...]:
     """The config keys the family's settings set (users may not override them)."""
-    keys: list[str] = []
-    for s in family_settings(model).values():
-        keys += [k for k, _ in s.full + s.changes if k not in keys]
-    return tuple(keys)
+    keys = [k for s in family_settings(model).values() for k, _ in s.full + s.changes]
+    return tuple(dict.fromkeys(keys))  # each once, in first-seen order (a setting's changes repeat its full keys)
 
 
 def select_settings(keys: Iterable[str] | None = None, model: str = "dedn") -> list[Setting]:
@@ -83,9 +113,62 @@ def check_base_overrides(overrides: Mapping[str, Any], model: str = "dedn") -> N
                               "overrides")
 
 
-def setting_config(base: DEDNConfig, setting: Setting) -> DEDNConfig:
+def setting_config(base: RunConfig, setting: Setting) -> RunConfig:
     """The base configuration with the setting's switch values."""
     return base.replace(**setting.overrides)
+
+
+# ---- DEDN's studies: the paper's Table 3 and Figure 5 (Rao et al., IJCAI 2024) ----------------
+#
+# | key | paper's row | what changes |
+# |---|---|---|
+# | cexp_no_distill | cExp w/o L_distill | model.experts=coarse, loss.distill=false |
+# | fexp_no_distill | fExp w/o L_distill | model.experts=fine, loss.distill=false |
+# | no_distill | DEDN w/o L_distill | loss.distill=false |
+# | no_ca | DAN w/o CA | model.channel_attention=false (both experts) |
+# | no_mal | DEDN w/o L_mal | loss.mal=false (plain cross-entropy) |
+# | no_align | DAN w/o L_align | loss.align=false |
+# | full | DEDN (full) | nothing: manual clusters, every module on |
+#
+# Figure 5: (a) manual clusters (= `full`) against K-Means clusters of the attribute word vectors
+# (`kmeans`, as many clusters as the manual division unless model.num_clusters says otherwise);
+# (b) the manual clusters halved (`halved`: consecutive pairs merged, CUB 6 -> 3, SUN/AWA2 4 -> 2).
+
+# The switches DEDN's studies turn, at their full-model values.
+DEDN_FULL: dict[str, Any] = {
+    "model.experts": "both",
+    "model.channel_attention": True,
+    "model.clusters": "manual",
+    "loss.mal": True,
+    "loss.align": True,
+    "loss.distill": True,
+}
+
+
+def _dedn(key: str, label: str, study: str, changes: tuple[tuple[str, Any], ...], description: str) -> Setting:
+    return Setting(key, label, study, changes, description, full=tuple(DEDN_FULL.items()))
+
+
+DEDN_TABLE3: tuple[Setting, ...] = (
+    _dedn("cexp_no_distill", "cExp w/o L_distill", "table3",
+          (("model.experts", "coarse"), ("loss.distill", False)), "coarse expert alone, no distillation"),
+    _dedn("fexp_no_distill", "fExp w/o L_distill", "table3",
+          (("model.experts", "fine"), ("loss.distill", False)), "fine expert alone, no distillation"),
+    _dedn("no_distill", "DEDN w/o L_distill", "table3", (("loss.distill", False),), "both experts, no distillation"),
+    _dedn("no_ca", "DAN w/o CA", "table3", (("model.channel_attention", False),),
+          "no channel attention in any DAN sub-network"),
+    _dedn("no_mal", "DEDN w/o L_mal", "table3", (("loss.mal", False),), "cross-entropy instead of the margin-aware loss"),
+    _dedn("no_align", "DAN w/o L_align", "table3", (("loss.align", False),), "no region/channel alignment loss"),
+    _dedn("full", "DEDN (full)", "table3", (), "every module on, manual attribute clusters"),
+)
+DEDN_FIGURE5: tuple[Setting, ...] = (
+    # model.cluster_layout=paper: the reference variant's SUN cluster slip exists for the manual clusters only
+    _dedn("kmeans", "DEDN, K-Means clusters", "figure5", (("model.clusters", "kmeans"), ("model.cluster_layout", "paper")),
+          "Figure 5 (a): attribute clusters by K-Means on the word vectors"),
+    _dedn("halved", "DEDN, half clusters", "figure5", (("model.clusters", "halved"), ("model.cluster_layout", "paper")),
+          "Figure 5 (b): the manual clusters merged in pairs"),
+)
+DEDN_SETTINGS = register_ablations("dedn", DEDN_TABLE3 + DEDN_FIGURE5)
 
 
 # ---- running ----------------------------------------------------------------------------
@@ -104,10 +187,10 @@ class AblationResult:
         return self.error is None and self.metrics is not None
 
 
-TrainOne = Callable[[Setting, DEDNConfig], AblationResult]
+TrainOne = Callable[[Setting, RunConfig], AblationResult]
 
 
-def run_ablation(base: DEDNConfig, settings: Sequence[Setting], train_one: TrainOne, *,
+def run_ablation(base: RunConfig, settings: Sequence[Setting], train_one: TrainOne, *,
                  on_result: Callable[[AblationResult], None] | None = None, keep_going: bool = True) -> list[AblationResult]:
     """Train every setting in order with `train_one(setting, cfg)`; one result per setting.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dedn.atomic import write_text
-from dedn.config import DEDNConfig, apply_overrides, config_for_dataset, parse_overrides
+from dedn.config import RunConfig, apply_overrides, config_for_dataset, parse_overrides
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError
 from dedn.families import family_names, get_family
@@ -69,7 +69,7 @@ def own_overrides(model: str, overrides: Mapping[str, Any] | Sequence[str]) -> d
 
 
 def model_config(model: str, dataset: str, preset: str | None = None, overrides: Mapping[str, Any] | Sequence[str] = (),
-                 data_path: str = "") -> DEDNConfig:
+                 data_path: str = "") -> RunConfig:
     """The config of family `model` on a dataset: its preset `preset` (default: the dataset's own,
     when the family has one, else the family's defaults named after the dataset), with overrides."""
     get_family(model)  # ConfigError naming model.name and the known families
@@ -79,7 +79,7 @@ def model_config(model: str, dataset: str, preset: str | None = None, overrides:
     return config_for_dataset(dataset, data_path, preset, {**ov, "model.name": model})
 
 
-def _param_count(cfg: DEDNConfig, ds: FeatureDataset) -> int:
+def _param_count(cfg: RunConfig, ds: FeatureDataset) -> int:
     m = build_model(cfg, ds.class_side, ds.feature_shape)
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 

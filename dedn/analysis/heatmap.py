@@ -23,10 +23,10 @@ from torch import nn
 
 from dedn.atomic import save_figure
 from dedn.checkpoint import load_checkpoint
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.reader import ShardReader
 from dedn.errors import ConfigError, DatasetError
-from dedn.families.base import ModelFamily
+from dedn.families.capabilities import HasAttentionMaps
 from dedn.inference import predictor_from_files
 from dedn.training.driver import STATE_FILE
 from dedn.training.loop import model_from_state
@@ -120,12 +120,12 @@ def read_samples(dataset: Any, split: str, positions: Sequence[int]) -> SampleRo
 @torch.no_grad()
 def attention_maps(model: nn.Module, features: torch.Tensor, attribute_ids: Sequence[int], family: Any) -> dict[str, np.ndarray]:
     """Region attention for the chosen attributes, one entry per map the family names
-    (`ModelFamily.attention_maps`; DEDN: "cExp", "fExp"): {name: (N, A, H, W) float32}.
+    (`HasAttentionMaps.attention_maps`; DEDN: "cExp", "fExp"): {name: (N, A, H, W) float32}.
 
     features (N, C, H, W). Each map is (N, D, R) in the original attribute order with R = H*W in
     row-major (H, W) order (the features' flatten order); an ablated expert is absent.
     """
-    if type(family).attention_maps is ModelFamily.attention_maps:  # none defined (D3GZSL): say so before a forward
+    if not isinstance(family, HasAttentionMaps):  # none defined (D3GZSL): say so before a forward
         raise ConfigError("model.name", "a model family with attention maps", family.name, "dedn.analysis.heatmap")
     net = getattr(model, "module", model)
     _, h, w = net.feature_shape
@@ -280,7 +280,7 @@ def _short(name: str, limit: int = 34) -> str:
 
 
 # ---- models -------------------------------------------------------------------------------
-def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tuple[nn.Module, DEDNConfig]:
+def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tuple[nn.Module, RunConfig]:
     """The network of a training checkpoint, on CPU, built on the dataset's class side.
 
     path: a training-loop checkpoint file (state.pt: {"model", "config", ...}), a Ray Train checkpoint
@@ -297,5 +297,5 @@ def load_model_from_checkpoint(path: str | os.PathLike[str], dataset: Any) -> tu
     state = load_checkpoint(p)
     if "model" not in state or "config" not in state:
         raise DatasetError(p, "checkpoint", "a dict with 'model' and 'config'", f"keys {sorted(state)[:8]}")
-    cfg = DEDNConfig.from_dict(state["config"], source=str(p))
+    cfg = RunConfig.from_dict(state["config"], source=str(p))
     return model_from_state(cfg, dataset, state["model"], state.get("meta")).eval(), cfg

@@ -1,11 +1,12 @@
 """Model families: the one place that knows what differs between DEDN, MSDN and any later model.
 
-A family (`ModelFamily`, `dedn.families.base`) declares its config blocks and presets, its search
-space, how to build its network for a dataset, its training step (one or several optimisers,
-any number of inner steps per batch), its named score parts and the inference weights fitted
-post hoc on validation, its loss-part names, and what a saved model needs to be rebuilt. The
-training loop, tracking, tuning, the registry, plots, ablations, the comparison and heat maps
-ask the family; none of them names a family's parts.
+A family implements a required core (`ModelFamily`, `dedn.families.base`): its config blocks and
+presets, its search space, how to build its network for a dataset, its training step (one or
+several optimisers, any number of inner steps per batch), its named score parts and the
+inference weights fitted post hoc on validation, its loss-part names. What only some families
+need it declares as optional capabilities (`dedn.families.capabilities`). The training loop,
+tracking, tuning, the registry, plots, ablations, the comparison and heat maps ask the family;
+none of them names a family's parts.
 
 Families register by name (`register_family`). The built-in ones are imported on first use;
 others are found in the modules named by the environment variable `DEDN_FAMILY_MODULES`
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from dedn.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.families.base import ModelFamily
 
 __all__ = ["ModelFamily", "PostHocWeights", "register_family", "get_family", "family_names", "family_of",
@@ -73,7 +74,7 @@ def get_family(name: str) -> ModelFamily:
     return _FAMILIES[name]
 
 
-def family_of(cfg: "DEDNConfig") -> ModelFamily:
+def family_of(cfg: "RunConfig") -> ModelFamily:
     return get_family(cfg.model.name)
 
 

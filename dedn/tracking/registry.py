@@ -49,7 +49,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 from mlflow.utils import logging_utils
 from torch import nn
 
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.class_side import ClassSide
 from dedn.errors import ConfigError
 from dedn.families.base import unwrap_model
@@ -113,7 +113,7 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str, name: str = "model",
+def log_model(model: nn.Module, cfg: RunConfig, class_side: ClassSide, *, run_id: str, name: str = "model",
               registered_model_name: str | None = None, input_example: np.ndarray | None = None,
               identity: DataIdentity | None = None) -> Any:
     """Log the network as a models-from-code pyfunc into run `run_id`; returns MLflow's ModelInfo."""
@@ -205,7 +205,7 @@ def _metric_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
     return {f"{prefix}{k}": repr(float(v)) for k, v in metrics.items()}
 
 
-def register_model(model: nn.Module, cfg: DEDNConfig, class_side: ClassSide, *, run_id: str,
+def register_model(model: nn.Module, cfg: RunConfig, class_side: ClassSide, *, run_id: str,
                    val_metrics: Mapping[str, float], test_metrics: Mapping[str, float],
                    input_example: np.ndarray | None = None, semi_synthetic: bool | None = None) -> RegisteredVersion:
     """Log + register as `<model>-<dataset>`, tag the version with its metrics and its data, point `champion`

@@ -13,7 +13,7 @@ from dedn.tracking.names import DRIVER_TAG, experiment_name
 from dedn.tracking.store import client, finish_run, run_tags, set_tags, start_run
 
 if TYPE_CHECKING:
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
 __all__ = ["Run", "start_training_run", "reopen_run", "mark_orphans"]
 
@@ -34,7 +34,7 @@ class Run:
         finish_run(self.run_id, status)
 
 
-def start_training_run(cfg: "DEDNConfig", *, name: str, semi_synthetic: bool, experiment: str = "",
+def start_training_run(cfg: "RunConfig", *, name: str, semi_synthetic: bool, experiment: str = "",
                        parent_run_id: str = "", tags: Mapping[str, str] | None = None) -> Run:
     """A training run: the full resolved config as params, the run tags, nested when parent_run_id is given.
 

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.families import family_of
 from dedn.metrics import METRICS
 from dedn.tracking.curves import plot_training_curves
@@ -25,7 +25,7 @@ class MLflowSink:
     A store that fails (read-only, locked, full, a server gone) raises `TrackingStoreError` from
     `RunLogger`: a non-retryable DednError, so the run ends at once, with one line naming the store."""
 
-    def __init__(self, run_id: str, uri: str | None, cfg: DEDNConfig, dataset: Any, *, semi_synthetic: bool = False):
+    def __init__(self, run_id: str, uri: str | None, cfg: RunConfig, dataset: Any, *, semi_synthetic: bool = False):
         self.logger = RunLogger(run_id, uri)
         self.cfg, self.dataset, self.semi_synthetic = cfg, dataset, semi_synthetic
         self.weight_names = family_of(cfg).weight_names
@@ -42,7 +42,7 @@ class MLflowSink:
     def _final_artifacts(self, report: Any, st: Mapping[str, Any]) -> None:
         cfg, log = self.cfg, self.logger
         fam = family_of(cfg)
-        final_cfg = DEDNConfig.from_dict(st["config"], source="final checkpoint")
+        final_cfg = RunConfig.from_dict(st["config"], source="final checkpoint")
         selection = st.get("selection")
         log.log_text(cfg.to_yaml(), "config.yaml")
         log.log_text(final_cfg.to_yaml(), "config_final.yaml")

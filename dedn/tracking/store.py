@@ -41,7 +41,7 @@ from dedn.tracking.probe import check_reachable
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
 __all__ = [
     "MAX_PARAM_LENGTH", "RunLogger", "UNFINISHED_DIR", "child_runs", "client", "end_recorded_runs", "find_child_run",
@@ -191,7 +191,7 @@ def get_or_create_experiment(name: str) -> str:
         return exp.experiment_id
 
 
-def run_tags(cfg: "DEDNConfig", *, semi_synthetic: bool, data_path: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def run_tags(cfg: "RunConfig", *, semi_synthetic: bool, data_path: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Tags every training run carries: dataset, variant, protocol, git commit, Ray job, semi_synthetic."""
     tags = {
         "dataset": cfg.dataset, MODEL_TAG: cfg.model.name, "variant": cfg.variant, "protocol": cfg.protocol,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # no torch at import: the soak and the driver's environment h
     import torch
     from torch import nn
 
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
 
 __all__ = ["PLUGINS_ENV", "Callback", "WorkerContext", "plugin_specs", "resolve_plugin", "load_callbacks",
            "CallbackList"]
@@ -54,7 +54,7 @@ class WorkerContext:
     rank: int
     world_size: int
     device: "torch.device"
-    cfg: "DEDNConfig"
+    cfg: "RunConfig"
     phase: str  # the phase the worker starts in: "select" or "final"
     epoch: int  # the epoch it starts at (after a restart: the last checkpoint's epoch + 1)
     resumed: bool  # started from a checkpoint (Ray's restart, or the same --name again)

@@ -52,11 +52,12 @@ from dedn import tracking
 from dedn.accel import autocast_dtype_for
 from dedn.atomic import write_text
 from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data import FeatureDataset
 from dedn.data.reader import ShardReader, forbid_splits
 from dedn.errors import DednError, OutputError, os_reason
 from dedn.families import family_of
+from dedn.families.capabilities import training_module
 from dedn.protocol import TEST_SPLITS
 from dedn.tracking.sink import MLflowSink
 from dedn.training.callbacks import CallbackList, WorkerContext, load_callbacks, plugin_specs
@@ -260,7 +261,7 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("threads", 1)))
-    cfg = DEDNConfig.from_dict(config["cfg"], source="train_loop_config")
+    cfg = RunConfig.from_dict(config["cfg"], source="train_loop_config")
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     autocast_dtype = autocast_dtype_for(cfg.train.precision, device)  # bf16 on a GPU with native bf16 (auto)
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
@@ -292,7 +293,7 @@ def train_func(config: dict[str, Any]) -> None:
         raise
 
 
-def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size: int, device: torch.device,
+def _train_worker(config: dict[str, Any], cfg: RunConfig, rank: int, world_size: int, device: torch.device,
                   autocast_dtype: torch.dtype | None, distributed: bool) -> None:
     """train_func's body: the dataset, the callbacks and sinks, then run_protocol under DDP."""
     # The driver verified the dataset; a worker trusts the manifest (each reader checks its own shards).
@@ -309,7 +310,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
     def wrap(model: nn.Module) -> nn.Module:
         trained[:] = [model]
         # DDP around the network, or around each of a family's networks; then the callbacks'
-        return callbacks.wrap_model(family_of(cfg).wrap(model, ddp))
+        return callbacks.wrap_model(training_module(family_of(cfg), model, ddp))
 
     sinks: list[Any] = [callbacks] if callbacks else []
     announce = say if rank == 0 and config.get("verbose", True) else None  # what data.resident chose, per split
@@ -328,7 +329,7 @@ def _train_worker(config: dict[str, Any], cfg: DEDNConfig, rank: int, world_size
         callbacks.on_end(trained[0])
 
 
-def _start_position(cfg: DEDNConfig, resume: Mapping[str, Any] | None) -> tuple[str, int]:
+def _start_position(cfg: RunConfig, resume: Mapping[str, Any] | None) -> tuple[str, int]:
     """The phase and epoch a worker trains first: after a checkpoint, the next epoch (after selection's
     last epoch, the final phase's first)."""
     if resume is None:
@@ -352,7 +353,7 @@ def _node_system_metrics(config: Mapping[str, Any]) -> Any:
                           node_id=f"node{ctx.get_node_rank()}" if multi_node else None)
 
 
-def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:
+def _ddp(net: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """DDP with the run's train.ddp_* options. The all-reduce of each bucket starts as soon as its
     gradients are ready, so it overlaps the rest of the backward pass (docs/scaling.md)."""
     t = cfg.train
@@ -363,14 +364,14 @@ def _ddp(net: nn.Module, cfg: DEDNConfig, device: torch.device) -> nn.Module:
     return wrapped
 
 
-def last_model(state: Mapping[str, Any], cfg: DEDNConfig, dataset: FeatureDataset) -> nn.Module:
+def last_model(state: Mapping[str, Any], cfg: RunConfig, dataset: FeatureDataset) -> nn.Module:
     """The network of a checkpoint dict (its own config and meta), on CPU."""
-    run_cfg = DEDNConfig.from_dict(state["config"], source="checkpoint") if "config" in state else cfg
+    run_cfg = RunConfig.from_dict(state["config"], source="checkpoint") if "config" in state else cfg
     return model_from_state(run_cfg, dataset, state["model"], state.get("meta"))
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
+def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
                   semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = (),
                   fatal_file: str = "") -> Any:
     """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's TuneReportCallback."""
@@ -406,14 +407,14 @@ def build_trainer(cfg: DEDNConfig, settings: TrainSettings, *, run_id: str | Non
     )
 
 
-def run_name(cfg: DEDNConfig) -> str:
+def run_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
 RUN_RECORD_FILE = "mlflow_run.json"  # in the run's storage folder: the MLflow run a resumed run continues
 
 
-def read_outcome(ckpt_dir: str | None, cfg: DEDNConfig) -> dict[str, Any]:
+def read_outcome(ckpt_dir: str | None, cfg: RunConfig) -> dict[str, Any]:
     """Selection and test metrics from a run's last checkpoint folder (the loop's state dict)."""
     fam = family_of(cfg)
     if ckpt_dir is None:
@@ -450,7 +451,7 @@ def _end_failed_run(run: Any, status: str) -> str:
     return f"run {run.run_id} is left RUNNING there until the next start against this store marks it KILLED"
 
 
-def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: Sequence[Any] = ()) -> TrainOutcome:
+def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Run cfg.protocol on Ray Train (initialising Ray if needed), track it, register the final model.
 
     cfg.data.path must name a dataset directory. Returns a TrainOutcome; raises what the
@@ -533,7 +534,7 @@ def train(cfg: DEDNConfig, settings: TrainSettings | None = None, *, callbacks: 
     return outcome
 
 
-def run_description(cfg: DEDNConfig, outcome: TrainOutcome, *, semi_synthetic: bool) -> str:
+def run_description(cfg: RunConfig, outcome: TrainOutcome, *, semi_synthetic: bool) -> str:
     """The run's description in MLflow's UI (Markdown, first lines shown before "Show more"): the test
     T/U/S/H, then the selected epoch, inference weights and validation T/U/S/H, then the registered version."""
     def pct(m: Mapping[str, float]) -> str:
@@ -553,12 +554,12 @@ def run_description(cfg: DEDNConfig, outcome: TrainOutcome, *, semi_synthetic: b
     return "\n\n".join(lines)
 
 
-def _register(cfg: DEDNConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
+def _register(cfg: RunConfig, dataset: FeatureDataset, state: Mapping[str, Any], run_id: str,
               val: Mapping[str, float], test: Mapping[str, float]) -> Any:
     """Rebuild the final weights from the last checkpoint and register them (driver side)."""
     from dedn.tracking import registry  # MLflow: the driver alone registers (module docstring)
 
-    final_cfg = DEDNConfig.from_dict(state["config"], source=f"checkpoint of run {run_id}")
+    final_cfg = RunConfig.from_dict(state["config"], source=f"checkpoint of run {run_id}")
     model = last_model(state, final_cfg, dataset)
     example = next(iter(ShardReader(dataset, "trainval", batch_size=1, shuffle=False))).features.numpy()  # (1, C, H, W)
     return registry.register_model(model, final_cfg, dataset.class_side, run_id=run_id, val_metrics=val,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dedn.accel import autocast
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.reader import Batch
 from dedn.families import ModelFamily, family_of
 from dedn.metrics import ClassAccuracy, GZSLCounts, WeightSearch
@@ -42,7 +42,7 @@ class EvalResult:
     search: WeightSearch | None = None  # counts at every grid point, when fitted (Figure 3)
 
 
-def weight_search(cfg: DEDNConfig, num_classes: int, family: ModelFamily | None = None) -> WeightSearch:
+def weight_search(cfg: RunConfig, num_classes: int, family: ModelFamily | None = None) -> WeightSearch:
     """An empty search over the family's post-hoc weight grid for a run config."""
     family = family or family_of(cfg)
     return WeightSearch(num_classes, family.weight_grid(cfg), lambda w, names: family.coefficients(cfg, w, names),
@@ -51,18 +51,18 @@ def weight_search(cfg: DEDNConfig, num_classes: int, family: ModelFamily | None 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, seen_batches: Iterable[Batch], unseen_batches: Iterable[Batch], protocol: ClassProtocol,
-             cfg: DEDNConfig, *, device: str | torch.device = "cpu", collective: Collective | None = None,
-             autocast_dtype: torch.dtype | None = None, fit_lambdas: bool | None = None) -> EvalResult:
+             cfg: RunConfig, *, device: str | torch.device = "cpu", collective: Collective | None = None,
+             autocast_dtype: torch.dtype | None = None, fit_weights: bool | None = None) -> EvalResult:
     """GZSL metrics of the model on a seen-side and an unseen-side split.
 
-    Counts at cfg.eval's weights and calibration, and at every grid point when `fit_lambdas`
-    (default cfg.eval.fit_lambdas); `collective` sums each count tensor over ranks (every rank
+    Counts at cfg.eval's weights and calibration, and at every grid point when `fit_weights`
+    (default cfg.eval.fit_weights); `collective` sums each count tensor over ranks (every rank
     then returns the same result). Never fit weights on test splits.
     """
     device = torch.device(device)
     family = family_of(cfg)
     ev = cfg.eval
-    fit = ev.fit_lambdas if fit_lambdas is None else fit_lambdas
+    fit = ev.fit_weights if fit_weights is None else fit_weights
     weights = family.configured_weights(cfg)
     t0 = time.perf_counter()
     was_training = model.training

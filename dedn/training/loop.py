@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dedn.checkpoint import CheckpointError, rng_state, set_rng_state
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data import FeatureDataset
 from dedn.data.class_side import ClassSide
 from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
@@ -34,6 +34,7 @@ from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext, unwrap_model
+from dedn.families.capabilities import PreparesPhases, RefitsBeforeEval, training_module
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.seeds import derive_seed, seed_everything
 from dedn.training.evaluate import Collective, EvalResult, evaluate
@@ -46,7 +47,7 @@ __all__ = [
 
 
 # ---- models ------------------------------------------------------------------------------
-def build_model(cfg: DEDNConfig, class_side: ClassSide, feature_shape: Sequence[int],
+def build_model(cfg: RunConfig, class_side: ClassSide, feature_shape: Sequence[int],
                 meta: Mapping[str, Any] | None = None) -> nn.Module:
     """The run's family's network, initialised from cfg.optim.seed alone (identical on every rank).
 
@@ -58,7 +59,7 @@ def build_model(cfg: DEDNConfig, class_side: ClassSide, feature_shape: Sequence[
         return family.build(cfg, class_side, tuple(int(x) for x in feature_shape), meta)  # type: ignore[arg-type]
 
 
-def model_from_state(cfg: DEDNConfig, dataset: FeatureDataset, model_state: Mapping[str, Tensor],
+def model_from_state(cfg: RunConfig, dataset: FeatureDataset, model_state: Mapping[str, Tensor],
                      meta: Mapping[str, Any] | None = None) -> nn.Module:
     """The network of a checkpoint's model state, built for `dataset`, on CPU."""
     model = build_model(cfg, dataset.class_side, dataset.feature_shape, meta)
@@ -80,7 +81,7 @@ def _timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
 
 # ---- one epoch ---------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizers: Mapping[str, torch.optim.Optimizer],
-                    protocol: ClassProtocol, cfg: DEDNConfig, *, device: str | torch.device = "cpu",
+                    protocol: ClassProtocol, cfg: RunConfig, *, device: str | torch.device = "cpu",
                     autocast_dtype: torch.dtype | None = None, max_steps: int = 0, epoch: int = 0) -> dict[str, Any]:
     """One pass over `batches` (features (B, C, H, W), labels (B,)); at most `max_steps` steps when > 0.
 
@@ -161,7 +162,7 @@ def _loader(reader: ShardReader, workers: int) -> Iterable[Batch]:
     return torch.utils.data.DataLoader(ShardIterableDataset(reader, workers), batch_size=None, num_workers=workers)
 
 
-def _check_resume(resume: Mapping[str, Any], cfg: DEDNConfig, phase: str, epochs: int) -> int:
+def _check_resume(resume: Mapping[str, Any], cfg: RunConfig, phase: str, epochs: int) -> int:
     for key in ("model", "optimizers", "epoch", "phase"):
         if key not in resume:
             raise CheckpointError("resume", f"a run_phase checkpoint dict with {key!r}", f"keys {sorted(resume)}")
@@ -197,7 +198,7 @@ def _group_stats(stats: Mapping[str, Any], collective: Collective | None, device
     return int(imgs[0]), float(worst[0]), float(worst[1]), float(worst[2]), float(worst[3])
 
 
-def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int = 0, world_size: int = 1,
+def run_phase(cfg: RunConfig, dataset: FeatureDataset, phase: str, *, rank: int = 0, world_size: int = 1,
               device: str | torch.device = "cpu", wrap_model: Callable[[nn.Module], nn.Module] | None = None,
               collective: Collective | None = None, sinks: Sequence[Sink] = (), resume: Mapping[str, Any] | None = None,
               epochs: int | None = None, autocast_dtype: torch.dtype | None = None,
@@ -228,7 +229,7 @@ def run_phase(cfg: DEDNConfig, dataset: FeatureDataset, phase: str, *, rank: int
 class _Phase:
     """The state of one phase between epochs (model, optimisers, readers, best so far, history)."""
 
-    def __init__(self, cfg: DEDNConfig, ds: FeatureDataset, phase: str, rank: int, world_size: int,
+    def __init__(self, cfg: RunConfig, ds: FeatureDataset, phase: str, rank: int, world_size: int,
                  device: torch.device, collective: Collective | None, autocast_dtype: torch.dtype | None,
                  epochs: int, extra_state: dict[str, Any], split_loader: SplitLoader | None = None,
                  announce: Callable[[str], None] | None = None):
@@ -299,17 +300,19 @@ class _Phase:
                            world_size=self.world_size, equal_rows=False, resident=resident, out_dtype=store)
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
-        self.family.before_eval(self.model, self.data, self._ctx())
+        if isinstance(self.family, RefitsBeforeEval):
+            self.family.before_eval(self.model, self.data, self._ctx())
         return evaluate(self.model, self._readers(seen, False), self._readers(unseen, False), self.protocol, self.cfg,
                         device=self.device, collective=self.collective, autocast_dtype=self.autocast_dtype,
-                        fit_lambdas=fit)
+                        fit_weights=fit)
 
     def run(self, wrap_model: Callable[[nn.Module], nn.Module] | None, sinks: Sequence[Sink],
             resume: Mapping[str, Any] | None) -> PhaseResult:
         start = self.restore(resume) if resume is not None else 1
-        if resume is None:
+        if resume is None and isinstance(self.family, PreparesPhases):
             self.family.prepare(self.model, self.data, self._ctx())  # before DDP copies rank 0's weights
-        wrapped = wrap_model(self.model) if wrap_model is not None else self.family.wrap(self.model, lambda m: m)
+        wrapped = wrap_model(self.model) if wrap_model is not None else training_module(self.family, self.model,
+                                                                                         lambda m: m)
         if self.cfg.train.compile:  # the training module's forward, DDP included (docs/scaling.md: measured)
             wrapped = torch.compile(wrapped)
         train_split, seen_split, unseen_split = PHASES[self.phase]
@@ -357,10 +360,10 @@ class _Phase:
 
 
 # ---- the protocol ------------------------------------------------------------------------
-def final_config(cfg: DEDNConfig, best_epoch: int, weights: Mapping[str, float]) -> DEDNConfig:
+def final_config(cfg: RunConfig, best_epoch: int, weights: Mapping[str, float]) -> RunConfig:
     """What the final phase trains after a selection: protocol final, the selected epoch count and
     inference weights, no weight fitting. The training job and sweeps all use it."""
-    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.fit_lambdas": False,
+    return cfg.replace(**{"protocol": "final", "optim.epochs": max(1, int(best_epoch)), "eval.fit_weights": False,
                           **{f"eval.{k}": float(v) for k, v in weights.items()}})
 
 
@@ -372,14 +375,14 @@ class ProtocolResult:
     selection: Best | None
     select: PhaseResult | None
     final: PhaseResult | None
-    final_cfg: DEDNConfig | None
+    final_cfg: RunConfig | None
 
     @property
     def test_metrics(self) -> dict[str, float] | None:
         return self.final.test.metrics if self.final is not None and self.final.test is not None else None
 
 
-def run_protocol(cfg: DEDNConfig, dataset: FeatureDataset, *, sinks: Sequence[Sink] = (),
+def run_protocol(cfg: RunConfig, dataset: FeatureDataset, *, sinks: Sequence[Sink] = (),
                  resume: Mapping[str, Any] | None = None, **phase_kw: Any) -> ProtocolResult:
     """cfg.protocol: two_phase (select -> final), select, or final; resumes from a checkpoint dict.
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError
 from dedn.families import family_of
@@ -24,7 +24,7 @@ from dedn.training.settings import TrainSettings
 __all__ = ["open_dataset", "preflight", "check_cluster_resources"]
 
 
-def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
+def open_dataset(cfg: RunConfig) -> tuple[RunConfig, FeatureDataset]:
     """The run's dataset, checked in the driver; a selection-only run never opens a test shard."""
     if not cfg.data.path:
         raise ConfigError("data.path", "a dataset directory", "", "config")
@@ -37,7 +37,7 @@ def open_dataset(cfg: DEDNConfig) -> tuple[DEDNConfig, FeatureDataset]:
     return cfg.replace(**{"data.path": data}), dataset
 
 
-def preflight(cfg: DEDNConfig, settings: TrainSettings) -> tuple[DEDNConfig, FeatureDataset, Path]:
+def preflight(cfg: RunConfig, settings: TrainSettings) -> tuple[RunConfig, FeatureDataset, Path]:
     """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
 
     The dataset (manifest, shard footers, the label columns against the manifest's class sets),

@@ -9,7 +9,7 @@ from typing import Any, Literal, Mapping
 
 from ray import tune
 
-from dedn.config import DEDNConfig, known_keys, read_yaml_file
+from dedn.config import RunConfig, known_keys, read_yaml_file
 from dedn.errors import ConfigError
 from dedn.families import get_family
 
@@ -27,7 +27,7 @@ def reported_metrics(model: str = "dedn") -> tuple[str, ...]:
 class Dimension:
     """One searched config key: a uniform / log-uniform / integer range or a categorical choice."""
 
-    key: str  # dotted DEDNConfig key, e.g. "loss.beta"
+    key: str  # dotted RunConfig key, e.g. "loss.beta"
     kind: Literal["uniform", "loguniform", "int", "choice"]
     low: float | None = None
     high: float | None = None
@@ -43,7 +43,7 @@ class Dimension:
         return tune.choice(list(self.values))
 
     def corners(self) -> list[Any]:
-        """The extreme values (checked against DEDNConfig when the space is loaded)."""
+        """The extreme values (checked against RunConfig when the space is loaded)."""
         return list(self.values) if self.kind == "choice" else [self.low, self.high]
 
 
@@ -80,7 +80,7 @@ def default_space_path(model: str = "dedn") -> Path:
 def _parse_dim(key: str, spec: Any, source: str, model: str = "dedn") -> Dimension:
     where = f"space.{key}"
     if key not in known_keys(model):
-        raise ConfigError(where, "a dotted DEDNConfig key (dedn.config.known_keys())", key, source)
+        raise ConfigError(where, "a dotted RunConfig key (dedn.config.known_keys())", key, source)
     if not isinstance(spec, Mapping):
         raise ConfigError(where, "a mapping {type, low, high} or {type: choice, values}", spec, source)
     kind = spec.get("type")
@@ -106,10 +106,10 @@ def _parse_dim(key: str, spec: Any, source: str, model: str = "dedn") -> Dimensi
         if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
             raise ConfigError(where, "integer bounds for an int dimension", f"low={lo}, high={hi}", source)
         dim = Dimension(key, kind, float(lo), float(hi))
-    # every extreme value must make a valid DEDNConfig (e.g. lambda in [0, 1], beta >= 0)
+    # every extreme value must make a valid RunConfig (e.g. lambda in [0, 1], beta >= 0)
     for v in dim.corners():
         try:
-            DEDNConfig.for_family(model).replace(**{key: int(v) if kind == "int" else v})
+            RunConfig.for_family(model).replace(**{key: int(v) if kind == "int" else v})
         except ConfigError as e:
             raise ConfigError(where, f"values valid for {key} ({e.expected})", v, source) from None
     return dim

@@ -12,7 +12,7 @@ What a sweep does (`run_sweep`):
 * the driver logs one MLflow parent run per sweep and one child run per trial
   (`MLflowSweepCallback`, driver-side, so the sqlite store has a single writer);
 * afterwards `summarise_sweep` picks the best (trial, epoch) on validation H, writes
-  `best_config.yaml` (a complete `DEDNConfig`, protocol final, epochs = best epoch, fitted
+  `best_config.yaml` (a complete `RunConfig`, protocol final, epochs = best epoch, fitted
   lambdas) and two plots, and logs them to the parent run;
 * `run_final` retrains on trainval with that configuration through the training job.
 """
@@ -37,7 +37,7 @@ from dedn import tracking
 from dedn.atomic import atomic_path, write_text
 from dedn.checkpoint import load_checkpoint
 from dedn.cli import command
-from dedn.config import DEDNConfig
+from dedn.config import RunConfig
 from dedn.data.reader import forbid_splits
 from dedn.errors import ConfigError
 from dedn.families import family_of
@@ -107,7 +107,7 @@ class SweepSpec:
     """Everything one sweep needs; `tuning/tune.py` builds it from the command line."""
 
     data: str  # dataset directory (absolute: Tune changes each trial's working directory)
-    base: DEDNConfig  # preset <- key=value overrides; the searched keys override it per trial
+    base: RunConfig  # preset <- key=value overrides; the searched keys override it per trial
     space: SearchSpace
     num_samples: int = 8
     max_concurrent_trials: int = 2
@@ -150,7 +150,7 @@ class SweepSummary:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _sweep_name(cfg: DEDNConfig) -> str:
+def _sweep_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
@@ -173,7 +173,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
                 raise ConfigError("sweep.name", "a new sweep name (or resume that sweep)", name, "run_sweep")
             sweep_dir.mkdir(parents=True)
             meta = _start_parent_run(spec, name, data, sweep_dir)
-        base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
+        base = RunConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
         trainable = tune_trainable(base.to_dict(), meta["data"], meta["search_lambdas"], spec.workers_per_trial,
                                    spec.cpus_per_trial, sweep_dir)
         if resume:
@@ -270,7 +270,7 @@ def _last_checkpoint(df: Any, result: Any) -> str | None:
     return result.checkpoint.path if result.checkpoint is not None else None
 
 
-def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weights: Mapping[str, float]) -> DEDNConfig:
+def best_config(base: RunConfig, params: Mapping[str, Any], epochs: int, weights: Mapping[str, float]) -> RunConfig:
     """The configuration the final run trains: sampled values, fitted lambdas, epochs = best epoch."""
     return final_config(base.replace(**params), epochs, weights)
 
@@ -278,7 +278,7 @@ def best_config(base: DEDNConfig, params: Mapping[str, Any], epochs: int, weight
 def summarise_sweep(results: Any, sweep_dir: Path, meta: Mapping[str, Any]) -> SweepSummary:
     """Pick the best (trial, epoch) on validation, write best_config.yaml, plots and summary.json; log them."""
     metric, mode = meta["metric"], meta["mode"]
-    base = DEDNConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
+    base = RunConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
     fam = family_of(base)
     rows = _trial_rows(results, metric, mode, meta["keys"], fam.weight_names)
     if not rows:
@@ -349,7 +349,7 @@ def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_w
     path = sweep_dir / BEST_CONFIG_FILE
     if not path.exists():
         raise ConfigError("sweep", f"a finished sweep (with {BEST_CONFIG_FILE})", str(sweep_dir), "run_final")
-    cfg = DEDNConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    cfg = RunConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
     # the best trial's validation metrics become the registered version's val_* tags: the sweep's winner
     # competes for `champion` like any run (without them it compared as NaN and never won)
     summary = json.loads((sweep_dir / "summary.json").read_text()) if (sweep_dir / "summary.json").exists() else {}

@@ -15,7 +15,7 @@ import numpy as np
 from ray import tune
 from ray.tune.integration import ray_train
 
-from dedn.config import DEDNConfig, known_keys
+from dedn.config import RunConfig, known_keys
 from dedn.data import FeatureDataset
 from dedn.data.reader import ShardReader, forbid_splits
 from dedn.protocol import SELECTION_SPLITS, TEST_SPLITS, ClassProtocol
@@ -36,12 +36,12 @@ def open_for_selection(path: str | os.PathLike[str]) -> Any:
     return FeatureDataset.open(path, splits=SELECTION_SPLITS)
 
 
-def trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lambdas: bool) -> DEDNConfig:
+def trial_config(base: Mapping[str, Any], config: Mapping[str, Any], search_lambdas: bool) -> RunConfig:
     """The base config (a run config dict) with this trial's sampled dotted keys applied."""
-    cfg = DEDNConfig.from_dict(base, source="sweep base config")
+    cfg = RunConfig.from_dict(base, source="sweep base config")
     over = {k: v for k, v in config.items() if k in known_keys(cfg.model.name)}
     over["protocol"] = "select"
-    over["eval.fit_lambdas"] = not search_lambdas
+    over["eval.fit_weights"] = not search_lambdas
     return cfg.replace(**over)
 
 
@@ -68,7 +68,7 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lam
     driver.train(cfg, settings, callbacks=[ray_train.TuneReportCallback()])
 
 
-def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
+def validation_weight_grid(cfg: RunConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
                            device: str = "cpu") -> dict[str, np.ndarray]:
     """Validation T, U, S, H at every point of the family's inference-weight grid.
 
@@ -80,7 +80,7 @@ def validation_weight_grid(cfg: DEDNConfig, dataset: Any, model_state: Mapping[s
         protocol = ClassProtocol.selection(dataset.class_side)
         seen, unseen = (ShardReader(dataset, split, batch_size=cfg.eval.batch_size, shuffle=False)
                         for split in ("val_seen", "val_unseen"))
-        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_lambdas=True).search
+        search = evaluate(model, seen, unseen, protocol, cfg, device=device, fit_weights=True).search
         assert search is not None
         grid = search.metrics_grid(protocol)
     return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}

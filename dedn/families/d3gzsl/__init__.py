@@ -31,7 +31,10 @@ from torch import Tensor, nn
 
 from dedn.errors import ConfigError
 from dedn.families import register_family
-from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, lambda_grid
+from dedn.families.base import ModelFamily, PhaseData, PostHocWeights, StepContext, weight_grid_values
+from dedn.families.capabilities import (
+    AliasesSections, PreparesPhases, RefitsBeforeEval, RefitsForNewClasses, WrapsForDDP,
+)
 from dedn.families.d3gzsl.classifier import fit_final_classifier, synthesize
 from dedn.families.d3gzsl.config import D3EvalConfig, D3LossConfig, D3ModelConfig
 from dedn.families.d3gzsl.losses import D3Weights
@@ -41,7 +44,7 @@ from dedn.protocol import ClassProtocol
 from dedn.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.data.class_side import ClassSide
 
 __all__ = ["D3GZSLFamily", "D3Train", "FAMILY", "classifier_space"]
@@ -49,7 +52,7 @@ __all__ = ["D3GZSLFamily", "D3Train", "FAMILY", "classifier_space"]
 TRAINED = ("generator", "critic", "student", "sigmoid")  # the networks with an optimiser (and a DDP wrapper)
 
 
-def classifier_space(cfg: "DEDNConfig") -> str:
+def classifier_space(cfg: "RunConfig") -> str:
     """eval.classifier_space with auto resolved: the student's embedding with D3, the features without."""
     space = cfg.eval.classifier_space
     return ("student" if cfg.loss.enabled else "features") if space == "auto" else space
@@ -79,27 +82,28 @@ def _pooled(data: PhaseData, device: torch.device) -> tuple[Tensor, Tensor]:
     return data.cache["x"].to(device), data.cache["y"].to(device)
 
 
-class D3GZSLFamily(ModelFamily):
+class D3GZSLFamily(ModelFamily, WrapsForDDP, PreparesPhases, RefitsBeforeEval, RefitsForNewClasses, AliasesSections):
     name = "d3gzsl"
     title = "D3GZSL"
     model_config = D3ModelConfig
     loss_config = D3LossConfig
-    eval_config = D3EvalConfig
+    eval_base = D3EvalConfig  # the final classifier's settings
+    # (1 - w_student) log p_final + w_student log p_student: 0 the final classifier alone (default), 1 the
+    # student (the authors' default mode)
+    weights = {"w_student": 0.0}
     loss_parts = ("loss", "critic", "wasserstein", "gp", "d3", "d3_cls", "d3_kl", "d3_be", "d3_od",
                   "generator", "g_d3", "g_d3_cls", "g_d3_kl", "g_d3_be", "g_d3_od", "teacher")
-    score_part_names = ("final", "student")
-    weight_names = ("w_student",)
     package = "dedn.families.d3gzsl"
     section_aliases = {"d3": "loss"}
 
     # ---- the network ------------------------------------------------------------------------
-    def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
+    def resolve(self, cfg: "RunConfig", class_side: "ClassSide") -> "RunConfig":
         if classifier_space(cfg) == "student" and not cfg.loss.enabled:
             raise ConfigError("eval.classifier_space", "features or auto when loss.enabled is false (no student is "
                               "trained, its embedding would be random)", "student")
         return cfg
 
-    def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
+    def build(self, cfg: "RunConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
         protocol = ClassProtocol.of_run(cfg.protocol, class_side)
         return D3GZSL(cfg.model, class_attributes=torch.from_numpy(np.asarray(class_side.attributes, np.float32)),
@@ -107,7 +111,7 @@ class D3GZSLFamily(ModelFamily):
                       classifier_space=classifier_space(cfg), bank_per_class=cfg.eval.refit_real_per_class)
 
     # ---- training ---------------------------------------------------------------------------
-    def optimizers(self, cfg: "DEDNConfig", model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, cfg: "RunConfig", model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """Separate Adams (the authors'): G and D at optim.lr, student and sigmoid at loss.lr_student."""
         betas = (cfg.loss.beta1, 0.999)
         lrs = {"generator": cfg.optim.lr, "critic": cfg.optim.lr, "student": cfg.loss.lr_student,
@@ -119,7 +123,7 @@ class D3GZSLFamily(ModelFamily):
     def wrap(self, model: nn.Module, ddp: Callable[[nn.Module], nn.Module]) -> nn.Module:
         return D3Train(model, ddp)
 
-    def _set_lrs(self, cfg: "DEDNConfig", optimizers: Mapping[str, torch.optim.Optimizer], epoch: int) -> None:
+    def _set_lrs(self, cfg: "RunConfig", optimizers: Mapping[str, torch.optim.Optimizer], epoch: int) -> None:
         """lr = base x factor^floor((epoch - 1) / lr_every): a function of the epoch, so a resumed run matches."""
         lo = cfg.loss
         periods = (max(epoch, 1) - 1) // lo.lr_every if lo.lr_every else 0
@@ -156,7 +160,7 @@ class D3GZSLFamily(ModelFamily):
             self.pretrain_teacher(model, model.scaler(x), y, ctx.cfg)
 
     @staticmethod
-    def pretrain_teacher(model: nn.Module, x: Tensor, y: Tensor, cfg: "DEDNConfig") -> float:
+    def pretrain_teacher(model: nn.Module, x: Tensor, y: Tensor, cfg: "RunConfig") -> float:
         """Cross-entropy over the seen classes (mapped ids), Adam, `teacher_epochs` shuffled passes with
         drop_last, seeded by optim.seed alone (every rank the same teacher); then frozen. Returns the
         last epoch's mean loss."""
@@ -209,7 +213,7 @@ class D3GZSLFamily(ModelFamily):
 
     @staticmethod
     @torch.no_grad()
-    def _fit(model: nn.Module, cfg: "DEDNConfig", real: Tensor, y: Tensor, class_attributes: Tensor,
+    def _fit(model: nn.Module, cfg: "RunConfig", real: Tensor, y: Tensor, class_attributes: Tensor,
              generated_ids: Tensor, *, seed: int) -> nn.Linear:
         """The final classifier over len(class_attributes) classes: real rows plus eval.syn_per_class
         generated rows of each class in generated_ids, in the classifier's space."""
@@ -226,17 +230,17 @@ class D3GZSLFamily(ModelFamily):
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
         return {"final": out.final.float(), "student": out.student.float()}
 
-    def coefficients(self, cfg: "DEDNConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
+    def coefficients(self, cfg: "RunConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
         w = float(weights["w_student"])
         table = {"final": 1.0 - w, "student": w}
         return [table[n] for n in names]
 
-    def weight_grid(self, cfg: "DEDNConfig") -> PostHocWeights:
+    def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
         """w_student on the grid; fixed at 0 without D3 (no student is trained)."""
-        values = lambda_grid(cfg.eval.lambda_grid_step) if cfg.loss.enabled else (0.0,)
+        values = weight_grid_values(cfg.eval.weight_grid_step) if cfg.loss.enabled else (0.0,)
         return PostHocWeights(self.weight_names, (values,))
 
-    def for_classes(self, model: nn.Module, cfg: "DEDNConfig", class_attributes: Tensor, *, seen: Sequence[int],
+    def for_classes(self, model: nn.Module, cfg: "RunConfig", class_attributes: Tensor, *, seen: Sequence[int],
                     unseen: Sequence[int]) -> nn.Module:
         """A copy whose final classifier covers the K + E classes of class_attributes: the banked real
         rows of the seen classes plus eval.syn_per_class generated rows of every unseen and new class.

@@ -1,7 +1,7 @@
 """D3GZSL's config blocks: `model` (network sizes), `loss` (alias `d3.`: the D3 objective, the WGAN-GP
-base, the teacher's pretraining and the learning-rate schedule) and `eval` (the final classifier and
-the post-hoc weight between it and the student). Facts: ../shared/docs/d3gzsl.md; what each default
-changes relative to the authors' code: docs/d3gzsl.md."""
+base, the teacher's pretraining and the learning-rate schedule) and `eval` (the final classifier; the
+family adds the post-hoc weight between it and the student). Facts: ../shared/docs/d3gzsl.md; what
+each default changes relative to the authors' code: docs/d3gzsl.md."""
 from __future__ import annotations
 
 import math
@@ -65,13 +65,13 @@ class D3LossConfig:
 
 @dataclass(frozen=True)
 class D3EvalConfig(EvalConfig):
-    """GZSL inference: (1 - w_student) log p_final + w_student log p_student, argmax over all classes.
+    """GZSL inference: (1 - w_student) log p_final + w_student log p_student, argmax over all classes
+    (the weight w_student: `D3GZSLFamily.weights`, added to this block by the family).
 
     The final classifier (softmax over K) is trained before every evaluation on real training
     features plus syn_per_class generated features of each unseen class.
     """
 
-    w_student: float = 0.0  # 0: the final classifier alone (default); 1: the student (the authors' default)
     syn_per_class: int = 300  # generated features per unseen class (gzsl/: 300)
     classifier_space: Literal["auto", "student", "features"] = "auto"  # auto: student with D3, features without
     classifier_epochs: int = 20
@@ -81,7 +81,6 @@ class D3EvalConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(0 <= self.w_student <= 1, "eval.w_student", "in [0, 1]", self.w_student)
         for key in ("syn_per_class", "classifier_epochs", "classifier_batch", "refit_real_per_class"):
             check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
         check(self.classifier_space in ("auto", "student", "features"), "eval.classifier_space",

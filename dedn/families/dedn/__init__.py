@@ -16,15 +16,15 @@ from torch import Tensor, nn
 
 from dedn.data.clusters import MANUAL_CLUSTERS, cluster_summary, resolve_clusters, resolve_named_clusters
 from dedn.families import register_family
-from dedn.families.base import ModelFamily, PostHocWeights, lambda_grid
-from dedn.families.dedn.ablations import SETTINGS
-from dedn.families.dedn.config import DEDNEvalConfig, DEDNLossConfig, DEDNModelConfig
+from dedn.families.base import ModelFamily, PostHocWeights, weight_grid_values
+from dedn.families.capabilities import HasAttentionMaps
+from dedn.families.dedn.config import DEDNLossConfig, DEDNModelConfig
 from dedn.families.dedn.losses import dedn_loss
 from dedn.families.dedn.model import DEDN
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.protocol import ClassProtocol
 
 __all__ = ["DEDNFamily", "FAMILY", "PART_NAMES"]
@@ -32,19 +32,17 @@ __all__ = ["DEDNFamily", "FAMILY", "PART_NAMES"]
 PART_NAMES = ("P_rc", "P_cc", "P_rf", "P_cf")
 
 
-class DEDNFamily(ModelFamily):
+class DEDNFamily(ModelFamily, HasAttentionMaps):
     name = "dedn"
     title = "DEDN"
     model_config = DEDNModelConfig
     loss_config = DEDNLossConfig
-    eval_config = DEDNEvalConfig
+    # eq. 8: region vs channel output within an expert; eq. 19: cExp vs fExp scores (refitted on validation)
+    weights = {"lambda_rc": 0.8, "lambda_e": 0.9}
     loss_parts = ("loss", "mal_c", "mal_f", "align_c", "align_f", "distill", "cal_c", "cal_f")
-    score_part_names = PART_NAMES
-    weight_names = ("lambda_rc", "lambda_e")
     package = "dedn.families.dedn"
-    ablations = SETTINGS
 
-    def resolve(self, cfg: "DEDNConfig", class_side: "ClassSide") -> "DEDNConfig":
+    def resolve(self, cfg: "RunConfig", class_side: "ClassSide") -> "RunConfig":
         """model.clusters=manual on a dataset without manual clusters (APY, your own) becomes k-means,
         with a warning that says so: the default config then runs on any dataset. k-means clusters
         are made here once: model.num_clusters becomes their number (what the run logs), and one
@@ -65,7 +63,7 @@ class DEDNFamily(ModelFamily):
               f"{cluster_summary(named, class_side.attribute_names)}", flush=True)
         return cfg.replace(**{"model.num_clusters": len(named)})
 
-    def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
+    def build(self, cfg: "RunConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
         if meta and meta.get("clusters"):
             clusters = [list(map(int, q)) for q in meta["clusters"]]
@@ -79,7 +77,7 @@ class DEDNFamily(ModelFamily):
     def model_meta(self, model: nn.Module) -> dict[str, Any]:
         return {"clusters": [list(map(int, q)) for q in getattr(model, "clusters", [])]}
 
-    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
+    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "RunConfig") -> dict[str, Tensor]:
         return dedn_loss(out, labels, protocol, cfg.loss, cfg.variant)
 
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
@@ -87,15 +85,15 @@ class DEDNFamily(ModelFamily):
             out = dataclasses.replace(out, class_attributes=class_attributes)
         return out.score_parts()
 
-    def weight_grid(self, cfg: "DEDNConfig") -> PostHocWeights:
+    def weight_grid(self, cfg: "RunConfig") -> PostHocWeights:
         """lambda_rc is moot without channel attention (fixed 1), lambda_e with one expert (1 coarse, 0 fine)."""
-        grid = lambda_grid(cfg.eval.lambda_grid_step)
+        grid = weight_grid_values(cfg.eval.weight_grid_step)
         m = cfg.model
         rc = grid if m.channel_attention else (1.0,)
         e = grid if m.experts == "both" else ((1.0,) if m.experts == "coarse" else (0.0,))
         return PostHocWeights(self.weight_names, (rc, e))
 
-    def coefficients(self, cfg: "DEDNConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
+    def coefficients(self, cfg: "RunConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
         """Eq. 8 within each expert (P_r* lambda_rc, P_c* 1 - lambda_rc), eq. 19 across (coarse lambda_e,
         fine 1 - lambda_e). A lone region part has weight 1 in its expert; a lone expert weight 1."""
         rc, e = float(weights["lambda_rc"]), float(weights["lambda_e"])

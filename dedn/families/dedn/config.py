@@ -1,12 +1,13 @@
-"""DEDN's config blocks: `model` (architecture), `loss` (eqs. 15-18) and `eval` (eqs. 8, 19)."""
+"""DEDN's config blocks: `model` (architecture) and `loss` (eqs. 15-18); its `eval` block is the common one plus
+its post-hoc weights lambda_rc (eq. 8) and lambda_e (eq. 19), `DEDNFamily.weights`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from dedn.config_sections import EvalConfig, check
+from dedn.config_sections import check
 
-__all__ = ["DEDNModelConfig", "DEDNLossConfig", "DEDNEvalConfig"]
+__all__ = ["DEDNModelConfig", "DEDNLossConfig"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,3 @@ class DEDNLossConfig:
             v = getattr(self, key)
             check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
         check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
-
-
-@dataclass(frozen=True)
-class DEDNEvalConfig(EvalConfig):
-    """The inference combination: eq. 8 (lambda_rc) and eq. 19 (lambda_e), refitted on validation."""
-
-    lambda_rc: float = 0.8  # region vs channel output (eq. 8)
-    lambda_e: float = 0.9  # cExp vs fExp scores (eq. 19)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.lambda_rc <= 1, "eval.lambda_rc", "in [0, 1]", self.lambda_rc)
-        check(0 <= self.lambda_e <= 1, "eval.lambda_e", "in [0, 1]", self.lambda_e)

@@ -7,7 +7,7 @@ among grid points with equal H, the closest one wins (docs/method.md#post-hoc-la
 from __future__ import annotations
 
 from dedn.errors import ConfigError
-from dedn.families.base import PostHocWeights, lambda_grid
+from dedn.families.base import PostHocWeights, weight_grid_values
 from dedn.families.dedn import FAMILY
 from dedn.metrics import GZSLCounts, WeightSearch
 from dedn.protocol import ClassProtocol
@@ -20,7 +20,7 @@ class LambdaSearch(WeightSearch):
                  calibration: float = 0.0, prefer: tuple[float, float] = (0.8, 0.9), max_elements: int = 1 << 24):
         if experts not in ("both", "coarse", "fine"):
             raise ConfigError("model.experts", "one of both|coarse|fine", experts, "LambdaSearch")
-        grid = lambda_grid(step)
+        grid = weight_grid_values(step)
         rc = grid if channel_attention else (1.0,)
         e = grid if experts == "both" else ((1.0,) if experts == "coarse" else (0.0,))
         super().__init__(num_classes, PostHocWeights(("lambda_rc", "lambda_e"), (rc, e)),

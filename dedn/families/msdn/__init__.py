@@ -16,35 +16,36 @@ from torch import Tensor, nn
 
 from dedn.families import register_family
 from dedn.families.base import ModelFamily
-from dedn.families.msdn.config import MSDNEvalConfig, MSDNLossConfig, MSDNModelConfig
+from dedn.families.capabilities import HasAttentionMaps
+from dedn.families.msdn.config import MSDNLossConfig, MSDNModelConfig
 from dedn.families.msdn.model import MSDN, msdn_loss
 
 if TYPE_CHECKING:
     from dedn.data.class_side import ClassSide
-    from dedn.config import DEDNConfig
+    from dedn.config import RunConfig
     from dedn.protocol import ClassProtocol
 
 __all__ = ["MSDNFamily", "FAMILY"]
 
 
-class MSDNFamily(ModelFamily):
+class MSDNFamily(ModelFamily, HasAttentionMaps):
     name = "msdn"
     title = "MSDN"
     model_config = MSDNModelConfig
     loss_config = MSDNLossConfig
-    eval_config = MSDNEvalConfig
+    # w1 S1 + (1 - w1) S2 (docs/msdn.md#6-inference): the weight of the attribute->visual sub-net's scores;
+    # the authors fix it per dataset (the presets: eval.fit_weights false)
+    weights = {"w1": 0.9}
     loss_parts = ("loss", "ce_av", "ce_va", "cal_av", "cal_va", "distill")
-    score_part_names = ("S_av", "S_va")
-    weight_names = ("w1",)
     package = "dedn.families.msdn"
 
-    def build(self, cfg: "DEDNConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
+    def build(self, cfg: "RunConfig", class_side: "ClassSide", feature_shape: tuple[int, int, int],
               meta: Mapping[str, Any] | None = None) -> nn.Module:
         return MSDN(cfg.model, word_vectors=torch.from_numpy(np.asarray(class_side.word_vectors, dtype=np.float32)),
                     class_attributes=torch.from_numpy(np.asarray(class_side.attributes, dtype=np.float32)),
                     feature_shape=tuple(int(x) for x in feature_shape))
 
-    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "DEDNConfig") -> dict[str, Tensor]:
+    def loss(self, out: Any, labels: Tensor, protocol: "ClassProtocol", cfg: "RunConfig") -> dict[str, Tensor]:
         return msdn_loss(out, labels, protocol, cfg.loss)
 
     def score_parts(self, out: Any, class_attributes: Tensor | None = None) -> dict[str, Tensor]:
@@ -52,7 +53,7 @@ class MSDNFamily(ModelFamily):
             out = dataclasses.replace(out, class_attributes=class_attributes)
         return {"S_av": out.scores_av, "S_va": out.scores_va}
 
-    def coefficients(self, cfg: "DEDNConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
+    def coefficients(self, cfg: "RunConfig", weights: Mapping[str, float], names: Sequence[str]) -> list[float]:
         w1 = float(weights["w1"])
         table = {"S_av": w1, "S_va": 1.0 - w1}
         return [table[n] for n in names]

@@ -1,13 +1,14 @@
 """MSDN's config blocks (docs/msdn.md §5-§7: #5-training-and-parameters to
-#7-per-dataset-settings-and-reported-results): `model`, `loss` and `eval` with its weight w1."""
+#7-per-dataset-settings-and-reported-results): `model` and `loss`; its `eval` block is the common one plus
+its weight w1 (`MSDNFamily.weights`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from dedn.config_sections import EvalConfig, check
+from dedn.config_sections import check
 
-__all__ = ["MSDNModelConfig", "MSDNLossConfig", "MSDNEvalConfig"]
+__all__ = ["MSDNModelConfig", "MSDNLossConfig"]
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,3 @@ class MSDNLossConfig:
             v = getattr(self, key)
             check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), f"loss.{key}", "a finite number >= 0", v)
         check(self.distance in ("mse", "sse", "cubic"), "loss.distance", "one of mse|sse|cubic", self.distance)
-
-
-@dataclass(frozen=True)
-class MSDNEvalConfig(EvalConfig):
-    """Inference w1 S1 + (1 - w1) S2 (docs/msdn.md#6-inference); the authors fix w1 per dataset."""
-
-    w1: float = 0.9  # weight of the attribute->visual sub-net's scores S1; w2 = 1 - w1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0 <= self.w1 <= 1, "eval.w1", "in [0, 1]", self.w1)
