@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,25 +32,16 @@ RAY_ENV = {  # the session Ray's processes inherit these
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that own a cluster (`own_cluster`: `ray start`/`ray stop`, a killed driver, runs that must
-    not share a Ray) run after all others, once the session's Ray is shut down; the order is otherwise kept."""
-    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)
+def _start_ray() -> None:
+    """An embedded Ray as a job starts its own (`init_ray`), unless one is up.
 
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """The embedded Ray every in-process Ray test (marker `ray`) shares, started once.
-
-    As a job starts its own (`init_ray`): a private temp folder with its own address file, so no
-    job a test starts joins it, and Ray's helpers find it there. Unlike a job's: 2 CPUs (the CI
-    machine's, whatever this one has), the dashboard (a sweep's finished trials give their CPUs back
-    at once only through its State API), workers' output not forwarded (it would land in whichever
-    test's capture is open), tests/ on the workers' path (the faults plugin). Starting Ray once
-    instead of once per module saves about 5 s a module.
+    A private temp folder with its own address file, so no job a test starts joins it, and Ray's
+    helpers find it there. Unlike a job's: 2 CPUs (the CI machine's, whatever this one has), the
+    dashboard (a sweep's finished trials give their CPUs back at once only through its State API),
+    workers' output not forwarded (it would land in whichever test's capture is open), tests/ on the
+    workers' path (the faults plugin).
     """
     import os
-    import shutil
     import tempfile
 
     import ray
@@ -57,38 +49,71 @@ def ray_session():
 
     from dedn.training.ray_cluster import PRIVATE_PREFIX
 
+    if ray.is_initialized():
+        return
     os.environ.update(RAY_ENV)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    private = Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}"
-    os.environ["RAY_TMPDIR"] = str(private)
+    if str(TESTS) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["RAY_TMPDIR"] = str(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}")
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
                    logging_config=ray.LoggingConfig(log_level="ERROR"))
     write_ray_address(ctx.address_info["gcs_address"])
+
+
+def _stop_ray() -> None:
+    """Shut the embedded Ray down and kill its two agents at once: they would wait a last 60 s for
+    the gone GCS, holding their ports (the README test's `ray start` then found "No available agent")."""
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+        from dedn.training.ray_cluster import reap_orphaned_agents
+
+        reap_orphaned_agents()
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """One embedded Ray for a module's in-process Ray tests (marker `ray`), shut down after the module.
+
+    Measured on 2026-12-04: one Ray for the whole session saved about 5 s a module, but the team
+    server's 4-trial sweep then hung in Tune (CI, 900 s timeout) after a session's worth of runs on
+    that Ray; each module (and each sweep, `fresh_ray`) starts from a fresh one, as before.
+    """
+    _start_ray()
+    yield
+    _stop_ray()
+
+
+@contextmanager
+def fresh_ray():
+    """A sweep on a Ray started for it (and stopped after): every trial is a TorchTrainer."""
+    _stop_ray()
+    _start_ray()
     try:
-        yield ctx.address_info["gcs_address"]
+        yield
     finally:
-        ray.shutdown()
-        shutil.rmtree(private, ignore_errors=True)
+        _stop_ray()
 
 
 @pytest.fixture(autouse=True)
 def _one_ray(request: pytest.FixtureRequest):
-    """`ray` tests get the session's Ray (`own_cluster` ones none: it is shut down before them); any
-    other test must leave Ray as it found it: one that starts Ray unmarked fails, naming itself."""
+    """`ray` tests run on their module's Ray; `own_cluster` tests on none (it is stopped before them).
+    Any other test must leave Ray as it found it: one that starts Ray unmarked fails, naming itself."""
     import sys
 
     own = request.node.get_closest_marker("own_cluster") is not None
     if own:
-        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()
+        _stop_ray()
     elif request.node.get_closest_marker("ray") is not None:
-        request.getfixturevalue("ray_session")
+        request.getfixturevalue("ray_module")
+        _start_ray()  # again, if a sweep in this module stopped it (`fresh_ray`)
     before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     yield
     after = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if after and not before and not own:
-        sys.modules["ray"].shutdown()
-        pytest.fail("this test started Ray of its own: mark it `ray` (the session's Ray) or `own_cluster`")
+        _stop_ray()
+        pytest.fail("this test started Ray of its own: mark it `ray` (its module's Ray) or `own_cluster`")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -234,8 +259,8 @@ class SqliteSweep:
 
 
 @pytest.fixture(scope="session")
-def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory, ray_session) -> SqliteSweep:
-    """The sweep on the embedded SQLite store, once per session, on the session's Ray."""
+def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
+    """The sweep on the embedded SQLite store, once per session, on a Ray of its own."""
     import shutil
 
     tmp = tmp_path_factory.mktemp("sqlite-sweep")
@@ -247,7 +272,8 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory, ray_
     mp.setenv("DEDN_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     try:
-        summary = four_trial_sweep(data, "sweep", home)
+        with fresh_ray():
+            summary = four_trial_sweep(data, "sweep", home)
     finally:
         mp.undo()
     return SqliteSweep(summary, data, poisoned, home)

@@ -47,7 +47,7 @@ def test_only_an_asked_for_cluster_is_joined(monkeypatch: pytest.MonkeyPatch, tm
     import ray._private.utils as ray_utils
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_TMPDIR", raising=False)  # the session's Ray sets it (conftest)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)  # the tests' own Ray sets it (conftest)
     monkeypatch.setattr(ray_utils, "read_ray_address", lambda temp_dir=None: None)
     assert cluster_address() is None  # nothing asked for: a private Ray
     assert cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"

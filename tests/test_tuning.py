@@ -251,8 +251,8 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
 
 # ---- a whole sweep on Ray ----------------------------------------------------------------------------
 @pytest.fixture
-def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session):
-    """DEDN_HOME and the MLflow store under tmp_path, on the session's Ray (with its dashboard, as
+def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_module):
+    """DEDN_HOME and the MLflow store under tmp_path, on the module's Ray (with its dashboard, as
     `tuning/tune.py` starts Ray: without the State API a finished trial's CPUs come back after a minute)."""
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
