@@ -228,3 +228,59 @@ def test_run_page_links_the_server_or_the_local_ui():
 
     assert run_page("https://mlflow.team:5000/", "3", "ab12") == "https://mlflow.team:5000/#/experiments/3/runs/ab12"
     assert run_page("sqlite:////home/u/.dedn/mlflow.db", "1", "ab12") == "http://127.0.0.1:5000/#/experiments/1/runs/ab12"
+
+
+class _Version:
+    def __init__(self, version: str, val_h: str = ""):
+        self.version, self.tags = version, {"val_H": val_h}
+
+
+class _RacingClient:
+    """Two versions, val_H 0.3 and 0.5. The first alias write meets another registrant's first write:
+    the server answers as MLflow's SQL store does on PostgreSQL (its look-up-then-insert broke the key)."""
+
+    def __init__(self, error: str):
+        self.error, self.alias, self.writes = error, None, 0
+        self.versions = [_Version("1", "0.3"), _Version("2", "0.5")]
+
+    def search_model_versions(self, query: str) -> list[_Version]:
+        return self.versions
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        from mlflow.exceptions import RestException
+
+        self.writes += 1
+        if self.writes == 1:
+            self.alias = "1"  # the other registrant's write, which won the insert
+            raise RestException({"error_code": "BAD_REQUEST", "message": self.error})
+        self.alias = version
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> _Version:
+        return _Version(self.alias)
+
+
+PG_ALIAS_RACE = ('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
+                 '"registered_model_alias_pk"\nDETAIL:  Key (workspace, name, alias)=(default, toy, champion) already exists.')
+
+
+def test_a_lost_race_for_the_first_champion_write_is_written_again(monkeypatch: pytest.MonkeyPatch):
+    from dedn.tracking import registry
+
+    fake = _RacingClient(PG_ALIAS_RACE)
+    monkeypatch.setattr(registry.tracking, "client", lambda: fake)
+    monkeypatch.setattr(registry.time, "sleep", lambda s: None)
+    assert registry.promote_best("toy") == "2"
+    assert (fake.alias, fake.writes) == ("2", 2)
+
+
+def test_other_alias_errors_are_not_taken_for_a_race(monkeypatch: pytest.MonkeyPatch):
+    from mlflow.exceptions import RestException
+
+    from dedn.tracking import registry
+
+    fake = _RacingClient("Registered model 'toy' version 2 not found")
+    monkeypatch.setattr(registry.tracking, "client", lambda: fake)
+    monkeypatch.setattr(registry.time, "sleep", lambda s: None)
+    with pytest.raises(RestException, match="not found"):
+        registry.promote_best("toy")
+    assert fake.writes == 1

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import random
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,7 +312,15 @@ def promote_best(name: str, attempts: int = 20) -> str | None:
         best = best_version(c.search_model_versions(f"name='{name}'"))
         if best is None:
             return None
-        c.set_registered_model_alias(name, CHAMPION, best)
+        try:
+            c.set_registered_model_alias(name, CHAMPION, best)
+        except MlflowException as e:
+            if not _lost_alias_race(e):
+                raise
+            # Another registrant created the alias between the server's look-up and its insert; the
+            # alias now exists, so the next attempt updates it. A short random wait breaks the step.
+            time.sleep(random.uniform(0.05, 0.25))
+            continue
         try:
             now = str(c.get_model_version_by_alias(name, CHAMPION).version)
         except MlflowException:
@@ -318,6 +328,13 @@ def promote_best(name: str, attempts: int = 20) -> str | None:
         if now == best and best_version(c.search_model_versions(f"name='{name}'")) == best:
             return best
     return best
+
+
+def _lost_alias_race(e: MlflowException) -> bool:
+    """True for the server's answer when two first writes of one alias met: MLflow's SQL store merges
+    an alias with a look-up then an insert, so the second insert breaks the alias table's key."""
+    text = str(e).lower()
+    return "alias" in text and ("unique" in text or "duplicate key" in text)
 
 
 # ---- loading ---------------------------------------------------------------------------------
