@@ -51,8 +51,9 @@ server: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) bench/benchmark.py --quick
 
-# One command on a GPU node, under 5 minutes: GEMM peaks, step times, Ray Train resident vs streaming,
-# bf16 vs fp32 (bench/gpu_check.py). Needs a CUDA build of torch (the pinned CPU build above has no CUDA).
+# One command on a GPU node, under 8 minutes: GEMM peaks, step times, the DDP loop held vs streamed,
+# bf16 vs fp32 (bench/gpu_check.py). Needs a CUDA build of torch (the pinned CPU build above has no CUDA);
+# on a bare node without this venv: PYTHONPATH=. python bench/gpu_check.py (docs/performance.md).
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 

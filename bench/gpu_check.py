@@ -1,36 +1,41 @@
-"""One-shot device check (`make gpu-check`): what a GPU node does with DEDN, in under 5 minutes.
+"""One-shot device check (`make gpu-check`): what a GPU node does with DEDN, in under 8 minutes.
 
-    python bench/gpu_check.py                 # on a machine with a CUDA GPU
-    python bench/gpu_check.py --device cpu --images-per-class 4 --steps 20   # the same path on a CPU (a smoke run)
+    PYTHONPATH=. python bench/gpu_check.py --out DIR     # on a CUDA node, from a plain checkout
+    PYTHONPATH=. python bench/gpu_check.py --device cpu --images-per-class 2 --steps 20 --skip-steps --out DIR
 
-Prints, in order:
+Needs torch, numpy, pyarrow and scipy only: no Ray, MLflow or Optuna, no installed project (a
+bare GPU node has none of them). Parts, in order:
 1. the device, and its measured GEMM peaks: fp32, tf32 and bf16 (8192^3 torch.mm on a GPU);
 2. DEDN (fused), MSDN and D3GZSL training steps at R = 49 and 196 (D3GZSL: pooled, once) in fp32
    and bf16, with their share of the measured peak (bench/benchmark.py --device);
-3. a 1-GPU Ray Train run (protocol select, one epoch) on a generated CUB-sized semi-synthetic dataset
-   (the real image count, 2048 x 7 x 7, float16), with resident and with streaming data: training
-   images/s, data wait, epoch time and the GPU's peak memory;
+3. the training loop as a Ray Train worker runs it (`run_phase`, the network under the same DDP
+   wrapper, the loop's collectives) in a torch.distributed group of world size 1 (NCCL on a GPU,
+   gloo on a CPU), without Ray: one selection epoch on a generated CUB-shaped semi-synthetic
+   dataset at 2048 x 14 x 14 (float16 shards), held in device memory and streamed from the shards:
+   training images/s, data wait, whole epoch against training only, against the step-only rate of
+   part 2, and the GPU's peak memory;
 4. bf16 against fp32 training from the same initialisation on the same batches: the loss at a few
    steps up to --steps, and the relative gap at the last.
-Everything is also written to --out (default $DEDN_HOME/gpu_check/<time>/report.json) with the
-console text beside it.
+`report.json` and `console.txt` are written to --out (default $DEDN_HOME/gpu_check/<time>) after
+every part; a part that fails is recorded there with its traceback and the next part runs (exit 1).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
 
-from dedn.accel import fast_bf16, gemm_rate
+from dedn.accel import autocast_dtype_for, fast_bf16, gemm_rate
+from dedn.atomic import write_text
 from dedn.cli import HelpFormatter
 from dedn.config import config_for_dataset
 from dedn.data import FeatureDataset
@@ -38,10 +43,11 @@ from dedn.data.reader import ShardReader
 from dedn.data.synthetic import write_synthetic
 from dedn.families import family_of
 from dedn.families.base import StepContext
+from dedn.families.capabilities import training_module
 from dedn.home import dedn_home
 from dedn.protocol import ClassProtocol
-from dedn.training.driver import TrainSettings, train
-from dedn.training.loop import build_model
+from dedn.training.ddp import TorchCollective, ddp, single_process_group
+from dedn.training.loop import build_model, run_phase
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,24 +68,54 @@ def step_times(device: str, dtypes: list[str], out: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def ray_runs(data: str, device: str, out: dict) -> None:
+def step_only_rate(steps: dict | None, r: int, dtype: torch.dtype | None) -> float | None:
+    """Images/s of the bare DEDN (fused) training step at this R and precision in part 2, if it ran."""
+    want = "bf16" if dtype == torch.bfloat16 else "fp32"
+    for row in (steps or {}).get("results", []):
+        if row.get("variant") == "fused" and row.get("r") == r and row.get("dtype") == want:
+            return float(row["images_s"])
+    return None
+
+
+def loop_runs(data: str, device: str, out: dict) -> None:
+    """One selection epoch of `run_phase` (the code every Ray Train worker runs) under DDP at world size 1."""
     ds = FeatureDataset.open(data)
-    gpu = device.startswith("cuda")
-    for mode in ("auto", "off"):
-        cfg = config_for_dataset(ds.name, data, "cub").replace(**{"protocol": "select", "optim.epochs": 1,
-                                                                   "data.resident": mode})
-        t0 = time.perf_counter()
-        res = train(cfg, TrainSettings(num_workers=1, use_gpu=gpu, track=False, register=False, verbose=True))
-        rep = res.history[-1]
-        row = {"data.resident": mode, "images_per_s": rep.images_per_s, "data_wait_frac": rep.data_wait_frac,
-               "epoch_s": rep.epoch_time_s, "train_s": rep.seconds, "wall_s": time.perf_counter() - t0,
-               "worker_peak_rss_mib": rep.peak_rss_mib, "resident_mib": rep.resident_mib,
-               "worker_peak_gpu_mib": rep.gpu_peak_mib}
-        out.setdefault("ray_train", []).append(row)
-        say(f"  data.resident={mode:4s}: {rep.images_per_s:8.0f} img/s training, data wait "
-            f"{100 * rep.data_wait_frac:5.1f}%, epoch {rep.epoch_time_s:6.1f} s (training {rep.seconds:.1f} s), "
-            f"resident {rep.resident_mib:,.0f} MiB, worker peak RSS {rep.peak_rss_mib:,.0f} MiB"
-            + (f", GPU peak {rep.gpu_peak_mib:,.0f} MiB" if gpu else ""))
+    dev = torch.device(device)
+    held = "device" if dev.type == "cuda" else "host"
+    with single_process_group(dev) as backend:
+        out["loop_backend"] = backend
+        for mode in (held, "off"):
+            cfg = config_for_dataset(ds.name, data, "cub").replace(**{"protocol": "select", "optim.epochs": 1,
+                                                                       "data.resident": mode})
+            family = family_of(cfg)
+            dtype = autocast_dtype_for(cfg.train.precision, dev)
+
+            def wrap(model: torch.nn.Module, cfg=cfg, family=family) -> torch.nn.Module:
+                return training_module(family, model, lambda net: ddp(net, cfg, dev))
+
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            res = run_phase(cfg, ds, "select", device=dev, wrap_model=wrap, collective=TorchCollective(),
+                            autocast_dtype=dtype)
+            rep = res.history[-1]
+            r = int(ds.feature_shape[1]) * int(ds.feature_shape[2])
+            bare = step_only_rate(out.get("steps"), r, dtype)
+            row = {"data.resident": mode, "precision": str(dtype or torch.float32).replace("torch.", ""),
+                   "batch_size": cfg.optim.batch_size, "R": r, "images": rep.images,
+                   "images_per_s": rep.images_per_s, "data_wait_frac": rep.data_wait_frac,
+                   "epoch_s": rep.epoch_time_s, "train_s": rep.seconds, "wall_s": time.perf_counter() - t0,
+                   "train_share_of_epoch": rep.seconds / rep.epoch_time_s if rep.epoch_time_s else None,
+                   "step_only_images_per_s": bare, "of_step_only": rep.images_per_s / bare if bare else None,
+                   "peak_rss_mib": rep.peak_rss_mib, "resident_mib": rep.resident_mib,
+                   "peak_gpu_mib": rep.gpu_peak_mib}
+            out.setdefault("loop", []).append(row)
+            say(f"  data.resident={mode:6s}: {rep.images_per_s:8.0f} img/s training ({row['precision']}, "
+                f"B={cfg.optim.batch_size}, R={r}), data wait {100 * rep.data_wait_frac:5.1f}%, epoch "
+                f"{rep.epoch_time_s:6.1f} s (training {rep.seconds:.1f} s)"
+                + (f", {row['of_step_only']:.0%} of the bare step's {bare:.0f} img/s" if bare else "")
+                + f", resident {rep.resident_mib:,.0f} MiB, peak RSS {rep.peak_rss_mib:,.0f} MiB"
+                + (f", GPU peak {rep.gpu_peak_mib:,.0f} MiB" if dev.type == "cuda" else ""))
 
 
 def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
@@ -123,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     ap.add_argument("--data", help="an existing CUB-shaped dataset directory (default: generate one)")
-    ap.add_argument("--images-per-class", type=int, default=0,
-                    help="cap per class and split for the generated dataset (default: all, the real image count)")
+    ap.add_argument("--images-per-class", type=int, default=6,
+                    help="images per class and split of the generated dataset (default: %(default)s, about 3,500 "
+                         "images; 0: the real image count, 11,788, about 9.5 GB at 14 x 14)")
+    ap.add_argument("--hw", type=int, default=14,
+                    help="feature-map side of the generated dataset (default: %(default)s, the authors' 448-pixel "
+                         "crops; 7 for 224)")
     ap.add_argument("--steps", type=int, default=300, help="steps of the bf16/fp32 comparison (default: %(default)s)")
     ap.add_argument("--skip-steps", action="store_true", help="skip part 2 (the step-time table)")
     ap.add_argument("--out", help="folder for report.json (default: $DEDN_HOME/gpu_check/<time>)")
@@ -137,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     folder = Path(args.out) if args.out else dedn_home() / "gpu_check" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    report: dict = {"device": args.device, "torch": torch.__version__}
+    report: dict = {"device": args.device, "torch": torch.__version__, "python": sys.version.split()[0],
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
     log = io.StringIO()
 
     class Tee(io.TextIOBase):
@@ -149,37 +190,73 @@ def main(argv: list[str] | None = None) -> int:
         def flush(self) -> None:
             sys.__stdout__.flush()
 
-    with redirect_stdout(Tee()):
+    def save() -> None:  # after every part: a part that hangs or kills the process leaves the earlier ones
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        write_text(folder / "report.json", json.dumps(report, indent=2))
+        write_text(folder / "console.txt", log.getvalue())
+
+    def part(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+            report["parts"][name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - recorded with its traceback; the next part still runs
+            report["parts"][name] = {"ok": False, "seconds": round(time.perf_counter() - t0, 1),
+                                     "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            say(f"   FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in report.json)")
+        save()
+
+    with redirect_stdout(Tee()), tempfile.TemporaryDirectory(prefix="dedn-gpu-check-") as tmp:
         name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
             f"CPU {torch.backends.cpu.get_cpu_capability()}"
         ok, why = fast_bf16(args.device)
-        say(f"== 1. device: {name}; torch {torch.__version__}; bf16: {why}")
-        report["gemm_gflop_s"] = peaks = gemm_peaks(args.device)
-        say("   GEMM peaks: " + ", ".join(f"{k} {v / 1000:.1f} TFLOP/s" for k, v in peaks.items()))
+        report["device_name"] = name
+        say(f"== 1. device: {name}; torch {torch.__version__}; Python {report['python']}; bf16: {why}")
+
+        def peaks() -> None:
+            report["gemm_gflop_s"] = p = gemm_peaks(args.device)
+            say("   GEMM peaks: " + ", ".join(f"{k} {v / 1000:.1f} TFLOP/s" for k, v in p.items()))
+
+        part("gemm", peaks)
         if not args.skip_steps:
             say("== 2. training steps (bench/benchmark.py): share of the peak measured there")
             sys.stdout.flush()
-            dtypes = ["fp32"] + (["bf16"] if ok else [])
-            step_times(args.device, dtypes, folder / "steps.json")
-            report["steps"] = json.loads((folder / "steps.json").read_text())
-        with tempfile.TemporaryDirectory(prefix="dedn-gpu-check-") as tmp:
-            data = args.data
-            if data is None:
+
+            def steps() -> None:
+                step_times(args.device, ["fp32"] + (["bf16"] if ok else []), folder / "steps.json")
+                report["steps"] = json.loads((folder / "steps.json").read_text())
+
+            part("steps", steps)
+        made: list[str] = [args.data] if args.data else []
+        if not made:
+            def generate() -> None:
                 t0 = time.perf_counter()
-                data = str(write_synthetic(Path(tmp) / "cub", "CUB", progress=False,
-                                           **({"images_per_class": args.images_per_class}
-                                              if args.images_per_class else {})))
-                say(f"   generated a CUB-sized semi-synthetic dataset in {time.perf_counter() - t0:.0f} s")
-            say("== 3. Ray Train, 1 worker, one selection epoch: resident vs streaming data")
-            ray_runs(data, args.device, report)
+                path = write_synthetic(Path(tmp) / "cub", "CUB", progress=False, height=args.hw, width=args.hw,
+                                       **({"images_per_class": args.images_per_class} if args.images_per_class else {}))
+                report["data"] = {"path": "generated", "feature_shape": list(FeatureDataset.open(path).feature_shape),
+                                  "images_per_class": args.images_per_class or "all", "seconds":
+                                  round(time.perf_counter() - t0, 1)}
+                say(f"   generated a CUB-shaped semi-synthetic dataset (2048 x {args.hw} x {args.hw}) in "
+                    f"{time.perf_counter() - t0:.0f} s")
+                made.append(str(path))
+
+            part("data", generate)
+        if made:
+            data = made[0]
+            say("== 3. the training loop under DDP (world size 1, no Ray), one selection epoch: "
+                "held in memory vs streamed")
+            part("loop", lambda: loop_runs(data, args.device, report))
             say(f"== 4. bf16 vs fp32: DEDN from one initialisation on the same batches, {args.steps} steps")
-            bf16_agreement(data, args.device, args.steps, report) if ok else say(f"   skipped: {why}")
-        say(f"== done in {time.perf_counter() - t_start:.0f} s; report in {folder}")
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
-    (folder / "console.txt").write_text(log.getvalue())
-    return 0
+            if ok:
+                part("bf16_vs_fp32", lambda: bf16_agreement(data, args.device, args.steps, report))
+            else:
+                say(f"   skipped: {why}")
+        failed = [k for k, v in report["parts"].items() if not v["ok"]]
+        say(f"== done in {time.perf_counter() - t_start:.0f} s; "
+            + (f"FAILED parts: {', '.join(failed)}; " if failed else "") + f"report in {folder}")
+        save()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     raise SystemExit(main())

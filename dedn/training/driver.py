@@ -45,8 +45,6 @@ import pyarrow.fs
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dedn import tracking
 from dedn.accel import autocast_dtype_for
@@ -60,6 +58,7 @@ from dedn.families import family_of
 from dedn.families.capabilities import training_module
 from dedn.protocol import TEST_SPLITS
 from dedn.tracking.sink import MLflowSink
+from dedn.training.ddp import TorchCollective, ddp
 from dedn.training.callbacks import CallbackList, WorkerContext, load_callbacks, plugin_specs
 from dedn.training.fatal import FATAL_FILE, read_fatal, write_fatal
 from dedn.training.loop import model_from_state, run_protocol
@@ -120,16 +119,6 @@ def torch_threads(cpus: float) -> int:
 
 
 # ---- the worker --------------------------------------------------------------------------------
-class _TorchCollective:
-    """Sum and max over the worker group with torch.distributed."""
-
-    def sum_(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    def max_(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-
-
 class RayTrainSink:
     """Every rank calls ray.train.report with the epoch's metrics; rank 0 attaches the checkpoint.
 
@@ -304,13 +293,13 @@ def _train_worker(config: dict[str, Any], cfg: RunConfig, rank: int, world_size:
     callbacks.on_start(WorkerContext(rank, world_size, device, cfg, phase, epoch, resume is not None))
     trained: list[nn.Module] = []  # the network of the phase in training: the trained one at the end
 
-    def ddp(net: nn.Module) -> nn.Module:
-        return _ddp(net, cfg, device) if distributed else net
+    def wrap_ddp(net: nn.Module) -> nn.Module:
+        return ddp(net, cfg, device) if distributed else net
 
     def wrap(model: nn.Module) -> nn.Module:
         trained[:] = [model]
         # DDP around the network, or around each of a family's networks; then the callbacks'
-        return callbacks.wrap_model(training_module(family_of(cfg), model, ddp))
+        return callbacks.wrap_model(training_module(family_of(cfg), model, wrap_ddp))
 
     sinks: list[Any] = [callbacks] if callbacks else []
     announce = say if rank == 0 and config.get("verbose", True) else None  # what data.resident chose, per split
@@ -322,7 +311,7 @@ def _train_worker(config: dict[str, Any], cfg: RunConfig, rank: int, world_size:
     sinks.append(RayTrainSink(rank, callbacks.around_checkpoint_write if callbacks else None))
     with _node_system_metrics(config):
         run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size, device=device,
-                     wrap_model=wrap, collective=_TorchCollective() if distributed else None,
+                     wrap_model=wrap, collective=TorchCollective() if distributed else None,
                      autocast_dtype=autocast_dtype,
                      split_loader=node_split_loader(announce) if cfg.data.resident_shared else None, announce=announce)
     if trained:  # the loop's own network, as trained: nothing rebuilt
@@ -351,17 +340,6 @@ def _node_system_metrics(config: Mapping[str, Any]) -> Any:
     multi_node = ctx.get_local_world_size() < ctx.get_world_size()
     return tracking.system_metrics(config["run_id"], config.get("tracking_uri"),
                           node_id=f"node{ctx.get_node_rank()}" if multi_node else None)
-
-
-def _ddp(net: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
-    """DDP with the run's train.ddp_* options. The all-reduce of each bucket starts as soon as its
-    gradients are ready, so it overlaps the rest of the backward pass (docs/scaling.md)."""
-    t = cfg.train
-    wrapped = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=t.ddp_bucket_mb,
-                  gradient_as_bucket_view=t.ddp_grad_as_bucket_view)
-    if t.ddp_comm_hook != "none":  # gradients travel as bf16/fp16 (half the bytes), are averaged back into fp32
-        wrapped.register_comm_hook(None, getattr(default_hooks, f"{t.ddp_comm_hook}_compress_hook"))
-    return wrapped
 
 
 def last_model(state: Mapping[str, Any], cfg: RunConfig, dataset: FeatureDataset) -> nn.Module:
