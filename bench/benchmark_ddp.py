@@ -65,6 +65,8 @@ OPTIONS = {
 def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -> None:
     torch.set_num_threads(args.threads)
     dev = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if dev.type == "cuda":  # else every rank's NCCL calls synchronise GPU 0
+        torch.cuda.set_device(dev)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
     h = int(round(args.r ** 0.5))
@@ -114,13 +116,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
                 torch.cuda.synchronize()
             if step >= 2:
                 times.append(time.perf_counter() - t)
-        flat = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+        # on the device: NCCL has no CPU path
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
         # ranks must hold the same parameters after every step (averaged gradients): their spread
         mean = flat.clone()
         dist.all_reduce(mean)
         spread = (flat - mean / world).abs().max().reshape(1)
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-        out[name] = (statistics.median(times), float(loss.detach()), flat, float(spread))
+        out[name] = (statistics.median(times), float(loss.detach()), flat.cpu(), float(spread))
     if rank == 0:
         ref = out.get("default")
         queue.put({k: (t, lv, float((p - ref[2]).abs().max()) if ref is not None else float("nan"), sp)

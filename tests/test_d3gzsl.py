@@ -264,3 +264,18 @@ def test_heat_maps_say_the_family_has_none(toy):
     fam, model, _, _ = _phase(_cfg(), toy)
     with pytest.raises(ConfigError, match="a model family with attention maps"):
         attention_maps(model, _split(toy, "train")[0][:2], [0], fam)
+
+
+def test_compile_is_refused_for_d3gzsl_with_the_key_named(tmp_path):
+    """One compiled module around D3GZSL's wrapper hid its networks (AttributeError: 'D3Train' object has no
+    attribute 'generator' on the first step, found by reading for the GPU): now one message naming the key."""
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.errors import ConfigError
+    from dedn.training.loop import run_protocol
+
+    root = write_toy_dataset(tmp_path / "toy")
+    cfg = build_config(None, {"dataset": "TOY", "data.path": str(root), "protocol": "select", "epochs": 1,
+                              "model": "d3gzsl", "optim.max_steps_per_epoch": 1, "train.compile": True})
+    with pytest.raises(ConfigError, match=r"train\.compile: expected false for d3gzsl"):
+        run_protocol(cfg, FeatureDataset.open(root))

@@ -34,7 +34,7 @@ from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext, unwrap_model
-from dedn.families.capabilities import PreparesPhases, RefitsBeforeEval, training_module
+from dedn.families.capabilities import PreparesPhases, RefitsBeforeEval, WrapsForDDP, training_module
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
 from dedn.seeds import derive_seed, seed_everything
 from dedn.training.evaluate import Collective, EvalResult, evaluate
@@ -221,6 +221,11 @@ def run_phase(cfg: RunConfig, dataset: FeatureDataset, phase: str, *, rank: int 
     epochs = cfg.optim.epochs if epochs is None else int(epochs)
     if epochs < 1:
         raise ConfigError("optim.epochs", ">= 1", epochs, "run_phase")
+    if cfg.train.compile and isinstance(family_of(cfg), WrapsForDDP):
+        # its train_step reaches each separately stepped network through its own wrapper (and DDP
+        # around each): one compiled module around that wrapper would hide them (and bypass DDP)
+        raise ConfigError("train.compile", f"false for {cfg.model.name} (its networks are stepped separately)",
+                          True, "run config")
     with forbid_splits(TEST_SPLITS) if phase == "select" else nullcontext():
         return _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
                       epochs, dict(extra_state or {}), split_loader, announce).run(wrap_model, sinks, resume)
