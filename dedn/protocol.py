@@ -7,6 +7,7 @@ so validation never looks at test classes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,18 @@ PHASES: dict[str, tuple[str, str, str]] = {
 }
 TEST_SPLITS = PHASES["final"][1:]  # never read while choosing anything
 SELECTION_SPLITS = PHASES["select"]
+
+
+@functools.lru_cache(maxsize=256)
+def _class_mask(ids: tuple[int, ...], num_classes: int, device: str) -> torch.Tensor:
+    m = torch.zeros(num_classes, dtype=torch.bool)
+    m[list(ids)] = True
+    return m.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _class_index(ids: tuple[int, ...], device: str) -> torch.Tensor:
+    return torch.tensor(sorted(ids), dtype=torch.long).to(device)
 
 
 @dataclass(frozen=True)
@@ -58,9 +71,9 @@ class ClassProtocol:
         return cls.for_phase("final" if protocol == "final" else "select", class_side)
 
     def _mask(self, ids: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
-        m = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
-        m[list(ids)] = True
-        return m
+        """The (K,) bool mask of `ids`, built once per protocol and device (a loss asks every step; on a
+        GPU each build is a host-to-device copy the step waits for). Shared: callers must not write to it."""
+        return _class_mask(ids, self.num_classes, str(torch.device(device or "cpu")))
 
     def seen_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self._mask(self.seen, device)  # (K,) bool
@@ -71,6 +84,15 @@ class ClassProtocol:
     def active_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Classes taking part in this phase: seen or unseen."""
         return self._mask(self.seen + self.unseen, device)  # (K,) bool
+
+    def active_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The active class ids, ascending (the columns `x[..., active_mask]` keeps, in its order), for
+        `index_select`: a boolean-mask index makes a GPU step wait for the count. Cached, shared."""
+        return _class_index(self.seen + self.unseen, str(torch.device(device or "cpu")))
+
+    def unseen_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The unseen class ids, ascending (see `active_index`)."""
+        return _class_index(self.unseen, str(torch.device(device or "cpu")))
 
     def as_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.seen, dtype=np.int64), np.asarray(self.unseen, dtype=np.int64)

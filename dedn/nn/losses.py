@@ -11,6 +11,8 @@ All losses are computed in float32 (float64 if the inputs are), outside autocast
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
@@ -51,17 +53,25 @@ def cross_entropy_loss(scores: Tensor, labels: Tensor, active: Tensor) -> Tensor
     return F_.cross_entropy(_mask_inactive(_acc(scores), active), labels)
 
 
+def _select(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The last dim's entries of `mask`: a bool mask, or the ascending ids it keeps (`ClassProtocol.active_index`:
+    the same columns in the same order, without the wait for the count a bool index costs on a GPU)."""
+    if mask is None:
+        return a, b
+    if mask.dtype == torch.bool:
+        return a[..., mask], b[..., mask]
+    return a.index_select(-1, mask), b.index_select(-1, mask)
+
+
 def jsd(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
     """Jensen-Shannon divergence of softmax(a) and softmax(b) over the last dim, batch mean.
 
     0.5 (KL(p || m) + KL(q || m)), m = (p + q) / 2, KL summed over the last dim and averaged
     over rows. `mask` (last dim, bool) excludes entries from the softmax.
     """
-    a, b = _acc(a), _acc(b)
-    if mask is not None:
-        a, b = a[..., mask], b[..., mask]
+    a, b = _select(_acc(a), _acc(b), mask)
     lp, lq = F_.log_softmax(a, -1), F_.log_softmax(b, -1)
-    lm = torch.logaddexp(lp, lq) - torch.log(torch.tensor(2.0, dtype=lp.dtype, device=lp.device))  # log m
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)  # log m (a Python constant: no tensor made each step)
     kl_p = (lp.exp() * (lp - lm)).sum(-1)
     kl_q = (lq.exp() * (lq - lm)).sum(-1)
     return 0.5 * (kl_p.mean() + kl_q.mean())
@@ -100,8 +110,7 @@ DISTANCE_TERMS = {"mse": mean_squared_distance, "sse": squared_distance, "cubic"
 def distance(a: Tensor, b: Tensor, kind: str, mask: Tensor | None = None) -> Tensor:
     """JSD + the mean squared ("mse"), summed squared ("sse") or cubic term, over the (masked) last dim."""
     term = DISTANCE_TERMS[kind]
-    if mask is not None:
-        a, b = a[..., mask], b[..., mask]
+    a, b = _select(a, b, mask)
     return jsd(a, b) + term(a, b)
 
 
@@ -111,12 +120,14 @@ def biased_scores(scores: Tensor, seen: Tensor, unseen: Tensor) -> Tensor:
     return p - REFERENCE_BIAS * seen.to(p.dtype) + REFERENCE_BIAS * unseen.to(p.dtype)
 
 
-def calibration_loss(scores: Tensor, seen: Tensor, unseen: Tensor, active: Tensor) -> Tensor:
+def calibration_loss(scores: Tensor, seen: Tensor, unseen: Tensor, active: Tensor,
+                     unseen_index: Tensor | None = None) -> Tensor:
     """Self-calibration (DAZLE): -log(mean_b total softmax probability of the unseen classes).
 
     Softmax over the active classes of the biased scores (as DAZLE and the reference code);
     computed in log space so a vanishing unseen mass cannot give log(0).
     """
     z = _mask_inactive(biased_scores(scores, seen, unseen), active)  # (B, K)
-    log_mass = torch.logsumexp(z[:, unseen], -1) - torch.logsumexp(z, -1)  # (B,) log unseen mass
-    return -(torch.logsumexp(log_mass, 0) - torch.log(torch.tensor(float(z.shape[0]), dtype=z.dtype, device=z.device)))
+    zu = z[:, unseen] if unseen_index is None else z.index_select(1, unseen_index)  # the same columns
+    log_mass = torch.logsumexp(zu, -1) - torch.logsumexp(z, -1)  # (B,) log unseen mass
+    return -(torch.logsumexp(log_mass, 0) - math.log(z.shape[0]))

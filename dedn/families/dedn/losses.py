@@ -54,12 +54,12 @@ def dedn_loss(out: DEDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: Los
                 # eq. 7: softmax over attributes
                 add(f"align_{tag}", distance(ex.o_region, ex.o_channel, cfg.distance), cfg.beta)
             if cfg.calibration_weight > 0:
-                add(f"cal_{tag}", calibration_loss(ex.scores, seen, unseen, active), cfg.calibration_weight)
+                add(f"cal_{tag}", calibration_loss(ex.scores, seen, unseen, active, protocol.unseen_index(dev)), cfg.calibration_weight)
         if cfg.distill and cfg.gamma > 0 and out.coarse is not None and out.fine is not None:
             pc, pf = out.coarse.scores, out.fine.scores
             if variant == "reference":
                 pc, pf = biased_scores(pc, seen, unseen), biased_scores(pf, seen, unseen)
-            add("distill", distance(pc, pf, cfg.distance, mask=active), cfg.gamma)  # eq. 12
+            add("distill", distance(pc, pf, cfg.distance, mask=protocol.active_index(dev)), cfg.gamma)  # eq. 12
     if total is None:
         raise ValueError("dedn_loss: the model has no expert")
     return {"loss": total, **parts}

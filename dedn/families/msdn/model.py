@@ -230,12 +230,12 @@ def msdn_loss(out: MSDNOutput, labels: Tensor, protocol: ClassProtocol, cfg: MSD
         parts["ce_va"] = cross_entropy_loss(s2, labels, active)
         total = parts["ce_av"] + parts["ce_va"]
         if lam > 0:
-            parts["cal_av"] = calibration_loss(s1, seen, unseen, active)
-            parts["cal_va"] = calibration_loss(s2, seen, unseen, active)
+            parts["cal_av"] = calibration_loss(s1, seen, unseen, active, protocol.unseen_index(dev))
+            parts["cal_va"] = calibration_loss(s2, seen, unseen, active, protocol.unseen_index(dev))
             total = total + lam * (parts["cal_av"] + parts["cal_va"])
         if gamma > 0 and cfg.distill:
             # both directions get gradients: no teacher, no stop-gradient (docs/msdn.md#4-losses)
             parts["distill"] = distance(biased_scores(s1, seen, unseen), biased_scores(s2, seen, unseen),
-                                        cfg.distance, mask=active)
+                                        cfg.distance, mask=protocol.active_index(dev))
             total = total + gamma * parts["distill"]
     return {"loss": total, **parts}
