@@ -7,7 +7,8 @@ Needs torch, numpy, pyarrow and scipy only: no Ray, MLflow or Optuna, no install
 bare GPU node has none of them). Parts, in order:
 1. the device, and its measured GEMM peaks: fp32, tf32 and bf16 (8192^3 torch.mm on a GPU);
 2. DEDN (fused), MSDN and D3GZSL training steps at R = 49 and 196 (D3GZSL: pooled, once) in fp32
-   and bf16, with their share of the measured peak (bench/benchmark.py --device);
+   and bf16, with their share of the measured peak (bench/benchmark.py --device); on a GPU, which
+   of torch's attention kernels (flash, memory-efficient, math) take the channel attention;
 3. the training loop as a Ray Train worker runs it (`run_phase`, the network under the same DDP
    wrapper, the loop's collectives) in a torch.distributed group of world size 1 (NCCL on a GPU,
    gloo on a CPU), without Ray: one selection epoch on a generated CUB-shaped semi-synthetic
@@ -57,15 +58,45 @@ def say(line: str = "") -> None:
 
 
 def gemm_peaks(device: str) -> dict[str, float]:
-    n = 8192 if device.startswith("cuda") else 2048
-    dtypes = ["fp32"] + (["tf32"] if device.startswith("cuda") else []) + (["bf16"] if fast_bf16(device)[0] else [])
-    return {dt: gemm_rate(dt, n=n, reps=10 if device.startswith("cuda") else 2, device=device) for dt in dtypes}
+    cuda = device.startswith("cuda")
+    dtypes = ["fp32"] + (["tf32"] if cuda else []) + (["bf16"] if fast_bf16(device)[0] else [])
+    # a GPU: gemm_rate's own 8192^3 with warm-ups; a CPU dry run: small and quick
+    return {dt: gemm_rate(dt, n=None if cuda else 2048, reps=None if cuda else 2, device=device) for dt in dtypes}
 
 
 def step_times(device: str, dtypes: list[str], out: Path) -> None:
     cmd = [sys.executable, str(HERE / "benchmark.py"), "--quick", "--device", device, "--r", "49", "196",
            "--dtype", *dtypes, "--variants", "fused", "msdn", "d3gzsl", "--json", str(out)]
     subprocess.run(cmd, check=True)
+
+
+def sdpa_backends(device: str, out: dict) -> None:
+    """Which of torch's attention kernels take DEDN's channel attention at CUB shapes (B 50, N 312
+    attribute rows, C 2048 channels, R 196 and 49), per dtype: the math kernel builds the (B, N, C)
+    matrix, the fused ones do not (../shared/docs/gpu-readiness.md #5)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dedn.nn.attention import channel_branch_sdpa
+
+    dev = torch.device(device)
+    rows = []
+    for r in (196, 49):
+        for dtype in (torch.float32, torch.bfloat16):
+            m3, m4 = torch.randn(312, r, device=dev, dtype=dtype), torch.randn(312, r, device=dev, dtype=dtype)
+            f = torch.randn(50, 2048, r, device=dev, dtype=dtype)
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+                try:
+                    with sdpa_kernel([backend]):
+                        channel_branch_sdpa(m3, m4, f)
+                    ok = True
+                except RuntimeError:
+                    ok = False
+                rows.append({"R": r, "dtype": str(dtype).replace("torch.", ""), "backend": backend.name, "ok": ok})
+    out["sdpa_backends"] = rows
+    for r in (196, 49):
+        for dt in ("float32", "bfloat16"):
+            took = [x["backend"] for x in rows if x["R"] == r and x["dtype"] == dt and x["ok"]]
+            say(f"   R={r:3d} {dt:8s}: {', '.join(took) or 'none'}")
 
 
 def step_only_rate(steps: dict | None, r: int, dtype: torch.dtype | None) -> float | None:
@@ -227,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["steps"] = json.loads((folder / "steps.json").read_text())
 
             part("steps", steps)
+        if args.device.startswith("cuda"):
+            say("== 2b. channel attention: the attention kernels that take it")
+            part("sdpa", lambda: sdpa_backends(args.device, report))
         made: list[str] = [args.data] if args.data else []
         if not made:
             def generate() -> None:

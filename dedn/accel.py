@@ -89,15 +89,27 @@ def set_tf32(on: bool) -> None:
         torch.backends.cudnn.allow_tf32 = on
 
 
-def gemm_rate(dtype: str = "fp32", n: int = 4096, reps: int = 3, device: str = "cpu") -> float:
-    """GFLOP/s of a square n^3 torch.mm in `dtype` (fp32 | tf32 | bf16) on `device` (the benchmarks' peak)."""
+def gemm_rate(dtype: str = "fp32", n: int | None = None, reps: int | None = None, device: str = "cpu") -> float:
+    """GFLOP/s of a square n^3 torch.mm in `dtype` (fp32 | tf32 | bf16) on `device` (the benchmarks' peak).
+
+    On a GPU: n 8192, 5 warm-ups and 20 timed repetitions by default, so the clocks have ramped up
+    from idle before the timing starts (n 4096 with 1 warm-up under-read the peak); on a CPU n 4096,
+    1 warm-up, 3 repetitions. The best of the repetitions counts.
+    """
+    cuda = torch.device(device).type == "cuda"
+    n = n or (8192 if cuda else 4096)
+    reps = reps or (20 if cuda else 3)
     set_tf32(dtype == "tf32")
     a, b = (torch.randn(n, n, dtype=_GEMM_DTYPES[dtype], device=device) for _ in range(2))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(5 if cuda else 1):
         a @ b
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    set_tf32(False)  # fp32 stays fp32 after the probe
+    return 2 * n**3 / best / 1e9

@@ -85,8 +85,8 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resumed run may see other GPUs
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -103,4 +103,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_rng_state_of(state["cuda"], torch.cuda.current_device()))
+
+
+def cuda_rng_state_of(saved: Any, device: int) -> torch.Tensor:
+    """The CUDA generator state for `device` in a checkpoint: one state (this process's device), or
+    the per-device list older checkpoints hold (`get_rng_state_all`; restoring that whole list failed
+    when the resumed run saw a different number of GPUs): its entry for `device`, else its first."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    states = list(saved)
+    return states[device] if 0 <= device < len(states) else states[0]

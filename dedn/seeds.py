@@ -7,11 +7,13 @@ epoch, and a resumed rank restarts from the same state without a checkpoint of i
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "seed_everything"]
+__all__ = ["derive_seed", "seed_everything", "seeded"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -24,3 +26,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's generators seeded with `seed` inside, and put back as they were after.
+
+    `torch.manual_seed` seeds every CUDA generator too, so every visible device's state is forked
+    (`fork_rng(devices=[])` would leave them re-seeded).
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield

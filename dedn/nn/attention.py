@@ -140,9 +140,11 @@ def channel_branch_sdpa(m3: torch.Tensor, m4: torch.Tensor, f: torch.Tensor) -> 
     Its backward also computes gradients for keys and values; F needs none, so the custom
     kernel above does less work.
     """
-    q = m4.unsqueeze(0).expand(f.shape[0], -1, -1)  # (B, N, R) queries
-    kv = f  # (B, C, R) keys = values = the C channel rows
-    y = F_.scaled_dot_product_attention(q, kv, kv, scale=1.0)  # (B, N, R)
+    # 4-D (batch, heads = 1, sequence, R): torch's fused CUDA kernels (flash, memory-efficient) take
+    # only 4-D inputs; 3-D ones fall back to the math kernel, which builds the (B, N, C) matrix twice.
+    q = m4.unsqueeze(0).expand(f.shape[0], -1, -1).unsqueeze(1)  # (B, 1, N, R) queries
+    kv = f.unsqueeze(1)  # (B, 1, C, R) keys = values = the C channel rows
+    y = F_.scaled_dot_product_attention(q, kv, kv, scale=1.0).squeeze(1)  # (B, N, R)
     acc = torch.promote_types(y.dtype, torch.float32)
     return (y.to(acc) * m3.to(acc)).sum(-1)  # (B, N)
 

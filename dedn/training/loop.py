@@ -36,7 +36,7 @@ from dedn.families import family_of
 from dedn.families.base import PhaseData, StepContext, unwrap_model
 from dedn.families.capabilities import PreparesPhases, RefitsBeforeEval, WrapsForDDP, training_module
 from dedn.protocol import PHASES, TEST_SPLITS, ClassProtocol
-from dedn.seeds import derive_seed, seed_everything
+from dedn.seeds import derive_seed, seed_everything, seeded
 from dedn.training.evaluate import Collective, EvalResult, evaluate
 from dedn.training.report import Best, EpochReport, Sink, emit
 
@@ -54,8 +54,7 @@ def build_model(cfg: RunConfig, class_side: ClassSide, feature_shape: Sequence[i
     The global RNG is left as it was: initialisation draws from a forked generator.
     """
     family = family_of(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.optim.seed)
+    with seeded(cfg.optim.seed):
         return family.build(cfg, class_side, tuple(int(x) for x in feature_shape), meta)  # type: ignore[arg-type]
 
 
@@ -227,8 +226,12 @@ def run_phase(cfg: RunConfig, dataset: FeatureDataset, phase: str, *, rank: int 
         raise ConfigError("train.compile", f"false for {cfg.model.name} (its networks are stepped separately)",
                           True, "run config")
     with forbid_splits(TEST_SPLITS) if phase == "select" else nullcontext():
-        return _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
-                      epochs, dict(extra_state or {}), split_loader, announce).run(wrap_model, sinks, resume)
+        state = _Phase(cfg, dataset, phase, rank, world_size, torch.device(device), collective, autocast_dtype,
+                       epochs, dict(extra_state or {}), split_loader, announce)
+        try:
+            return state.run(wrap_model, sinks, resume)
+        finally:
+            state.release()
 
 
 class _Phase:
@@ -260,6 +263,13 @@ class _Phase:
         self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
                               lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False,
                                                   resident=self.resident.get(PHASES[phase][0])))
+
+    def release(self) -> None:
+        """Let go of the phase's decoded splits and the family's cache now. The phase's data closure
+        refers back to the phase (a cycle), so without this a selection phase's device copies stayed
+        allocated until Python's cycle collector ran, possibly well into the final phase."""
+        self.resident.splits.clear()
+        self.data.cache.clear()
 
     def _ctx(self) -> StepContext:
         return StepContext(cfg=self.step_cfg, protocol=self.protocol, optimizers=self.optimizers, device=self.device,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dedn.seeds import seeded
+
 __all__ = ["FeatureScaler", "synthesize", "fit_final_classifier"]
 
 
@@ -51,8 +53,7 @@ def fit_final_classifier(x: Tensor, y: Tensor, num_classes: int, *, epochs: int 
                          lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), seed: int = 0) -> nn.Linear:
     """A Linear(F -> K) trained with cross-entropy (log-softmax + NLL) by Adam on (x, y), seeded."""
     g = torch.Generator().manual_seed(int(seed))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded(seed):
         clf = nn.Linear(x.shape[1], num_classes).to(x.device, x.dtype)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, betas=betas)
     n = x.shape[0]

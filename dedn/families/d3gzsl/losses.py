@@ -99,6 +99,14 @@ def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, te
     taken), seen_ids (K_s,) the seen class ids in the teacher's output order, sigmoid the learnable
     c = sigmoid(w (m + b)) (called once, so a DDP wrapper around it syncs its gradient).
     """
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):  # fp32, as DEDN's and MSDN's
+        return _d3_loss(student_emb.float(), student_logits.float(), ood_repr.float(), teacher_emb.float(),
+                        teacher_logits.float(), labels, real, seen_ids, sigmoid, weights, form)
+
+
+def _d3_loss(student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, teacher_emb: Tensor,
+             teacher_logits: Tensor, labels: Tensor, real: Tensor, seen_ids: Tensor, sigmoid: "torch.nn.Module",
+             weights: D3Weights, form: LossForm) -> D3Terms:
     l_cls = F.cross_entropy(student_logits, labels)
     log_pt = F.log_softmax(teacher_logits, dim=1)
     r = real
@@ -132,7 +140,8 @@ def critic_loss(critic: "torch.nn.Module", real: Tensor, fake: Tensor, att: Tens
     alpha = torch.rand(b, 1, device=real.device, dtype=real.dtype, generator=generator)
     mix = alpha * real.detach() + (1.0 - alpha) * fake.detach()
     out, h = critic(torch.cat([real, fake.detach(), mix]), att.repeat(3, 1), with_hidden=True)
+    out = out.float()  # the means and the penalty in fp32 under bf16 autocast (no-ops in fp32)
     d_real, d_fake = out[:b].mean(), out[b:2 * b].mean()
-    grad = net.feature_gradient(h[2 * b:])
+    grad = net.feature_gradient(h[2 * b:]).float()
     gp = ((grad.norm(dim=1) - 1.0) ** 2).mean()
     return d_fake - d_real + gp_weight * gp, {"wasserstein": (d_real - d_fake).detach(), "gp": gp.detach()}

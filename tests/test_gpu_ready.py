@@ -1,0 +1,80 @@
+"""What reading the code for CUDA found (../shared/docs/gpu-readiness.md), tested where a CPU can tell."""
+from __future__ import annotations
+
+import torch
+
+
+def test_a_checkpoints_cuda_state_is_this_devices_whatever_the_gpu_count() -> None:
+    from dedn.checkpoint import cuda_rng_state_of
+
+    one = torch.arange(4, dtype=torch.uint8)
+    assert cuda_rng_state_of(one, 3) is one  # new checkpoints: this process's device only
+    old = [torch.full((4,), i, dtype=torch.uint8) for i in range(2)]  # older ones: every visible GPU's
+    assert torch.equal(cuda_rng_state_of(old, 1), old[1])
+    assert torch.equal(cuda_rng_state_of(old, 5), old[0])  # a resumed run seeing more GPUs than the saved one
+
+
+def test_seeded_leaves_the_global_generator_where_it_was() -> None:
+    from dedn.seeds import seeded
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(7):
+        inside = torch.rand(2)
+    assert torch.equal(inside, torch.rand(2, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_phase_lets_go_of_its_decoded_splits_when_it_ends(tmp_path) -> None:
+    """Without the cycle collector (on a GPU the selection's device copies stayed into the final phase)."""
+    import gc
+    import weakref
+
+    from toydata import write_toy_dataset
+
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.data.resident import decode_split
+    from dedn.training.loop import run_phase
+
+    root = write_toy_dataset(tmp_path / "toy")
+    ds = FeatureDataset.open(root)
+    cfg = build_config(None, {"dataset": "TOY", "data.path": str(root), "epochs": 1, "data.resident": "host",
+                              "optim.max_steps_per_epoch": 2})
+    decoded: list[weakref.ref] = []
+
+    def loader(dataset, split):
+        res = decode_split(dataset, split)
+        decoded.append(weakref.ref(res.features))
+        return res
+
+    gc.collect()
+    gc.disable()
+    try:
+        run_phase(cfg, ds, "select", split_loader=loader)
+        assert len(decoded) == 3  # train, val_seen, val_unseen
+        assert [r() is None for r in decoded] == [True] * 3
+    finally:
+        gc.enable()
+
+
+def test_d3gzsl_losses_are_fp32_under_bf16_autocast() -> None:
+    from dedn.families.d3gzsl.losses import D3Weights, d3_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, e, k = 6, 8, 5
+    seen = torch.tensor([0, 1, 2])
+    args = dict(student_emb=torch.randn(n, e, generator=g), student_logits=torch.randn(n, k, generator=g),
+                ood_repr=torch.randn(n, 2, generator=g), teacher_emb=torch.randn(n, e, generator=g),
+                teacher_logits=torch.randn(n, 3, generator=g), labels=torch.tensor([0, 1, 2, 3, 4, 0]),
+                real=torch.tensor([True, True, True, False, False, True]), seen_ids=seen,
+                sigmoid=torch.nn.Sigmoid(), weights=D3Weights(1.0, 1.0, 1.0))
+    bf16 = {k_: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k_, v in args.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = d3_loss(**bf16)
+    plain = d3_loss(**{k_: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                       for k_, v in bf16.items()})
+    for a, b in zip(under.parts().values(), plain.parts().values()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
