@@ -15,6 +15,8 @@ bare GPU node has none of them). Parts, in order:
    dataset at 2048 x 14 x 14 (float16 shards), held in device memory and streamed from the shards:
    training images/s, data wait, whole epoch against training only, against the step-only rate of
    part 2, and the GPU's peak memory;
+   then 1, 2 and 4 training loops at once on the device (separate processes, as fractional-GPU
+   sweep trials run): images/s in total and per loop;
 4. bf16 against fp32 training from the same initialisation on the same batches: the loss at a few
    steps up to --steps, and the relative gap at the last.
 `report.json` and `console.txt` are written to --out (default $DEDN_HOME/gpu_check/<time>) after
@@ -149,6 +151,55 @@ def loop_runs(data: str, device: str, out: dict) -> None:
                 + (f", GPU peak {rep.gpu_peak_mib:,.0f} MiB" if dev.type == "cuda" else ""))
 
 
+def _packed_loop(data: str, device: str, steps: int, start, out) -> None:
+    """One of several training loops sharing a device (a fractional-GPU sweep trial): DEDN steps on a
+    fixed batch held on the device, timed between a common start and this loop's last step."""
+    ds = FeatureDataset.open(data)
+    cfg = config_for_dataset(ds.name, data, "cub")
+    dev = torch.device(device)
+    model = build_model(cfg, ds.class_side, ds.feature_shape).to(dev)
+    family = family_of(cfg)
+    protocol = ClassProtocol.for_phase("select", ds.class_side)
+    ctx = StepContext(cfg=cfg, protocol=protocol, optimizers=family.optimizers(cfg, model), device=dev,
+                      autocast_dtype=autocast_dtype_for(cfg.train.precision, dev), epoch=1, step=1)
+    b = cfg.optim.batch_size
+    x = torch.randn(b, *ds.feature_shape, device=dev)
+    y = torch.tensor([protocol.seen[i % len(protocol.seen)] for i in range(b)], device=dev)
+    for _ in range(3):  # warm-up: kernels, allocator, optimiser state
+        family.train_step(model, x, y, ctx)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start.wait()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        family.train_step(model, x, y, ctx)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    out.put(b * steps / (time.perf_counter() - t0))
+
+
+def packed_loops(data: str, device: str, counts: list[int], steps: int, out: dict) -> None:
+    """1, 2, 4 ... training loops at once on one device, each its own process (as fractional-GPU trials
+    run): images/s in total and per loop, to say how many trials to pack per GPU."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for n in counts:
+        start, q = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_packed_loop, args=(data, device, steps, start, q)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        rates = [q.get(timeout=600) for _ in range(n)]
+        for p in procs:
+            p.join(60)
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"a packed training loop failed (exit codes {[p.exitcode for p in procs]})")
+        rows.append({"loops": n, "images_per_s_total": sum(rates), "images_per_s_per_loop": sum(rates) / n})
+        say(f"   {n} loop(s) at once: {sum(rates):8.0f} img/s in total, {sum(rates) / n:8.0f} per loop")
+    out["packed_loops"] = rows
+
+
 def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
     """fp32 and bf16 autocast training of DEDN from one init on the same batches (resident reader)."""
     ds = FeatureDataset.open(data)
@@ -198,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                          "crops; 7 for 224)")
     ap.add_argument("--steps", type=int, default=300, help="steps of the bf16/fp32 comparison (default: %(default)s)")
     ap.add_argument("--skip-steps", action="store_true", help="skip part 2 (the step-time table)")
+    ap.add_argument("--pack", type=int, nargs="*", default=[1, 2, 4],
+                    help="training loops to run at once on the device, one measurement per count "
+                         "(default: %(default)s; none: skip)")
+    ap.add_argument("--pack-steps", type=int, default=200, help="steps of each packed loop (default: %(default)s)")
     ap.add_argument("--out", help="folder for report.json (default: $DEDN_HOME/gpu_check/<time>)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -280,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             say("== 3. the training loop under DDP (world size 1, no Ray), one selection epoch: "
                 "held in memory vs streamed")
             part("loop", lambda: loop_runs(data, args.device, report))
+            if args.pack:
+                say(f"== 3b. {', '.join(map(str, args.pack))} DEDN training loops at once on one device "
+                    f"(separate processes, as fractional-GPU sweep trials), {args.pack_steps} steps each")
+                part("packed_loops", lambda: packed_loops(data, args.device, args.pack, args.pack_steps, report))
             say(f"== 4. bf16 vs fp32: DEDN from one initialisation on the same batches, {args.steps} steps")
             if ok:
                 part("bf16_vs_fp32", lambda: bf16_agreement(data, args.device, args.steps, report))

@@ -32,17 +32,21 @@ BARE = textwrap.dedent("""
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEDN_HOME": str(tmp_path / "home")}
     return subprocess.run([sys.executable, "-c", BARE, "--device", "cpu", "--images-per-class", "1", "--hw", "2",
-                           "--skip-steps", "--steps", "4", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                           "--skip-steps", "--steps", "4", "--pack-steps", "3", *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
 
 
 def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--out", str(tmp_path / "report"))
+    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--pack", "1", "2")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {k: v["ok"] for k, v in report["parts"].items()} == {"gemm": True, "data": True, "loop": True,
+                                                              "packed_loops": True,
                                                               **({"bf16_vs_fp32": True} if "bf16_vs_fp32" in
                                                                  report["parts"] else {})}
+    packed = report["packed_loops"]
+    assert [r["loops"] for r in packed] == [1, 2] and all(r["images_per_s_total"] > 0 for r in packed)
+    assert packed[1]["images_per_s_per_loop"] == packed[1]["images_per_s_total"] / 2
     assert report["loop_backend"] == "gloo" and report["data"]["feature_shape"] == [2048, 2, 2]
     rows = {r["data.resident"]: r for r in report["loop"]}
     assert set(rows) == {"host", "off"}
@@ -53,7 +57,7 @@ def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path:
 
 
 def test_a_failing_part_is_recorded_and_the_next_parts_still_run(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--data", str(tmp_path / "no-such-dataset"))
+    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--data", str(tmp_path / "no-such-dataset"), "--pack")
     assert out.returncode == 1
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["parts"]["gemm"]["ok"] and report["gemm_gflop_s"]["fp32"] > 0

@@ -78,3 +78,14 @@ def test_d3gzsl_losses_are_fp32_under_bf16_autocast() -> None:
                        for k_, v in bf16.items()})
     for a, b in zip(under.parts().values(), plain.parts().values()):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_a_worker_asks_ray_for_its_gpu_share(tmp_path) -> None:
+    from dedn.config import build_config
+    from dedn.training.driver import build_trainer
+    from dedn.training.settings import TrainSettings
+
+    settings = TrainSettings(num_workers=2, use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=1.0)
+    trainer = build_trainer(build_config("cub"), settings, run_id=None, tracking_uri=None, semi_synthetic=True,
+                            storage_path=str(tmp_path), name="share")
+    assert trainer.scaling_config.use_gpu and trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.25}

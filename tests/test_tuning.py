@@ -371,3 +371,75 @@ def test_training_curves_of_a_final_only_run_have_no_empty_panel(tmp_path: Path)
                                         loss_keys=("loss", "mal_c"), title="t")
     w_final, w_sel = mpimg.imread(final_only).shape[1], mpimg.imread(with_val).shape[1]
     assert w_final < 0.6 * w_sel  # one panel instead of two
+
+
+# ---- GPUs per trial (issue 25, item 5): the arithmetic and the preflight, on CPUs ------------------
+def test_a_trials_gpus_are_split_among_its_workers() -> None:
+    from dedn.tuning.trial import DRIVER_CPUS, worker_resources
+
+    assert worker_resources(2.0, 0.5, 1) == (2.0 - DRIVER_CPUS, 0.5)  # two trials share a GPU
+    assert worker_resources(2.0, 1.0, 2) == ((2.0 - DRIVER_CPUS) / 2, 0.5)
+    assert worker_resources(1.0, 0.0, 1)[1] == 0.0
+
+
+def test_gpu_shares_are_checked_where_they_are_given() -> None:
+    from dedn.config import build_config
+    from dedn.training.settings import TrainSettings
+    from dedn.tuning import SweepSpec
+
+    assert TrainSettings(use_gpu=True).gpu_share == 1.0 and TrainSettings().gpu_share == 0.0
+    assert TrainSettings(use_gpu=True, gpus_per_worker=0.25).gpu_share == 0.25
+    with pytest.raises(ConfigError, match="settings.gpus_per_worker: expected 0 unless use_gpu"):
+        TrainSettings(gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match=r"settings.gpus_per_worker: expected a share of one GPU in \[0, 1\]"):
+        TrainSettings(use_gpu=True, gpus_per_worker=2)
+    base, space = build_config("cub"), load_search_space(default_space_path())
+    assert SweepSpec(data="d", base=base, space=space, gpus_per_trial=0.25).gpus_per_trial == 0.25
+    for bad, workers in ((-1.0, 1), (1.5, 1), (2.5, 2)):
+        with pytest.raises(ConfigError, match=f"sweep.gpus_per_trial: expected between 0 and {workers}"):
+            SweepSpec(data="d", base=base, space=space, gpus_per_trial=bad, workers_per_trial=workers)
+
+
+def test_a_gpu_trial_trains_on_its_share(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune.integration import ray_train
+
+    from dedn.config import build_config
+    from dedn.training import driver
+    from dedn.tuning import trial
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: None)
+    monkeypatch.setattr(driver, "train", lambda cfg, settings, *, callbacks=(): seen.update(
+        gpu=settings.use_gpu, share=settings.gpu_share, workers=settings.num_workers))
+    trial({}, base=build_config("awa2", TINY).to_dict(), data=str(tiny_data), workers=2, gpus_per_worker=0.125)
+    assert seen == {"gpu": True, "share": 0.125, "workers": 2}
+
+
+def test_what_a_cluster_lacks_for_one_trial_is_named() -> None:
+    from dedn.training.preflight import trial_resource_problem
+
+    assert trial_resource_problem({"CPU": 2.0}, 1, cpus=1, gpus=0) is None
+    assert trial_resource_problem({"CPU": 8.0, "GPU": 1.0}, 2, cpus=2, gpus=0.25) is None
+    assert trial_resource_problem({"CPU": 2.0}, 1, cpus=1, gpus=0.5) == \
+        "one trial needs 0.5 GPUs; the cluster has 2 CPUs and 0 GPUs on 1 node(s)"
+    assert trial_resource_problem({"CPU": 2.0, "GPU": 1.0}, 1, cpus=4, gpus=2) == \
+        "one trial needs 4 CPUs and 2 GPUs; the cluster has 2 CPUs and 1 GPUs on 1 node(s)"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_sweep_asking_for_gpus_the_cluster_lacks_fails_before_any_trial(tiny_data: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from dedn.config import build_config
+    from dedn.tuning import SweepSpec, run_sweep
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    base = build_config("awa2", TINY + [f"data.path={tiny_data}"])
+    spec = SweepSpec(data=str(tiny_data), base=base, space=load_search_space(default_space_path()), num_samples=2,
+                     gpus_per_trial=0.5, storage=str(tmp_path / "tune"), name="gpu", verbose=0)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"one trial needs 0.5 GPUs; the cluster has \d+ CPUs and 0 GPUs"):
+        run_sweep(spec)
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "tune" / "gpu").exists()

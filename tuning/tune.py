@@ -2,13 +2,15 @@
 
     python tuning/tune.py --data DIR [--preset cub] [--space FILE] [--num-samples 8]
     python tuning/tune.py --data DIR model=msdn     # MSDN and its own search space
-        [--max-concurrent-trials 2] [--cpus-per-trial 1] [--workers-per-trial 1] [--search-lambdas]
+        [--max-concurrent-trials 2] [--cpus-per-trial 1] [--gpus-per-trial 0] [--workers-per-trial 1]
+        [--search-lambdas]
         [--name NAME] [--resume] [--final] [key=value ...]
 
 The default search space is the family's own (dedn/families/<model>/search_space.yaml); the
 family's inference weights (DEDN: lambda_rc, lambda_e) are refitted on validation at every
 report unless --search-lambdas makes them Tune dimensions. Every trial is the training job's own
-driver: a TorchTrainer of --workers-per-trial workers. `key=value` overrides the preset for every
+driver: a TorchTrainer of --workers-per-trial workers, on CPUs or, with --gpus-per-trial G, on
+G GPUs split among them (a fraction shares a GPU between trials). `key=value` overrides the preset for every
 trial (e.g. `optim.epochs=20`). `--resume` continues
 an interrupted sweep (`--name`, or the newest sweep of the dataset). `--final` retrains the
 best configuration on trainval, tests once and registers the model (after the sweep, or alone
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=8, help="trials")
     p.add_argument("--max-concurrent-trials", type=int, default=2, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial, split among its workers; a fraction packs trials onto one GPU "
+                        "(0.25: four at a time); 0 (default): CPUs only")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each trial")
     p.add_argument("--search-lambdas", action="store_true",
                    help="make the family's inference weights Tune dimensions instead of fitting them on validation")
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = SweepSpec(
                 data=data, base=base, space=load_search_space(args.space, base.model.name), num_samples=args.num_samples,
                 max_concurrent_trials=args.max_concurrent_trials, cpus_per_trial=args.cpus_per_trial,
+                gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial, search_lambdas=args.search_lambdas, seed=args.seed,
                 name=args.name or (find_sweep(args.storage, base.dataset, model=base.model.name).name if args.resume else ""),
                 storage=args.storage, max_failures=args.max_failures,
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"next: {command('tuning/tune.py', '--data', data, '--final', '--name', sweep_dir.name, *storage)}"
                       "   (retrain the best configuration on trainval, test once, register)")
         if args.final:
-            out = run_final(sweep_dir, workers=args.workers_per_trial)
+            out = run_final(sweep_dir, workers=args.workers_per_trial, use_gpu=args.gpus_per_trial > 0)
             weights = ", ".join(f"{k} {v:.2f}" for k, v in out.weights.items())
             print(f"final run: trainval, {out.best_epoch} epochs, {weights}")
             for label, m in (("validation (%)", out.val_metrics), ("test       (%)", out.test_metrics)):

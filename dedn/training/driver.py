@@ -359,7 +359,7 @@ def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None
     cpus = cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker)
     resources: dict[str, float] = {"CPU": cpus}
     if settings.use_gpu:
-        resources["GPU"] = 1.0
+        resources["GPU"] = settings.gpu_share
     loop_config = {
         "cfg": cfg.to_dict(), "use_gpu": settings.use_gpu, "threads": torch_threads(cpus), "run_id": run_id,
         "tracking_uri": tracking_uri, "semi_synthetic": semi_synthetic, "verbose": settings.verbose,

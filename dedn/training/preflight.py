@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from dedn.config import RunConfig
 from dedn.data import FeatureDataset
@@ -21,7 +22,7 @@ from dedn.training.callbacks import plugin_specs
 from dedn.training.loop import build_model
 from dedn.training.settings import TrainSettings
 
-__all__ = ["open_dataset", "preflight", "check_cluster_resources"]
+__all__ = ["open_dataset", "preflight", "check_cluster_resources", "cluster_summary", "trial_resource_problem"]
 
 
 def open_dataset(cfg: RunConfig) -> tuple[RunConfig, FeatureDataset]:
@@ -79,6 +80,21 @@ def _check_writable(folder: Path, key: str) -> None:
         raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
 
 
+def cluster_summary(have: Mapping[str, float], nodes: int) -> str:
+    """What a cluster has, for messages: "2 CPUs and 0 GPUs on 1 node(s)"."""
+    return f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs on {nodes} node(s)"
+
+
+def trial_resource_problem(have: Mapping[str, float], nodes: int, cpus: float, gpus: float) -> str | None:
+    """Why a cluster with `have` (ray.cluster_resources()) can never run one trial of `cpus` CPUs and `gpus`
+    GPUs, or None. Tune would otherwise keep every trial PENDING for ever."""
+    short = [f"{need:g} {kind}s" for kind, need in (("CPU", cpus), ("GPU", gpus))
+             if need > 0 and have.get(kind, 0) + 1e-9 < need]
+    if not short:
+        return None
+    return f"one trial needs {' and '.join(short)}; the cluster has {cluster_summary(have, nodes)}"
+
+
 def check_cluster_resources(settings: TrainSettings, cpus_per_worker: float) -> None:
     """ConfigError in seconds when the cluster can never place the workers (after init_ray).
 
@@ -89,10 +105,11 @@ def check_cluster_resources(settings: TrainSettings, cpus_per_worker: float) -> 
     import ray  # Ray is up by now; importing this module does not load it (the driver's rule)
 
     have = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    summary = f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs on {nodes} node(s)"
-    if settings.use_gpu and have.get("GPU", 0) < settings.num_workers:
-        raise ConfigError("--use-gpu", f"a cluster with {settings.num_workers} GPU(s), one per worker",
+    summary = cluster_summary(have, sum(1 for n in ray.nodes() if n.get("Alive")))
+    gpus = settings.num_workers * settings.gpu_share
+    if settings.use_gpu and have.get("GPU", 0) + 1e-9 < gpus:
+        share = "one per worker" if settings.gpu_share == 1 else f"{settings.gpu_share:g} of one per worker"
+        raise ConfigError("--use-gpu", f"a cluster with {gpus:g} GPU(s), {share}",
                           f"{summary} (drop --use-gpu to train on CPUs)", "preflight")
     need = settings.num_workers * cpus_per_worker
     if need > have.get("CPU", 0) + 1e-9:

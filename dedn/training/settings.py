@@ -19,6 +19,9 @@ class TrainSettings:
 
     num_workers: int = 2
     use_gpu: bool = False
+    # with use_gpu: the share of one GPU each worker asks Ray for (0 = a whole GPU); a fraction packs
+    # several workers (a sweep's trials) onto one GPU
+    gpus_per_worker: float = 0.0
     cpus_per_worker: float = 0.0  # 0 = fit the cluster: min(1, CPUs / workers) without a GPU
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept (best val H; the latest is always kept)
@@ -45,3 +48,14 @@ class TrainSettings:
                 raise ConfigError(f"settings.{key}", f"an int >= {lo}", v, "TrainSettings")
         if self.cpus_per_worker < 0:
             raise ConfigError("settings.cpus_per_worker", ">= 0", self.cpus_per_worker, "TrainSettings")
+        if not 0 <= self.gpus_per_worker <= 1:
+            raise ConfigError("settings.gpus_per_worker", "a share of one GPU in [0, 1] (a worker trains on one device)",
+                              self.gpus_per_worker, "TrainSettings")
+        if self.gpus_per_worker > 0 and not self.use_gpu:
+            raise ConfigError("settings.gpus_per_worker", "0 unless use_gpu is set", self.gpus_per_worker,
+                              "TrainSettings")
+
+    @property
+    def gpu_share(self) -> float:
+        """The GPUs each worker asks Ray for: 0 without use_gpu, else gpus_per_worker or a whole one."""
+        return (self.gpus_per_worker or 1.0) if self.use_gpu else 0.0

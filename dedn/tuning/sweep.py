@@ -46,6 +46,7 @@ from dedn.tracking.names import metric_key
 from dedn.training import driver
 from dedn.training.driver import STATE_FILE
 from dedn.training.loop import final_config
+from dedn.training.preflight import trial_resource_problem
 from dedn.training.node_cache import start_node_caches
 from dedn.tuning.space import reported_metrics, SearchSpace
 from dedn.tuning.plots import plot_lambda_curves, plot_hparams
@@ -112,6 +113,7 @@ class SweepSpec:
     num_samples: int = 8
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # 0: trials train on CPUs; a fraction packs several trials onto one GPU
     workers_per_trial: int = 1
     search_lambdas: bool = False
     name: str = ""  # "" = <model>-<dataset>-<UTC time>
@@ -127,6 +129,9 @@ class SweepSpec:
                 raise ConfigError(f"sweep.{key}", f"an int >= {lo}", v, "SweepSpec")
         if not self.cpus_per_trial > 0:
             raise ConfigError("sweep.cpus_per_trial", "> 0", self.cpus_per_trial, "SweepSpec")
+        if not 0 <= self.gpus_per_trial <= self.workers_per_trial:
+            raise ConfigError("sweep.gpus_per_trial", f"between 0 and {self.workers_per_trial} (at most one GPU per "
+                              f"worker, {self.workers_per_trial} worker(s) per trial)", self.gpus_per_trial, "SweepSpec")
 
 
 class SweepInterrupted(RuntimeError):
@@ -154,6 +159,18 @@ def _sweep_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.lower()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+def check_trial_resources(spec: SweepSpec) -> None:
+    """ConfigError, before any trial starts, when the cluster lacks one trial's CPUs or GPUs (with Ray up)."""
+    import ray
+
+    if not ray.is_initialized():  # Tune starts its own Ray: nothing to ask yet
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    problem = trial_resource_problem(ray.cluster_resources(), nodes, spec.cpus_per_trial, spec.gpus_per_trial)
+    if problem:
+        raise ConfigError("--cpus-per-trial/--gpus-per-trial", "a trial the cluster can place", problem, "sweep preflight")
+
+
 def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     """Run (or, with resume, continue) a sweep and summarise it; returns the best configuration."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": Tune's table says it all
@@ -164,6 +181,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     sweep_dir = storage / name
     with forbid_splits(TEST_SPLITS):  # the driver itself never reads test shards either
         open_for_selection(data)  # fail here, before any trial, on a bad dataset directory
+        check_trial_resources(spec)  # and on a trial the cluster can never place (Tune would wait for ever)
         if resume:
             if not tune.Tuner.can_restore(str(sweep_dir)) or not (sweep_dir / SWEEP_FILE).exists():
                 raise ConfigError("sweep.resume", "the directory of an interrupted sweep", str(sweep_dir), "run_sweep")
@@ -175,7 +193,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
             meta = _start_parent_run(spec, name, data, sweep_dir)
         base = RunConfig.from_dict(meta["base"], source=str(sweep_dir / SWEEP_FILE))
         trainable = tune_trainable(base.to_dict(), meta["data"], meta["search_lambdas"], spec.workers_per_trial,
-                                   spec.cpus_per_trial, sweep_dir)
+                                   spec.cpus_per_trial, sweep_dir, spec.gpus_per_trial)
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
@@ -218,7 +236,8 @@ def _start_parent_run(spec: SweepSpec, name: str, data: str, sweep_dir: Path) ->
     experiment = tracking.experiment_name(spec.base.dataset) + "-tune"
     params = {
         "sweep.num_samples": spec.num_samples, "sweep.max_concurrent_trials": spec.max_concurrent_trials,
-        "sweep.cpus_per_trial": spec.cpus_per_trial, "sweep.workers_per_trial": spec.workers_per_trial,
+        "sweep.cpus_per_trial": spec.cpus_per_trial, "sweep.gpus_per_trial": spec.gpus_per_trial,
+        "sweep.workers_per_trial": spec.workers_per_trial,
         "sweep.search_lambdas": spec.search_lambdas, "sweep.seed": spec.seed, "sweep.space": spec.space.source,
         "sweep.metric": spec.space.metric, "sweep.mode": spec.space.mode, "data.path": data,
         **{f"base.{k}": v for k, v in spec.base.flat().items() if k != "data.path"},
@@ -337,7 +356,8 @@ def find_sweep(storage: str | os.PathLike[str] | None, dataset: str, name: str =
     return found[-1]
 
 
-def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_worker: float = 0.0) -> Any:
+def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_worker: float = 0.0,
+              use_gpu: bool = False) -> Any:
     """Retrain the sweep's best configuration on trainval, test once and register it.
 
     This is the training job's own driver (`dedn.training.driver.train`, as `jobs/train.py` calls
@@ -354,7 +374,8 @@ def run_final(sweep_dir: str | os.PathLike[str], *, workers: int = 1, cpus_per_w
     # competes for `champion` like any run (without them it compared as NaN and never won)
     summary = json.loads((sweep_dir / "summary.json").read_text()) if (sweep_dir / "summary.json").exists() else {}
     best_row = next((t for t in summary.get("trials", []) if t.get("trial_id") == summary.get("best_trial_id")), {})
-    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, name=f"{meta['name']}-final",
+    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
+                                    name=f"{meta['name']}-final",
                                     selection_val=best_row.get("val") or None)
     outcome = driver.train(cfg, settings)
     if outcome.run_id:

@@ -53,7 +53,7 @@ def _trial_id() -> str:
 
 
 def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lambdas: bool = False, workers: int = 1,
-          cpus_per_worker: float = 1.0, storage: str = "") -> None:
+          cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, storage: str = "") -> None:
     """Ray Tune function trainable: one selection run through the training job's own driver.
 
     A TorchTrainer of `workers` workers (`dedn.training.driver.train`, protocol select, so no
@@ -62,7 +62,8 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lam
     resumes it from its last checkpoint (an interrupted sweep).
     """
     cfg = trial_config(base, config, search_lambdas).replace(**{"data.path": data})
-    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0, num_to_keep=1,
+    settings = driver.TrainSettings(num_workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=gpus_per_worker > 0,
+                                    gpus_per_worker=gpus_per_worker, max_failures=0, num_to_keep=1,
                              register=False, track=False, verbose=False, storage_path=storage,
                              name=_trial_id())
     driver.train(cfg, settings, callbacks=[ray_train.TuneReportCallback()])
@@ -86,16 +87,22 @@ def validation_weight_grid(cfg: RunConfig, dataset: Any, model_state: Mapping[st
     return {**{n: np.asarray(v) for n, v in zip(search.names, search.values)}, **{k: v.numpy() for k, v in grid.items()}}
 
 
-def tune_trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, workers: int, cpus: float,
-               sweep_dir: Path) -> Any:
-    """The Tune trainable with its resources: the trial function drives a TorchTrainer of `workers` workers.
+def worker_resources(cpus: float, gpus: float, workers: int) -> tuple[float, float]:
+    """(CPUs, GPUs) each of a trial's `workers` asks for, out of the trial's `cpus` and `gpus`.
 
-    The trial function only waits on the Ray Train controller (0 CPU is refused), and its share
-    comes out of the trial's budget: with --cpus-per-trial 2 on a 2-CPU node, workers asking for
-    1 CPU each next to it never started (the worker group timed out after 60 s, measured;
-    docs/stack-notes.md#ray-tune).
+    The trial function holds DRIVER_CPUS of the CPUs (it only waits on the Ray Train controller; 0
+    CPU is refused): with --cpus-per-trial 2 on a 2-CPU node, workers asking for 1 CPU each next to
+    it never started (the worker group timed out after 60 s, measured; docs/stack-notes.md#ray-tune).
+    GPUs are split evenly: 0.5 per trial of one worker packs two trials onto a GPU.
     """
-    per_worker = max(0.01, (cpus - DRIVER_CPUS) / workers)
-    fn = tune.with_parameters(trial, base=spec_base, data=data, search_lambdas=search_lambdas,
-                              workers=workers, cpus_per_worker=per_worker, storage=str(sweep_dir / "train"))
+    return max(0.01, (cpus - DRIVER_CPUS) / workers), gpus / workers
+
+
+def tune_trainable(spec_base: dict[str, Any], data: str, search_lambdas: bool, workers: int, cpus: float,
+                   sweep_dir: Path, gpus: float = 0.0) -> Any:
+    """The Tune trainable with its resources: the trial function drives a TorchTrainer of `workers`
+    workers, which share the trial's `cpus` and `gpus` (`worker_resources`)."""
+    per_cpu, per_gpu = worker_resources(cpus, gpus, workers)
+    fn = tune.with_parameters(trial, base=spec_base, data=data, search_lambdas=search_lambdas, workers=workers,
+                              cpus_per_worker=per_cpu, gpus_per_worker=per_gpu, storage=str(sweep_dir / "train"))
     return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
