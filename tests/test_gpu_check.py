@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BARE = textwrap.dedent("""
@@ -36,6 +38,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # about 40 s: a subprocess, a generated dataset, two loop runs and three packed loops
 def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path: Path) -> None:
     out = _run(tmp_path, "--out", str(tmp_path / "report"), "--pack", "1", "2")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

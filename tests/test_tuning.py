@@ -427,6 +427,7 @@ def test_what_a_cluster_lacks_for_one_trial_is_named() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # the test itself is instant; the module's Ray is not
 @pytest.mark.timeout(120)
 def test_a_sweep_asking_for_gpus_the_cluster_lacks_fails_before_any_trial(tiny_data: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
