@@ -15,7 +15,11 @@ Options (`Faults`):
   happens once per marker. fail_kind "raise": InjectedFault in the forward pass after the epoch's
   first step (Ray restarts the group); "nan": that step's features become NaN (a non-finite loss);
   "disk_full": the epoch's checkpoint write fails part-way, as on a full disk (rank 0 writes
-  checkpoints: fail_rank=0). A worker killed from outside is the soak's own (SIGKILL).
+  checkpoints: fail_rank=0); "hold": after the epoch's first step the rank stops and waits up to
+  `hold_s` seconds (the test removes its node meanwhile; see test_multinode.py). A worker killed
+  from outside is the soak's own (SIGKILL).
+* fail_node: a Ray node id: the fault fires on the rank running there instead of on fail_rank.
+* Each rank's record also names its Ray node (`node`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import resource
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ __all__ = ["PLUGIN", "FAIL_KINDS", "Faults", "InjectedFault", "feature_digest", 
            "plugin", "env"]
 
 PLUGIN = "faults:Faults"
-FAIL_KINDS = ("raise", "nan", "disk_full")
+FAIL_KINDS = ("raise", "nan", "disk_full", "hold")
 TESTS = Path(__file__).resolve().parent
 
 
@@ -89,18 +94,23 @@ class Faults(Callback):
     fail_epoch: int = 0  # 0 = never
     fail_marker: str = ""
     fail_kind: str = "raise"
+    fail_node: str = ""
+    hold_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.fail_kind not in FAIL_KINDS:
             raise ValueError(f"Faults.fail_kind: expected one of {FAIL_KINDS}, found {self.fail_kind!r}")
         if self.fail_epoch and not self.fail_marker:
             raise ValueError("Faults: fail_epoch needs fail_marker (the fault happens once per marker)")
-        self.rank, self.phase, self.epoch, self.steps = 0, "select", 1, 0
+        self.rank, self.phase, self.epoch, self.steps, self.node = 0, "select", 1, 0, ""
         self.seen: dict[str, dict[str, list[str]]] = {}
 
     # ---- the plugin's hooks ------------------------------------------------------------------
     def on_start(self, ctx: WorkerContext) -> None:
+        import ray  # the plugin runs in Ray Train workers only
+
         self.rank, self.phase, self.epoch, self.steps = ctx.rank, ctx.phase, ctx.epoch, 0
+        self.node = ray.get_runtime_context().get_node_id()
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model.register_forward_pre_hook(self._before_forward)
@@ -130,11 +140,13 @@ class Faults(Callback):
     def on_end(self, model: nn.Module) -> None:
         if self.record_dir:
             write_text(Path(self.record_dir) / f"rank{self.rank}.json",
-                       json.dumps({"rank": self.rank, "seen": self.seen, "params": params_digest(model)}))
+                       json.dumps({"rank": self.rank, "node": self.node, "seen": self.seen,
+                                   "params": params_digest(model)}))
 
     # ---- the faults ----------------------------------------------------------------------------
     def _fires(self, kind: str, phase: str, epoch: int) -> bool:
-        return (self.fail_kind == kind and bool(self.fail_epoch) and self.rank == self.fail_rank and phase == "select"
+        here = self.node == self.fail_node if self.fail_node else self.rank == self.fail_rank
+        return (self.fail_kind == kind and bool(self.fail_epoch) and here and phase == "select"
                 and epoch == self.fail_epoch and not os.path.exists(self.fail_marker))
 
     def _mark(self, what: str) -> None:
@@ -150,6 +162,9 @@ class Faults(Callback):
         if self.steps >= 1 and self._fires("nan", self.phase, self.epoch):
             self._mark(f"rank {self.rank}: NaN features at epoch {self.epoch}, step {self.steps + 1}")
             out = (torch.full_like(args[0], float("nan")), *args[1:])
+        if self.steps >= 1 and self._fires("hold", self.phase, self.epoch):
+            self._mark(f"rank {self.rank} holds at epoch {self.epoch} on node {self.node}")
+            time.sleep(self.hold_s)  # its node goes away meanwhile, this process with it
         self.steps += 1
         if self.record_dir:
             self.seen.setdefault(self.phase, {}).setdefault(str(self.epoch), []).extend(feature_digest(args[0]))

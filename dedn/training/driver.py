@@ -309,7 +309,7 @@ def _train_worker(config: dict[str, Any], cfg: RunConfig, rank: int, world_size:
         sinks.append(MLflowSink(config["run_id"], config["tracking_uri"], cfg, dataset,
                                 semi_synthetic=bool(config.get("semi_synthetic"))))
     sinks.append(RayTrainSink(rank, callbacks.around_checkpoint_write if callbacks else None))
-    with _node_system_metrics(config):
+    with _node_system_metrics(config, distributed):
         run_protocol(cfg, dataset, sinks=sinks, resume=resume, rank=rank, world_size=world_size, device=device,
                      wrap_model=wrap, collective=TorchCollective() if distributed else None,
                      autocast_dtype=autocast_dtype,
@@ -329,17 +329,28 @@ def _start_position(cfg: RunConfig, resume: Mapping[str, Any] | None) -> tuple[s
     return phase, epoch
 
 
-def _node_system_metrics(config: Mapping[str, Any]) -> Any:
-    """MLflow system metrics of this node into the run, from its local rank 0 (one sampler per node);
-    nodes are told apart (`system/node<k>/...`) when the run spans several."""
-    import ray.train  # on use (module docstring)
+def _node_system_metrics(config: Mapping[str, Any], distributed: bool) -> Any:
+    """MLflow system metrics of this node into the run, from the node's lowest rank (one sampler per
+    node); nodes are told apart (`system/node<k>/...`, k in order of their lowest rank) when the run
+    spans several.
 
-    ctx = ray.train.get_context()
-    if not config.get("run_id") or ctx.get_local_rank() != 0:
+    A node is a Ray node (a raylet), found by its id and gathered over the ranks: Ray Train's own
+    local rank groups workers by IP, so several raylets on one machine (`ray.cluster_utils.Cluster`,
+    a container per node sharing a host network) would be one node to it and sampled once."""
+    import ray  # on use (module docstring)
+
+    if not config.get("run_id"):
         return nullcontext()
-    multi_node = ctx.get_local_world_size() < ctx.get_world_size()
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [here]
+    if distributed:
+        nodes = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, here)
+    first = list(dict.fromkeys(nodes))  # node ids in order of their lowest rank
+    if nodes.index(here) != (dist.get_rank() if distributed else 0):
+        return nullcontext()  # a lower rank on this node samples it
     return tracking.system_metrics(config["run_id"], config.get("tracking_uri"),
-                          node_id=f"node{ctx.get_node_rank()}" if multi_node else None)
+                                   node_id=f"node{first.index(here)}" if len(first) > 1 else None)
 
 
 def last_model(state: Mapping[str, Any], cfg: RunConfig, dataset: FeatureDataset) -> nn.Module:

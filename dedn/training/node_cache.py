@@ -51,6 +51,7 @@ class NodeSplitCache:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.decodes: list[str] = []
+        self.served: dict[str, int] = {}  # requests answered per split key (what a worker read from here)
 
     def get(self, root: str, split: str, key: str) -> dict[str, Any]:
         """{"ref": [ObjectRef of the arrays]} or {"error": the DednError decoding raised}."""
@@ -67,10 +68,11 @@ class NodeSplitCache:
                 self._refs[key] = ray.put({"split": split, "features": res.features.numpy(), "labels": res.labels,
                                            "sample_ids": res.sample_ids, "shape": tuple(res.features.shape)})
                 self.decodes.append(key)
+            self.served[key] = self.served.get(key, 0) + 1
         return {"ref": [self._refs[key]]}  # in a list: returned as a reference, not fetched by the caller
 
     def stats(self) -> dict[str, Any]:
-        return {"decodes": list(self.decodes), "held": list(self._refs)}
+        return {"decodes": list(self.decodes), "held": list(self._refs), "served": dict(self.served)}
 
 
 def start_node_caches() -> list[Any]:
