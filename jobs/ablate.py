@@ -44,7 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers per run")
     p.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default: fit the cluster)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (NCCL, bf16 autocast)")
-    p.add_argument("--storage-path", default="", help="Ray Train storage (default: $DEDN_HOME/ray_results)")
+    p.add_argument("--storage-path", default="", help="Ray Train storage: a folder every node sees, or s3://bucket/prefix "
+                   "(AWS_* variables; default: $DEDN_HOME/ray_results)")
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>-ablation)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing setting")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines from the workers")

@@ -49,7 +49,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default: fit the cluster)")
     p.add_argument("--max-failures", type=int, default=2, help="restarts from the last checkpoint after a failure")
     p.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept (best validation H, plus the latest)")
-    p.add_argument("--storage-path", default="", help="Ray Train storage (default: $DEDN_HOME/ray_results)")
+    p.add_argument("--storage-path", default="", help="Ray Train storage: a folder every node sees, or s3://bucket/prefix "
+                   "(AWS_* variables; default: $DEDN_HOME/ray_results)")
     p.add_argument("--name", default="", help="Ray Train run name (default: a new dedn-<dataset>-<time> name)")
     p.add_argument("--experiment", default="", help="MLflow experiment (default: dedn-<dataset>)")
     p.add_argument("--no-register", action="store_true", help="do not register the final model")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,10 +108,9 @@ class Faults(Callback):
 
     # ---- the plugin's hooks ------------------------------------------------------------------
     def on_start(self, ctx: WorkerContext) -> None:
-        import ray  # the plugin runs in Ray Train workers only
-
         self.rank, self.phase, self.epoch, self.steps = ctx.rank, ctx.phase, ctx.epoch, 0
-        self.node = ray.get_runtime_context().get_node_id()
+        ray = sys.modules.get("ray")  # a Ray Train worker's node; a loop run without Ray has none (no Ray started)
+        self.node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         model.register_forward_pre_hook(self._before_forward)

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -46,9 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dedn import tracking
+from dedn import storage, tracking
 from dedn.accel import autocast_dtype_for
-from dedn.atomic import write_text
 from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from dedn.config import RunConfig
 from dedn.data import FeatureDataset
@@ -158,11 +158,11 @@ class RayTrainSink:
         """Copy the checkpoint folder into the run's storage under `dir_name`, whole or not at all."""
         import ray.train  # on use (module docstring)
 
-        storage = ray.train.get_context().get_storage()
-        fs = storage.storage_filesystem
+        where = ray.train.get_context().get_storage()
+        fs = where.storage_filesystem
         if not isinstance(fs, pyarrow.fs.LocalFileSystem):  # an object store writes each object whole
-            return storage.persist_current_checkpoint(checkpoint, dir_name)
-        final = Path(storage.build_checkpoint_path_from_name(dir_name))
+            return where.persist_current_checkpoint(checkpoint, dir_name)
+        final = Path(where.build_checkpoint_path_from_name(dir_name))
         tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
         try:
             with self.around_write(report):  # the callbacks' (a test's full disk)
@@ -256,7 +256,7 @@ def train_func(config: dict[str, Any]) -> None:
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     # a selection-only run (a sweep's trial) must not touch a test shard: the guard is per process
     guard = forbid_splits(TEST_SPLITS) if cfg.protocol == "select" else nullcontext()
-    fatal = Path(config["fatal_file"]) if config.get("fatal_file") else None
+    fatal = config.get("fatal_file") or None  # a path or an object-store URI
     recorded = read_fatal(fatal) if fatal is not None else None
     if recorded is not None:  # a restart after a deterministic error: it would happen again, end now
         _quiet_fatal_error_log(recorded)
@@ -277,7 +277,7 @@ def train_func(config: dict[str, Any]) -> None:
     except Exception as e:
         # another rank's deterministic error ended the group (Ray's synchronisation actor, the collectives
         # are gone): the driver raises that one, recorded first
-        if fatal is not None and fatal.is_file():
+        if fatal is not None and storage.read_text(fatal) is not None:
             _quiet_fatal_error_log(e)
         raise
 
@@ -418,6 +418,17 @@ def read_outcome(ckpt_dir: str | None, cfg: RunConfig) -> dict[str, Any]:
             "history": history}
 
 
+def _outcome_of(checkpoint: Any, run_folder: str, cfg: RunConfig) -> tuple[str | None, dict[str, Any]]:
+    """(where the last checkpoint is, `read_outcome` of it): a local folder is read in place, an
+    object store's is fetched into a temporary folder first (Ray's `as_directory`)."""
+    if checkpoint is None:
+        return None, read_outcome(None, cfg)
+    if storage.local_path(run_folder) is not None:
+        return checkpoint.path, read_outcome(checkpoint.path, cfg)
+    with checkpoint.as_directory() as d:
+        return storage.join(run_folder, posixpath.basename(checkpoint.path)), read_outcome(d, cfg)
+
+
 def _end_failed_run(run: Any, status: str) -> str:
     """Mark the MLflow run of a run that ended with an error `status` (FAILED, KILLED); "" when done.
 
@@ -448,11 +459,11 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
     """
     settings = settings or TrainSettings()
     t0 = time.perf_counter()
-    cfg, dataset, storage_dir = preflight(cfg, settings)  # user errors stop here: no Ray, no MLflow run yet
+    cfg, dataset, location = preflight(cfg, settings)  # user errors stop here: no Ray, no MLflow run yet
     name = settings.name or run_name(cfg)
-    storage = str(storage_dir)
-    fatal = storage_dir / name / FATAL_FILE
-    fatal.unlink(missing_ok=True)  # a resumed run starts without the error that stopped it before
+    run_folder = storage.join(location, name)  # Ray Train's folder of this run: checkpoints, and our two records
+    fatal = storage.join(run_folder, FATAL_FILE)
+    storage.remove(fatal)  # a resumed run starts without the error that stopped it before
 
     run = None
     if settings.track:
@@ -466,23 +477,24 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
     if settings.track:
         # the same --name again continues the checkpoints (Ray Train) and the same MLflow run, whose id
         # is kept beside them: its history stays whole
-        record = storage_dir / name / RUN_RECORD_FILE
-        previous = json.loads(record.read_text()).get("run_id") if record.is_file() else None
+        record = storage.join(run_folder, RUN_RECORD_FILE)
+        text = storage.read_text(record)
+        previous = json.loads(text).get("run_id") if text else None
         run = tracking.reopen_run(previous) if previous else None
         if run is None:
             run = tracking.start_training_run(cfg, name=name, semi_synthetic=dataset.semi_synthetic,
                                               experiment=settings.experiment, parent_run_id=settings.parent_run_id,
                                               tags={"num_workers": str(settings.num_workers),
                                                     "device": "gpu" if settings.use_gpu else "cpu", **settings.tags})
-            write_text(record, json.dumps({"run_id": run.run_id, "experiment": run.experiment_name}))
+            storage.write_text(record, json.dumps({"run_id": run.run_id, "experiment": run.experiment_name}))
         if settings.verbose:
             what = "continuing run" if previous == run.run_id else "run"
             print(f"MLflow: {what} {run.run_id} in experiment {run.experiment_name} at {run.tracking_uri}; "
-                  f"checkpoints in {storage_dir / name} (--name {name} continues this run)", flush=True)
+                  f"checkpoints in {run_folder} (--name {name} continues this run)", flush=True)
 
     trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
-                            semi_synthetic=dataset.semi_synthetic, storage_path=storage, name=name, callbacks=callbacks,
-                            fatal_file=str(fatal))
+                            semi_synthetic=dataset.semi_synthetic, storage_path=location, name=name, callbacks=callbacks,
+                            fatal_file=fatal)
     try:
         result = trainer.fit()
         if result.error is not None:  # older behaviour: the error on the result instead of raised
@@ -498,10 +510,9 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
             raise recorded from e
         raise
 
-    ckpt_dir = result.checkpoint.path if result.checkpoint is not None else None
-    got = read_outcome(ckpt_dir, cfg)
+    ckpt_dir, got = _outcome_of(result.checkpoint, run_folder, cfg)
     outcome = TrainOutcome(run.run_id if run else None, run.experiment_id if run else None, run.tracking_uri if run else None,
-                           str(Path(storage) / name), ckpt_dir,
+                           run_folder, ckpt_dir,
                            # a final-only run (a sweep's --final) validates nothing: its selection's metrics
                            got["val"] or (dict(settings.selection_val) if settings.selection_val else None),
                            got["test"], got["best_epoch"], got["weights"],

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dedn.atomic import write_text
+from dedn import storage
 from dedn.errors import DednError, rebuild
 
 __all__ = ["FATAL_FILE", "read_fatal", "write_fatal"]
@@ -20,19 +20,20 @@ __all__ = ["FATAL_FILE", "read_fatal", "write_fatal"]
 FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryable error a worker raised
 
 
-def write_fatal(path: Path, exc: DednError) -> None:
+def write_fatal(path: str | Path, exc: DednError) -> None:
     """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
     state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
     doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
            "state": state}
-    write_text(path, json.dumps(doc))
+    storage.write_text(str(path), json.dumps(doc))  # a path or an object-store URI (dedn.storage)
 
 
-def read_fatal(path: Path) -> DednError | None:
+def read_fatal(path: str | Path) -> DednError | None:
     """The recorded error rebuilt as its own class (dedn classes only); None when there is none."""
-    if not path.is_file():
+    text = storage.read_text(str(path))
+    if text is None:
         return None
-    doc = json.loads(path.read_text())
+    doc = json.loads(text)
     cls: Any = DednError
     if str(doc.get("module", "")).startswith("dedn."):
         found = getattr(importlib.import_module(doc["module"]), doc["qualname"], None)

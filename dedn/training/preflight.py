@@ -7,7 +7,6 @@ checkpoints); `check_cluster_resources`, once Ray is up, that the cluster can pl
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +16,7 @@ from dedn.errors import ConfigError
 from dedn.families import family_of
 from dedn.home import dedn_home
 from dedn.protocol import SELECTION_SPLITS
+from dedn.storage import check_writable, local_path, resolve
 from dedn.tracking.location import tracking_uri
 from dedn.training.callbacks import plugin_specs
 from dedn.training.loop import build_model
@@ -38,15 +38,16 @@ def open_dataset(cfg: RunConfig) -> tuple[RunConfig, FeatureDataset]:
     return cfg.replace(**{"data.path": data}), dataset
 
 
-def preflight(cfg: RunConfig, settings: TrainSettings) -> tuple[RunConfig, FeatureDataset, Path]:
+def preflight(cfg: RunConfig, settings: TrainSettings) -> tuple[RunConfig, FeatureDataset, str]:
     """Everything a user can get wrong, checked in the driver in seconds, before Ray or MLflow start.
 
     The dataset (manifest, shard footers, the label columns against the manifest's class sets),
     the family's dataset-dependent defaults (`ModelFamily.resolve`), the network built once
     (clusters, sizes: every check the family makes at build time), the training plugins (each name
 imports), and the checkpoint location:
-    writable, with room for the checkpoints kept. Returns the resolved config, the dataset and
-    the Ray Train storage folder.
+    writable (an object store: reachable with these credentials), with room for the checkpoints kept
+    (a local disk). Returns the resolved config, the dataset and the Ray Train storage location (an
+    absolute path or a URI, `dedn.storage`).
     """
     cfg, dataset = open_dataset(cfg)
     plugin_specs(settings.plugins, check=True)  # every training plugin imports here, as in the workers
@@ -55,29 +56,19 @@ imports), and the checkpoint location:
                           "i.e. --use-gpu", "bf16", "preflight")
     cfg = family_of(cfg).resolve(cfg, dataset.class_side)
     model = build_model(cfg, dataset.class_side, dataset.feature_shape)
-    storage = Path(settings.storage_path).expanduser().resolve() if settings.storage_path else dedn_home() / "ray_results"
-    _check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
+    storage = resolve(settings.storage_path) if settings.storage_path else str(dedn_home() / "ray_results")
+    check_writable(storage, "settings.storage_path" if settings.storage_path else "DEDN_HOME")
     if settings.track and tracking_uri().startswith("sqlite:"):
-        _check_writable(dedn_home(), "DEDN_HOME")
+        check_writable(str(dedn_home()), "DEDN_HOME")
     # a checkpoint holds the weights, the optimiser state (RMSprop: about as much again, with momentum
     # twice) and the best epoch's weights: 4x the weights is a safe bound; num_to_keep + 1 are on disk
-    # while the newest is written
+    # while the newest is written (an object store has no free-space figure to check)
     need = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) * (settings.num_to_keep + 1)
-    free = shutil.disk_usage(storage).free
+    free = shutil.disk_usage(storage).free if local_path(storage) else need
     if free < need:
         raise ConfigError("settings.storage_path", f"{need / 2**20:.0f} MiB free for {settings.num_to_keep + 1} checkpoints",
                           f"{free / 2**20:.0f} MiB free at {storage}", "preflight")
     return cfg, dataset, storage
-
-
-def _check_writable(folder: Path, key: str) -> None:
-    """mkdir and write a probe file: a read-only or missing location fails here, with its name."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dedn-write-probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})", "preflight") from None
 
 
 def cluster_summary(have: Mapping[str, float], nodes: int) -> str:

@@ -168,7 +168,11 @@ class _ClusterWatch(threading.Thread):
 
 
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-FORWARDED_ENV = (*TRACKING_ENV, "DEDN_HOME")  # where runs land: the submitting shell's choice, not the node's
+# an S3-compatible store's endpoint, credentials and region (`--storage-path s3://...`, dedn.storage)
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_DEFAULT_REGION", "AWS_REGION")
+# where runs land: the submitting shell's choice, not the node's
+FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, "DEDN_HOME")
 # Ray Train gives a worker group 60 s to start, then logs a WorkerGroupStartupTimeoutError traceback and
 # starts it again; on a loaded node (a sweep beside a run, 2 cores) a healthy start takes longer. Ray
 # Train's controller reads it, so it travels with the job (or is inherited by an embedded Ray).
