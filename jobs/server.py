@@ -44,7 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--auth-database-url", default=None,
                    help="MLflow's user store (default: a second managed database, or DIR/basic_auth.db with --database-url)")
     s.add_argument("--artifacts-destination", default=None,
-                   help="where the server stores artifacts: a path or an object-store URI (default: DIR/artifacts)")
+                   help="where the server stores artifacts: a path or s3://bucket/prefix (AWS_* variables; default: DIR/artifacts)")
     s.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
     cmd("stop", "stop the MLflow server and the managed PostgreSQL")
     cmd("status", "say whether the server runs and answers, and its memory")

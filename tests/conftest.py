@@ -197,6 +197,59 @@ def team_server() -> Team:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---- an S3-compatible store on loopback (moto's server mode) ---------------------------------------------
+S3_BUCKET = "dedn-test"
+
+
+@dataclass
+class S3:
+    env: dict[str, str]  # AWS_ENDPOINT_URL, credentials, region: what a user's shell would set
+    bucket: str
+
+    def keys(self, prefix: str) -> set[str]:
+        """The bucket's object keys under `prefix`, without it."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=self.env["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port with one bucket, for the session (the test extra has moto)."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("moto", reason="moto (the test extra) provides the loopback S3 server")
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "dedn",
+           "AWS_SECRET_ACCESS_KEY": "dedn-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # still starting
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield S3(env, S3_BUCKET)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 # ---- one sweep shared by test_tuning (its assertions) and test_team (the same sweep on the server) ----
 SWEEP_TRIALS = 4  # all at once: the concurrency the team server must survive, at half the old 8-trial cost
 TINY_TRAIN = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]

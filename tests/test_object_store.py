@@ -1,5 +1,5 @@
 """Runs whose storage is an object store: `--storage-path s3://bucket/prefix` against an S3-compatible
-server on loopback (moto's server mode, started here; no real S3 is reachable from CI).
+server on loopback (moto's server mode, `s3_server` in conftest.py; no real S3 is reachable from CI).
 
 The endpoint, credentials and region come from the standard AWS variables, set for this module
 (the module's Ray starts after them, so its workers inherit them, as a job's workers get them
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 
-BUCKET = "dedn-test"
 OVERRIDES = ["epochs=2", "optim.lr=0.001", "eval.batch_size=64", "optim.max_steps_per_epoch=4"]
 
 
@@ -32,44 +28,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    """A moto S3 server with one bucket; AWS_* and a private DEDN_HOME set for the module."""
-    pytest.importorskip("moto", reason="moto (the test extra) provides the loopback S3 server")
-    import boto3
-
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "dedn", "AWS_SECRET_ACCESS_KEY": "dedn-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "DEDN_HOME": str(tmp_path_factory.mktemp("s3-home"))}
+def s3(s3_server, tmp_path_factory: pytest.TempPathFactory):
+    """The loopback S3's AWS_* and a private DEDN_HOME, set for the module (its Ray inherits them)."""
+    env = {**s3_server.env, "DEDN_HOME": str(tmp_path_factory.mktemp("s3-home"))}
     saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_TRACKING_URI")}
     os.environ.update(env)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # still starting
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.3)
-        yield boto3.client("s3")
+        yield s3_server
     finally:
-        server.terminate()
-        server.wait(30)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _keys(client, prefix: str) -> set[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
 
 
 def _settings(storage: str, name: str, **kw):
@@ -88,7 +60,7 @@ def test_a_wrong_bucket_or_endpoint_is_one_error_naming_the_uri_before_ray(s3, t
     from dedn.errors import ConfigError
     from dedn.training.driver import train
 
-    uri = f"s3://{BUCKET}/runs"
+    uri = f"s3://{s3.bucket}/runs"
     if where == "bucket":
         uri = "s3://no-such-bucket/runs"
     else:
@@ -116,19 +88,20 @@ def test_checkpoints_and_records_live_in_the_bucket_and_the_same_name_resumes_fr
     from dedn import tracking
     from dedn.config import build_config
     from dedn.errors import NonFiniteLossError
+    from dedn.storage import read_text as storage_text
     from dedn.training.driver import RUN_RECORD_FILE, STATE_FILE, train
     from dedn.training.fatal import FATAL_FILE
 
     cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
-    storage = f"s3://{BUCKET}/runs"
+    storage = f"s3://{s3.bucket}/runs"
     marker = tmp_path / "nan-marker"
     with pytest.raises(NonFiniteLossError):
         train(cfg, _settings(storage, "s3run", max_failures=1,
                              plugins=plugin(fail_rank=0, fail_epoch=2, fail_marker=str(marker), fail_kind="nan")))
     assert marker.exists(), "the fault was not injected"
-    keys = _keys(s3, "runs/s3run/")
+    keys = s3.keys("runs/s3run/")
     assert {FATAL_FILE, RUN_RECORD_FILE, f"select-epoch0001/{STATE_FILE}"} <= keys, sorted(keys)
-    first = json.loads(s3.get_object(Bucket=BUCKET, Key=f"runs/s3run/{RUN_RECORD_FILE}")["Body"].read())["run_id"]
+    first = json.loads(storage_text(f"{storage}/s3run/{RUN_RECORD_FILE}"))["run_id"]
     c = tracking.client()
     assert c.get_run(first).info.status == "FAILED"
 
@@ -136,7 +109,7 @@ def test_checkpoints_and_records_live_in_the_bucket_and_the_same_name_resumes_fr
     assert out.run_id == first and c.get_run(first).info.status == "FINISHED"
     assert out.storage_dir == f"{storage}/s3run" and out.checkpoint_dir.startswith(f"{storage}/s3run/final-epoch")
     assert out.val_metrics and out.test_metrics and out.best_epoch >= 1
-    keys = _keys(s3, "runs/s3run/")
+    keys = s3.keys("runs/s3run/")
     assert FATAL_FILE not in keys and f"final-epoch{out.best_epoch:04d}/{STATE_FILE}" in keys, sorted(keys)
     assert [m.step for m in c.get_metric_history(first, "val/H")] == [1, 2]  # epoch 2 redone, logged once
     assert c.get_run(first).data.tags[tracking.CHECKPOINT_TAG] == out.checkpoint_dir

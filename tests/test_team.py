@@ -234,6 +234,77 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
     assert out.returncode == 0 and "AWA2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+@pytest.mark.timeout(300)
+def test_a_server_keeping_artifacts_on_s3_serves_the_registered_model_to_predict(s3_server, awa2_tiny: Path,
+                                                                                 tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jobs/server.py start --artifacts-destination s3://...`: a model registered through the server lands
+    in the bucket and `jobs/predict.py` loads it back through the server, without AWS credentials of its
+    own; a bucket that is not there is refused by name before anything starts."""
+    import tempfile
+
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.data.reader import ShardReader
+    from dedn.errors import ServerError
+    from dedn.families import family_of
+    from dedn.tracking import server
+    from dedn.training.loop import build_model
+
+    try:
+        server._pg_bin("initdb")
+    except ServerError as e:
+        _unavailable(str(e))
+    for k, v in s3_server.env.items():  # the shell that starts the server has the store's variables
+        monkeypatch.setenv(k, v)
+    root = Path(tempfile.mkdtemp(prefix="dedn-s3-team-", dir="/tmp"))  # PostgreSQL's user must reach it
+    root.chmod(0o711)
+    with pytest.raises(ServerError, match=r"--artifacts-destination: s3://no-such-bucket/a: the bucket does not exist"):
+        server.start(root / "bad", port=_free_port(), pg_port=_free_port(), artifacts_destination="s3://no-such-bucket/a")
+    assert not (root / "bad" / "postgres").exists()  # refused before PostgreSQL started
+
+    dest = f"s3://{s3_server.bucket}/mlflow-artifacts"
+    info = server.start(root / "srv", port=_free_port(), pg_port=_free_port(), workers=1, artifacts_destination=dest)
+    try:
+        env = dict(line.removeprefix("export ").split("=", 1) for line in server.env_lines(root / "srv"))
+        env = {k: v.strip("'") for k, v in env.items()}
+        assert info.artifacts_destination == dest
+        # a model registered through the server (an untrained network: the store is the question here)
+        for k, v in {**env, "DEDN_HOME": str(tmp_path / "home")}.items():
+            monkeypatch.setenv(k, v)
+        from dedn import tracking
+        from dedn.tracking import registry
+
+        ds = FeatureDataset.open(awa2_tiny)
+        cfg = build_config("awa2", [f"data.path={awa2_tiny}"])
+        cfg = family_of(cfg).resolve(cfg, ds.class_side)
+        run = tracking.start_training_run(cfg, name="s3-artifacts", semi_synthetic=True)
+        example = next(iter(ShardReader(ds, "trainval", batch_size=1, shuffle=False))).features.numpy()
+        metrics = {"T": 0.1, "U": 0.1, "S": 0.1, "H": 0.1}
+        got = registry.register_model(build_model(cfg, ds.class_side, ds.feature_shape), cfg, ds.class_side,
+                                      run_id=run.run_id, val_metrics=metrics, test_metrics=metrics,
+                                      input_example=example, semi_synthetic=True)
+        run.finish("FINISHED")
+        assert got.champion
+        assert any(k.endswith("/MLmodel") for k in s3_server.keys("mlflow-artifacts/")), "the model is not in the bucket"
+
+        # predict, with the server's variables and no AWS ones: the model comes through the server
+        client_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        pred = tmp_path / "pred.parquet"
+        out = subprocess.run([sys.executable, "jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data",
+                              str(awa2_tiny), "--split", "test_unseen", "--out", str(pred)], cwd=ROOT, env=client_env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(pred).num_rows == 10 * 4  # AWA2: 10 unseen classes x 4 images
+    finally:
+        server.stop(root / "srv")
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _register_two(env: dict[str, str], start: "mp.synchronize.Barrier", hs: list[float], out: "mp.Queue") -> None:
     os.environ.update(env)
     from dedn import tracking

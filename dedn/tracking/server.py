@@ -23,6 +23,7 @@ for root is `/var/lib/dedn-team`.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pwd
@@ -40,9 +41,10 @@ from typing import Any, Mapping
 
 from dedn.atomic import write_text
 from dedn.cli import command
-from dedn.errors import ServerError
+from dedn.errors import ConfigError, ServerError
 from dedn.home import dedn_home
 from dedn.procs import alive, descendants, kill_group
+from dedn.storage import check_writable
 from dedn.tracking.mlflow_settings import MLFLOW_DEFAULTS
 from dedn.tracking.probe import auth_header, check_reachable, http_status
 
@@ -271,6 +273,19 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def _check_artifact_store(uri: str) -> None:
+    """An object-store artifact destination the server can write (its AWS_* variables or instance role),
+    with the client library MLflow's server needs for it; else one ServerError naming the URI, before
+    anything starts (the server would otherwise fail at the first artifact a run logs)."""
+    if uri.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise ServerError("--artifacts-destination", f"{uri} needs boto3 in the server's Python (pip install boto3)")
+    try:
+        check_writable(uri, "--artifacts-destination")
+    except ConfigError as e:
+        raise ServerError("--artifacts-destination", f"{e.found} (endpoint, credentials and region: the AWS_* "
+                          "variables of the shell that starts the server)") from None
+
+
 # ---- the commands ------------------------------------------------------------------------------------
 def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1", port: int = 5000, pg_port: int = 5433,
           database_url: str | None = None, auth_database_url: str | None = None, artifacts_destination: str | None = None,
@@ -290,6 +305,12 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
         raise ServerError(root, f"cannot be created ({e.strerror})") from None
     sec = _secrets(root)
     _port_free(host, port, "--port")
+    artifacts = artifacts_destination or str(root / "artifacts")
+    if "://" not in artifacts:
+        artifacts = str(Path(artifacts).expanduser().resolve())
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+    else:  # before PostgreSQL starts
+        _check_artifact_store(artifacts)
 
     pg_data = None
     if database_url:
@@ -321,10 +342,6 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
     finally:
         os.umask(old)
 
-    artifacts = artifacts_destination or str(root / "artifacts")
-    if "://" not in artifacts:
-        artifacts = str(Path(artifacts).expanduser().resolve())
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
     env = {
         **MLFLOW_DEFAULTS,  # the quiet logs dedn's own processes have (dedn.tracking.mlflow_settings)
         **os.environ,
