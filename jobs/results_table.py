@@ -3,10 +3,13 @@
     python jobs/results_table.py                                  # champions of CUB, SUN, AWA2
     python jobs/results_table.py --datasets CUB AWA2 --source runs --out results/table1.md
     python jobs/results_table.py --source runs --variant reference --no-paper-row
+    python jobs/results_table.py --source seeds                   # jobs/reproduce.py: mean ± std over seeds
 
 --source registry: the `champion` version of each `dedn-<dataset>` registered model (its tags
 hold the validation and test metrics). --source runs: the finished training run of experiment
-`dedn-<dataset>` with the best validation H. Datasets whose data was semi-synthetic are marked.
+`dedn-<dataset>` with the best validation H. --source seeds: the newest multi-seed reproduction
+(`jobs/reproduce.py`), each cell its mean ± standard deviation over the seeds. Datasets whose
+data was semi-synthetic are marked.
 The store is $MLFLOW_TRACKING_URI, default sqlite:///$DEDN_HOME/mlflow.db (DEDN_HOME: ~/.dedn).
 """
 from __future__ import annotations
@@ -25,8 +28,9 @@ from dedn.errors import DednError
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["CUB", "SUN", "AWA2"], help="datasets (column groups), in order")
-    p.add_argument("--source", choices=["registry", "runs"], default="registry",
-                   help="registry: each champion version; runs: the best finished training run (by validation H)")
+    p.add_argument("--source", choices=["registry", "runs", "seeds"], default="registry",
+                   help="registry: each champion version; runs: the best finished training run (by validation H); "
+                        "seeds: the newest multi-seed reproduction (jobs/reproduce.py), mean ± std")
     p.add_argument("--variant", default="", help="runs source only: only runs of this variant (paper|reference)")
     p.add_argument("--out", default="", help="also write the Markdown to this file")
     p.add_argument("--no-paper-row", action="store_true", help="leave out the paper's DEDN row")

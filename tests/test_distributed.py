@@ -29,17 +29,10 @@ OVERRIDES = [f"epochs={EPOCHS}", "optim.lr=0.001", "eval.batch_size=64"]
 def ray_env(tmp_path_factory: pytest.TempPathFactory, ray_module):
     """A private DEDN_HOME on the module's Ray (its workers find the faults plugin, tests/faults.py)."""
     home = tmp_path_factory.mktemp("dedn_home")
-    saved = {k: os.environ.get(k) for k in ("DEDN_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["DEDN_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEDN_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield home
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run(tiny_dataset, home: Path, name: str, overrides: tuple[str, ...] = (), **faults):

@@ -53,25 +53,21 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("multinode-home")
     env = {**NODE_ENV, "DEDN_HOME": str(home),
            "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_TRACKING_URI")}
-    os.environ.update(env)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node0": 1}})
-    try:
-        for i in (1, 2):
-            cluster.add_node(num_cpus=1, resources={f"node{i}": 1})
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        import ray
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node0": 1}})
+        try:
+            for i in (1, 2):
+                cluster.add_node(num_cpus=1, resources={f"node{i}": 1})
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            import ray
 
-        ray.shutdown()
-        cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            ray.shutdown()
+            cluster.shutdown()
 
 
 @pytest.fixture

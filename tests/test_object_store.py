@@ -30,18 +30,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3(s3_server, tmp_path_factory: pytest.TempPathFactory):
     """The loopback S3's AWS_* and a private DEDN_HOME, set for the module (its Ray inherits them)."""
-    env = {**s3_server.env, "DEDN_HOME": str(tmp_path_factory.mktemp("s3-home"))}
-    saved = {k: os.environ.get(k) for k in (*env, "MLFLOW_TRACKING_URI")}
-    os.environ.update(env)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**s3_server.env, "DEDN_HOME": str(tmp_path_factory.mktemp("s3-home"))}.items():
+            mp.setenv(k, v)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield s3_server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _settings(storage: str, name: str, **kw):

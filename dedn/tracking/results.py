@@ -1,6 +1,6 @@
 """Our results in the layout of Table 1 of Rao et al. (IJCAI 2024): T, U, S, H per dataset.
 
-Two sources in the MLflow store (`dedn.tracking`):
+Three sources in the MLflow store (`dedn.tracking`):
 
 * `registry`: the version behind alias `champion` of `dedn-<dataset>`; its tags hold the
   validation and test metrics (`val_H`, `test_T`, ... as fractions, written by
@@ -8,7 +8,10 @@ Two sources in the MLflow store (`dedn.tracking`):
 * `runs`: the finished training runs of experiment `dedn-<dataset>` that reached a test
   evaluation (metric `test/H`), ablation/sweep children excluded; the best is chosen on
   VALIDATION H (`val/best_H`), never on test; runs without validation (protocol final)
-  rank after those with it, newest first.
+  rank after those with it, newest first;
+* `seeds`: the newest finished multi-seed reproduction (`jobs/reproduce.py`, a parent run of kind
+  "seeds" in experiment `dedn-<dataset>`): the mean of each test metric, shown with its standard
+  deviation over the seeds.
 
 Each column group is labelled semi-synthetic when the run's `semi_synthetic` tag is "true".
 This module reads MLflow through a client it is given (or `dedn.tracking.client()`).
@@ -25,10 +28,11 @@ from dedn.tracking import store
 from dedn.tracking.names import KIND_TAG, PARENT_TAG, SWEEP_TAG, experiment_name, metric_key, registered_name
 
 __all__ = [
-    "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "collect", "format_table1",
+    "METRICS", "PAPER_DEDN", "SOURCES", "ResultEntry", "from_registry", "from_runs", "from_seeds", "collect",
+    "format_table1",
 ]
 
-SOURCES = ("registry", "runs")
+SOURCES = ("registry", "runs", "seeds")
 # DEDN's row of Table 1 (%), for comparison; the paper's numbers on real ResNet-101 features.
 PAPER_DEDN: dict[str, dict[str, float]] = {
     "CUB": {"T": 77.4, "U": 70.9, "S": 70.0, "H": 70.4},
@@ -143,6 +147,29 @@ def from_runs(dataset: str, client: Any | None = None, experiment: str | None = 
                        extra={"candidates": len(candidates)})
 
 
+def from_seeds(dataset: str, client: Any | None = None, experiment: str | None = None) -> ResultEntry | None:
+    """The newest finished multi-seed parent run of `dataset`: mean test metrics, their spread in `extra`."""
+    c = _client(client)
+    exp = c.get_experiment_by_name(experiment or experiment_name(dataset))
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'FINISHED' and tags.`{KIND_TAG}` = 'seeds'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    m = run.data.metrics
+    mean = {k: _float(m.get(f"seeds/test_{k}_mean")) for k in METRICS}
+    std = {k: _float(m.get(f"seeds/test_{k}_std")) for k in METRICS}
+    if any(v is None for v in (*mean.values(), *std.values())):
+        raise ConfigError(f"run {run.info.run_id}", "metrics seeds/test_<T|U|S|H>_mean and _std", sorted(m), "seeds source")
+    n = len(str(run.data.params.get("seeds", "")).split(","))
+    return ResultEntry(dataset=dataset.upper(), metrics=mean, semi_synthetic=_is_true(run.data.tags.get(SEMI_TAG)),  # type: ignore[arg-type]
+                       source="seeds", run_id=run.info.run_id, model=f"{run.info.run_name} ({n} seeds, mean ± std)",
+                       variant=str(run.data.params.get("variant", "")), val_H=_float(m.get("seeds/val_H_mean")),
+                       extra={"std": std, "seeds": n})
+
+
 def collect(datasets: Sequence[str], source: str = "registry", client: Any | None = None,
             variant: str | None = None) -> dict[str, ResultEntry | None]:
     """dataset -> its entry (None when the store has nothing for it), in the order given."""
@@ -151,7 +178,12 @@ def collect(datasets: Sequence[str], source: str = "registry", client: Any | Non
     c = _client(client)
     out: dict[str, ResultEntry | None] = {}
     for ds in datasets:
-        out[ds.upper()] = from_registry(ds, c) if source == "registry" else from_runs(ds, c, variant=variant)
+        if source == "registry":
+            out[ds.upper()] = from_registry(ds, c)
+        elif source == "runs":
+            out[ds.upper()] = from_runs(ds, c, variant=variant)
+        else:
+            out[ds.upper()] = from_seeds(ds, c)
     return out
 
 
@@ -167,7 +199,13 @@ def format_table1(entries: Mapping[str, ResultEntry | None], *, include_paper: b
     semi = {d for d, e in entries.items() if e is not None and e.semi_synthetic}
     head = ["Method"] + [f"{d}{'†' if d in semi else ''} {k}" for d in datasets for k in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    ours = [method] + [format_pct(e.metrics.get(k)) if e else "-" for d, e in entries.items() for k in METRICS]
+    def cell(e: ResultEntry | None, k: str) -> str:
+        if e is None:
+            return "-"
+        std = e.extra.get("std", {}).get(k) if isinstance(e.extra.get("std"), Mapping) else None
+        return format_pct(e.metrics.get(k)) + (f" ± {format_pct(std)}" if std is not None else "")
+
+    ours = [method] + [cell(e, k) for d, e in entries.items() for k in METRICS]
     lines.append("| " + " | ".join(ours) + " |")
     if include_paper:
         paper = ["DEDN (paper, Table 1)"] + [
