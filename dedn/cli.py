@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "add_address", "add_overrides", "command", "is_override", "parse_command_line", "program", "require_environment", "use_address"]
+__all__ = ["HelpFormatter", "add_address", "add_overrides", "add_trial_resources", "command", "is_override", "parse_command_line", "program", "require_environment", "use_address"]
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding jobs/ and tuning/
 
@@ -58,6 +58,18 @@ def add_address(parser: argparse.ArgumentParser) -> argparse.Action:
         "--address", default="",
         help="Ray cluster to join (host:port of its GCS, or ray://...); default: $RAY_ADDRESS, else a cluster "
              "`ray start` made on this machine, else a private embedded Ray that no other run joins")
+
+
+def add_trial_resources(parser: argparse.ArgumentParser, concurrent_default: int) -> None:
+    """What each Ray Tune trial of a job gets (tuning/tune.py, jobs/reproduce.py): its Ray Train workers,
+    CPUs and GPUs, and how many trials run at once."""
+    parser.add_argument("--max-concurrent-trials", type=int, default=concurrent_default,
+                        help="trials running at once" + (" (0: all of them)" if concurrent_default == 0 else ""))
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="GPUs per trial, split among its workers; a fraction packs trials onto one GPU "
+                             "(0.25: four at a time); 0 (default): CPUs only")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each trial")
 
 
 def use_address(args: argparse.Namespace) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, require_environment, use_address
+from dedn.cli import (HelpFormatter, add_address, add_overrides, add_trial_resources, parse_command_line,
+                      require_environment, use_address)
 from dedn.errors import DednError
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in main(), after the
@@ -33,11 +34,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="", help="a dataset's preset of the family (default: the dataset's own name)")
     p.add_argument("--num-seeds", type=int, default=3, help="seeds: the preset's optim.seed and the next ones")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds instead of --num-seeds")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each seed's run")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per seed's run (split among its workers)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per seed's run, split among its workers; a fraction shares a GPU; 0: CPUs only")
-    p.add_argument("--max-concurrent-trials", type=int, default=0, help="seeds at once (0: all of them)")
+    add_trial_resources(p, concurrent_default=0)  # a trial = one seed's run
     p.add_argument("--name", default="", help="the parent run's name (default seeds-<model>-<dataset>-<UTC time>)")
     p.add_argument("--storage-path", default="", help="Ray Train storage of the seeds' runs (default: $DEDN_HOME/ray_results)")
     add_overrides(p, "config overrides for every seed, e.g. optim.epochs=20")

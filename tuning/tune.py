@@ -25,8 +25,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
-from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, require_environment,
-                      use_address)
+from dedn.cli import (HelpFormatter, add_address, add_overrides, add_trial_resources, command, parse_command_line,
+                      require_environment, use_address)
 from dedn.errors import ConfigError, DednError
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
@@ -39,12 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="", help="a dataset's preset of the family (default: the dataset's own name)")
     p.add_argument("--space", default=None, help="search-space YAML (default: the model family's own)")
     p.add_argument("--num-samples", type=int, default=8, help="trials")
-    p.add_argument("--max-concurrent-trials", type=int, default=2, help="trials running at once")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (split among its workers)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial, split among its workers; a fraction packs trials onto one GPU "
-                        "(0.25: four at a time); 0 (default): CPUs only")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) of each trial")
+    add_trial_resources(p, concurrent_default=2)
     p.add_argument("--search-lambdas", action="store_true",
                    help="make the family's inference weights Tune dimensions instead of fitting them on validation")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE seed")
