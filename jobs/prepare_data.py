@@ -5,6 +5,8 @@
         --word-vectors CUB_attribute.pkl --name CUB --out data/cub
     python jobs/prepare_data.py from-xlsa17 --res101 res101.mat --att-splits att_splits.mat \\
         --word-vectors CUB_attribute.pkl --name CUB --out data/cub-pooled
+    python jobs/prepare_data.py from-images --images CUB_ROOT --res101 res101.mat --att-splits att_splits.mat \\
+        --word-vectors CUB_attribute.pkl --name CUB --out data/cub [--weights resnet101-63fe2227.pth]
     python jobs/prepare_data.py image-labels --res101 res101.mat --att-splits att_splits.mat \\
         --out ../shared/data/CUB/image_labels.npz
 
@@ -66,6 +68,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     _common(x)
     _files(x)
     x.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat")
+    m = sub.add_parser("from-images", formatter_class=HelpFormatter,
+                       help="images -> backbone feature maps (the authors' preprocessing) on Ray Data")
+    _common(m)
+    _files(m)
+    m.add_argument("--images", required=True, type=Path, help="the image root (res101.mat's image_files, their "
+                   "machine-specific prefix stripped, are found under it)")
+    m.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat (image_files and labels are read)")
+    m.add_argument("--strip-prefix", default=None, help="the prefix of image_files to remove (default: found from "
+                   "--images: the shortest one after which the first images exist there)")
+    m.add_argument("--size", type=int, default=None, help="crop side w (default: the authors' per dataset: "
+                   "448 for CUB and SUN, 224 for AWA2)")
+    m.add_argument("--backbone", default=None, help="module:callable returning a torch.nn.Module mapping (B, 3, w, w) "
+                   "to (B, C, H, W) (default: ResNet-101 without pool and classifier, dedn.nn.resnet:resnet101_trunk)")
+    m.add_argument("--weights", default=None, help="the backbone's weights file (default: torchvision's IMAGENET1K_V1 "
+                   "file, resnet101-63fe2227.pth, from torch's hub cache)")
+    m.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="backbone arithmetic (the authors: fp32)")
+    m.add_argument("--batch-size", type=int, default=32, help="images per backbone call")
+    m.add_argument("--actors", type=int, default=1, help="backbone actors (one GPU each on a GPU cluster)")
+    m.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    m.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each backbone actor holds")
+    m.add_argument("--block-images", type=int, default=None, help="images per block, the unit a re-run resumes "
+                   "from (default: 64 MiB of stored features)")
+    m.add_argument("--skip-bad", action="store_true", help="leave out missing or undecodable images (listed in "
+                   "OUT.skipped.tsv) instead of stopping at the first")
+    m.add_argument("--address", default=None, help="the Ray cluster to join (default: RAY_ADDRESS, a `ray start` "
+                   "cluster here, else an embedded Ray)")
     i = sub.add_parser("image-labels", formatter_class=HelpFormatter,
                        help="image_labels.npz (0-based labels, splits, image paths) from res101.mat and att_splits.mat")
     i.add_argument("--res101", required=True, type=Path, help="xlsa17's res101.mat (only labels and image_files are read)")
@@ -85,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             print(write_image_labels(args.res101, args.att_splits, args.out, args.strip_prefix))
             return 0
         common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        if args.command == "from-images":
+            return _from_images(args, common)
         if args.command == "synthetic":
             from dedn.data.synthetic import write_synthetic  # heavy: after the arguments (see the imports above)
 
@@ -107,6 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
 
     print(FeatureDataset.open(out))
+    return 0
+
+
+def _from_images(args: argparse.Namespace, common: dict) -> int:
+    # heavy: after the arguments (see the imports above)
+    from dedn.extraction import DEFAULT_BACKBONE, ExtractSettings, extract_images
+
+    settings = ExtractSettings(size=args.size, backbone=args.backbone or DEFAULT_BACKBONE, weights=args.weights,
+                               precision=args.precision, batch_size=args.batch_size, actors=args.actors,
+                               gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                               strip_prefix=args.strip_prefix, skip_bad=args.skip_bad)
+    report = extract_images(args.images, args.res101, args.att_splits, args.word_vectors, args.name, args.out,
+                            settings, attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed,
+                            block_images=args.block_images, address=args.address, **common)
+    print(report.summary())
+    from dedn.data import FeatureDataset
+
+    print(FeatureDataset.open(report.out))
     return 0
 
 

@@ -34,20 +34,25 @@ def write_dataset(
     chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *, feature_shape: tuple[int, int, int],
     storage_dtype: str = "float16", source: str = "synthetic", semi_synthetic: bool = False,
     overwrite: bool = False, progress: bool = True, shard_bytes: int | None = None, total: int | None = None,
+    skipped: np.ndarray | None = None,
 ) -> Path:
     """Write every split from one pass over (sample_ids (n,), labels (n,), features (n, C, H, W)) chunks.
 
     split_ids: split -> the image ids it holds; an image in several splits is written to each
     (trainval and a selection split), but no split may be empty and no two splits of
     format.DISJOINT_SPLITS may share an image: both are refused before anything is written.
-    Chunks may cover images of no split (they are skipped). Raises DatasetError when a split
-    did not receive all its images; nothing is left on disk then.
+    Chunks may cover images of no split (they are skipped). `skipped`: image ids left out on
+    purpose (unreadable images under --skip-bad); every other image keeps its split. Raises
+    DatasetError when a split did not receive all its images; nothing is left on disk then.
     """
     wanted = {s: np.unique(np.asarray(split_ids[s], dtype=np.int64)) for s in SPLITS}
+    if skipped is not None and len(skipped):
+        wanted = {s: np.setdiff1d(ids, skipped) for s, ids in wanted.items()}
     # make_splits names att_splits.mat for these; this catches any other caller's split ids
     for name, ids in wanted.items():
         if ids.size == 0:
-            raise DatasetError(root, f"splits.{name}", "at least one image in every split", "none")
+            left = " left after the skipped images" if skipped is not None and len(skipped) else ""
+            raise DatasetError(root, f"splits.{name}", "at least one image in every split", f"none{left}")
     found = shared_ids(wanted)
     if found is not None:
         a, b, both = found

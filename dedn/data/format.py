@@ -28,7 +28,7 @@ from dedn.errors import DatasetError
 
 SCHEMA_VERSION = 1
 SPLITS = ("trainval", "test_seen", "test_unseen", "train", "val_seen", "val_unseen")
-SOURCES = ("synthetic", "hdf5", "xlsa17")
+SOURCES = ("synthetic", "hdf5", "xlsa17", "images")
 STORAGE_DTYPES = ("float16", "float32")
 VERIFY_MODES = ("none", "rows", "full")
 MANIFEST_FILE = "dataset.json"

@@ -24,8 +24,8 @@ import numpy as np
 
 from dedn.errors import DatasetError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SIZE", "resized_size", "center_crop_box", "preprocess",
-           "load_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_SIZE", "resized_size", "center_crop_box", "crop", "normalize",
+           "preprocess", "load_crop", "load_image"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -47,27 +47,42 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-def preprocess(image, size: int) -> np.ndarray:
-    """A PIL image as the backbone's input: float32 (3, size, size), normalised as the authors' pipeline."""
+def crop(image, size: int) -> np.ndarray:
+    """A PIL image resized and centre-cropped as the authors' pipeline: uint8 (size, size, 3), RGB."""
     from PIL import Image  # Pillow: imported on use (this module is imported by the converters)
 
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     w, h = resized_size(*rgb.size, size)
     resized = rgb.resize((w, h), Image.BILINEAR)
-    cropped = resized.crop(center_crop_box(w, h, size))
-    x = np.asarray(cropped, dtype=np.uint8).astype(np.float32) / np.float32(255)
-    x = (x - IMAGENET_MEAN) / IMAGENET_STD  # (size, size, 3): the last axis is the channel
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.asarray(resized.crop(center_crop_box(w, h, size)), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., size, size, 3) crops as the backbone's float32 input (..., 3, size, size): ToTensor, Normalize."""
+    x = pixels.astype(np.float32) / np.float32(255)
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD  # the last axis is the channel
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(image, size: int) -> np.ndarray:
+    """A PIL image as the backbone's input: float32 (3, size, size), normalised as the authors' pipeline."""
+    return normalize(crop(image, size))
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """`preprocess` of the image file at `path`; a missing or unreadable file is a DatasetError naming it."""
+    return normalize(load_crop(path, size))
+
+
+def load_crop(path: str | Path, size: int) -> np.ndarray:
+    """`crop` of the image file at `path` (uint8, what travels between decoding and the backbone: a quarter
+    of the float32 bytes); a missing or unreadable file is a DatasetError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()  # decode the whole file now: a truncated JPEG fails here, by name
-            return preprocess(im, size)
+            return crop(im, size)
     except FileNotFoundError:
         raise DatasetError(path, "image", "an image file", "no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # Pillow's ways of saying "broken"
