@@ -18,7 +18,12 @@ bare GPU node has none of them). Parts, in order:
    then 1, 2 and 4 training loops at once on the device (separate processes, as fractional-GPU
    sweep trials run): images/s in total and per loop;
 4. bf16 against fp32 training from the same initialisation on the same batches: the loss at a few
-   steps up to --steps, and the relative gap at the last.
+   steps up to --steps, and the relative gap at the last;
+5. feature extraction (`prepare_data.py from-images`): ResNet-101's trunk (`dedn/nn/resnet.py`) at
+   448 x 448 in fp32 and bf16, images/s; image decoding + preprocessing per CPU core and on all the
+   node's cores, and whether the CPU side keeps the backbone at least 80 % busy; where torchvision
+   imports, the maximum difference of our preprocessing + trunk against the authors' torchvision
+   pipeline on the same random weights.
 `report.json` and `console.txt` are written to --out (default $DEDN_HOME/gpu_check/<time>) after
 every part; a part that fails is recorded there with its traceback and the next part runs (exit 1).
 """
@@ -237,6 +242,87 @@ def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
         say(f"  step {s:4d}: loss fp32 {a:9.4f}  bf16 {b:9.4f}  relative gap {abs(b - a) / abs(a):.2%}")
 
 
+def extraction(device: str, tmp: Path, out: dict) -> None:
+    """Part 5: the backbone's rate at 448 in fp32 and bf16, the decode rate per core and on all cores,
+    and (where torchvision imports) our pipeline against the authors' on the same weights."""
+    import os
+
+    import numpy as np
+
+    if str(HERE) not in sys.path:  # run as `python bench/gpu_check.py` or through runpy
+        sys.path.insert(0, str(HERE))
+    from benchmark_preprocess import generate
+    from dedn.data.images import load_crop, load_image, normalize
+    from dedn.nn.resnet import ResNetTrunk
+
+    size, cuda = 448, device.startswith("cuda")
+    batch = 64 if cuda else 2
+    net = ResNetTrunk().eval().to(device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rates = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        if dtype is not None and not fast_bf16(device)[0]:
+            continue
+        with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            net(x)  # warm-up: cuDNN picks its algorithms
+            if cuda:
+                torch.cuda.synchronize(device)
+            reps, t0 = (10 if cuda else 1), time.perf_counter()
+            for _ in range(reps):
+                net(x)
+            if cuda:
+                torch.cuda.synchronize(device)
+        rates[name] = reps * batch / (time.perf_counter() - t0)
+    paths = generate(tmp, 48)
+    load_crop(paths[0], size)
+    t0 = time.perf_counter()
+    for p in paths:
+        normalize(load_crop(p, size))  # the decoding task's work and the actor's normalisation
+    per_core = len(paths) / (time.perf_counter() - t0)
+    cores = len(os.sched_getaffinity(0))
+    best = max(rates.values())
+    out["extraction"] = {"backbone_images_per_s": {k: round(v, 1) for k, v in rates.items()}, "batch": batch,
+                         "decode_images_per_s_per_core": round(per_core, 1), "cores": cores,
+                         "cpu_side_share_of_backbone": round(min(1.0, per_core * (cores - 1) / best), 3)}
+    say("   ResNet-101 trunk at 448, batch %d: " % batch + ", ".join(f"{k} {v:.0f} images/s" for k, v in rates.items()))
+    say(f"   decode + preprocess: {per_core:.0f} images/s per core; {cores} cores (one left to the driver and "
+        f"actor): {per_core * (cores - 1):.0f} images/s, {min(1.0, per_core * (cores - 1) / best):.0%} of the "
+        f"backbone's best rate (target: 80 %)")
+    try:
+        import torchvision
+        from torchvision import transforms
+    except Exception as e:  # noqa: BLE001 - the CPU build of torch: torchvision's operators do not load
+        out["extraction"]["torchvision"] = f"not importable ({type(e).__name__})"
+        say(f"   torchvision does not import here ({type(e).__name__}): no comparison with the authors' pipeline")
+        return
+    from PIL import Image
+
+    from dedn.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet101(weights=None).eval().to(device)
+    authors = torch.nn.Sequential(*list(ref.children())[:-2]).eval()
+    ours = ResNetTrunk().eval().to(device)
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")})
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist())])
+    inputs_a = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:16]])
+    inputs_b = torch.from_numpy(np.stack([load_image(p, size) for p in paths[:16]]))
+    with torch.inference_mode():
+        maps_a, maps_b = authors(inputs_a.to(device)), ours(inputs_b.to(device))
+    out["extraction"]["torchvision"] = torchvision.__version__
+    out["extraction"]["preprocessing_max_abs_diff"] = float((inputs_a - inputs_b).abs().max())
+    out["extraction"]["maps_max_abs_diff"] = float((maps_a - maps_b).abs().max())
+    say(f"   against torchvision {torchvision.__version__} (the authors' pipeline, same random weights, 16 images): "
+        f"preprocessing max |diff| {out['extraction']['preprocessing_max_abs_diff']:.3g}, maps max |diff| "
+        f"{out['extraction']['maps_max_abs_diff']:.3g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
@@ -253,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="training loops to run at once on the device, one measurement per count "
                          "(default: %(default)s; none: skip)")
     ap.add_argument("--pack-steps", type=int, default=200, help="steps of each packed loop (default: %(default)s)")
+    ap.add_argument("--skip-extract", action="store_true", help="skip part 5 (feature extraction)")
     ap.add_argument("--out", help="folder for report.json (default: $DEDN_HOME/gpu_check/<time>)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -344,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                 part("bf16_vs_fp32", lambda: bf16_agreement(data, args.device, args.steps, report))
             else:
                 say(f"   skipped: {why}")
+        if not args.skip_extract:
+            say("== 5. feature extraction: ResNet-101 at 448, and the CPU side that feeds it")
+            part("extraction", lambda: extraction(args.device, Path(tmp), report))
         failed = [k for k, v in report["parts"].items() if not v["ok"]]
         say(f"== done in {time.perf_counter() - t_start:.0f} s; "
             + (f"FAILED parts: {', '.join(failed)}; " if failed else "") + f"report in {folder}")

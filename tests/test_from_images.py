@@ -230,3 +230,42 @@ def test_the_trunk_equals_torchvisions_resnet101_without_its_last_two_layers():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(ours(x), authors(x))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_asking_for_gpus_the_cluster_lacks_fails_at_once(tree, tmp_path: Path, capsys):
+    prepare = load_job("prepare_data").main
+    assert prepare(_argv(tree, tmp_path / "ds", "--gpus-per-actor", "1")) == 2
+    assert "gpus_per_actor: expected at most the cluster's GPUs (0), found 1.0" in _one_error_line(capsys)
+
+
+def test_the_extraction_equals_the_authors_logic_on_the_same_weights(tree):
+    """The authors' preprocessing.py on torchvision (Resize, CenterCrop, ToTensor, Normalize; resnet101 less
+    its last two layers) against ours (Pillow/numpy preprocessing, our trunk) on the same random weights:
+    the maximum absolute difference of the maps. Runs where torchvision imports (a GPU node)."""
+    try:
+        import torchvision
+        from torchvision import transforms
+    except Exception as e:  # noqa: BLE001 - the CPU build of torch: torchvision's operators do not load
+        pytest.skip(f"torchvision does not import here ({type(e).__name__}); run on a GPU node")
+    from PIL import Image
+
+    from dedn.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+    from dedn.nn.resnet import ResNetTrunk
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet101(weights=None).eval()
+    authors = torch.nn.Sequential(*list(ref.children())[:-2]).eval()
+    ours = ResNetTrunk().eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")})
+    size = 64
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist())])
+    paths = [tree.images / f for f in tree.files[:10]]
+    with torch.no_grad():
+        a = authors(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]))
+        b = ours(torch.stack([torch.from_numpy(load_image(p, size)) for p in paths]))
+    diff = (a - b).abs().max().item()
+    print(f"max |authors - ours| over {len(paths)} images' maps: {diff:.3g}")
+    assert diff == 0.0

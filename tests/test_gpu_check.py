@@ -44,7 +44,7 @@ def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {k: v["ok"] for k, v in report["parts"].items()} == {"gemm": True, "data": True, "loop": True,
-                                                              "packed_loops": True,
+                                                              "packed_loops": True, "extraction": True,
                                                               **({"bf16_vs_fp32": True} if "bf16_vs_fp32" in
                                                                  report["parts"] else {})}
     packed = report["packed_loops"]
@@ -57,10 +57,14 @@ def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path:
         assert r["images"] == rows["off"]["images"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1
     assert rows["host"]["resident_mib"] > 0 == rows["off"]["resident_mib"]
     assert "== 3. the training loop under DDP" in (tmp_path / "report" / "console.txt").read_text()
+    ex = report["extraction"]  # part 5: ResNet-101 at 448 and the decode rate feeding it
+    assert ex["backbone_images_per_s"]["fp32"] > 0 and ex["decode_images_per_s_per_core"] > 0
+    assert 0 < ex["cpu_side_share_of_backbone"] <= 1 and ex["cores"] >= 1
 
 
 def test_a_failing_part_is_recorded_and_the_next_parts_still_run(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--data", str(tmp_path / "no-such-dataset"), "--pack")
+    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--data", str(tmp_path / "no-such-dataset"), "--pack",
+               "--skip-extract")
     assert out.returncode == 1
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["parts"]["gemm"]["ok"] and report["gemm_gflop_s"]["fp32"] > 0

@@ -4,7 +4,8 @@ The block (README "On a cluster", between the `readme-cluster` markers) activate
 creates the Ray token, starts a head node on Ray's default ports and submits the demo job. The test
 then pastes the commands the job printed (browse, predict) into the same kind of shell, as the
 README says to, and checks what they show: the run with its `ray_job_id` and `git_commit` tags in
-the UI's REST API, a predictions file written by the registered model.
+the UI's REST API, a predictions file written by the registered model. A `from-images` job on
+the same cluster follows (its decode tasks and backbone actors on the cluster's workers).
 
 Nothing of the user's is touched: HOME (so ~/.ray and ~/.dedn) is the test's own, PATH has no
 virtualenv until the block activates it. The block uses the default ports (6379, 8265; `mlflow ui`
@@ -25,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import cub_source
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
@@ -75,6 +77,28 @@ def _get_json(url: str, timeout: float = 60.0) -> dict:
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {last}")
 
 
+def _from_images_job(shell_start: str, env: dict[str, str], tmp_path: Path) -> None:
+    """`prepare_data.py from-images` submitted as a job: its decode tasks and backbone actors run on the
+    cluster's workers, which import the test's backbone from the uploaded working directory."""
+    from imagetree import make_cub_image_tree
+
+    from dedn.data import FeatureDataset
+
+    tree = make_cub_image_tree(cub_source(), tmp_path / "tree")
+    out = tmp_path / "cub-images"
+    job = (f"ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "
+           f"\"$(python jobs/runtime_env.py)\" -- python jobs/prepare_data.py from-images --images {tree.images} "
+           f"--res101 {tree.res101} --att-splits {tree.att_splits} --word-vectors {tree.word_vectors} "
+           f"--attribute-dir {cub_source()} --name CUB --out {out} --size 32 --backbone tests.backbones:tiny "
+           "--no-progress")
+    done = _shell(shell_start + job, env, 300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "image paths: stripped '/BS/Deep_Fragments/work/MSc/CUB_200_2011/'" in log, log[-3000:]
+    ds = FeatureDataset.open(out)
+    assert ds.source == "images" and ds.split("trainval").num_rows == 300
+
+
 @pytest.mark.timeout(900)
 def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
     if Path(sys.prefix) != VENV:
@@ -115,6 +139,9 @@ def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
         written = re.search(r"(\d+) predictions -> (\S+)", out.stdout)
         assert written and int(written.group(1)) > 0 and Path(written.group(2)).is_file(), out.stdout
         assert Path(written.group(2)).is_relative_to(home / ".dedn"), written.group(2)
+
+        if cub_source() is not None:  # from-images runs on the cluster through `ray job submit` as it runs embedded
+            _from_images_job(shell_start, env, tmp_path)
 
         browse, page = _hint(log, "browse"), _hint(log, "run page")
         assert browse.startswith("mlflow ui "), browse
