@@ -90,8 +90,12 @@ class ExtractReport:
     reused_blocks: int  # whole blocks of an earlier run, checksums verified
     computed_images: int  # images that went through the backbone in this run
     skipped: dict[int, str] = field(default_factory=dict)  # res101 index -> "path: reason"
+    up_to_date: bool = False  # the output was already made from the same inputs and settings: nothing done
 
     def summary(self) -> str:
+        if self.up_to_date:
+            return (f"{self.out} is up to date: made from the same images, files, backbone and settings "
+                    f"(its checksums verified); nothing computed")
         lines = [f"image paths: stripped {self.stripped_prefix!r}" if self.stripped_prefix else
                  "image paths: used as they are (nothing stripped)",
                  f"features: {list(self.feature_shape)} per image; {self.computed_images} images through the backbone, "
@@ -103,6 +107,11 @@ class ExtractReport:
 
 def skipped_list(out: Path) -> Path:
     return out.parent / f"{out.name}.skipped.tsv"
+
+
+def extraction_record(out: Path) -> Path:
+    """What a finished extraction was made from (inputs' checksums, backbone, settings), beside the dataset."""
+    return out.parent / f"{out.name}.extract.json"
 
 
 # ---------------------------------------------------------------- images and backbone
@@ -259,6 +268,19 @@ class _Blocks:
             return z["ids"], z["features"], dict(zip(z["skipped_ids"].tolist(), z["skipped_why"].tolist()))
 
 
+def _image_stats(images: Path, files: list[str]) -> str:
+    """A digest of every image's size and modification time: an image replaced since is noticed (the
+    blocks' identity leaves it out, so that fixing a bad image and re-running resumes)."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = (images / f).stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+        except OSError:
+            h.update(b"missing\0")
+    return h.hexdigest()
+
+
 def _sha256_strings(values: list[str]) -> str:
     h = hashlib.sha256()
     for v in values:
@@ -283,8 +305,6 @@ def extract_images(images: str | Path, res101: str | Path, att_splits: str | Pat
     """
     settings.check()
     images, res101, out = Path(images), Path(res101), Path(out)
-    if out.exists() and not overwrite:
-        raise DatasetError(out, "root", "a path that does not exist yet (or --overwrite)", "an existing path")
     arrays = image_labels_arrays(res101, att_splits)
     if "image_files" not in arrays:
         raise DatasetError(res101, "image_files", "the image paths (N x 1 cell), as xlsa17's res101.mat has them",
@@ -312,6 +332,21 @@ def extract_images(images: str | Path, res101: str | Path, att_splits: str | Pat
         "size": size, "precision": settings.precision, "storage_dtype": storage_dtype,
         "feature_shape": list(shape), "block_images": per_block,
     }
+    made = {**{k: v for k, v in identity.items() if k != "block_images"}, "name": name, "seed": seed,
+            "att_splits": sha256_file(Path(att_splits)), "word_vectors": sha256_file(Path(word_vectors)),
+            "image_stats": _image_stats(images, files)}
+    record = extraction_record(out)
+    if out.exists() and not overwrite:
+        if record.is_file() and json.loads(record.read_text()) == made and out.joinpath("dataset.json").is_file():
+            from dedn.data.dataset import FeatureDataset  # the whole check: manifest, class side, shard checksums
+
+            FeatureDataset.open(out)
+            kept = skipped_list(out)
+            skipped = ({int(ln.split("\t")[0]) - 1: ln.split("\t", 2)[2] for ln in kept.read_text().splitlines()}
+                       if kept.is_file() else {})
+            return ExtractReport(out, prefix, shape, num_blocks, num_blocks, 0, skipped, up_to_date=True)
+        made_by = " made from other inputs or settings" if record.is_file() else ""
+        raise DatasetError(out, "root", "a path that does not exist yet (or --overwrite)", f"an existing path{made_by}")
     blocks = _Blocks(out.parent / f".{out.name}.extract", identity, overwrite)
     todo = [k for k in range(num_blocks) if not blocks.whole(k)]
     missing: dict[int, str] = {}
@@ -346,6 +381,7 @@ def extract_images(images: str | Path, res101: str | Path, att_splits: str | Pat
         write_text(listing, "".join(f"{i + 1}\t{files[i]}\t{why}\n" for i, why in sorted(skipped.items())))
     else:
         listing.unlink(missing_ok=True)
+    write_text(record, json.dumps(made, indent=1, sort_keys=True))  # a re-run with the same of all this: up to date
     shutil.rmtree(blocks.folder, ignore_errors=True)
     return ExtractReport(out, prefix, shape, num_blocks, num_blocks - len(todo), computed, skipped)
 

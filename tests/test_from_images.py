@@ -77,10 +77,16 @@ def test_images_to_dataset_resume_skip_bad_train_and_predict(tree, tmp_path: Pat
         assert "stripped '/BS/Deep_Fragments/work/MSc/CUB_200_2011/'" in printed
         assert "100 images through the backbone, 4 of 5 blocks reused" in printed  # only the fifth block again
         assert not work.exists()
+        # the same command again: nothing to compute
+        assert prepare(_argv(tree, out, "--block-images", "100", "--dtype", "float32", "--skip-bad")) == 0
+        assert "is up to date" in capsys.readouterr().out and not work.exists()
     finally:
         bad_path.write_bytes(good_bytes)
     listing = (tmp_path / "cub-images.skipped.tsv").read_text().splitlines()
     assert len(listing) == 1 and listing[0].startswith(f"{bad_id + 1}\t{tree.files[bad_id]}\t")
+    # the bad image replaced since (or other settings): the dataset is not up to date for that command
+    assert prepare(_argv(tree, out, "--block-images", "100", "--dtype", "float32", "--skip-bad")) == 2
+    assert "an existing path made from other inputs or settings" in _one_error_line(capsys)
 
     ds = FeatureDataset.open(out)
     assert ds.source == "images" and ds.feature_shape == (16, 2, 2)
