@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_preprocess, and this module for Ray's workers
-from benchmark_preprocess import generate  # noqa: E402
+from benchmark_preprocess import generate
 
 K, D = 20, 8
 
