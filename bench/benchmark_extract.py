@@ -33,6 +33,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_preprocess, and this module for Ray's workers
 from benchmark_preprocess import generate
 
+from dedn.cli import HelpFormatter
+
 K, D = 20, 8
 
 
@@ -108,7 +110,7 @@ class PeakMemory(threading.Thread):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--images", type=int, nargs="+", default=[600, 2400], help="dataset sizes to run")
     ap.add_argument("--size", type=int, default=448, help="crop side w (448: 14 x 14 maps)")
     ap.add_argument("--actors", type=int, default=1, help="backbone actors")

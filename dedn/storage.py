@@ -23,7 +23,8 @@ from pathlib import Path
 from dedn.atomic import write_text as write_local_text
 from dedn.errors import ConfigError, OutputError, os_reason
 
-__all__ = ["is_uri", "join", "resolve", "read_text", "write_text", "remove", "check_writable", "local_path"]
+__all__ = ["is_uri", "join", "resolve", "filesystem", "read_text", "write_text", "remove", "check_writable",
+           "local_path", "store_reason"]
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -50,7 +51,7 @@ def local_path(location: str) -> Path | None:
     return None if is_uri(location) else Path(location)
 
 
-def _fs(uri: str):  # -> (pyarrow FileSystem, path inside it)
+def filesystem(uri: str):  # -> (pyarrow FileSystem, path inside it)
     import pyarrow.fs  # pyarrow is always there (the shards); imported on use to keep this module light
 
     return pyarrow.fs.FileSystem.from_uri(uri)
@@ -63,7 +64,7 @@ def read_text(location: str) -> str | None:
         return p.read_text() if p.is_file() else None
     import pyarrow.fs
 
-    fs, path = _fs(location)
+    fs, path = filesystem(location)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
@@ -76,7 +77,7 @@ def write_text(location: str, text: str) -> None:
         write_local_text(Path(location), text)
         return
     try:
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         with fs.open_output_stream(path) as f:
             f.write(text.encode())
     except OSError as e:
@@ -90,7 +91,7 @@ def remove(location: str) -> None:
         return
     import pyarrow.fs
 
-    fs, path = _fs(location)
+    fs, path = filesystem(location)
     if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
         fs.delete_file(path)
 
@@ -131,7 +132,7 @@ def check_writable(location: str, key: str) -> None:
         return
     probe = join(location, f".dedn-write-probe-{uuid.uuid4().hex[:8]}")
     try:
-        fs, path = _fs(probe)
+        fs, path = filesystem(probe)
         with fs.open_output_stream(path) as f:
             f.write(b"")
         fs.delete_file(path)

@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster work
 from dedn import tracking
 from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import ConfigError, DednError
+from dedn.storage import resolve
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
 # after the arguments are parsed: --help and a usage error answer at once.
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.data:
             raise ConfigError("--data", "a dataset directory (dataset.json)", "", "command line")
-        data = Path(args.data).expanduser().resolve()
+        data = resolve(args.data)  # an absolute path, or an object-store URI (s3://...) as it is
         ds = FeatureDataset.open(data)
         user = {**parse_overrides(args.overrides), "model.name": args.model}
         ablation.check_base_overrides({k: v for k, v in user.items() if k != "model.name"}, args.model)

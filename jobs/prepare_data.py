@@ -21,11 +21,13 @@ it from xlsa17's res101.mat (its labels and image paths only) and att_splits.mat
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from dedn.cli import HelpFormatter
 from dedn.errors import DednError
+from dedn.storage import is_uri
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
 # after the arguments are parsed: --help and a usage error answer at once.
@@ -33,7 +35,8 @@ from dedn.errors import DednError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="dataset name, e.g. CUB, SUN, AWA2")
-    p.add_argument("--out", required=True, type=Path, help="dataset directory to create")
+    p.add_argument("--out", required=True, help="dataset directory to create, or an object-store location "
+                   "(s3://bucket/prefix: built under $DEDN_HOME/staging, then uploaded, its manifest last)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of features")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val_seen split (and of the generator)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
@@ -112,35 +115,67 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_image_labels(args.res101, args.att_splits, args.out, args.strip_prefix))
             return 0
-        common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
-        if args.command == "from-images":
-            return _from_images(args, common)
-        if args.command == "synthetic":
-            from dedn.data.synthetic import write_synthetic  # heavy: after the arguments (see the imports above)
+        target = str(args.out)
+        staging = _staging(target, args.overwrite) if is_uri(target) else None
+        args.out = staging / Path(target.rstrip("/")).name if staging else Path(target)
+        out = _write(args)
+        if staging is not None:
+            from dedn.data.remote import upload  # heavy: after the arguments (see the imports above)
 
-            out = write_synthetic(args.out, args.name, args.source_dir, word_vectors=args.word_vectors,
-                                  channels=args.channels, height=args.height,
-                                  width=args.width, images_per_class=args.images_per_class, seed=args.seed, **common)
-        else:
-            # heavy: after the arguments (see the imports above)
-            from dedn.data.convert import convert_hdf5, convert_xlsa17
+            upload(out, target)
+            skipped = out.parent / f"{out.name}.skipped.tsv"  # from-images --skip-bad: the list goes beside it too
+            if skipped.is_file():
+                from dedn.storage import write_text
 
-            files = dict(att_splits=args.att_splits, word_vectors=args.word_vectors, name=args.name, out=args.out,
-                         attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed, **common)
-            if args.command == "from-hdf5":
-                out = convert_hdf5(args.features, **files)
-            else:
-                out = convert_xlsa17(args.res101, **files)
+                write_text(f"{target.rstrip('/')}.skipped.tsv", skipped.read_text())
+            shutil.rmtree(staging, ignore_errors=True)
+            print(f"uploaded to {target} (dataset.json last)")
+            out = target
+        from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
+
+        print(FeatureDataset.open(out))
     except DednError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dedn.data import FeatureDataset  # heavy: after the arguments (see the imports above)
-
-    print(FeatureDataset.open(out))
     return 0
 
 
-def _from_images(args: argparse.Namespace, common: dict) -> int:
+def _staging(uri: str, overwrite: bool) -> Path:
+    """The local folder a dataset for `uri` is built in (stable, so that from-images resumes there), after
+    checking that the store can be written and holds no dataset there yet (unless --overwrite)."""
+    import hashlib
+
+    from dedn.errors import DatasetError
+    from dedn.home import dedn_home
+    from dedn.storage import check_writable, join, read_text
+
+    check_writable(uri, "--out")
+    if not overwrite and read_text(join(uri, "dataset.json")) is not None:
+        raise DatasetError(uri, "root", "a location without a dataset yet (or --overwrite)", "a dataset.json there")
+    return dedn_home() / "staging" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _write(args: argparse.Namespace) -> Path:
+    """Build the dataset directory args.out with the subcommand's converter; returns it."""
+    common = dict(storage_dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.command == "from-images":
+        return _from_images(args, common)
+    if args.command == "synthetic":
+        from dedn.data.synthetic import write_synthetic  # heavy: after the arguments (see the imports above)
+
+        return write_synthetic(args.out, args.name, args.source_dir, word_vectors=args.word_vectors,
+                               channels=args.channels, height=args.height, width=args.width,
+                               images_per_class=args.images_per_class, seed=args.seed, **common)
+    from dedn.data.convert import convert_hdf5, convert_xlsa17  # heavy: after the arguments (see the imports above)
+
+    files = dict(att_splits=args.att_splits, word_vectors=args.word_vectors, name=args.name, out=args.out,
+                 attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed, **common)
+    if args.command == "from-hdf5":
+        return convert_hdf5(args.features, **files)
+    return convert_xlsa17(args.res101, **files)
+
+
+def _from_images(args: argparse.Namespace, common: dict) -> Path:
     # heavy: after the arguments (see the imports above)
     from dedn.extraction import DEFAULT_BACKBONE, ExtractSettings, extract_images
 
@@ -152,10 +187,7 @@ def _from_images(args: argparse.Namespace, common: dict) -> int:
                             settings, attribute_dir=args.attribute_dir or args.att_splits.parent, seed=args.seed,
                             block_images=args.block_images, address=args.address, **common)
     print(report.summary())
-    from dedn.data import FeatureDataset
-
-    print(FeatureDataset.open(report.out))
-    return 0
+    return report.out
 
 
 if __name__ == "__main__":

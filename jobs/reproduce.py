@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
 from dedn.cli import (HelpFormatter, add_address, add_overrides, add_trial_resources, parse_command_line,
                       require_environment, use_address)
 from dedn.errors import DednError
+from dedn.storage import resolve
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in main(), after the
 # arguments are parsed: --help and a usage error answer at once.
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from dedn.tuning.seeds import SeedsSpec, format_seeds, run_seeds, seed_list
 
     try:
-        data = str(Path(args.data).expanduser().resolve())
+        data = resolve(args.data)  # an absolute path, or an object-store URI (s3://...) as it is
         base = config_for_dataset(FeatureDataset.open(data, verify="none").name, data, args.preset or None,
                                   args.overrides)
         seeds = args.seeds if args.seeds else seed_list(base.optim.seed, args.num_seeds)

@@ -19,7 +19,6 @@ import os
 import shlex
 import signal
 import sys
-from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster worker start-up (docs/stack-notes.md#ray-train-v2)
 
@@ -27,6 +26,7 @@ from dedn import tracking
 from dedn.cli import (HelpFormatter, add_address, add_overrides, command, parse_command_line, program,
                       require_environment, use_address)
 from dedn.errors import DednError
+from dedn.storage import resolve
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
 # after the arguments are parsed: --help and a usage error answer at once.
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None, *, handle_sigterm: bool | None = None) -
     try:
         overrides = list(args.overrides)
         if args.data:
-            data = Path(args.data).expanduser().resolve()
+            data = resolve(args.data)  # an absolute path, or an object-store URI (s3://...) as it is
         else:
             from dedn.data.demo import ensure_demo_dataset  # heavy: after the arguments (see the imports above)
 

@@ -37,6 +37,80 @@ def s3(s3_server, tmp_path_factory: pytest.TempPathFactory):
         yield s3_server
 
 
+def _upload(s3, root: Path, prefix: str) -> str:
+    from dedn.data.remote import upload
+
+    uri = f"s3://{s3.bucket}/{prefix}"
+    upload(Path(root), uri)
+    return uri
+
+
+def test_a_dataset_on_the_store_is_staged_once_per_node_verified_and_named_when_wrong(s3, tiny_dataset, tmp_path,
+                                                                                      monkeypatch):
+    """`FeatureDataset.open("s3://...")` copies the dataset to $DEDN_HOME/data-cache, every file's sha256
+    checked on the way, and opens the copy; a second open copies nothing; a damaged object, a missing
+    dataset or bucket is one DatasetError naming the URI."""
+    import boto3
+    import numpy as np
+
+    from dedn.data import FeatureDataset, remote
+    from dedn.errors import DatasetError
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "node-a"))
+    uri = _upload(s3, tiny_dataset.root, "data/tiny")
+    assert "dataset.json" in s3.keys("data/tiny/")
+    ds = FeatureDataset.open(uri)
+    assert ds.root.parent == tmp_path / "node-a" / "data-cache"
+    assert ds.name == tiny_dataset.name and ds.feature_shape == tiny_dataset.feature_shape
+    assert {k: v.num_rows for k, v in ds.splits.items()} == {k: v.num_rows for k, v in tiny_dataset.splits.items()}
+    assert np.array_equal(ds.class_side.attributes, tiny_dataset.class_side.attributes)
+    for shard in ds.split("trainval").shards:
+        assert ds.shard_path(shard).read_bytes() == tiny_dataset.shard_path(shard).read_bytes()
+
+    def no_copy(*a, **k):
+        raise AssertionError("copied again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(remote, "_copy", no_copy)
+        assert FeatureDataset.open(uri).root == ds.root
+
+    # another node (no copy yet) meets a shard damaged in the store: named, nothing staged
+    shard = ds.split("train").shards[0].file
+    client = boto3.client("s3", endpoint_url=s3.env["AWS_ENDPOINT_URL"], region_name=s3.env["AWS_DEFAULT_REGION"],
+                          aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=s3.env["AWS_SECRET_ACCESS_KEY"])
+    client.put_object(Bucket=s3.bucket, Key=f"data/tiny/{shard}", Body=b"not the shard")
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "node-b"))
+    with pytest.raises(DatasetError) as e:
+        FeatureDataset.open(uri)
+    assert str(e.value).startswith(f"{uri}/{shard}: sha256: expected ")
+    assert not [p for p in (tmp_path / "node-b" / "data-cache").iterdir() if p.is_dir()]
+    with pytest.raises(DatasetError, match=f"s3://{s3.bucket}/nothing/dataset.json: file: .*no such object"):
+        FeatureDataset.open(f"s3://{s3.bucket}/nothing")
+    with pytest.raises(DatasetError, match="s3://no-such-bucket/x/dataset.json: file: "):
+        FeatureDataset.open("s3://no-such-bucket/x")
+
+
+def test_prepare_data_writes_a_dataset_straight_to_the_store(s3, tmp_path, monkeypatch, capsys):
+    from toydata import load_job
+
+    from dedn.data import FeatureDataset
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    prepare = load_job("prepare_data").main
+    uri = f"s3://{s3.bucket}/data/synth"
+    argv = ["synthetic", "--name", "CUB", "--out", uri, "--channels", "8", "--height", "2", "--width", "2",
+            "--images-per-class", "2", "--no-progress"]
+    assert prepare(argv) == 0
+    assert f"uploaded to {uri} (dataset.json last)" in capsys.readouterr().out
+    assert FeatureDataset.open(uri).feature_shape == (8, 2, 2)
+    assert not any((tmp_path / "home" / "staging").iterdir())  # the local build is gone once uploaded
+    assert prepare(argv) == 2
+    assert f"{uri}: root: expected a location without a dataset yet (or --overwrite)" in capsys.readouterr().err
+    assert prepare([*argv[:4], "s3://no-such-bucket/synth", *argv[5:]]) == 2
+    assert "the bucket does not exist" in capsys.readouterr().err
+
+
 def _settings(storage: str, name: str, **kw):
     from dedn.training.driver import TrainSettings
 
@@ -85,7 +159,8 @@ def test_checkpoints_and_records_live_in_the_bucket_and_the_same_name_resumes_fr
     from dedn.training.driver import RUN_RECORD_FILE, STATE_FILE, train
     from dedn.training.fatal import FATAL_FILE
 
-    cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
+    data = _upload(s3, tiny_dataset.root, "data/tiny-run")  # the data on the store too: staged on the node
+    cfg = build_config("cub", OVERRIDES + [f"data.path={data}"])
     storage = f"s3://{s3.bucket}/runs"
     marker = tmp_path / "nan-marker"
     with pytest.raises(NonFiniteLossError):
@@ -107,3 +182,6 @@ def test_checkpoints_and_records_live_in_the_bucket_and_the_same_name_resumes_fr
     assert [m.step for m in c.get_metric_history(first, "val/H")] == [1, 2]  # epoch 2 redone, logged once
     assert c.get_run(first).data.tags[tracking.CHECKPOINT_TAG] == out.checkpoint_dir
     assert not (Path(os.environ["DEDN_HOME"]) / "ray_results" / "s3run").exists()  # nothing of it on local disk
+    assert c.get_run(first).data.tags["data_path"] == data
+    cache = Path(os.environ["DEDN_HOME"]) / "data-cache"
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # one verified copy on this node, for every process

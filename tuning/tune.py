@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster work
 from dedn.cli import (HelpFormatter, add_address, add_overrides, add_trial_resources, command, parse_command_line,
                       require_environment, use_address)
 from dedn.errors import ConfigError, DednError
+from dedn.storage import resolve
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
 # after the arguments are parsed: --help and a usage error answer at once.
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from dedn.tuning import SweepInterrupted, SweepSpec, find_sweep, load_search_space, run_final, run_sweep
 
     try:
-        data = str(Path(args.data).expanduser().resolve())
+        data = resolve(args.data)  # an absolute path, or an object-store URI (s3://...) as it is
         name = FeatureDataset.open(data, splits=SELECTION_SPLITS).name  # never the test shards
         base = config_for_dataset(name, data, args.preset or None, args.overrides)
         # Every trial is a TorchTrainer: they need the dashboard's State API, without it the next

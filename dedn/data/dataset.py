@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from dedn.data.class_side import ClassSide
 from dedn.errors import DatasetError
+from dedn.storage import is_uri
 from dedn.data.format import (
     SCHEMA_VERSION, SPLITS, SOURCES, STORAGE_DTYPES, VERIFY_MODES, MANIFEST_FILE, CLASS_SIDE_ARRAYS, COLUMNS,
     _REQUIRED_KEYS, _SPLIT_SIDE, DISJOINT_SPLITS, ShardInfo, SplitInfo, split_classes, sha256_file, check_shard_sha256,
@@ -67,7 +68,14 @@ class FeatureDataset:
         their overlap with trainval is checked by the final run's open). Whatever the mode, an
         empty split and a shard file listed twice in dataset.json are refused, and a ShardReader
         checks each shard's sha256 before its first read and the features it decodes.
+
+        `root` may be an object-store URI (`s3://bucket/dataset`): the dataset is then staged on this
+        node first, verified, once per node and version (`dedn.data.remote`), and `root` becomes the copy.
         """
+        if is_uri(root):
+            from dedn.data.remote import stage  # pyarrow's S3 filesystem: on use
+
+            root = stage(str(root))
         root = Path(root)
         if verify not in VERIFY_MODES:
             raise DatasetError(root, "verify", f"one of {list(VERIFY_MODES)}", repr(verify))

@@ -7,7 +7,6 @@ checkpoints); `check_cluster_resources`, once Ray is up, that the cluster can pl
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Mapping
 
 from dedn.config import RunConfig
@@ -29,7 +28,7 @@ def open_dataset(cfg: RunConfig) -> tuple[RunConfig, FeatureDataset]:
     """The run's dataset, checked in the driver; a selection-only run never opens a test shard."""
     if not cfg.data.path:
         raise ConfigError("data.path", "a dataset directory", "", "config")
-    data = str(Path(cfg.data.path).expanduser().resolve())
+    data = resolve(cfg.data.path)  # an absolute path, or an object-store URI as it is
     splits = SELECTION_SPLITS if cfg.protocol == "select" else None
     dataset = FeatureDataset.open(data, splits=splits)
     if dataset.name.upper() != cfg.dataset.upper():
