@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_preprocess, and this module for Ray's workers
-from benchmark_preprocess import generate
-
 from dedn.cli import HelpFormatter
+
+# the JPEG generator of the script beside this one, by file (run through runpy, its folder is not on the path)
+generate = runpy.run_path(str(Path(__file__).with_name("benchmark_preprocess.py")), run_name="benchmark_preprocess")[
+    "generate"]
 
 K, D = 20, 8
 

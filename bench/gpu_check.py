@@ -249,9 +249,10 @@ def extraction(device: str, tmp: Path, out: dict) -> None:
 
     import numpy as np
 
-    if str(HERE) not in sys.path:  # run as `python bench/gpu_check.py` or through runpy
-        sys.path.insert(0, str(HERE))
-    from benchmark_preprocess import generate
+    import runpy
+
+    # the JPEG generator beside this script, by file: run through runpy (the bare-node test) its folder is not on the path
+    generate = runpy.run_path(str(HERE / "benchmark_preprocess.py"), run_name="benchmark_preprocess")["generate"]
     from dedn.data.images import load_crop, load_image, normalize
     from dedn.nn.resnet import ResNetTrunk
 

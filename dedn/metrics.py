@@ -104,18 +104,35 @@ def gzsl_predictions(scores: Tensor, protocol: ClassProtocol, calibration: float
 
 
 def _check_labels(labels: Tensor, protocol: ClassProtocol, side: Side, n: int) -> Tensor:
+    """Labels as (n,) int64 after the checks that need no device value; `_invalid` holds the rest."""
     if side not in ("seen", "unseen"):
         raise ConfigError("side", "one of seen|unseen", side, "dedn.metrics")
     labels = labels.reshape(-1).long()
     if labels.numel() != n:
         raise DatasetError("evaluation batch", "labels", f"{n} labels (one per score row)", labels.numel())
-    allowed = protocol.seen_mask(labels.device) if side == "seen" else protocol.unseen_mask(labels.device)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= protocol.num_classes or not bool(allowed[labels].all())):
-        bad = labels[(labels < 0) | (labels >= protocol.num_classes)]
-        if bad.numel() == 0:
-            bad = labels[~allowed[labels]]
-        raise DatasetError("evaluation batch", "labels", f"{side} classes of the protocol", f"class ids {sorted(set(bad.tolist()))[:10]}")
     return labels
+
+
+def _invalid(labels: Tensor, protocol: ClassProtocol, side: Side) -> Tensor:
+    """(K + 2,) int64 counts of the labels not of `side`'s classes, on the labels' device and without waiting
+    for it: bin 0 counts ids < 0, bin K + 1 ids >= K, bin 1 + k class k. Checked once, when counts are read."""
+    k = protocol.num_classes
+    allowed = protocol.seen_mask(labels.device) if side == "seen" else protocol.unseen_mask(labels.device)
+    clamped = labels.clamp(-1, k)
+    inside = (clamped >= 0) & (clamped < k)
+    bad = ~inside | ~allowed[clamped.clamp(0, k - 1)]
+    return torch.zeros(k + 2, dtype=torch.int64, device=labels.device).index_add_(0, clamped + 1, bad.to(torch.int64))
+
+
+def _raise_invalid(bad: dict[str, Tensor], protocol: ClassProtocol) -> None:
+    """The deferred label check: one DatasetError naming the side and the offending class ids, if any."""
+    for side, invalid in bad.items():
+        counts = invalid.cpu()
+        if int(counts.sum()):
+            # -1 stands for any id < 0, K (protocol.num_classes) for any id >= K
+            ids = [b - 1 for b in torch.nonzero(counts).reshape(-1).tolist()]
+            raise DatasetError("evaluation batch", "labels", f"{side} classes of the protocol",
+                               f"{int(counts.sum())} labels of other classes, class ids {ids[:10]}")
 
 
 def _class_mean(hits: Tensor, n: Tensor, classes: Sequence[int]) -> Tensor:
@@ -152,24 +169,47 @@ class GZSLCounts:
 
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
-        self.counts = torch.zeros(5, self.num_classes, dtype=torch.int64)
+        self._counts = torch.zeros(5, self.num_classes, dtype=torch.int64)
+        self._bad: dict[str, Tensor] = {}  # per side, labels of other classes, counted on the device (`_invalid`)
+        self._protocol: ClassProtocol | None = None
+
+    @property
+    def counts(self) -> Tensor:
+        """(5, K) int64 on the host; the first read after updates checks their labels (one wait, not one a batch)."""
+        if self._protocol is not None:
+            bad, self._bad, protocol, self._protocol = self._bad, {}, self._protocol, None
+            _raise_invalid(bad, protocol)
+        if self._counts.device.type != "cpu":
+            self._counts = self._counts.cpu()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: Tensor) -> None:
+        self._counts = value
 
     @torch.no_grad()
     def update(self, scores: Tensor, labels: Tensor, protocol: ClassProtocol, *, side: Side, calibration: float = 0.0) -> None:
-        """Add a batch: scores (B, K), labels (B,) of classes of `side` ("seen" or "unseen")."""
+        """Add a batch: scores (B, K), labels (B,) of classes of `side` ("seen" or "unseen").
+
+        Nothing here waits for a GPU: the counts stay on the scores' device, and the labels' side is
+        checked when the counts are read."""
         scores = scores.detach()
         labels = _check_labels(labels.to(scores.device), protocol, side, scores.shape[0])
+        bad = _invalid(labels, protocol, side)
+        self._bad[side] = self._bad[side].to(bad.device) + bad if side in self._bad else bad
+        self._protocol = protocol
+        safe = labels.clamp(0, self.num_classes - 1)  # a wrong label fails at the read, not as an index error
         pred, pred_t = gzsl_predictions(scores, protocol, calibration)  # (B,), (B,)
         k = self.num_classes
         block = torch.zeros(5, k, dtype=torch.int64, device=scores.device)
         if side == "seen":
-            block[_S_HIT] = _bincount(labels, pred == labels, k)
-            block[_S_N] = torch.bincount(labels, minlength=k)
+            block[_S_HIT] = _bincount(safe, pred == labels, k)
+            block[_S_N] = torch.bincount(safe, minlength=k)
         else:
-            block[_U_HIT] = _bincount(labels, pred == labels, k)
-            block[_T_HIT] = _bincount(labels, pred_t == labels, k)
-            block[_U_N] = torch.bincount(labels, minlength=k)
-        self.counts += block.cpu()
+            block[_U_HIT] = _bincount(safe, pred == labels, k)
+            block[_T_HIT] = _bincount(safe, pred_t == labels, k)
+            block[_U_N] = torch.bincount(safe, minlength=k)
+        self._counts = self._counts.to(block.device) + block
 
     def tensor(self) -> Tensor:
         """All counts as one flat int64 tensor (5 K,), for one all_reduce(SUM)."""
@@ -222,8 +262,10 @@ class WeightSearch:
         self.points: list[dict[str, float]] = weights.points()
         self.prefer = {n: float((prefer or {}).get(n, 0.0)) for n in self.names}
         self.max_elements = max_elements  # bounds the (G, B, K) score block held at once
-        self.hits = torch.zeros(3, len(self.points), self.num_classes, dtype=torch.int64)
-        self.totals = torch.zeros(2, self.num_classes, dtype=torch.int64)
+        self._hits = torch.zeros(3, len(self.points), self.num_classes, dtype=torch.int64)
+        self._totals = torch.zeros(2, self.num_classes, dtype=torch.int64)
+        self._bad: dict[str, Tensor] = {}
+        self._protocol: ClassProtocol | None = None
         self._table_cache: dict[tuple[str, ...], Tensor] = {}
 
     def _table(self, names: Sequence[str]) -> Tensor:
@@ -251,6 +293,10 @@ class WeightSearch:
             raise ConfigError("score parts", f"(B, {self.num_classes})", tuple(first.shape), "WeightSearch")
         dev = first.device
         labels = _check_labels(labels.to(dev), protocol, side, b)
+        bad = _invalid(labels, protocol, side)
+        self._bad[side] = self._bad[side].to(dev) + bad if side in self._bad else bad
+        self._protocol = protocol
+        labels = labels.clamp(0, k - 1)  # a wrong label fails when the counts are read
         cols = _columns(protocol, dev)
         a = cols.active.numel()
         dtype = torch.promote_types(first.dtype, torch.float32)
@@ -270,8 +316,36 @@ class WeightSearch:
                 assert pred_t is not None
                 hits[1] += _bincount(y, pred == y, k)
                 hits[2] += _bincount(y, pred_t == y, k)
-        self.hits += hits.cpu()
-        self.totals[0 if side == "seen" else 1] += torch.bincount(labels, minlength=k).cpu()
+        side_totals = torch.zeros_like(self._totals, device=dev)
+        side_totals[0 if side == "seen" else 1] = torch.bincount(labels, minlength=k)
+        self._hits = self._hits.to(dev) + hits  # on the device: nothing here waits for it
+        self._totals = self._totals.to(dev) + side_totals
+
+    def _host(self) -> None:
+        """The deferred label check, and the counts back on the host (once, when they are read)."""
+        if self._protocol is not None:
+            bad, self._bad, protocol, self._protocol = self._bad, {}, self._protocol, None
+            _raise_invalid(bad, protocol)
+        if self._hits.device.type != "cpu":
+            self._hits, self._totals = self._hits.cpu(), self._totals.cpu()
+
+    @property
+    def hits(self) -> Tensor:
+        self._host()
+        return self._hits
+
+    @hits.setter
+    def hits(self, value: Tensor) -> None:
+        self._hits = value
+
+    @property
+    def totals(self) -> Tensor:
+        self._host()
+        return self._totals
+
+    @totals.setter
+    def totals(self, value: Tensor) -> None:
+        self._totals = value
 
     def tensor(self) -> Tensor:
         """All counts as one flat int64 tensor, for one all_reduce(SUM)."""

@@ -89,3 +89,54 @@ def test_a_worker_asks_ray_for_its_gpu_share(tmp_path) -> None:
     trainer = build_trainer(build_config("cub"), settings, run_id=None, tracking_uri=None, semi_synthetic=True,
                             storage_path=str(tmp_path), name="share")
     assert trainer.scaling_config.use_gpu and trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "GPU": 0.25}
+
+
+def test_batches_for_a_gpu_come_in_pinned_memory(tmp_path, monkeypatch) -> None:
+    """Readers asked to pin (the loop asks on CUDA) hand over page-locked batches on both host paths,
+    streamed and host-resident; device-resident batches and readers not asked are left as they are.
+    A CPU build cannot pin, so `Tensor.pin_memory` is replaced by a recorder here."""
+    from toydata import write_toy_dataset
+
+    from dedn.data import FeatureDataset
+    from dedn.data.reader import ShardReader
+    from dedn.data.resident import decode_split
+
+    ds = FeatureDataset.open(write_toy_dataset(tmp_path / "toy"))
+    pinned: list[tuple[int, ...]] = []
+
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        pinned.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    host = decode_split(ds, "train")
+    for resident in (None, host):
+        pinned.clear()
+        batches = list(ShardReader(ds, "train", batch_size=4, shuffle=False, resident=resident, pin_memory=True))
+        assert pinned == [s for b in batches for s in (tuple(b.features.shape), tuple(b.labels.shape))]
+        pinned.clear()
+        list(ShardReader(ds, "train", batch_size=4, shuffle=False, resident=resident))
+        assert pinned == []
+
+
+def test_on_a_gpu_the_resident_budget_is_a_share_of_its_free_memory(tmp_path, monkeypatch) -> None:
+    """auto on CUDA: the budget is data.resident_device_fraction of the memory free at the phase's start
+    (read through torch.cuda.mem_get_info, replaced here), so a large GPU holds AWA2 at 14 x 14; the
+    fixed resident_budget_mib still rules on a CPU and when the fraction is 0."""
+    from toydata import write_toy_dataset
+
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.data.resident import ResidentData
+
+    ds = FeatureDataset.open(write_toy_dataset(tmp_path / "toy"))
+    free = 139 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 141 * 2**30))
+    awa2_14x14 = int(17.6 * 2**30)
+    gpu = ResidentData(ds, "auto", 8192, "cuda", device_fraction=0.5)
+    where, reason = gpu._where(awa2_14x14)
+    assert where == "device" and "data.resident_device_fraction=0.5 of the 139.0 GiB free on cuda" in reason
+    assert gpu._where(80 * 2**30)[0] == "stream"
+    assert ResidentData(ds, "auto", 8192, "cuda", device_fraction=0.0)._where(awa2_14x14)[0] == "stream"
+    assert ResidentData(ds, "auto", 8192, "cpu", device_fraction=0.5)._where(awa2_14x14)[0] == "stream"
+    assert build_config(None, {"dataset": "TOY"}).data.resident_device_fraction == 0.5

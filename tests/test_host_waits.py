@@ -86,3 +86,41 @@ def test_selecting_classes_by_ids_equals_selecting_by_mask() -> None:
         by_ids = calibration_loss(a, p.seen_mask(), p.unseen_mask(), p.active_mask(), p.unseen_index())
         assert torch.equal(by_mask, by_ids)
     assert p.active_index().tolist() == [0, 1, 3, 5, 6] and p.active_mask() is p.active_mask()  # built once
+
+
+@pytest.mark.parametrize("model", ["dedn", "msdn"])
+def test_an_evaluation_batch_does_not_wait_for_the_device(tmp_path: Path, model: str) -> None:
+    """The forward pass, the GZSL counts and the weight grid's counts of one batch: counts stay on the
+    device and the labels' check is read once, with the counts (was about 15 waits a batch)."""
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.families import family_of
+    from dedn.metrics import GZSLCounts
+    from dedn.protocol import ClassProtocol
+    from dedn.training.evaluate import weight_search
+    from dedn.training.loop import build_model
+
+    root = write_toy_dataset(tmp_path / "toy")
+    ds = FeatureDataset.open(root)
+    cfg = build_config(None, {"dataset": "TOY", "data.path": str(root), "model": model})
+    net = build_model(cfg, ds.class_side, ds.feature_shape).eval()
+    family = family_of(cfg)
+    protocol = ClassProtocol.for_phase("select", ds.class_side)
+    counts, search = GZSLCounts(protocol.num_classes), weight_search(cfg, protocol.num_classes, family)
+    weights = family.configured_weights(cfg)
+    x = torch.randn(4, *ds.feature_shape)
+
+    def batch(y: torch.Tensor, side: str) -> None:
+        with torch.no_grad():
+            parts = family.score_parts(net(x))
+        counts.update(family.combine(cfg, parts, weights), y, protocol, side=side, calibration=cfg.eval.calibration)
+        search.update(parts, y, protocol, side=side)
+
+    seen, unseen = torch.tensor(protocol.seen[:4]), torch.tensor((protocol.unseen * 4)[:4])
+    batch(seen, "seen")  # the first batch builds the protocol's columns and masks once
+    with HostWaits() as waits:
+        batch(seen, "seen")
+        batch(unseen, "unseen")
+    assert waits.calls == Counter(), waits.calls
+    assert counts.counts[3:].sum(1).tolist() == [8, 4]  # read once, on the host: seen and unseen totals
+    assert search.totals.sum(1).tolist() == [8, 4]

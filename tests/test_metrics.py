@@ -78,11 +78,20 @@ def test_empty_side_and_zero_h():
     assert c.compute(PROTO)["S"] == pytest.approx(0.75) and c.compute(PROTO)["H"] == 0.0
 
 
-def test_labels_of_the_wrong_side_raise():
-    with pytest.raises(DatasetError, match="seen classes of the protocol.*\\[2\\]"):
-        GZSLCounts(5).update(UNSEEN_SCORES[:1], torch.tensor([2]), PROTO, side="seen")
+def test_labels_of_the_wrong_side_raise_when_the_counts_are_read():
+    """Checked once when the counts are read (on a GPU a check per batch waits for the device each time)."""
+    c = GZSLCounts(5)
+    c.update(UNSEEN_SCORES[:1], torch.tensor([2]), PROTO, side="seen")
+    with pytest.raises(DatasetError, match="seen classes of the protocol.*class ids \\[2\\]"):
+        c.compute(PROTO)
+    c = GZSLCounts(5)
+    c.update(SEEN_SCORES[:1], torch.tensor([4]), PROTO, side="unseen")
     with pytest.raises(DatasetError, match="unseen classes"):
-        GZSLCounts(5).update(SEEN_SCORES[:1], torch.tensor([4]), PROTO, side="unseen")
+        c.tensor()
+    c = GZSLCounts(5)
+    c.update(SEEN_SCORES[:2], torch.tensor([-3, 9]), PROTO, side="seen")
+    with pytest.raises(DatasetError, match=r"2 labels of other classes, class ids \[-1, 5\]"):
+        c.compute(PROTO)
 
 
 def test_tensor_round_trip_and_sum_of_shards():

@@ -238,6 +238,7 @@ class ShardReader:
         out_dtype: torch.dtype = torch.float32,
         verify_checksums: bool = True,
         resident: ResidentSplit | None = None,
+        pin_memory: bool = False,
     ):
         if _is_forbidden(split):
             raise DatasetError(dataset.root, "split", "a split allowed here (forbid_splits is active)", repr(split))
@@ -259,6 +260,7 @@ class ShardReader:
         self.rank, self.world_size, self.buffer_rows = rank, world_size, buffer_rows
         self.class_balanced, self.drop_last, self.equal_rows = class_balanced, drop_last, equal_rows
         self.out_dtype = out_dtype
+        self.pin_memory = bool(pin_memory)  # for batches bound to a GPU (the training loop sets it on CUDA)
         self.verify = bool(verify_checksums)
         self._verified: set[int] = set()  # shards whose sha256 matched the manifest (kept across epochs)
         self.epoch = 0
@@ -430,7 +432,12 @@ class ShardReader:
             else:
                 assert feats is not None
                 x = torch.from_numpy(feats).view(-1, c, h, w)  # (B, C, H, W) storage dtype
-            yield Batch(x.to(self.out_dtype), torch.from_numpy(labels), torch.from_numpy(ids))
+            x, y = x.to(self.out_dtype), torch.from_numpy(labels)
+            if self.pin_memory and x.device.type == "cpu":
+                # page-locked host memory: the consumer's `.to(cuda, non_blocking=True)` is then an
+                # asynchronous copy that overlaps the step, not a blocking one through a staging buffer
+                x, y = x.pin_memory(), y.pin_memory()
+            yield Batch(x, y, torch.from_numpy(ids))
             done += 1
             if done == cap:
                 return

@@ -13,7 +13,8 @@ copy is one per node, shared by every worker and every concurrent trial there
 
 Modes: off = stream; host = resident in host memory; device = in the training device's memory
 (host memory on a CPU run); auto = device memory on a GPU, host memory otherwise, for each
-split while the bytes held stay within `resident_budget_mib`, streaming the rest. Splits are
+split while the bytes held stay within `resident_budget_mib` (on a GPU: `resident_device_fraction`
+of the device memory free when the phase starts), streaming the rest. Splits are
 asked for in order of use (the training split first), so the training split is the one kept
 when the budget holds only one.
 """
@@ -67,11 +68,19 @@ class ResidentData:
     """A phase's resident splits: `get(split)` decides once per split and keeps the decoded copy."""
 
     def __init__(self, dataset: FeatureDataset, mode: str, budget_mib: int, device: str | torch.device,
-                 load: SplitLoader | None = None, announce: Callable[[str], None] | None = None):
+                 load: SplitLoader | None = None, announce: Callable[[str], None] | None = None,
+                 device_fraction: float = 0.0):
         if mode not in RESIDENT_MODES:
             raise ConfigError("data.resident", f"one of {'|'.join(RESIDENT_MODES)}", mode)
         self.dataset, self.mode, self.budget = dataset, mode, int(budget_mib) << 20
         self.device = torch.device(device)
+        self.budget_name = f"data.resident_budget_mib={self.budget >> 20}"
+        if self.device.type == "cuda" and mode == "auto" and device_fraction > 0:
+            # what this GPU has free now (other trials packed on it included), not a fixed figure
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.budget = int(free * device_fraction)
+            self.budget_name = (f"data.resident_device_fraction={device_fraction:g} of the {free / 2**30:,.1f} GiB "
+                                f"free on {self.device}, {self.budget >> 20:,} MiB")
         self.load = load or decode_split
         self.announce = announce
         self.splits: dict[str, ResidentSplit | None] = {}
@@ -89,9 +98,8 @@ class ResidentData:
         if self.mode != "auto":
             return target, f"data.resident={self.mode}"
         if self.held_bytes + nbytes > self.budget:
-            return "stream", (f"{(self.held_bytes + nbytes) / 2**20:,.0f} MiB would exceed "
-                              f"data.resident_budget_mib={self.budget >> 20}")
-        return target, f"auto, within data.resident_budget_mib={self.budget >> 20}"
+            return "stream", f"{(self.held_bytes + nbytes) / 2**20:,.0f} MiB would exceed {self.budget_name}"
+        return target, f"auto, within {self.budget_name}"
 
     def get(self, split: str) -> ResidentSplit | None:
         """The split's resident copy (decoding or fetching it the first time), or None to stream it."""

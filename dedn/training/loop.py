@@ -259,7 +259,7 @@ class _Phase:
         self.best = Best(weights=self.family.configured_weights(cfg))
         self.best_state: dict[str, Tensor] | None = None
         self.resident = ResidentData(ds, cfg.data.resident, cfg.data.resident_budget_mib, device, load=split_loader,
-                                     announce=announce)
+                                     announce=announce, device_fraction=cfg.data.resident_device_fraction)
         self.data = PhaseData(phase, PHASES[phase][0], self.protocol,
                               lambda: ShardReader(ds, PHASES[phase][0], batch_size=cfg.eval.batch_size, shuffle=False,
                                                   resident=self.resident.get(PHASES[phase][0])))
@@ -308,11 +308,12 @@ class _Phase:
             return ShardReader(ds, split, batch_size=o.batch_size, shuffle=True, seed=o.seed, rank=self.rank,
                                world_size=self.world_size, buffer_rows=d.shuffle_rows(row_bytes),
                                class_balanced=d.class_balanced, equal_rows=True, resident=self.resident.get(split),
-                               out_dtype=store)
+                               out_dtype=store, pin_memory=self.device.type == "cuda")
         # Validation is read every epoch: resident when it fits. The test splits are read once: streamed.
         resident = self.resident.get(split) if self.phase == "select" else None
         return ShardReader(ds, split, batch_size=self.cfg.eval.batch_size, shuffle=False, rank=self.rank,
-                           world_size=self.world_size, equal_rows=False, resident=resident, out_dtype=store)
+                           world_size=self.world_size, equal_rows=False, resident=resident, out_dtype=store,
+                           pin_memory=self.device.type == "cuda")
 
     def _evaluate(self, seen: str, unseen: str, fit: bool | None = None) -> EvalResult:
         if isinstance(self.family, RefitsBeforeEval):
