@@ -279,3 +279,31 @@ def test_compile_is_refused_for_d3gzsl_with_the_key_named(tmp_path):
                               "model": "d3gzsl", "optim.max_steps_per_epoch": 1, "train.compile": True})
     with pytest.raises(ConfigError, match=r"train\.compile: expected false for d3gzsl"):
         run_protocol(cfg, FeatureDataset.open(root))
+
+
+def test_ranks_take_rank_0s_scaler_and_teacher_after_the_phase_start(toy):
+    """What `prepare` fitted is no network DDP wraps: with several ranks, every tensor of the model is
+    broadcast from rank 0 once, after the preparation and before the first step, and the phase goes on
+    with the values received (here a stand-in rank 0 whose teacher differs)."""
+    from dedn.training.loop import build_model, run_phase
+
+    cfg = _cfg(**{"protocol": "select", "epochs": 1, "optim.max_steps_per_epoch": 2})
+    keys = list(build_model(cfg, toy.class_side, toy.feature_shape).state_dict())
+    teacher_key = next(k for k in keys if k.startswith("teacher.") and k.endswith("weight"))
+    received: list[tuple[int, ...]] = []
+
+    class Rank0:  # one process standing in for rank 1 of 2: sums stay, broadcasts bring "rank 0's" values
+        def sum_(self, t):
+            pass
+
+        def max_(self, t):
+            pass
+
+        def broadcast_(self, t):
+            if keys[len(received)] == teacher_key:
+                t.fill_(0.125)
+            received.append(tuple(t.shape))
+
+    result = run_phase(cfg, toy, "select", rank=1, world_size=2, collective=Rank0())
+    assert len(received) == len(keys)  # every tensor once, at the phase start
+    assert torch.all(result.state["model"][teacher_key] == 0.125)  # frozen: what rank 0 sent is what stayed

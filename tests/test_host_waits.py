@@ -124,3 +124,25 @@ def test_an_evaluation_batch_does_not_wait_for_the_device(tmp_path: Path, model:
     assert waits.calls == Counter(), waits.calls
     assert counts.counts[3:].sum(1).tolist() == [8, 4]  # read once, on the host: seen and unseen totals
     assert search.totals.sum(1).tolist() == [8, 4]
+
+
+def test_d3gzsls_distillation_loss_waits_for_nothing_on_its_real_rows() -> None:
+    """L_D3's real rows are the batch's tail: sliced, they need no count from the device (a bool mask,
+    as before, made six waits a call); both give the same loss."""
+    from dedn.families.d3gzsl.losses import D3Weights, d3_loss
+
+    g = torch.Generator().manual_seed(0)
+    n_u, n_r, k, ks, e = 5, 7, 6, 4, 8
+    labels = torch.cat([torch.tensor([4, 5, 4, 5, 4]), torch.randint(0, ks, (n_r,), generator=g)])
+    args = dict(student_emb=torch.randn(n_u + n_r, e, generator=g), student_logits=torch.randn(n_u + n_r, k, generator=g),
+                ood_repr=torch.randn(n_u + n_r, 2, generator=g), teacher_emb=torch.randn(n_u + n_r, e, generator=g),
+                teacher_logits=torch.randn(n_u + n_r, ks, generator=g), labels=labels, seen_ids=torch.arange(ks),
+                sigmoid=torch.nn.Sigmoid(), weights=D3Weights())
+    mask = torch.cat([torch.zeros(n_u, dtype=torch.bool), torch.ones(n_r, dtype=torch.bool)])
+    with HostWaits() as waits:
+        sliced = d3_loss(real=slice(n_u, None), **args)
+    assert waits.calls == Counter(), waits.calls
+    with HostWaits() as waits:
+        masked = d3_loss(real=mask, **args)
+    assert waits.calls == Counter({"__getitem__ by mask or list": 6})
+    assert torch.allclose(sliced.total, masked.total, rtol=1e-6, atol=0)

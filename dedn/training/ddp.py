@@ -22,13 +22,16 @@ __all__ = ["TorchCollective", "ddp", "single_process_group"]
 
 
 class TorchCollective:
-    """Sum and max over the worker group with torch.distributed (the loop's `Collective`)."""
+    """Sum, max and broadcast over the worker group with torch.distributed (the loop's `Collective`)."""
 
     def sum_(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     def max_(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+    def broadcast_(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=0)
 
 
 def ddp(net: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:

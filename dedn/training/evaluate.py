@@ -28,6 +28,8 @@ class Collective(Protocol):
 
     def max_(self, t: Tensor) -> None: ...
 
+    def broadcast_(self, t: Tensor) -> None: ...  # rank 0's values to every rank
+
 
 @dataclass
 class EvalResult:

@@ -327,6 +327,12 @@ class _Phase:
         start = self.restore(resume) if resume is not None else 1
         if resume is None and isinstance(self.family, PreparesPhases):
             self.family.prepare(self.model, self.data, self._ctx())  # before DDP copies rank 0's weights
+            if self.collective is not None and self.world_size > 1:
+                # What a phase's preparation fitted (D3GZSL's scaler and frozen teacher) is no network DDP
+                # wraps, so nothing else syncs it: every rank takes rank 0's, rather than trusting every GPU
+                # to compute it bit for bit alike (a cluster of mixed GPUs would drift apart silently).
+                for t in self.model.state_dict().values():
+                    self.collective.broadcast_(t)
         wrapped = wrap_model(self.model) if wrap_model is not None else training_module(self.family, self.model,
                                                                                          lambda m: m)
         if self.cfg.train.compile:  # the training module's forward, DDP included (docs/scaling.md: measured)

@@ -89,14 +89,14 @@ class D3Terms:
 
 
 def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, teacher_emb: Tensor,
-            teacher_logits: Tensor, labels: Tensor, real: Tensor, seen_ids: Tensor, sigmoid: "torch.nn.Module",
+            teacher_logits: Tensor, labels: Tensor, real: Tensor | slice, seen_ids: Tensor, sigmoid: "torch.nn.Module",
             weights: D3Weights, form: LossForm = "method") -> D3Terms:
     """L_D3 over X = rows of one batch (generated unseen and real seen rows, in any order).
 
     student_emb e^S (N, E), student_logits l^S (N, K), ood_repr g = H(log_softmax(l^S)) (N, 2),
     teacher_emb e^T (N, E) and teacher_logits (N, K_s) of the frozen teacher (still differentiable
-    w.r.t. X), labels (N,) global class ids, real (N,) bool (the ID rows, where L_kl and L_be are
-    taken), seen_ids (K_s,) the seen class ids in the teacher's output order, sigmoid the learnable
+    w.r.t. X), labels (N,) global class ids, real (N,) bool or a slice (the ID rows, where L_kl and
+    L_be are taken; the training step's are a tail, sliced without a host wait), seen_ids (K_s,) the seen class ids in the teacher's output order, sigmoid the learnable
     c = sigmoid(w (m + b)) (called once, so a DDP wrapper around it syncs its gradient).
     """
     with torch.autocast(device_type=student_logits.device.type, enabled=False):  # fp32, as DEDN's and MSDN's
@@ -105,7 +105,7 @@ def d3_loss(*, student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, te
 
 
 def _d3_loss(student_emb: Tensor, student_logits: Tensor, ood_repr: Tensor, teacher_emb: Tensor,
-             teacher_logits: Tensor, labels: Tensor, real: Tensor, seen_ids: Tensor, sigmoid: "torch.nn.Module",
+             teacher_logits: Tensor, labels: Tensor, real: Tensor | slice, seen_ids: Tensor, sigmoid: "torch.nn.Module",
              weights: D3Weights, form: LossForm) -> D3Terms:
     l_cls = F.cross_entropy(student_logits, labels)
     log_pt = F.log_softmax(teacher_logits, dim=1)
