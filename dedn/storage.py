@@ -102,7 +102,9 @@ _STORE_ERRORS = (
     ("NoSuchBucket", "the bucket does not exist"),
     ("NETWORK_CONNECTION", "no S3 endpoint answers (AWS_ENDPOINT_URL, or AWS's own when unset)"),
     ("InvalidAccessKeyId", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
+    ("INVALID_ACCESS_KEY_ID", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
     ("SignatureDoesNotMatch", "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
+    ("SIGNATURE_DOES_NOT_MATCH", "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
     ("ACCESS_DENIED", "access denied for these credentials"),
     ("AccessDenied", "access denied for these credentials"),
 )

@@ -220,6 +220,18 @@ class S3:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free loopback port with one bucket, for the session (the test extra has moto)."""
+    with moto_s3() as s3:
+        yield s3
+
+
+@contextmanager
+def moto_s3(check_credentials: bool = False):
+    """moto's S3 server on a free loopback port with one bucket. `check_credentials`: moto then checks every
+    request's key against its IAM users; the one user, its key (in the S3 returned), its S3 policy and the
+    bucket are made in the first four requests, which moto lets through unchecked."""
+    import json
+    import os
+    import socket
     import subprocess
     import sys
     import time
@@ -228,23 +240,43 @@ def s3_server():
     import boto3
 
     port = free_port()
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "4"} if check_credentials else {})}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "dedn",
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "dedn",
            "AWS_SECRET_ACCESS_KEY": "dedn-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
     try:
         deadline = time.monotonic() + 60
-        while True:
+        while True:  # a TCP connection is no request: the unchecked ones are kept for the set-up
             try:
-                client.create_bucket(Bucket=S3_BUCKET)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except Exception:  # still starting
+            except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise
                 time.sleep(0.3)
-        yield S3(env, S3_BUCKET)
+
+        def client(service: str):
+            return boto3.client(service, endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=aws["AWS_DEFAULT_REGION"],
+                                aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                                aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])
+
+        if check_credentials:
+            iam = client("iam")
+            iam.create_user(UserName="dedn")
+            key = iam.create_access_key(UserName="dedn")["AccessKey"]
+            iam.put_user_policy(UserName="dedn", PolicyName="s3", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+            aws.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        for attempt in range(50):
+            try:
+                client("s3").create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # the HTTP side still starting
+                if attempt == 49 or server.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield S3(aws, S3_BUCKET)
     finally:
         server.terminate()
         server.wait(30)

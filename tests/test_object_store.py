@@ -141,6 +141,44 @@ def test_a_wrong_bucket_or_endpoint_is_one_error_naming_the_uri_before_ray(s3, t
     assert not ray.is_initialized()
 
 
+@pytest.mark.timeout(120)
+def test_wrong_credentials_are_one_error_naming_the_uri_before_ray(tiny_dataset, monkeypatch):
+    """Against an S3 that checks keys (moto with IAM): the right key works; an unknown key or a wrong secret
+    stops a run in its preflight, and a dataset read, with one line naming the URI and the variable."""
+    import ray
+    from conftest import moto_s3
+
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.data.remote import upload
+    from dedn.errors import ConfigError, DatasetError
+    from dedn.storage import check_writable
+    from dedn.training.driver import train
+
+    cfg = build_config("cub", OVERRIDES + [f"data.path={tiny_dataset.root}"])
+    with moto_s3(check_credentials=True) as s3:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        uri, data = f"s3://{s3.bucket}/runs", f"s3://{s3.bucket}/data"
+        check_writable(uri, "settings.storage_path")  # the right key and secret
+        upload(tiny_dataset.root, data)
+        for var, value, reason in (
+                ("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN000000000", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
+                ("AWS_SECRET_ACCESS_KEY", "not-the-secret", "the secret key does not match the access key "
+                                                            "(AWS_SECRET_ACCESS_KEY)")):
+            with monkeypatch.context() as mp:
+                mp.setenv(var, value)
+                with pytest.raises(ConfigError) as e:
+                    train(cfg, _settings(uri, "creds"))
+                assert str(e.value) == (f"preflight: settings.storage_path: expected an object-store location this "
+                                        f"machine can write, found '{uri}: {reason}'")
+                with pytest.raises(DatasetError) as e:
+                    FeatureDataset.open(data)
+                assert str(e.value).startswith(f"{data}/dataset.json: file: expected a dataset directory the object "
+                                               "store lets this node read, found ")
+    assert not ray.is_initialized()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
