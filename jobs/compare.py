@@ -20,6 +20,7 @@ from pathlib import Path
 from dedn import tracking
 from dedn.cli import HelpFormatter, add_address, add_overrides, parse_command_line, use_address
 from dedn.errors import DednError
+from dedn.storage import resolve
 from dedn.home import dedn_home
 
 # The heavy imports (torch, pyarrow, Ray, MLflow and the dedn modules on them) are in the functions below,
@@ -66,7 +67,7 @@ def _start_parent(args: argparse.Namespace, ds, models: list[str]) -> str:
     _, run_id = tracking.start_run(
         "compare-" + "-".join(models), experiment=f"dedn-compare-{ds.name.lower()}",
         tags={tracking.KIND_TAG: "comparison", "dataset": ds.name, "semi_synthetic": str(ds.semi_synthetic).lower(),
-              "data_path": str(ds.root), **({"git_commit": c} if (c := tracking.git_commit()) else {})},
+              "data_path": ds.location, **({"git_commit": c} if (c := tracking.git_commit()) else {})},
         params={"models": ",".join(models), "epochs": args.epochs, "seed": args.seed, "max_steps_per_epoch": args.max_steps,
                 "protocol": args.protocol, "overrides": " ".join(args.overrides), "num_workers": args.num_workers})
     return run_id
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = ""
     try:
-        data = Path(args.data).expanduser().resolve() if args.data else _synthetic_cub(args)
+        data = resolve(args.data) if args.data else _synthetic_cub(args)  # a path, or an object-store URI as it is
         ds = FeatureDataset.open(data)
         models = args.models or list(family_names())
         if not args.no_track:

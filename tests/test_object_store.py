@@ -223,3 +223,36 @@ def test_checkpoints_and_records_live_in_the_bucket_and_the_same_name_resumes_fr
     assert c.get_run(first).data.tags["data_path"] == data
     cache = Path(os.environ["DEDN_HOME"]) / "data-cache"
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # one verified copy on this node, for every process
+
+
+def test_every_entry_point_hands_an_object_store_dataset_on_as_its_uri(s3, tiny_dataset, tmp_path, monkeypatch,
+                                                                      capsys):
+    """`--data s3://...` reaches the dataset reader unchanged from every job that takes it and from a sweep
+    (a path-style resolve turns `s3://b/x` into `s3:/b/x`, a local path that does not exist); the error
+    comes before Ray starts. A dataset opened from the store remembers its URI for other nodes."""
+    import importlib.util
+
+    from toydata import ROOT, load_job
+
+    from dedn.config import build_config
+    from dedn.data import FeatureDataset
+    from dedn.errors import DatasetError
+    from dedn.tuning import SweepSpec, load_search_space, run_sweep
+
+    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
+    missing = f"s3://{s3.bucket}/nothing"
+    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "tuning" / "tune.py")
+    tune_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_job)  # type: ignore[union-attr]
+    mains = {"train": load_job("train").main, "ablate": load_job("ablate").main, "compare": load_job("compare").main,
+             "reproduce": load_job("reproduce").main, "tune": tune_job.main}
+    for job, main in mains.items():
+        assert main(["--data", missing]) == 2, job
+        err = capsys.readouterr().err
+        assert f"{missing}/dataset.json: file: " in err and "no such object" in err, (job, err)
+    with pytest.raises(DatasetError, match=f"^{missing}/dataset.json: file: "):
+        run_sweep(SweepSpec(data=missing, base=build_config("cub", []), space=load_search_space(None)))
+    uri = _upload(s3, tiny_dataset.root, "data/located")
+    ds = FeatureDataset.open(uri)
+    assert ds.location == uri and ds.root.is_relative_to(tmp_path / "home" / "data-cache")
+    assert FeatureDataset.open(ds.root).location == str(ds.root)

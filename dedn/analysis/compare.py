@@ -104,7 +104,7 @@ def compare_models(dataset: FeatureDataset | str | os.PathLike[str], *, preset: 
     user = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     base = settings or TrainSettings(num_workers=1, track=False, register=False, verbose=False)
     # every config first: a bad key or preset fails before any model trains
-    cfgs = [apply_overrides(model_config(name, ds.name, preset, user, str(ds.root)), shared, source="dedn.analysis.compare")
+    cfgs = [apply_overrides(model_config(name, ds.name, preset, user, ds.location), shared, source="dedn.analysis.compare")
             for name in models]
     rows: list[ComparisonRow] = []
     for name, cfg in zip(models, cfgs):

@@ -26,7 +26,8 @@ class FeatureDataset:
     """A dataset directory opened for reading; shards are read by `dedn.data.reader.ShardReader`."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], class_side: ClassSide, splits: dict[str, SplitInfo]):
-        self.root = root
+        self.root = root  # the directory read here (for an object-store dataset, this node's staged copy)
+        self.location = str(root)  # where it was opened from: a path, or the object-store URI
         self.manifest = manifest
         self.name: str = manifest["name"]
         self.source: str = manifest["source"]
@@ -72,6 +73,7 @@ class FeatureDataset:
         `root` may be an object-store URI (`s3://bucket/dataset`): the dataset is then staged on this
         node first, verified, once per node and version (`dedn.data.remote`), and `root` becomes the copy.
         """
+        location = str(root)
         if is_uri(root):
             from dedn.data.remote import stage  # pyarrow's S3 filesystem: on use
 
@@ -104,6 +106,7 @@ class FeatureDataset:
         class_side = _load_class_side(root, mpath, manifest)
         parsed = _parse_splits(mpath, manifest)
         ds = cls(root, manifest, class_side, parsed)
+        ds.location = location if is_uri(location) else str(root)  # what other nodes open: the URI, not this node's copy
         if verify != "none":
             ids = {}
             for info in (parsed.values() if splits is None else [ds.split(s) for s in splits]):

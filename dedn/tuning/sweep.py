@@ -34,6 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from dedn import tracking
+from dedn.storage import resolve
 from dedn.atomic import atomic_path, write_text
 from dedn.checkpoint import load_checkpoint
 from dedn.cli import command
@@ -176,7 +177,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False) -> SweepSummary:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory": Tune's table says it all
 
     storage = Path(spec.storage or _tune_root()).expanduser().resolve()
-    data = str(Path(spec.data).expanduser().resolve())
+    data = resolve(spec.data)  # an absolute path, or an object-store URI as it is (staged once per node)
     name = spec.name or _sweep_name(spec.base)
     sweep_dir = storage / name
     with forbid_splits(TEST_SPLITS):  # the driver itself never reads test shards either
