@@ -29,6 +29,9 @@ RAY_ENV = {  # the session Ray's processes inherit these
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # as tuning/tune.py sets it: a worker group starts in seconds
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # tiny epochs: noise
+    # as a job's embedded Ray has it (dedn.training.ray_cluster): one actor less per run, which on
+    # one node only ever watches for node drains
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 

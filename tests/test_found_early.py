@@ -46,8 +46,7 @@ def test_a_shard_of_the_wrong_size_stops_the_job_before_ray_and_mlflow(tiny_data
     assert seconds < 30, f"found after {seconds:.0f} s"
 
 
-@pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.slow  # a job of its own (its embedded Ray): no module Ray
 @pytest.mark.timeout(400)
 def test_same_size_damage_is_found_on_read_and_said_once(tiny_dataset, tmp_path: Path) -> None:
     """The soak's corrupt_shard fault: 64 bytes flipped in the middle of a training shard, size and

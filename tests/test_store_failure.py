@@ -141,8 +141,7 @@ def test_a_server_that_is_gone_and_answers_that_are_not_failures(home: Path, mon
     assert is_store_failure(ConnectionRefusedError(111, "Connection refused"))
 
 
-@pytest.mark.ray
-@pytest.mark.slow  # about a minute: an embedded Ray, two workers
+@pytest.mark.slow  # about a minute: a job with its embedded Ray (no module Ray), two workers
 @pytest.mark.timeout(600)
 def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(home: Path, tiny_dataset,
                                                                               tmp_path: Path) -> None:

@@ -172,8 +172,7 @@ def _job(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
                           timeout=timeout)
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(400)  # its jobs start their own Ray: no module Ray beside them
 def test_two_worker_training_run_registry_and_prediction_through_the_server(team: Team, awa2_tiny: Path,
                                                                            tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient

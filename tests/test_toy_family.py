@@ -20,7 +20,7 @@ import yaml
 
 from toydata import write_toy_dataset
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]  # three jobs, each its own Ray
+pytestmark = pytest.mark.slow  # three jobs, each its own Ray (no module Ray beside them)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow  # its jobs start their own Ray: no module Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
