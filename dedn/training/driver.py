@@ -240,8 +240,9 @@ def train_func(config: dict[str, Any]) -> None:
     config: {"cfg": run config dict (data.path absolute), "use_gpu", "threads", "run_id",
     "tracking_uri", "semi_synthetic", "plugins": {"module:callable": options} (dedn.training.callbacks),
     "verbose", "ray_info_logs", "fatal_file"}. A deterministic error (a non-retryable DednError: bad
-    data, a non-finite loss) is recorded in fatal_file; the restart Ray Train makes after it re-raises it at once instead of
-    training again, and the driver raises it to the user as itself.
+    data, a non-finite loss) is recorded in fatal_file, which stops Ray Train's restarts
+    (`_stop_on_recorded_error`); a restart made all the same re-raises it at once instead of training
+    again, and the driver raises it to the user as itself.
     """
     import ray.train  # on use (module docstring)
     import ray.train.torch
@@ -391,9 +392,50 @@ def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None
             # warnings are transient noise with a traceback each on a loaded node ("Failed to send
             # resource request ... safe to ignore" when its coordinator answers after 5 s): errors only
             logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "ERROR"),
-            callbacks=list(callbacks) or None,
+            callbacks=[*callbacks, *([_stop_on_recorded_error(fatal_file)] if fatal_file else [])] or None,
         ),
     )
+
+
+class _DropLogOf(logging.Filter):
+    """Drops the log records that carry one exception (by identity)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is self.error)
+
+
+def _stop_on_recorded_error(fatal_file: str) -> Any:
+    """A controller callback: a worker group that failed after recording a deterministic error (fatal_file)
+    is not restarted. Ray Train retries every worker-group error up to max_failures; each restart starts
+    a worker group (seconds on one node, more on a cluster) only for train_func to read the record and
+    raise again. A Ray Train DeveloperAPI (ControllerCallback; callbacks that are no UserCallback reach the
+    controller as they are): a ControllerError raised before a RETRY is executed is not retryable, so the
+    run ends at once and the driver raises the recorded error. If the record cannot be read here, the
+    restart happens as before and train_func raises it."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.callback_manager import CallbackManager
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import ControllerError
+
+    class StopOnRecordedError(ControllerCallback):
+        def before_controller_execute_failure_decision(self, failure_decision: Any) -> None:
+            if failure_decision != FailureDecision.RETRY:
+                return
+            try:
+                recorded = read_fatal(fatal_file)
+            except Exception:  # noqa: BLE001 - the store unreadable from the controller: restart, as without us
+                return
+            if recorded is not None:
+                stop = ControllerError(recorded)
+                # Ray logs a raising callback with its traceback; the driver's one `error:` line says it
+                logging.getLogger(CallbackManager.__module__).addFilter(_DropLogOf(stop))
+                raise stop
+
+    return StopOnRecordedError()
 
 
 def run_name(cfg: RunConfig) -> str:

@@ -1,9 +1,10 @@
 """The deterministic error of a run, recorded beside its checkpoints for the restarts.
 
 A worker that raises a non-retryable `DednError` (bad data, a non-finite loss, a failing store)
-writes it to `<storage>/<run name>/FATAL_FILE` (`write_fatal`); the restart Ray Train makes after
-it reads it (`read_fatal`) and re-raises it at once instead of training again, and the driver
-raises it to the user as itself rather than Ray's wrapper around it.
+writes it to `<storage>/<run name>/FATAL_FILE` (`write_fatal`). The driver's controller callback
+reads it (`read_fatal`) and stops Ray Train from restarting the group; a restart that happens all
+the same re-raises it at once instead of training again; the driver raises it to the user as itself
+rather than Ray's wrapper around it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FATAL_FILE = "fatal_error.json"  # in the run's storage folder: the non-retryabl
 
 
 def write_fatal(path: str | Path, exc: DednError) -> None:
-    """The error as data (class, args, attributes), written atomically; the restart re-raises it."""
+    """The error as data (class, args, attributes), written atomically; the run ends with it."""
     state = {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in exc.__dict__.items()}
     doc = {"module": type(exc).__module__, "qualname": type(exc).__qualname__, "args": [str(a) for a in exc.args],
            "state": state}
