@@ -3,8 +3,9 @@
 `make_cub_image_tree` picks two trainval images per seen class and one test image per class
 of ../shared/data/CUB/image_labels.npz, writes them under `root` with their real relative paths
 (odd sizes; modes RGB, L, P, RGBA, CMYK; a colour per class so classes can be told apart), and a
-res101.mat (labels, image_files with the authors' absolute prefix) and an att_splits.mat (the real
-class side, the locations re-indexed to the chosen images) that describe exactly those images.
+res101.mat (labels, image_files under a foreign absolute prefix, as xlsa17's name the authors' machine)
+and an att_splits.mat (the real class side, the locations re-indexed to the chosen images) that describe
+exactly those images.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-PREFIX = "/BS/Deep_Fragments/work/MSc/CUB_200_2011/"  # what xlsa17's CUB paths start with, before the tree
 MODES = ("RGB", "L", "P", "RGBA", "CMYK")
 
 
@@ -24,6 +24,7 @@ class ImageTree:
     att_splits: Path
     word_vectors: Path
     files: list[str]  # relative to `images`, res101 order
+    prefix: str  # what res101.mat's image_files have before `files` (from-images strips it)
     labels: np.ndarray  # 0-based
 
 
@@ -59,6 +60,10 @@ def _image(label: int, i: int, rng: np.random.Generator):
 def make_cub_image_tree(source: Path, root: Path, seed: int = 0) -> ImageTree:
     import scipy.io
 
+    # xlsa17's paths start with a folder of the authors' machine that no user has; a folder that does
+    # not exist here stands in for it
+    prefix = f"{root.parent / 'xlsa17-authors-machine' / 'CUB_200_2011'}/"
+
     z = np.load(source / "image_labels.npz")
     labels_all = z["labels"].astype(np.int64)
     mat = scipy.io.loadmat(source / "att_splits.mat")
@@ -80,11 +85,11 @@ def make_cub_image_tree(source: Path, root: Path, seed: int = 0) -> ImageTree:
         img.save(path, format=fmt)
     cells = np.empty((len(files), 1), dtype=object)
     for i, f in enumerate(files):
-        cells[i, 0] = np.array([PREFIX + f])
+        cells[i, 0] = np.array([prefix + f])
     res101 = root / "res101.mat"
     scipy.io.savemat(res101, {"image_files": cells, "labels": (labels + 1).reshape(-1, 1).astype(np.float64)})
     att = root / "att_splits.mat"
     scipy.io.savemat(att, {k: v for k, v in mat.items() if not k.startswith("__")})
     wv = root / "CUB_attribute.pkl"
     wv.write_bytes((source / "CUB_attribute.pkl").read_bytes())
-    return ImageTree(images, res101, att, wv, files, labels)
+    return ImageTree(images, res101, att, wv, files, prefix, labels)

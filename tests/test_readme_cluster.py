@@ -94,7 +94,7 @@ def _from_images_job(shell_start: str, env: dict[str, str], tmp_path: Path) -> N
     done = _shell(shell_start + job, env, 300)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    assert "image paths: stripped '/BS/Deep_Fragments/work/MSc/CUB_200_2011/'" in log, log[-3000:]
+    assert f"image paths: stripped '{tree.prefix}'" in log, log[-3000:]
     ds = FeatureDataset.open(out)
     assert ds.source == "images" and ds.split("trainval").num_rows == 300
 
