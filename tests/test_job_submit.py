@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HEALTH_CHECK
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
@@ -56,7 +57,7 @@ def test_job_submit_trains_tracks_and_registers(tmp_path: Path, tiny_dataset, te
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(HOME=str(home), DEDN_HOME=str(dedn_home), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", **HEALTH_CHECK,
                # the node's workers sample system metrics each second: a 1-epoch run is shorter than MLflow's
                # default interval, and then logged none (seen once in CI)
                MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import HEALTH_CHECK
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
@@ -38,7 +39,7 @@ EPOCHS = 3
 OVERRIDES = [f"epochs={EPOCHS}", "optim.lr=0.001", "eval.batch_size=64", "data.resident=host"]
 NODE_ENV = {  # the cluster's processes inherit this process's environment
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # a dead worker is seen within a second
+    **HEALTH_CHECK,  # a dead worker is seen within a second
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # a restart waits for the replacement node
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # a short run still samples every node
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",

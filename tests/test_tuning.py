@@ -169,16 +169,21 @@ def tiny_data(awa2_tiny: Path) -> Path:
 
 def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A trial is `dedn.training.driver.train` (the one driver) with protocol select and Tune's
-    report callback; a selection run's dataset is opened without its test shards."""
+    """A trial is `dedn.training.driver.train` (the one driver) with protocol select, whose report
+    rounds the trial's own thread hands to Tune in order (rank 0's metrics, the checkpoint folder
+    under Tune's key); a selection run's dataset is opened without its test shards."""
+    import importlib
+    import queue
     import shutil
+    from types import SimpleNamespace
 
-    from ray.tune.integration import ray_train
+    import ray.util.queue
+    from ray import tune
 
     from dedn.config import build_config
     from dedn.training import driver
-    from dedn.tuning import trial
 
+    trial_module = importlib.import_module("dedn.tuning.trial")
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     poisoned = poison_test_shards(data)
@@ -190,18 +195,31 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
                     track=settings.track, register=settings.register, workers=settings.num_workers,
                     callbacks=[type(c) for c in callbacks])
         driver.open_dataset(cfg)  # the driver's own check of a selection run's dataset
+        for epoch, ckpt in ((1, None), (2, SimpleNamespace(path="/runs/t/select-epoch0002"))):  # the controller's rounds
+            callbacks[0].after_report(None, [{"epoch": epoch}, {"epoch": -1}], ckpt)
 
-    class TuneReportCallback:  # the real one refuses to exist outside a Tune session
-        pass
+    class LocalQueue(queue.Queue):  # Ray's queue is an actor: a thread's queue stands in
+        def __init__(self, actor_options=None):
+            super().__init__()
 
-    monkeypatch.setattr(ray_train, "TuneReportCallback", TuneReportCallback)
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.util.queue, "Queue", LocalQueue)
+    monkeypatch.setattr(tune, "report", reported.append)  # the real one needs a Tune session
     monkeypatch.setattr(driver, "train", fake_train)
     base = build_config("awa2", TINY).to_dict()
-    trial({"loss.beta": 0.02}, base=base, data=str(data), workers=2)
+    trial_module.trial({"loss.beta": 0.02}, base=base, data=str(data), workers=2)
     assert seen == {"protocol": "select", "fit": True, "beta": 0.02, "data": str(data), "track": False,
-                    "register": False, "workers": 2, "callbacks": [TuneReportCallback]}
-    trial({"eval.lambda_rc": 0.3}, base=base, data=str(data), search_lambdas=True)
+                    "register": False, "workers": 2, "callbacks": [trial_module._RelayReports]}
+    assert reported == [{"epoch": 1}, {"epoch": 2, "checkpoint_path": "/runs/t/select-epoch0002"}]
+    trial_module.trial({"eval.lambda_rc": 0.3}, base=base, data=str(data), search_lambdas=True)
     assert seen["fit"] is False
+
+    def failing_train(cfg, settings, *, callbacks=()):
+        raise ValueError("the run failed")
+
+    monkeypatch.setattr(driver, "train", failing_train)
+    with pytest.raises(ValueError, match="the run failed"):  # the trial fails as its run did
+        trial_module.trial({}, base=base, data=str(data))
     for p, junk in poisoned.items():
         assert p.stat().st_atime == 1_000 and p.read_bytes() == junk, f"{p} was read"
 

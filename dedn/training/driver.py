@@ -6,8 +6,8 @@ files; kept in one module so both sides of that contract read together.)
 `train(cfg, settings)` (driver side) opens the dataset, creates the MLflow run, starts a
 TorchTrainer whose workers run `train_func` — the one train function: `jobs/train.py`, the
 ablations, the comparison, every Tune trial (one worker or N) and a sweep's final retrain all
-come through here, as in Ray's own Train/Tune interop examples. A trial passes Tune's
-`TuneReportCallback`; a run of protocol `select` never opens a test shard.
+come through here, as in Ray's own Train/Tune interop examples. A trial passes a callback
+that relays its reports to Tune (`dedn.tuning.trial`); a run of protocol `select` never opens a test shard.
 
 `train_func` (every worker): the dataset streamed by rank (`ShardReader(rank, world_size)`),
 DDP over gloo (CPU) or NCCL (GPU, bf16 autocast), evaluation counts summed over ranks, and
@@ -364,7 +364,7 @@ def last_model(state: Mapping[str, Any], cfg: RunConfig, dataset: FeatureDataset
 def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
                   semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = (),
                   fatal_file: str = "") -> Any:
-    """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's TuneReportCallback."""
+    """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's relay of its reports to Tune."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # on use
     from ray.train.torch import TorchConfig, TorchTrainer
 

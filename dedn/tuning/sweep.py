@@ -7,8 +7,8 @@ What a sweep does (`run_sweep`):
   are NOT Tune dimensions unless `search_lambdas` — each trial refits them on its cached
   validation score parts at every report (`dedn.metrics.WeightSearch`) and reports H there;
 * every trial is the training job's own driver (`dedn.training.driver.train`, protocol
-  "select") with Tune's `TuneReportCallback`: a TorchTrainer of one or N workers, as in Ray's
-  Train/Tune interop examples; a selection run never opens a test shard;
+  "select"): a TorchTrainer of one or N workers whose reports reach Tune as in Ray's
+  Train/Tune interop examples (relayed by the trial's own thread: `dedn.tuning.trial`); a selection run never opens a test shard;
 * the driver logs one MLflow parent run per sweep and one child run per trial
   (`MLflowSweepCallback`, driver-side, so the sqlite store has a single writer);
 * afterwards `summarise_sweep` picks the best (trial, epoch) on validation H, writes
@@ -276,7 +276,7 @@ def _trial_rows(results: Any, metric: str, mode: str, keys: Sequence[str], weigh
             "val": {k: float(row[f"val_{k}"]) for k in ("T", "U", "S", "H") if f"val_{k}" in row},
             "params": {k: r.config[k] for k in keys if k in r.config},
             # the trial's last checkpoint (Ray Train always keeps the latest): its state holds the best
-            # epoch's weights ("best_model"); TorchTrainer trials report the folder through TuneReportCallback
+            # epoch's weights ("best_model"); TorchTrainer trials report the folder under `checkpoint_path`
             "checkpoint": _last_checkpoint(df, r),
         })
     return rows

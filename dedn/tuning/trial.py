@@ -1,18 +1,22 @@
 """One trial of a sweep: the training job's own driver on a selection run, as a Tune function trainable.
 
-Every trial is `dedn.training.driver.train` (protocol select, so no test shard is opened) with
-Tune's `TuneReportCallback`: a TorchTrainer of one or N workers, as in Ray's Train/Tune interop
-examples. The trial function holds a sliver of CPU; its workers share the rest of the trial's
+Every trial is `dedn.training.driver.train` (protocol select, so no test shard is opened): a
+TorchTrainer of one or N workers whose report rounds reach Tune as in Ray's Train/Tune interop
+examples, relayed by the trial's own thread (`_train_reporting_to_tune` says why not by Tune's
+`TuneReportCallback`). The trial function holds a sliver of CPU; its workers share the rest of the trial's
 budget. MLflow stays with the Tune driver (`dedn.tuning.sweep.MLflowSweepCallback`).
 """
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.integration import ray_train
 
 from dedn.config import RunConfig, known_keys
@@ -57,7 +61,7 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lam
     """Ray Tune function trainable: one selection run through the training job's own driver.
 
     A TorchTrainer of `workers` workers (`dedn.training.driver.train`, protocol select, so no
-    test shard is opened) whose reports reach Tune through `TuneReportCallback`. MLflow stays
+    test shard is opened) whose reports reach Tune through this thread. MLflow stays
     with the Tune driver (track=False here). Re-running a trial of the same name and storage
     resumes it from its last checkpoint (an interrupted sweep).
     """
@@ -66,7 +70,62 @@ def trial(config: dict[str, Any], *, base: dict[str, Any], data: str, search_lam
                                     gpus_per_worker=gpus_per_worker, max_failures=0, num_to_keep=1,
                              register=False, track=False, verbose=False, storage_path=storage,
                              name=_trial_id())
-    driver.train(cfg, settings, callbacks=[ray_train.TuneReportCallback()])
+    _train_reporting_to_tune(cfg, settings)
+
+
+class _RelayReports(UserCallback):
+    """Runs in the Ray Train controller: each report round's metrics (rank 0's) and checkpoint folder
+    onto `queue`, as Tune's TuneReportCallback sends them (the folder under its `checkpoint_path` key)."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[ray_train.CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.queue.put(item)
+
+
+def _train_reporting_to_tune(cfg: RunConfig, settings: driver.TrainSettings) -> None:
+    """`driver.train` in a thread of its own while this thread hands its reports to Tune, the last one
+    before the function returns.
+
+    Not Tune's TuneReportCallback (Ray 2.60): its reports go to a queue that the trial actor's main
+    thread drains, while the function's own end-of-trial report (Tune's "__duplicate__", sent when the
+    function returns) goes from this thread into a one-slot queue that the same main thread drains.
+    When a run's last report still waits in the first queue as the function returns (a busy Tune
+    driver, a run that ends quickly), the main thread moves it into the full slot and waits there for
+    itself forever: the trial never ends (seen as a sweep hanging with its trials idle). Here only
+    this thread reports, one report at a time, through Tune's own `tune.report`.
+    """
+    from ray.util.queue import Queue  # on use, as Ray's own callback makes its queue
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    done, failed = threading.Event(), []
+
+    def run() -> None:
+        try:
+            driver.train(cfg, settings, callbacks=[_RelayReports(reports)])
+        except BaseException as e:  # noqa: BLE001 - raised again in the trial's thread below
+            failed.append(e)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="dedn-trial-run", daemon=True)
+    worker.start()
+    while True:
+        try:
+            item = reports.get(timeout=0.2)
+        except queue.Empty:  # Ray's Empty is one
+            # every report was queued before the run returned: once it has, an empty queue stays empty
+            if done.is_set() and reports.empty():
+                break
+            continue
+        tune.report(item)
+    worker.join()
+    if failed:
+        raise failed[0]
 
 
 def validation_weight_grid(cfg: RunConfig, dataset: Any, model_state: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
