@@ -82,13 +82,14 @@ def _stop_ray() -> None:
         reap_orphaned_agents()
 
 
-@pytest.fixture(scope="module")
-def ray_module():
-    """One embedded Ray for a module's in-process Ray tests (marker `ray`), shut down after the module.
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every in-process Ray test (marker `ray`), shut down at the session's end.
 
-    Measured on 2026-12-04: one Ray for the whole session saved about 5 s a module, but the team
-    server's 4-trial sweep then hung in Tune (CI, 900 s timeout) after a session's worth of runs on
-    that Ray; each module (and each sweep, `fresh_ray`) starts from a fresh one, as before.
+    Until 2026-12-05 each module started its own (a start, a stop and a slow first run each): one
+    Ray for the session had once seen the team server's 4-trial sweep hang in Tune. That hang was
+    Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray.
+    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run last.
     """
     _start_ray()
     yield
@@ -108,7 +109,7 @@ def fresh_ray():
 
 @pytest.fixture(autouse=True)
 def _one_ray(request: pytest.FixtureRequest):
-    """`ray` tests run on their module's Ray; `own_cluster` tests on none (it is stopped before them).
+    """`ray` tests run on the session's Ray; `own_cluster` tests on none (it is stopped before them).
     Any other test must leave Ray as it found it: one that starts Ray unmarked fails, naming itself."""
     import sys
 
@@ -116,14 +117,20 @@ def _one_ray(request: pytest.FixtureRequest):
     if own:
         _stop_ray()
     elif request.node.get_closest_marker("ray") is not None:
-        request.getfixturevalue("ray_module")
-        _start_ray()  # again, if a sweep in this module stopped it (`fresh_ray`)
+        request.getfixturevalue("ray_session")
+        _start_ray()  # again, if a sweep stopped it (`fresh_ray`)
     before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     yield
     after = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if after and not before and not own:
         _stop_ray()
-        pytest.fail("this test started Ray of its own: mark it `ray` (its module's Ray) or `own_cluster`")
+        pytest.fail("this test started Ray of its own: mark it `ray` (the session's Ray) or `own_cluster`")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start clusters of their own run last, in their files' order: the session's Ray is
+    stopped once for them, not once per such test among the others."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -15,8 +15,8 @@ from dedn.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def ray_home(tmp_path_factory, ray_module):
-    """A private DEDN_HOME (Ray Train storage) for this module, on its Ray."""
+def ray_home(tmp_path_factory, ray_session):
+    """A private DEDN_HOME (Ray Train storage) for this module, on the session's Ray."""
     import os
 
     home = tmp_path_factory.mktemp("compare_home")

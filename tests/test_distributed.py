@@ -26,8 +26,8 @@ OVERRIDES = [f"epochs={EPOCHS}", "optim.lr=0.001", "eval.batch_size=64"]
 
 
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory: pytest.TempPathFactory, ray_module):
-    """A private DEDN_HOME on the module's Ray (its workers find the faults plugin, tests/faults.py)."""
+def ray_env(tmp_path_factory: pytest.TempPathFactory, ray_session):
+    """A private DEDN_HOME on the session's Ray (its workers find the faults plugin, tests/faults.py)."""
     home = tmp_path_factory.mktemp("dedn_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEDN_HOME", str(home))

@@ -101,7 +101,7 @@ def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, t
     mid = len(data) // 2
     data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
     shard.write_bytes(bytes(data))
-    def workers_started() -> int:  # Ray Train's worker actors on the module's Ray, finished ones included
+    def workers_started() -> int:  # Ray Train's worker actors on the session's Ray, finished ones included
         return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
 
     before = workers_started()

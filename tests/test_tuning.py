@@ -269,8 +269,8 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
 
 # ---- a whole sweep on Ray ----------------------------------------------------------------------------
 @pytest.fixture
-def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_module):
-    """DEDN_HOME and the MLflow store under tmp_path, on the module's Ray (with its dashboard, as
+def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session):
+    """DEDN_HOME and the MLflow store under tmp_path, on the session's Ray (with its dashboard, as
     `tuning/tune.py` starts Ray: without the State API a finished trial's CPUs come back after a minute)."""
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
@@ -445,7 +445,7 @@ def test_what_a_cluster_lacks_for_one_trial_is_named() -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # the test itself is instant; the module's Ray is not
+@pytest.mark.slow  # the test itself is instant; starting the session's Ray is not
 @pytest.mark.timeout(120)
 def test_a_sweep_asking_for_gpus_the_cluster_lacks_fails_before_any_trial(tiny_data: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
