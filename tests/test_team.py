@@ -410,10 +410,12 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             os.environ.pop(k, None)
     SHOTS.mkdir(parents=True, exist_ok=True)
 
-    def settle(page: object) -> None:
+    def settle(page: object, drawn: str = ".js-plotly-plot .main-svg") -> None:
         # charts and images load after the text; the page polls for new metrics (auto-refresh), so
-        # "network idle" never comes: give the charts a fixed moment
-        page.wait_for_timeout(3000)  # type: ignore[attr-defined]
+        # "network idle" never comes: wait for what is drawn last (a chart's SVG, an image), then a
+        # moment for the rest of the page to paint (was a fixed 3 s a page)
+        page.locator(drawn).first.wait_for(state="visible", timeout=60_000)  # type: ignore[attr-defined]
+        page.wait_for_timeout(700)  # type: ignore[attr-defined]
 
     base = f"{team.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -454,15 +456,18 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
             body = page.inner_text("body")  # each chart's legend names its key
             assert "val/H" in body and "val/lambda_rc" in body and "train/align_c" not in body and "perf/" not in body
 
-            def shot(url: str, shows: str, name: str) -> str:
-                """Open `url`, wait for `shows`, keep a screenshot `name`.png; the page's text."""
+            image = 'img[src^="blob:"], img[src^="data:image"], img[src*="get-artifact"]'  # an artifact's preview
+
+            def shot(url: str, shows: str, name: str, drawn: str = image) -> str:
+                """Open `url`, wait for `shows` and `drawn`, keep a screenshot `name`.png; the page's text."""
                 page.goto(url)
                 page.get_by_text(shows).first.wait_for(timeout=60_000)
-                settle(page)
+                settle(page, drawn)
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
                 return page.inner_text("body")
 
-            body = shot(f"{base}/system-metrics", "cpu_utilization_percentage", "run_system_metrics")
+            body = shot(f"{base}/system-metrics", "cpu_utilization_percentage", "run_system_metrics",
+                        ".js-plotly-plot .main-svg")
             assert "system_memory_usage_megabytes" in body
             body = shot(f"{base}/artifacts/training_curves.png", "training_curves.png", "run_training_curves")
             assert "training_curves.png" in body and "final_metrics.json" in body
@@ -470,7 +475,7 @@ def test_mlflow_ui_shows_the_run_its_plots_and_the_champion(team: Team) -> None:
                 body = shot(f"{team.uri}/#/experiments/{sweep.info.experiment_id}/runs/{sweep.info.run_id}/artifacts/hparams.png",
                             "hparams.png", "sweep_hparams")
                 assert "best_config.yaml" in body and "lambda_curves.png" in body
-            body = shot(f"{team.uri}/#/models/dedn-awa2", "champion", "registered_model")
+            body = shot(f"{team.uri}/#/models/dedn-awa2", "champion", "registered_model", "text=Version 1")
             assert "dedn-awa2" in body and "Version 1" in body and "val_H" in body
         finally:
             browser.close()
