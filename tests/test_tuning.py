@@ -167,18 +167,32 @@ def tiny_data(awa2_tiny: Path) -> Path:
     return awa2_tiny
 
 
+def _relay_without_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A trial's report relay (dedn/tuning/trial.py) outside Ray and Tune: a thread's queue for Ray's
+    queue actor, a list for `tune.report` (the real one needs a Tune session); the reports it got."""
+    import queue
+
+    import ray.util.queue
+    from ray import tune
+
+    class LocalQueue(queue.Queue):
+        def __init__(self, actor_options=None):
+            super().__init__()
+
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.util.queue, "Queue", LocalQueue)
+    monkeypatch.setattr(tune, "report", reported.append)
+    return reported
+
+
 def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial is `dedn.training.driver.train` (the one driver) with protocol select, whose report
     rounds the trial's own thread hands to Tune in order (rank 0's metrics, the checkpoint folder
     under Tune's key); a selection run's dataset is opened without its test shards."""
     import importlib
-    import queue
     import shutil
     from types import SimpleNamespace
-
-    import ray.util.queue
-    from ray import tune
 
     from dedn.config import build_config
     from dedn.training import driver
@@ -198,13 +212,7 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
         for epoch, ckpt in ((1, None), (2, SimpleNamespace(path="/runs/t/select-epoch0002"))):  # the controller's rounds
             callbacks[0].after_report(None, [{"epoch": epoch}, {"epoch": -1}], ckpt)
 
-    class LocalQueue(queue.Queue):  # Ray's queue is an actor: a thread's queue stands in
-        def __init__(self, actor_options=None):
-            super().__init__()
-
-    reported: list[dict] = []
-    monkeypatch.setattr(ray.util.queue, "Queue", LocalQueue)
-    monkeypatch.setattr(tune, "report", reported.append)  # the real one needs a Tune session
+    reported = _relay_without_ray(monkeypatch)
     monkeypatch.setattr(driver, "train", fake_train)
     base = build_config("awa2", TINY).to_dict()
     trial_module.trial({"loss.beta": 0.02}, base=base, data=str(data), workers=2)
@@ -419,14 +427,12 @@ def test_gpu_shares_are_checked_where_they_are_given() -> None:
 
 
 def test_a_gpu_trial_trains_on_its_share(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray.tune.integration import ray_train
-
     from dedn.config import build_config
     from dedn.training import driver
     from dedn.tuning import trial
 
     seen: dict[str, object] = {}
-    monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: None)
+    _relay_without_ray(monkeypatch)
     monkeypatch.setattr(driver, "train", lambda cfg, settings, *, callbacks=(): seen.update(
         gpu=settings.use_gpu, share=settings.gpu_share, workers=settings.num_workers))
     trial({}, base=build_config("awa2", TINY).to_dict(), data=str(tiny_data), workers=2, gpus_per_worker=0.125)
