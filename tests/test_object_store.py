@@ -3,7 +3,8 @@ server on loopback (moto's server mode, `s3_server` in conftest.py; no real S3 i
 
 The endpoint, credentials and region come from the standard AWS variables, set for this module
 (the session's Ray is started again after them, so its workers inherit them, as a job's workers
-get them from `jobs/runtime_env.py`, and once more after the module, without them). Checked: a wrong bucket or endpoint is one ConfigError naming the URI
+get them from `jobs/runtime_env.py`, and once more after the module, without them). Checked: a
+wrong bucket or endpoint is one ConfigError naming the URI
 before Ray starts; a 2-worker run keeps its checkpoints and records in the bucket, survives a
 worker failure by resuming from the bucket's checkpoint, and a second start with the same name
 continues the same MLflow run; a deterministic error is recorded in the bucket and reaches the
@@ -31,7 +32,8 @@ def _free_port() -> int:
 def s3(s3_server, tmp_path_factory: pytest.TempPathFactory):
     """The loopback S3's AWS_* and a private DEDN_HOME, set for the module; the session's Ray is
     stopped, so that the module's Ray tests start it again with them (a module fixture is set up
-    before the per-test one that starts Ray), and stopped after the module, so no later test's has them."""
+    before the per-test one that starts Ray), and stopped after the module, so no later test's
+    Ray has them."""
     from conftest import _stop_ray
 
     with pytest.MonkeyPatch.context() as mp:

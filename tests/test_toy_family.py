@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HEALTH_CHECK
 import torch
 import yaml
 
@@ -32,7 +31,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("toy_home")
     out = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     out.update(DEDN_HOME=str(home), DEDN_FAMILY_MODULES="toy_family", RAY_USAGE_STATS_ENABLED="0",
-               **HEALTH_CHECK,
                PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return out
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HEALTH_CHECK
 
 pytestmark = pytest.mark.slow  # its jobs start their own Ray: no module Ray
 
@@ -29,7 +28,7 @@ def test_the_wheel_installs_finds_its_data_and_trains_outside_the_checkout(tiny_
                           capture_output=True, text=True, timeout=180)
     assert inst.returncode == 0, inst.stdout + inst.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(site), DEDN_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0", **HEALTH_CHECK)
+    env.update(PYTHONPATH=str(site), DEDN_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")  # conftest's HEALTH_CHECK: in os.environ
 
     def run(*args: str, timeout: float = 300) -> str:
         p = subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)

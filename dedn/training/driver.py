@@ -7,7 +7,8 @@ files; kept in one module so both sides of that contract read together.)
 TorchTrainer whose workers run `train_func` — the one train function: `jobs/train.py`, the
 ablations, the comparison, every Tune trial (one worker or N) and a sweep's final retrain all
 come through here, as in Ray's own Train/Tune interop examples. A trial passes a callback
-that relays its reports to Tune (`dedn.tuning.trial`); a run of protocol `select` never opens a test shard.
+that relays its reports to Tune (`dedn.tuning.trial`); a run of protocol `select` never opens
+a test shard.
 
 `train_func` (every worker): the dataset streamed by rank (`ShardReader(rank, world_size)`),
 DDP over gloo (CPU) or NCCL (GPU, bf16 autocast), evaluation counts summed over ranks, and

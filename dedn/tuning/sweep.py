@@ -8,7 +8,8 @@ What a sweep does (`run_sweep`):
   validation score parts at every report (`dedn.metrics.WeightSearch`) and reports H there;
 * every trial is the training job's own driver (`dedn.training.driver.train`, protocol
   "select"): a TorchTrainer of one or N workers whose reports reach Tune as in Ray's
-  Train/Tune interop examples (relayed by the trial's own thread: `dedn.tuning.trial`); a selection run never opens a test shard;
+  Train/Tune interop examples (relayed by the trial's own thread: `dedn.tuning.trial`); a
+  selection run never opens a test shard;
 * the driver logs one MLflow parent run per sweep and one child run per trial
   (`MLflowSweepCallback`, driver-side, so the sqlite store has a single writer);
 * afterwards `summarise_sweep` picks the best (trial, epoch) on validation H, writes

@@ -3,8 +3,8 @@
 Every trial is `dedn.training.driver.train` (protocol select, so no test shard is opened): a
 TorchTrainer of one or N workers whose report rounds reach Tune as in Ray's Train/Tune interop
 examples, relayed by the trial's own thread (`_train_reporting_to_tune` says why not by Tune's
-`TuneReportCallback`). The trial function holds a sliver of CPU; its workers share the rest of the trial's
-budget. MLflow stays with the Tune driver (`dedn.tuning.sweep.MLflowSweepCallback`).
+`TuneReportCallback`). The trial function holds a sliver of CPU; its workers share the rest of
+the trial's budget. MLflow stays with the Tune driver (`dedn.tuning.sweep.MLflowSweepCallback`).
 """
 from __future__ import annotations
 
@@ -102,15 +102,13 @@ def _train_reporting_to_tune(cfg: RunConfig, settings: driver.TrainSettings) -> 
     from ray.util.queue import Queue  # on use, as Ray's own callback makes its queue
 
     reports = Queue(actor_options={"num_cpus": 0})
-    done, failed = threading.Event(), []
+    failed: list[BaseException] = []
 
     def run() -> None:
         try:
             driver.train(cfg, settings, callbacks=[_RelayReports(reports)])
         except BaseException as e:  # noqa: BLE001 - raised again in the trial's thread below
             failed.append(e)
-        finally:
-            done.set()
 
     worker = threading.Thread(target=run, name="dedn-trial-run", daemon=True)
     worker.start()
@@ -119,7 +117,7 @@ def _train_reporting_to_tune(cfg: RunConfig, settings: driver.TrainSettings) -> 
             item = reports.get(timeout=0.2)
         except queue.Empty:  # Ray's Empty is one
             # every report was queued before the run returned: once it has, an empty queue stays empty
-            if done.is_set() and reports.empty():
+            if not worker.is_alive() and reports.empty():
                 break
             continue
         tune.report(item)
