@@ -33,16 +33,19 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
+# Everything, in two pytest runs: first all but the own-cluster tests in two processes (pytest-xdist,
+# one module per group: its Ray and fixtures are made once; tests/conftest.py sets the groups and the
+# order), then the tests that own their clusters, alone (`ray stop` ends every Ray on the machine, and
+# the README's block needs Ray's default ports). Two processes fill the 2 cores where one test waits on a
+# subprocess or on Ray (measured: docs/development.md#tests).
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not own_cluster" tests
+	$(PY) -m pytest -q -m own_cluster tests
 
-# The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in two processes
-# (pytest-xdist, a module's tests together: its Ray and fixtures are made once). Measured: about 100 s
-# instead of 150 on the 2-core machine, where one process leaves a core idle while it waits for Ray. The
-# full suite stays in one process: its time goes to Ray Train runs that already fill both cores, and two
-# processes were no faster (docs/development.md#tests).
+# The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in two
+# processes the same way. Measured: about 100 s instead of 150 on the 2-core machine.
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) jobs/train.py

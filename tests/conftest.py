@@ -127,10 +127,27 @@ def _one_ray(request: pytest.FixtureRequest):
         pytest.fail("this test started Ray of its own: mark it `ray` (the session's Ray) or `own_cluster`")
 
 
+# Modules that share an expensive session fixture: under pytest-xdist they run in one process, so it is
+# made once (`sqlite_sweep`: test_team's server sweep is compared with the one test_tuning checks).
+SHARED_GROUPS = {"test_team.py": "sqlite_sweep", "test_tuning.py": "sqlite_sweep"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the `xdist_group` markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start clusters of their own run last, in their files' order: the session's Ray is
-    stopped once for them, not once per such test among the others."""
-    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable
+    """The order, and the groups two processes share the suite by (`make test`: `-n 2 --dist loadgroup`).
+
+    Tests that start clusters of their own run last, in their files' order: the session's Ray is
+    stopped once for them, not once per such test among the others (`make test` runs them in a
+    second, single-process pytest: `ray stop` ends every Ray on the machine). Before them, modules
+    with slow tests come first, so that the two processes end together instead of one waiting on
+    the last long module. Each module is one `xdist_group` (its module-scoped Ray and fixtures are
+    made once), but for `SHARED_GROUPS`.
+    """
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
+    items.sort(key=lambda item: (item.get_closest_marker("own_cluster") is not None,
+                                 item.path not in slow_modules))  # stable: files' and tests' order kept
 
 
 def pytest_report_header(config: pytest.Config) -> str:
