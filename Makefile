@@ -33,19 +33,19 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
-# Everything, in two pytest runs: first all but the own-cluster tests in two processes (pytest-xdist,
-# one module per group: its Ray and fixtures are made once; tests/conftest.py sets the groups and the
-# order), then the tests that own their clusters, alone (`ray stop` ends every Ray on the machine, and
-# the README's block needs Ray's default ports). Two processes fill the 2 cores where one test waits on a
-# subprocess or on Ray (measured: docs/development.md#tests).
+# Everything, in two pytest runs: first all but the `alone` tests in two processes (pytest-xdist, a
+# file's tests in one process: its Ray and fixtures are made once; tests/conftest.py keeps the files that
+# share a sweep together and orders the files), then the tests that need the machine to themselves, in one
+# process (`ray stop` ends every Ray on the machine; the README's block needs Ray's default ports). Two processes fill
+# the 2 cores where one test waits on a subprocess or on Ray (docs/development.md#tests).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not own_cluster" tests
-	$(PY) -m pytest -q -m own_cluster tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not alone" tests
+	$(PY) -m pytest -q -m alone tests
 
 # The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in two
 # processes the same way. Measured: about 100 s instead of 150 on the 2-core machine.
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) jobs/train.py

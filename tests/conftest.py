@@ -132,22 +132,34 @@ def _one_ray(request: pytest.FixtureRequest):
 SHARED_GROUPS = {"test_team.py": "sqlite_sweep", "test_tuning.py": "sqlite_sweep"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the `xdist_group` markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The order, and the groups two processes share the suite by (`make test`: `-n 2 --dist loadgroup`).
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (`make test`, `make test-fast`), with the files of `SHARED_GROUPS` in one process.
 
-    Tests that start clusters of their own run last, in their files' order: the session's Ray is
-    stopped once for them, not once per such test among the others (`make test` runs them in a
-    second, single-process pytest: `ray stop` ends every Ray on the machine). Before them, modules
-    with slow tests come first, so that the two processes end together instead of one waiting on
-    the last long module. Each module is one `xdist_group` (its module-scoped Ray and fixtures are
-    made once), but for `SHARED_GROUPS`.
+    A file's tests stay together (its module-scoped Ray and fixtures are made once). Not with xdist's
+    `xdist_group` markers: pytest-xdist 3.8 marks them on `Item._nodeid`, which pytest 9.2 no longer
+    reads, so every test became a group of its own (seen: a module's tests in both processes).
     """
-    slow_modules = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
-    items.sort(key=lambda item: (item.get_closest_marker("own_cluster") is not None,
-                                 item.path not in slow_modules))  # stable: files' and tests' order kept
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SHARED_GROUPS.get(Path(file).name, file)
+
+    return SharedFixtureFiles(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order: files with slow tests first (xdist hands out files in this order, so its two
+    processes end together instead of one waiting on the last long file), the tests that need the
+    machine alone last (`make test` runs them in a second pytest of one process: `ray stop` ends every
+    Ray on the machine). Within each, tests that start clusters of their own after the others: the
+    session's Ray is stopped for them, and started again only for a later file's."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None, item.path not in slow_files,
+                                 item.get_closest_marker("own_cluster") is not None))  # stable: files' order kept
 
 
 def pytest_report_header(config: pytest.Config) -> str:
