@@ -65,8 +65,10 @@ def _start_ray() -> None:
     if str(TESTS) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["RAY_TMPDIR"] = str(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}")
-    ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-                   logging_config=ray.LoggingConfig(log_level="ERROR"))
+    # the dashboard on a free port: Ray's default (8265) stays free for the clusters tests start beside it
+    # (under xdist, the other process's)
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
+                   log_to_driver=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
     write_ray_address(ctx.address_info["gcs_address"])
 
 
@@ -89,7 +91,7 @@ def ray_session():
     Until 2026-12-05 each module started its own (a start, a stop and a slow first run each): one
     Ray for the session had once seen the team server's 4-trial sweep hang in Tune. That hang was
     Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray.
-    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run last.
+    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run on none.
     """
     _start_ray()
     yield

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import HEALTH_CHECK
+from conftest import HEALTH_CHECK, _stop_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
@@ -48,8 +48,13 @@ NODE_ENV = {  # the cluster's processes inherit this process's environment
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory):
-    """The cluster, a DEDN_HOME of its own, tests/ on its workers' path (the faults plugin)."""
+    """The cluster, a DEDN_HOME of its own, tests/ on its workers' path (the faults plugin).
+
+    This process leaves the session's Ray first: module fixtures are made before the per-test one that
+    would (`_one_ray`), and under xdist a `ray` test of another file may have started it again."""
     from ray.cluster_utils import Cluster
+
+    _stop_ray()
 
     home = tmp_path_factory.mktemp("multinode-home")
     env = {**NODE_ENV, "DEDN_HOME": str(home),
