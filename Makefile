@@ -33,17 +33,14 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
-# Everything, in two pytest runs: first all but the `alone` tests in two processes (pytest-xdist, a
-# file's tests in one process: its Ray and fixtures are made once; tests/conftest.py keeps the files that
-# share a sweep together and orders the files), then the tests that need the machine to themselves, in one
-# process (`ray stop` ends every Ray on the machine; the README's block needs Ray's default ports). Two processes fill
-# the 2 cores where one test waits on a subprocess or on Ray (docs/development.md#tests).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not alone" tests
-	$(PY) -m pytest -q -m alone tests
+	$(PY) -m pytest -q tests
 
-# The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in two
-# processes the same way. Measured: about 100 s instead of 150 on the 2-core machine.
+# The edit loop: every test but the slow ones (marker `slow`: Ray jobs, sweeps, clusters), in two processes
+# (pytest-xdist, a module's tests together: its Ray and fixtures are made once). Measured: about 100 s
+# instead of 150 on the 2-core machine, where one process leaves a core idle while it waits for Ray. The
+# full suite stays in one process: its time goes to Ray Train runs that already fill both cores, and two
+# processes were no faster (docs/development.md#tests).
 test-fast: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 

@@ -66,7 +66,7 @@ def _start_ray() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["RAY_TMPDIR"] = str(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}")
     # the dashboard on a free port: Ray's default (8265) stays free for the clusters tests start beside it
-    # (under xdist, the other process's)
+    # (`make test-fast`'s other process, a three-node cluster)
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
                    log_to_driver=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
     write_ray_address(ctx.address_info["gcs_address"])
@@ -91,7 +91,7 @@ def ray_session():
     Until 2026-12-05 each module started its own (a start, a stop and a slow first run each): one
     Ray for the session had once seen the team server's 4-trial sweep hang in Tune. That hang was
     Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray.
-    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run on none.
+    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run last.
     """
     _start_ray()
     yield
@@ -129,39 +129,10 @@ def _one_ray(request: pytest.FixtureRequest):
         pytest.fail("this test started Ray of its own: mark it `ray` (the session's Ray) or `own_cluster`")
 
 
-# Modules that share an expensive session fixture: under pytest-xdist they run in one process, so it is
-# made once (`sqlite_sweep`: test_team's server sweep is compared with the one test_tuning checks).
-SHARED_GROUPS = {"test_team.py": "sqlite_sweep", "test_tuning.py": "sqlite_sweep"}
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`--dist loadfile` (`make test`, `make test-fast`), with the files of `SHARED_GROUPS` in one process.
-
-    A file's tests stay together (its module-scoped Ray and fixtures are made once). Not with xdist's
-    `xdist_group` markers: pytest-xdist 3.8 marks them on `Item._nodeid`, which pytest 9.2 no longer
-    reads, so every test became a group of its own (seen: a module's tests in both processes).
-    """
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class SharedFixtureFiles(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            file = super()._split_scope(nodeid)
-            return SHARED_GROUPS.get(Path(file).name, file)
-
-    return SharedFixtureFiles(config, log)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The order: files with slow tests first (xdist hands out files in this order, so its two
-    processes end together instead of one waiting on the last long file), the tests that need the
-    machine alone last (`make test` runs them in a second pytest of one process: `ray stop` ends every
-    Ray on the machine). Within each, tests that start clusters of their own after the others: the
-    session's Ray is stopped for them, and started again only for a later file's."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None, item.path not in slow_files,
-                                 item.get_closest_marker("own_cluster") is not None))  # stable: files' order kept
+    """Tests that start clusters of their own run last, in their files' order: the session's Ray is
+    stopped once for them, not once per such test among the others."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -48,7 +48,6 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.own_cluster  # counts what is left of its driver's Ray processes
-@pytest.mark.alone  # and how soon: a loaded machine would stretch its 15 s
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the driver's processes")
 def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues(store: Path, tiny_dataset,

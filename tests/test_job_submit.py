@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import HEALTH_CHECK
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster, pytest.mark.alone]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

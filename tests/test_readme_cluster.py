@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import cub_source
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster, pytest.mark.alone]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv"
