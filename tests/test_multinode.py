@@ -50,8 +50,9 @@ NODE_ENV = {  # the cluster's processes inherit this process's environment
 def three_nodes(tmp_path_factory: pytest.TempPathFactory):
     """The cluster, a DEDN_HOME of its own, tests/ on its workers' path (the faults plugin).
 
-    This process leaves the session's Ray first: module fixtures are made before the per-test one that
-    would (`_one_ray`), and under xdist a `ray` test of another file may have started it again."""
+    This process leaves the session's Ray first, as test_object_store's `s3` does: module fixtures are
+    made before the per-test one that would (`_one_ray`), and a `ray` test run just before (another
+    file's, in a selection or a second process) leaves it up."""
     from ray.cluster_utils import Cluster
 
     _stop_ray()
