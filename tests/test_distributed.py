@@ -85,6 +85,19 @@ def test_each_sample_once_per_epoch_across_workers(baseline, tiny_dataset):
             assert len(want) - len(set(a) | set(b)) <= 1
 
 
+@pytest.mark.timeout(60)
+def test_a_run_without_ray_datasets_starts_no_dataset_manager(baseline):
+    """Ray Train 2.60 would start a DatasetManager actor for every run (dedn.training.driver._trainer_class)."""
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    ours = list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+    names = {a.class_name for a in ours}
+    assert "TrainController" in names and "RayTrainWorker" in names, names  # the listing sees this driver's runs
+    assert "DatasetManager" not in names, names
+
+
 @pytest.mark.timeout(180)
 def test_ranks_end_with_identical_parameters(baseline):
     _, record = baseline

@@ -362,12 +362,35 @@ def last_model(state: Mapping[str, Any], cfg: RunConfig, dataset: FeatureDataset
 
 
 # ---- the driver ------------------------------------------------------------------------------
+@functools.cache
+def _trainer_class() -> type:
+    """TorchTrainer without Ray Data's per-run `DatasetManager` actor when the run passes no Ray dataset.
+
+    Ray Train 2.60 starts that actor for every run, datasets or not (its `DatasetsCallback`); ours
+    read Parquet shards themselves and never pass one, so each run paid a process (about 1.4 CPU-s,
+    measured) that did nothing. `_create_default_callbacks` is Ray's private hook; where a future Ray
+    lacks it the override is never called and Ray's default stands (tests/test_distributed.py checks
+    that no DatasetManager starts).
+    """
+    from ray.train.torch import TorchTrainer  # on use (module docstring)
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
+
+
 def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None, tracking_uri: str | None,
                   semi_synthetic: bool, storage_path: str, name: str, callbacks: Sequence[Any] = (),
                   fatal_file: str = "") -> Any:
     """The TorchTrainer of one run (Ray must be initialised); callbacks: e.g. a trial's relay of its reports to Tune."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # on use
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     cpus = cpus_per_worker(settings.num_workers, settings.use_gpu, settings.cpus_per_worker)
     resources: dict[str, float] = {"CPU": cpus}
@@ -378,7 +401,7 @@ def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None
         "tracking_uri": tracking_uri, "semi_synthetic": semi_synthetic, "verbose": settings.verbose,
         "plugins": plugin_specs(settings.plugins), "ray_info_logs": settings.ray_info_logs, "fatal_file": fatal_file,
     }
-    return TorchTrainer(
+    return _trainer_class()(
         train_func,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
