@@ -98,6 +98,17 @@ def ray_session():
     _stop_ray()
 
 
+def session_ray_address() -> str:
+    """The session Ray's GCS address, for a job a test starts as a subprocess to join (`RAY_ADDRESS`),
+    as a user's job joins a running cluster: no Ray start and stop of its own (about 8 s a job,
+    measured). Jobs whose own embedded Ray is the point (tests/test_many_runs.py, test_crash.py,
+    test_wheel.py, the README's block) start theirs."""
+    import ray
+
+    _start_ray()
+    return ray.get_runtime_context().gcs_address
+
+
 @contextmanager
 def fresh_ray():
     """A sweep on a Ray started for it (and stopped after): every trial is a TorchTrainer."""

@@ -83,7 +83,7 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     from dedn.training.ray_cluster import job_runtime_env
 
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DEDN_HOME", "DEDN_GIT_COMMIT",
-              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
+              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "DEDN_FAMILY_MODULES", "DEDN_TRAIN_PLUGINS"):
         monkeypatch.delenv(k, raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # a loaded node's slow worker start is waited for, not a traceback and a second start (issue 27)
@@ -93,6 +93,11 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     env = job_runtime_env(ROOT)["env_vars"]
     assert env["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
     assert env["DEDN_HOME"] == str(Path.home() / "somewhere")  # the shell's ~, not the node's working directory
+    # the workers load the user's own families and plugins as the driver does (tests/test_toy_family.py runs so)
+    monkeypatch.setenv("DEDN_FAMILY_MODULES", "my_family")
+    monkeypatch.setenv("DEDN_TRAIN_PLUGINS", "my_plugin")
+    env = job_runtime_env(ROOT)["env_vars"]
+    assert env["DEDN_FAMILY_MODULES"] == "my_family" and env["DEDN_TRAIN_PLUGINS"] == "my_plugin"
     sha = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("DEDN_GIT_COMMIT", sha)  # inside the job, whose upload has no .git
     assert git_commit() == sha

@@ -2,7 +2,9 @@
 
 jobs/train.py with 2 workers (and the registry round trip), a 2-trial sweep with tuning/tune.py,
 and the comparison job: each a subprocess that finds the family through DEDN_FAMILY_MODULES,
-as a user's own family would be found. No file outside tests/ names it.
+as a user's own family would be found. No file outside tests/ names it. The jobs join the
+session's Ray (`RAY_ADDRESS`) as a user's jobs join a running cluster: its workers learn the
+family module from the driver (dedn.training.ray_cluster.PLUGIN_ENV), and find it on their path.
 """
 from __future__ import annotations
 
@@ -20,17 +22,21 @@ import yaml
 
 from toydata import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # three jobs, each its own Ray (no module Ray beside them)
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # three jobs on the session's Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(tmp_path_factory: pytest.TempPathFactory, ray_session) -> dict[str, str]:
+    from conftest import session_ray_address
+
     home = tmp_path_factory.mktemp("toy_home")
     out = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    # the family module is not in the session Ray's environment: only the driver's forwarding brings it
     out.update(DEDN_HOME=str(home), DEDN_FAMILY_MODULES="toy_family", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ADDRESS=session_ray_address(),
                PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return out
 

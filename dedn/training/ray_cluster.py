@@ -171,8 +171,10 @@ TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACK
 # an S3-compatible store's endpoint, credentials and region (`--storage-path s3://...`, dedn.storage)
 OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                     "AWS_DEFAULT_REGION", "AWS_REGION")
-# where runs land: the submitting shell's choice, not the node's
-FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, "DEDN_HOME")
+# what the workers load beyond dedn: model families and training plugins (dedn.families, dedn.training.callbacks)
+PLUGIN_ENV = ("DEDN_FAMILY_MODULES", "DEDN_TRAIN_PLUGINS")
+# where runs land and what they load: the submitting shell's choice, not the node's
+FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, *PLUGIN_ENV, "DEDN_HOME")
 # Ray Train gives a worker group 60 s to start, then logs a WorkerGroupStartupTimeoutError traceback and
 # starts it again; on a loaded node (a sweep beside a run, 2 cores) a healthy start takes longer. Ray
 # Train's controller reads it, so it travels with the job (or is inherited by an embedded Ray).
@@ -206,7 +208,7 @@ def job_runtime_env(checkout: str | os.PathLike[str] | None = None) -> dict[str,
     A job's driver runs in the environment of the `ray start` that made the node, not in the
     submitting shell's, and its working directory is an upload without `.git` (a Ray default).
     So the job gets the submitting checkout's commit (tag `git_commit`), the tracking store with its
-    credentials and DEDN_HOME as environment variables. Everything else about the upload is Ray's
+    credentials, DEDN_HOME and the family and plugin modules to load as environment variables. Everything else about the upload is Ray's
     default: `.git`, `.venv` and whatever `.gitignore` names (data, runs, mlruns) stay behind.
     """
     env = _forwarded_env()
