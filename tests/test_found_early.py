@@ -15,9 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(data: Path, home: Path, cwd: Path) -> tuple[int, str, float]:
+def _train(data: Path, home: Path, cwd: Path, address: str | None = None) -> tuple[int, str, float]:
+    """jobs/train.py as a subprocess: an embedded Ray of its own, or the cluster at `address`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_", "DEDN_"))}
-    env.update(DEDN_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    env.update(DEDN_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", **({"RAY_ADDRESS": address} if address else {}))
     t0 = time.time()
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(data), "--preset", "cub",
                           "epochs=2", "optim.max_steps_per_epoch=2", "eval.batch_size=64", "--num-workers", "1",
@@ -46,19 +47,23 @@ def test_a_shard_of_the_wrong_size_stops_the_job_before_ray_and_mlflow(tiny_data
     assert seconds < 30, f"found after {seconds:.0f} s"
 
 
-@pytest.mark.slow  # a job of its own (its embedded Ray): no module Ray
+@pytest.mark.slow
+@pytest.mark.ray  # the job joins the session's Ray, as a job joins a cluster (its workers' output forwarded)
 @pytest.mark.timeout(400)
 def test_same_size_damage_is_found_on_read_and_said_once(tiny_dataset, tmp_path: Path) -> None:
     """The soak's corrupt_shard fault: 64 bytes flipped in the middle of a training shard, size and
     footer intact. The worker's checksum finds it; the job says so once, names the shard, and is not
     retried (before: two tracebacks, then the message after 31 s)."""
+    from conftest import session_ray_address
+
     data, shard = _copy(tiny_dataset, tmp_path)
     raw = bytearray(shard.read_bytes())
     mid = len(raw) // 2
     raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
     shard.write_bytes(bytes(raw))
-    rc, out, _ = _train(data, tmp_path / "home", tmp_path)
+    rc, out, _ = _train(data, tmp_path / "home", tmp_path, session_ray_address())
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1, out[-3000:]
+    assert "Connected to Ray cluster" in out  # joined: no Ray of its own
     assert f"{shard}: sha256: expected" in errors[0], errors[0]
     assert "Traceback" not in out, out[-4000:]
