@@ -90,8 +90,8 @@ def ray_session():
 
     Until 2026-12-05 each module started its own (a start, a stop and a slow first run each): one
     Ray for the session had once seen the team server's 4-trial sweep hang in Tune. That hang was
-    Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray.
-    Sweeps still run on a Ray started for them (`fresh_ray`); own-cluster tests run last.
+    Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray;
+    since 2026-12-06 the sweeps run on it too. Own-cluster tests run last.
     """
     _start_ray()
     yield
@@ -109,17 +109,6 @@ def session_ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-@contextmanager
-def fresh_ray():
-    """A sweep on a Ray started for it (and stopped after): every trial is a TorchTrainer."""
-    _stop_ray()
-    _start_ray()
-    try:
-        yield
-    finally:
-        _stop_ray()
-
-
 @pytest.fixture(autouse=True)
 def _one_ray(request: pytest.FixtureRequest):
     """`ray` tests run on the session's Ray; `own_cluster` tests on none (it is stopped before them).
@@ -131,7 +120,7 @@ def _one_ray(request: pytest.FixtureRequest):
         _stop_ray()
     elif request.node.get_closest_marker("ray") is not None:
         request.getfixturevalue("ray_session")
-        _start_ray()  # again, if a sweep stopped it (`fresh_ray`)
+        _start_ray()  # again, if a test stopped it
     before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     yield
     after = "ray" in sys.modules and sys.modules["ray"].is_initialized()
@@ -374,8 +363,8 @@ class SqliteSweep:
 
 
 @pytest.fixture(scope="session")
-def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> SqliteSweep:
-    """The sweep on the embedded SQLite store, once per session, on a Ray of its own."""
+def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory, ray_session) -> SqliteSweep:
+    """The sweep on the embedded SQLite store, once per session, on the session's Ray."""
     import shutil
 
     tmp = tmp_path_factory.mktemp("sqlite-sweep")
@@ -387,8 +376,8 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     mp.setenv("DEDN_HOME", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     try:
-        with fresh_ray():
-            summary = four_trial_sweep(data, "sweep", home)
+        _start_ray()  # a session fixture is made before the test's `_one_ray`
+        summary = four_trial_sweep(data, "sweep", home)
     finally:
         mp.undo()
     return SqliteSweep(summary, data, poisoned, home)

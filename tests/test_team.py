@@ -357,14 +357,13 @@ def test_sweep_of_four_trials_at_once_loses_nothing_and_matches_sqlite(on_server
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
     import shutil
 
-    from conftest import fresh_ray, poison_test_shards
+    from conftest import poison_test_shards
     from dedn import tracking
 
     data = tmp_path / "data"
     shutil.copytree(awa2_tiny, data)
     poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
-    with fresh_ray():
-        a = four_trial_sweep(data, "team-sweep", tmp_path)
+    a = four_trial_sweep(data, "team-sweep", tmp_path)
     c = tracking.client()
     assert c.tracking_uri == on_server.uri
     exp = c.get_experiment_by_name("dedn-awa2-tune")
