@@ -264,3 +264,28 @@ def test_every_entry_point_hands_an_object_store_dataset_on_as_its_uri(s3, tiny_
     ds = FeatureDataset.open(uri)
     assert ds.location == uri and ds.root.is_relative_to(tmp_path / "home" / "data-cache")
     assert FeatureDataset.open(ds.root).location == str(ds.root)
+
+
+def test_each_rank_reads_a_resumed_object_store_checkpoint_from_a_copy_of_its_own(tmp_path, monkeypatch):
+    """Ray's `as_directory` fetches a remote checkpoint into one folder per node and checkpoint, which
+    a rank coming after the first download fetches again, over the file another rank is reading (the
+    resume test above once failed so under load). `_resume_state` reads a private copy instead."""
+    import pyarrow.fs
+    import ray.train
+
+    from dedn.checkpoint import save_checkpoint
+    from dedn.training import driver
+
+    save_checkpoint(tmp_path / "bucket" / "run" / "ckpt" / driver.STATE_FILE, {"epoch": 3})
+    # not Ray's LocalFileSystem: to Ray this is a remote store, fetched as from a bucket
+    fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())
+    ckpt = ray.train.Checkpoint("run/ckpt", filesystem=fs)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ckpt)
+    read: list[Path] = []
+    real = driver.load_checkpoint
+    monkeypatch.setattr(driver, "load_checkpoint", lambda p: read.append(Path(p)) or real(p))
+    assert driver._resume_state() == {"epoch": 3} and driver._resume_state() == {"epoch": 3}  # two ranks
+    shared = Path(ckpt._get_temporary_checkpoint_dir())
+    assert len(read) == 2 and read[0].parent != read[1].parent, read
+    assert not any(p.is_relative_to(shared) for p in read), (read, shared)
+    assert not any(p.exists() for p in read)  # each copy removed after reading

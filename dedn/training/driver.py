@@ -226,13 +226,23 @@ def _quiet_fatal_error_log(e: BaseException) -> None:
 
 
 def _resume_state() -> dict[str, Any] | None:
+    """The state of the checkpoint Ray Train resumes from, read by this rank alone.
+
+    A local checkpoint is read in place. An object store's is fetched into a folder of this call's
+    own: Ray's `as_directory` gives every rank on a node one shared folder named after the
+    checkpoint, and a rank that comes after the first download has finished downloads it again into
+    that folder, over the file another rank is reading (a resume from a moto bucket under load failed
+    so once: torch.load "failed reading file data/141").
+    """
     import ray.train  # on use (module docstring)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        return load_checkpoint(Path(d) / STATE_FILE)
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        return load_checkpoint(Path(ckpt.path) / STATE_FILE)
+    with tempfile.TemporaryDirectory(prefix="dedn-resume-") as d:
+        return load_checkpoint(Path(ckpt.to_directory(d)) / STATE_FILE)
 
 
 def train_func(config: dict[str, Any]) -> None:
