@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from dedn.errors import ClusterError
+from dedn.families import FAMILY_MODULES_ENV
 from dedn.procs import parent
 from dedn.provenance import GIT_COMMIT_ENV, git_commit
+from dedn.training.callbacks import PLUGINS_ENV
 
 __all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents"]
 
@@ -172,7 +174,7 @@ TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACK
 OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                     "AWS_DEFAULT_REGION", "AWS_REGION")
 # what the workers load beyond dedn: model families and training plugins (dedn.families, dedn.training.callbacks)
-PLUGIN_ENV = ("DEDN_FAMILY_MODULES", "DEDN_TRAIN_PLUGINS")
+PLUGIN_ENV = (FAMILY_MODULES_ENV, PLUGINS_ENV)
 # where runs land and what they load: the submitting shell's choice, not the node's
 FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, *PLUGIN_ENV, "DEDN_HOME")
 # Ray Train gives a worker group 60 s to start, then logs a WorkerGroupStartupTimeoutError traceback and
@@ -208,8 +210,9 @@ def job_runtime_env(checkout: str | os.PathLike[str] | None = None) -> dict[str,
     A job's driver runs in the environment of the `ray start` that made the node, not in the
     submitting shell's, and its working directory is an upload without `.git` (a Ray default).
     So the job gets the submitting checkout's commit (tag `git_commit`), the tracking store with its
-    credentials, DEDN_HOME and the family and plugin modules to load as environment variables. Everything else about the upload is Ray's
-    default: `.git`, `.venv` and whatever `.gitignore` names (data, runs, mlruns) stay behind.
+    credentials, DEDN_HOME and the family and plugin modules to load as environment variables.
+    Everything else about the upload is Ray's default: `.git`, `.venv` and whatever `.gitignore`
+    names (data, runs, mlruns) stay behind.
     """
     env = _forwarded_env()
     sha = git_commit(Path(checkout) if checkout else Path.cwd())
