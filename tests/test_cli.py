@@ -83,7 +83,9 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     from dedn.training.ray_cluster import job_runtime_env
 
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DEDN_HOME", "DEDN_GIT_COMMIT",
-              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "DEDN_FAMILY_MODULES", "DEDN_TRAIN_PLUGINS"):
+              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "DEDN_FAMILY_MODULES", "DEDN_TRAIN_PLUGINS",
+              "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+              "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"):
         monkeypatch.delenv(k, raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # a loaded node's slow worker start is waited for, not a traceback and a second start (issue 27)
@@ -98,6 +100,11 @@ def test_a_job_gets_the_submitting_checkouts_commit_and_store(monkeypatch: pytes
     monkeypatch.setenv("DEDN_TRAIN_PLUGINS", "my_plugin")
     env = job_runtime_env(ROOT)["env_vars"]
     assert env["DEDN_FAMILY_MODULES"] == "my_family" and env["DEDN_TRAIN_PLUGINS"] == "my_plugin"
+    # MLflow's system-metrics switches reach the workers that sample (docs/team.md)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    env = job_runtime_env(ROOT)["env_vars"]
+    assert (env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"], env["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"]) == ("1", "false")
     sha = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("DEDN_GIT_COMMIT", sha)  # inside the job, whose upload has no .git
     assert git_commit() == sha

@@ -175,8 +175,11 @@ OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
                     "AWS_DEFAULT_REGION", "AWS_REGION")
 # what the workers load beyond dedn: model families and training plugins (dedn.families, dedn.training.callbacks)
 PLUGIN_ENV = (FAMILY_MODULES_ENV, PLUGINS_ENV)
+# MLflow's own switches for the system metrics rank 0 of each node samples (dedn.tracking.system_metrics)
+SYSTEM_METRICS_ENV = ("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+                      "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING")
 # where runs land and what they load: the submitting shell's choice, not the node's
-FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, *PLUGIN_ENV, "DEDN_HOME")
+FORWARDED_ENV = (*TRACKING_ENV, *OBJECT_STORE_ENV, *PLUGIN_ENV, *SYSTEM_METRICS_ENV, "DEDN_HOME")
 # Ray Train gives a worker group 60 s to start, then logs a WorkerGroupStartupTimeoutError traceback and
 # starts it again; on a loaded node (a sweep beside a run, 2 cores) a healthy start takes longer. Ray
 # Train's controller reads it, so it travels with the job (or is inherited by an embedded Ray).
