@@ -131,8 +131,13 @@ def _one_ray(request: pytest.FixtureRequest):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that start clusters of their own run last, in their files' order: the session's Ray is
-    stopped once for them, not once per such test among the others."""
-    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable
+    stopped once for them, not once per such test among the others. Just before them run the tests
+    that restart the session's Ray with variables of their own (marker `restarts_ray`): after them
+    no test needs it back, which saves a start and a stop (4.3 to 5.0 s measured)."""
+    def rank(item: pytest.Item) -> int:
+        return 2 if item.get_closest_marker("own_cluster") else 1 if item.get_closest_marker("restarts_ray") else 0
+
+    items.sort(key=rank)  # stable: each group in its files' order
 
 
 def pytest_report_header(config: pytest.Config) -> str:

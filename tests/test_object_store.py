@@ -3,7 +3,8 @@ server on loopback (moto's server mode, `s3_server` in conftest.py; no real S3 i
 
 The endpoint, credentials and region come from the standard AWS variables, set for this module
 (the session's Ray is started again after them, so its workers inherit them, as a job's workers
-get them from `jobs/runtime_env.py`, and once more after the module, without them). Checked: a
+get them from `jobs/runtime_env.py`, and stopped after the module; marker `restarts_ray`: the module
+runs after every other test that uses the session's Ray, so none needs it started again). Checked: a
 wrong bucket or endpoint is one ConfigError naming the URI
 before Ray starts; a 2-worker run keeps its checkpoints and records in the bucket, survives a
 worker failure by resuming from the bucket's checkpoint, and a second start with the same name
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+
+# the `s3` fixture restarts the session's Ray with the AWS variables: these run after the other Ray tests
+pytestmark = pytest.mark.restarts_ray
 
 OVERRIDES = ["epochs=2", "optim.lr=0.001", "eval.batch_size=64", "optim.max_steps_per_epoch=4"]
 
