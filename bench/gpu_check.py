@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -156,9 +157,12 @@ def loop_runs(data: str, device: str, out: dict) -> None:
                 + (f", GPU peak {rep.gpu_peak_mib:,.0f} MiB" if dev.type == "cuda" else ""))
 
 
-def _packed_loop(data: str, device: str, steps: int, start, out) -> None:
+def _packed_loop(data: str, device: str, steps: int, threads: int, start, out) -> None:
     """One of several training loops sharing a device (a fractional-GPU sweep trial): DEDN steps on a
-    fixed batch held on the device, timed between a common start and this loop's last step."""
+    fixed batch held on the device, timed between a common start and this loop's last step, with its
+    share of the machine's cores as torch's intra-op threads (as a trial's Ray Train worker gets the
+    whole CPUs it asked for: `dedn.training.driver.torch_threads`)."""
+    torch.set_num_threads(threads)
     ds = FeatureDataset.open(data)
     cfg = config_for_dataset(ds.name, data, "cub")
     dev = torch.device(device)
@@ -189,10 +193,14 @@ def packed_loops(data: str, device: str, counts: list[int], steps: int, out: dic
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     rows = []
     for n in counts:
+        # each loop its share of the cores: torch's default (every core in every process) oversubscribes
+        # them, which on the 2-core CPU dry run made 2 loops take 5.6 times as long as 1 (17.9 s vs 3.2 s)
+        threads = max(1, cores // n)
         start, q = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_packed_loop, args=(data, device, steps, start, q)) for _ in range(n)]
+        procs = [ctx.Process(target=_packed_loop, args=(data, device, steps, threads, start, q)) for _ in range(n)]
         for p in procs:
             p.start()
         rates = [q.get(timeout=600) for _ in range(n)]
@@ -200,8 +208,10 @@ def packed_loops(data: str, device: str, counts: list[int], steps: int, out: dic
             p.join(60)
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a packed training loop failed (exit codes {[p.exitcode for p in procs]})")
-        rows.append({"loops": n, "images_per_s_total": sum(rates), "images_per_s_per_loop": sum(rates) / n})
-        say(f"   {n} loop(s) at once: {sum(rates):8.0f} img/s in total, {sum(rates) / n:8.0f} per loop")
+        rows.append({"loops": n, "threads_per_loop": threads, "images_per_s_total": sum(rates),
+                     "images_per_s_per_loop": sum(rates) / n})
+        say(f"   {n} loop(s) at once: {sum(rates):8.0f} img/s in total, {sum(rates) / n:8.0f} per loop "
+            f"({threads} CPU thread(s) each)")
     out["packed_loops"] = rows
 
 

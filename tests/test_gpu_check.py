@@ -38,7 +38,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.slow  # about 40 s: a subprocess, a generated dataset, two loop runs and three packed loops
+@pytest.mark.slow  # about 16 s: a subprocess, a generated dataset, two loop runs and three packed loops
 def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path: Path) -> None:
     out = _run(tmp_path, "--out", str(tmp_path / "report"), "--pack", "1", "2")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -50,6 +50,8 @@ def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path:
     packed = report["packed_loops"]
     assert [r["loops"] for r in packed] == [1, 2] and all(r["images_per_s_total"] > 0 for r in packed)
     assert packed[1]["images_per_s_per_loop"] == packed[1]["images_per_s_total"] / 2
+    cores = len(os.sched_getaffinity(0))  # each loop its share of the cores, as a trial its whole CPUs
+    assert [r["threads_per_loop"] for r in packed] == [cores, max(1, cores // 2)]
     assert report["loop_backend"] == "gloo" and report["data"]["feature_shape"] == [2048, 2, 2]
     rows = {r["data.resident"]: r for r in report["loop"]}
     assert set(rows) == {"host", "off"}
