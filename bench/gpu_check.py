@@ -61,6 +61,11 @@ from dedn.training.loop import build_model, run_phase
 HERE = Path(__file__).resolve().parent
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as Ray and a container see them)."""
+    return len(os.sched_getaffinity(0))
+
+
 def say(line: str = "") -> None:
     print(line, flush=True)
 
@@ -193,7 +198,7 @@ def packed_loops(data: str, device: str, counts: list[int], steps: int, out: dic
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     rows = []
     for n in counts:
         # each loop its share of the cores: torch's default (every core in every process) oversubscribes
@@ -255,8 +260,6 @@ def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
 def extraction(device: str, tmp: Path, out: dict) -> None:
     """Part 5: the backbone's rate at 448 in fp32 and bf16, the decode rate per core and on all cores,
     and (where torchvision imports) our pipeline against the authors' on the same weights."""
-    import os
-
     import numpy as np
 
     import runpy
@@ -295,7 +298,7 @@ def extraction(device: str, tmp: Path, out: dict) -> None:
     for p in paths:
         normalize(load_crop(p, size))  # the decoding task's work and the actor's normalisation
     per_core = len(paths) / (time.perf_counter() - t0)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     best = max(rates.values())
     out["extraction"] = {"backbone_images_per_s": {k: round(v, 1) for k, v in rates.items()}, "batch": batch,
                          "decode_images_per_s_per_core": round(per_core, 1), "cores": cores,

@@ -213,7 +213,8 @@ def job_runtime_env(checkout: str | os.PathLike[str] | None = None) -> dict[str,
     A job's driver runs in the environment of the `ray start` that made the node, not in the
     submitting shell's, and its working directory is an upload without `.git` (a Ray default).
     So the job gets the submitting checkout's commit (tag `git_commit`), the tracking store with its
-    credentials, DEDN_HOME and the family and plugin modules to load as environment variables.
+    credentials, DEDN_HOME, the family and plugin modules to load and MLflow's system-metrics
+    switches as environment variables (`FORWARDED_ENV`).
     Everything else about the upload is Ray's default: `.git`, `.venv` and whatever `.gitignore`
     names (data, runs, mlruns) stay behind.
     """
