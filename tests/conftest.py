@@ -109,6 +109,13 @@ def session_ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def ray_join_lines(output: str) -> list[str]:
+    """Ray's two INFO lines of a driver that joins a running cluster ("Connecting to existing Ray
+    cluster at address ...", "Connected to Ray cluster ..."): how a test sees that its job joined."""
+    return [line for line in output.splitlines()
+            if "Connecting to existing Ray cluster" in line or "Connected to Ray cluster" in line]
+
+
 @pytest.fixture(autouse=True)
 def _one_ray(request: pytest.FixtureRequest):
     """`ray` tests run on the session's Ray; `own_cluster` tests on none (it is stopped before them).

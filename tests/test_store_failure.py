@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import subprocess
 import sys
 import time
@@ -150,7 +149,7 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     """The user's report: the store stops taking writes after epoch 1 of a 2-worker job. Before: the
     epoch was retried by Ray Train's restarts, 1,774 lines of tracebacks, exit 1, no `error:` line, the
     run RUNNING. Rank 1, stopped when rank 0's error ends the group, adds no traceback either."""
-    from conftest import session_ray_address
+    from conftest import ray_join_lines, session_ray_address
 
     from dedn import tracking
     from dedn.tracking.errors import TrackingStoreError
@@ -184,7 +183,7 @@ def test_a_store_made_read_only_mid_run_ends_the_job_once_with_one_error_line(ho
     assert "Traceback" not in out + err, (out + err)[-5000:]
     # the error line and at most MLflow's sampler saying it stopped; before them, Ray's two lines of any
     # job that joins a cluster ("Connecting to existing Ray cluster ...", "Connected to Ray cluster ...")
-    ray_joined = [line for line in err.splitlines() if re.search(r"\sINFO worker\.py:\d+ -- Connect", line)]
+    ray_joined = ray_join_lines(err)
     assert len(ray_joined) == 2, err
     assert len(err.splitlines()) - len(ray_joined) <= 5, err
     # trained once: no epoch was trained (and printed) twice, and the run ended before its last epoch
