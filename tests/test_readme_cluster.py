@@ -5,7 +5,7 @@ creates the Ray token, starts a head node on Ray's default ports and submits the
 then pastes the commands the job printed (browse, predict) into the same kind of shell, as the
 README says to, and checks what they show: the run with its `ray_job_id` and `git_commit` tags in
 the UI's REST API, a predictions file written by the registered model. A `from-images` job on
-the same cluster follows (its decode tasks and backbone actors on the cluster's workers).
+the same cluster runs beside predict (its decode tasks and backbone actors on the cluster's workers).
 
 Nothing of the user's is touched: HOME (so ~/.ray and ~/.dedn) is the test's own, PATH has no
 virtualenv until the block activates it. The block uses the default ports (6379, 8265; `mlflow ui`
@@ -23,10 +23,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import cub_source
+from imagetree import make_cub_image_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
@@ -77,14 +79,11 @@ def _get_json(url: str, timeout: float = 60.0) -> dict:
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {last}")
 
 
-def _from_images_job(shell_start: str, env: dict[str, str], tmp_path: Path) -> None:
+def _from_images_job(shell_start: str, env: dict[str, str], tmp_path: Path, tree) -> None:
     """`prepare_data.py from-images` submitted as a job: its decode tasks and backbone actors run on the
     cluster's workers, which import the test's backbone from the uploaded working directory."""
-    from imagetree import make_cub_image_tree
-
     from dedn.data import FeatureDataset
 
-    tree = make_cub_image_tree(cub_source(), tmp_path / "tree")
     out = tmp_path / "cub-images"
     job = (f"ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "
            f"\"$(python jobs/runtime_env.py)\" -- python jobs/prepare_data.py from-images --images {tree.images} "
@@ -119,7 +118,10 @@ def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
            if not k.startswith(("RAY_", "MLFLOW_", "DEDN_", "PYTEST_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(HOME=str(home), PATH=path)
     shell_start = "source .venv/bin/activate\nexport RAY_AUTH_MODE=token\n"  # the README's shell set-up
-    ui = None
+    ui = predicting = stopping = None
+    pool = ThreadPoolExecutor(1)
+    # the from-images job's image tree (Pillow, CPU) is drawn while the block's job runs
+    tree = pool.submit(make_cub_image_tree, cub_source(), tmp_path / "tree") if cub_source() is not None else None
     try:
         done = _shell("set -eo pipefail\n" + readme_cluster_block(), env, 600)
         log = done.stdout + done.stderr
@@ -131,22 +133,28 @@ def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
         assert (home / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the README's chmod 600
         assert "test       (%):" in log and "registered model dedn-awa2 version 1" in log, log[-3000:]
 
-        # the job's hints, pasted into a shell set up as the README says
-        predict = _hint(log, "predict")
-        assert predict.startswith("python jobs/predict.py ")  # the activated python, the checkout's script
-        out = _shell(shell_start + predict, env, 300)
-        assert out.returncode == 0, out.stdout + out.stderr
-        written = re.search(r"(\d+) predictions -> (\S+)", out.stdout)
-        assert written and int(written.group(1)) > 0 and Path(written.group(2)).is_file(), out.stdout
-        assert Path(written.group(2)).is_relative_to(home / ".dedn"), written.group(2)
-
-        if cub_source() is not None:  # from-images runs on the cluster through `ray job submit` as it runs embedded
-            _from_images_job(shell_start, env, tmp_path)
-
+        # the job's hints, pasted into shells set up as the README says. They do not depend on each
+        # other, so they run side by side, as a user's terminals would: the UI starts (it takes the
+        # longest) while predict runs beside a from-images job on the cluster
         browse, page = _hint(log, "browse"), _hint(log, "run page")
         assert browse.startswith("mlflow ui "), browse
         ui = subprocess.Popen(["bash", "-c", shell_start + "exec " + browse], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        predict = _hint(log, "predict")
+        assert predict.startswith("python jobs/predict.py ")  # the activated python, the checkout's script
+        predicting = subprocess.Popen(["bash", "-c", shell_start + predict], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if tree is not None:  # from-images runs on the cluster through `ray job submit` as it runs embedded
+            _from_images_job(shell_start, env, tmp_path, tree.result())
+        out, err = predicting.communicate(timeout=300)
+        assert predicting.returncode == 0, out + err
+        written = re.search(r"(\d+) predictions -> (\S+)", out)
+        assert written and int(written.group(1)) > 0 and Path(written.group(2)).is_file(), out
+        assert Path(written.group(2)).is_relative_to(home / ".dedn"), written.group(2)
+        # nothing below needs the cluster: it stops while the UI is read
+        stopping = subprocess.Popen(["bash", "-c", shell_start + "ray stop --force"], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
         m = re.fullmatch(r"(http://127\.0\.0\.1:5000)/#/experiments/(\d+)/runs/([0-9a-f]{32})", page)
         assert m, page
         run = _get_json(f"{m.group(1)}/api/2.0/mlflow/runs/get?run_id={m.group(3)}")["run"]
@@ -157,8 +165,15 @@ def test_the_readme_cluster_block_works_as_written(tmp_path: Path):
         assert run["info"]["status"] == "FINISHED" and run["info"]["experiment_id"] == m.group(2)
         assert {"val/H", "test/H"} <= {x["key"] for x in run["data"]["metrics"]}
     finally:
+        pool.shutdown(cancel_futures=True)
+        if predicting is not None and predicting.poll() is None:  # an assertion above ended the test early
+            predicting.kill()
+            predicting.communicate()
         if ui is not None:
             os.killpg(ui.pid, signal.SIGTERM)
             ui.wait(30)
-        stop = _shell(shell_start + "ray stop --force", env, 120)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
+        if stopping is None:
+            stopping = subprocess.Popen(["bash", "-c", shell_start + "ray stop --force"], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = stopping.communicate(timeout=120)
+        assert stopping.returncode == 0, out + err
