@@ -168,19 +168,11 @@ def tiny_data(awa2_tiny: Path) -> Path:
 
 
 def _relay_without_ray(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """A trial's report relay (dedn/tuning/trial.py) outside Ray and Tune: a thread's queue for Ray's
-    queue actor, a list for `tune.report` (the real one needs a Tune session); the reports it got."""
-    import queue
-
-    import ray.util.queue
+    """A trial's report relay (dedn/tuning/trial.py) outside Ray and Tune: a list for `tune.report`
+    (the real one needs a Tune session); the reports it got."""
     from ray import tune
 
-    class LocalQueue(queue.Queue):
-        def __init__(self, actor_options=None):
-            super().__init__()
-
     reported: list[dict] = []
-    monkeypatch.setattr(ray.util.queue, "Queue", LocalQueue)
     monkeypatch.setattr(tune, "report", reported.append)
     return reported
 
@@ -228,6 +220,15 @@ def test_trial_is_the_training_driver_on_a_selection_run(tiny_data: Path, tmp_pa
     monkeypatch.setattr(driver, "train", failing_train)
     with pytest.raises(ValueError, match="the run failed"):  # the trial fails as its run did
         trial_module.trial({}, base=base, data=str(data))
+
+    def silent_train(cfg, settings, *, callbacks=()):  # a controller whose reports went elsewhere
+        pass
+
+    monkeypatch.setattr(driver, "train", silent_train)
+    before = len(reported)
+    with pytest.raises(RuntimeError, match="none of its reports reached this trial's node"):
+        trial_module.trial({}, base=base, data=str(data))
+    assert len(reported) == before
     for p, junk in poisoned.items():
         assert p.stat().st_atime == 1_000 and p.read_bytes() == junk, f"{p} was read"
 
@@ -433,8 +434,12 @@ def test_a_gpu_trial_trains_on_its_share(tiny_data: Path, monkeypatch: pytest.Mo
 
     seen: dict[str, object] = {}
     _relay_without_ray(monkeypatch)
-    monkeypatch.setattr(driver, "train", lambda cfg, settings, *, callbacks=(): seen.update(
-        gpu=settings.use_gpu, share=settings.gpu_share, workers=settings.num_workers))
+
+    def fake_train(cfg, settings, *, callbacks=()):  # test double: one report round
+        seen.update(gpu=settings.use_gpu, share=settings.gpu_share, workers=settings.num_workers)
+        callbacks[0].after_report(None, [{"epoch": 1}], None)
+
+    monkeypatch.setattr(driver, "train", fake_train)
     trial({}, base=build_config("awa2", TINY).to_dict(), data=str(tiny_data), workers=2, gpus_per_worker=0.125)
     assert seen == {"gpu": True, "share": 0.125, "workers": 2}
 
