@@ -44,6 +44,36 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
 
 
 
+@pytest.mark.ray
+def test_ctrl_c_while_registering_marks_the_run_killed_and_ctrl_c_is_ours_again(store: Path, tiny_dataset,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's fit() leaves its own Ctrl-C handler installed (it aborts the run, which has ended): the
+    driver puts the caller's back, so a Ctrl-C while the final model registers interrupts it, and the
+    MLflow run ends KILLED, not RUNNING. The training itself is a stand-in here (no Ray Train run)."""
+    from types import SimpleNamespace
+
+    from dedn import tracking
+    from dedn.training import driver
+
+    def fit() -> SimpleNamespace:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # as Ray Train's fit() leaves it
+        return SimpleNamespace(error=None, checkpoint=None)
+
+    def register(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the model is logged
+
+    got = {"val": {"H": 0.5}, "test": {"H": 0.4}, "best_epoch": 1, "weights": {}, "state": {}}
+    monkeypatch.setattr(driver, "build_trainer", lambda *a, **k: SimpleNamespace(fit=fit))
+    monkeypatch.setattr(driver, "_outcome_of", lambda *a: (None, got))
+    monkeypatch.setattr(driver, "_register", register)
+    ours = signal.getsignal(signal.SIGINT)
+    cfg = build_config("cub", [f"data.path={tiny_dataset.root}"])
+    with pytest.raises(KeyboardInterrupt):
+        driver.train(cfg, driver.TrainSettings(num_workers=1, name="ctrl-c", verbose=False))
+    assert signal.getsignal(signal.SIGINT) is ours
+    run_id = json.loads((store / "ray_results" / "ctrl-c" / "mlflow_run.json").read_text())["run_id"]
+    assert tracking.client().get_run(run_id).info.status == "KILLED"
+
 
 @pytest.mark.ray
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,10 @@ def _run(tiny_dataset, home: Path, name: str, overrides: tuple[str, ...] = (), *
     record = home / f"record-{name}"
     settings = TrainSettings(num_workers=2, name=name, max_failures=1, verbose=False, register=name == "baseline",
                              plugins=plugin(record_dir=str(record), **faults))
-    return train(cfg, settings), record
+    ours = signal.getsignal(signal.SIGINT)
+    out = train(cfg, settings)
+    assert signal.getsignal(signal.SIGINT) is ours  # not Ray Train's, which fit() leaves behind (tests/test_crash.py)
+    return out, record
 
 
 @pytest.fixture(scope="module")

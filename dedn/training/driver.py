@@ -35,7 +35,9 @@ import math
 import os
 import posixpath
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import nullcontext
@@ -571,6 +573,10 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
     trainer = build_trainer(cfg, settings, run_id=run.run_id if run else None, tracking_uri=run.tracking_uri if run else None,
                             semi_synthetic=dataset.semi_synthetic, storage_path=location, name=name, callbacks=callbacks,
                             fatal_file=fatal)
+    # Ray Train's fit() installs a Ctrl-C handler that aborts its run and leaves it installed after
+    # the run: a Ctrl-C during the registration below only "aborted" the finished run (a third one
+    # exited with status 0), and the handler kept the run's controller actor alive. Put ours back.
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
         if result.error is not None:  # older behaviour: the error on the result instead of raised
@@ -585,6 +591,9 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
         if recorded is not None:  # the worker's own error, whole, instead of Ray's wrapper around it
             raise recorded from e
         raise
+    finally:
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
 
     ckpt_dir, got = _outcome_of(result.checkpoint, run_folder, cfg)
     outcome = TrainOutcome(run.run_id if run else None, run.experiment_id if run else None, run.tracking_uri if run else None,
@@ -606,6 +615,9 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
         except tracking.TrackingStoreError as e:  # trained, but the store failed after: the run is not left RUNNING
             left = _end_failed_run(run, "FAILED")
             raise (tracking.TrackingStoreError(e.uri, e.what, e.reason, note=left) if left else e) from None
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (or jobs/train.py's SIGTERM) while registering
+            _end_failed_run(run, "KILLED")
+            raise
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
