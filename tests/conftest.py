@@ -79,9 +79,14 @@ def _stop_ray() -> None:
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
-        from dedn.training.ray_cluster import reap_orphaned_agents
+        import shutil
+        import tempfile
+
+        from dedn.training.ray_cluster import PRIVATE_PREFIX, reap_orphaned_agents
 
         reap_orphaned_agents()
+        # its private temp folder (sockets, logs: 30-40 MB a session), as a job's embedded Ray removes its own
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

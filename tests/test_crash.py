@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from dedn.config import build_config
 from dedn.procs import descendants, running
 from dedn.training.ray_cluster import AGENT_TITLES as AGENTS
+from dedn.training.ray_cluster import PRIVATE_PREFIX
 
 
 @pytest.fixture()
@@ -94,6 +96,7 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
            "--num-workers", "1", "--name", "stopped", "--no-register"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray of its own
     run_dir = store / "ray_results" / "stopped"
+    drivers: list[int] = []
 
     def start_and_stop_after(sig: int, linger: tuple[str, ...] = ()) -> tuple[int, str, dict[int, str]]:
         """Start the job, stop it with `sig` once it has written a checkpoint of its own; what is left
@@ -102,6 +105,7 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
         epoch = max(done, default=0) + 1
         assert epoch <= epochs, "the first stop came too late to leave an epoch for the second"
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        drivers.append(proc.pid)
         end = time.time() + 240
         while not (run_dir / f"select-epoch{epoch:04d}").is_dir():
             if proc.poll() is not None or time.time() > end:
@@ -135,6 +139,8 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
     assert rc == 128 + signal.SIGTERM and "SIGTERM: stopping; the MLflow run is marked KILLED" in err, err[-2000:]
     assert left == {}, f"Ray processes outlived the driver: {left}"
     assert running(list(lingering)) == [], f"the next start did not reap the killed driver's agents: {lingering}"
+    private = Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{drivers[0]}"  # the killed driver's Ray's folder
+    assert not private.exists(), f"the next start left the killed driver's {private}"
     assert c.get_run(run_id).info.status == "KILLED"
     assert len(c.search_runs([c.get_run(run_id).info.experiment_id])) == 1  # one run, continued
     steps = sorted(m.step for m in c.get_metric_history(run_id, "val/H"))

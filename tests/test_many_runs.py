@@ -71,6 +71,35 @@ def test_only_an_asked_for_cluster_is_joined(monkeypatch: pytest.MonkeyPatch, tm
     assert cluster_address() is None
 
 
+def test_a_dead_drivers_temp_folder_goes_and_nothing_else(tmp_path: Path) -> None:
+    """The next embedded start removes `dedn-ray-<pid>` folders whose driver is gone (a SIGKILL runs no
+    atexit), but not a live process's, nor one whose Ray still answers (a driver in another pid
+    namespace sharing /tmp), nor anything not named so."""
+    import socket
+
+    from dedn.training.ray_cluster import PRIVATE_PREFIX, remove_dead_private_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+
+    def folder(name: str, address: str | None = None) -> Path:
+        (tmp_path / name / "ray").mkdir(parents=True)
+        if address:
+            (tmp_path / name / "ray" / "ray_current_cluster").write_text(address + "\n")
+        return tmp_path / name
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        gone = folder(f"{PRIVATE_PREFIX}{dead_pid}", "127.0.0.1:1")  # its GCS port answers nothing
+        alive = folder(f"{PRIVATE_PREFIX}{os.getppid()}")
+        elsewhere = folder(f"{PRIVATE_PREFIX}{dead_pid + 1000000}", f"127.0.0.1:{port}")  # no such pid here
+        other = folder("dedn-rayx-1")
+        assert remove_dead_private_folders(tmp_path) == [gone]
+    assert not gone.exists() and alive.is_dir() and elsewhere.is_dir() and other.is_dir()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.own_cluster  # private Rays that must not meet another

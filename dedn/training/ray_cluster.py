@@ -4,7 +4,8 @@ An embedded Ray belongs to its driver and must not outlive it. On a normal exit 
 (jobs turn it into an exit) `ray.shutdown` runs at exit. On a SIGKILL nothing in the driver
 runs: Ray's GCS and raylet fate-share with it and die at once, their workers with them, but the
 two per-node agents (dashboard, runtime-env) wait for one last 60 s GCS call before they exit;
-the next embedded start reaps such orphans (`reap_orphaned_agents`). Ray is imported where it
+the next embedded start reaps such orphans (`reap_orphaned_agents`) and removes the dead driver's
+temp folder (`remove_dead_private_folders`). Ray is imported where it
 is used: the driver imports this module, and importing the driver does not load Ray.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dedn.procs import parent
 from dedn.provenance import GIT_COMMIT_ENV, git_commit
 from dedn.training.callbacks import PLUGINS_ENV
 
-__all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents"]
+__all__ = ["init_ray", "cluster_address", "set_continue_hint", "job_runtime_env", "reap_orphaned_agents",
+           "remove_dead_private_folders"]
 
 AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -131,6 +133,7 @@ def _init_ray(dashboard: bool, address: str | None) -> None:
     atexit.register(shutil.rmtree, private, ignore_errors=True)
     atexit.register(ray.shutdown)  # atexit runs last-registered first
     reap_orphaned_agents()
+    remove_dead_private_folders()
 
 
 # ---- a joined cluster that goes away -------------------------------------------------------------
@@ -251,6 +254,35 @@ def reap_orphaned_agents(proc: Path = Path("/proc")) -> list[int]:
         except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
             continue
     return reaped
+
+
+def remove_dead_private_folders(tmp: Path | None = None) -> list[Path]:
+    """Remove the temp folders of embedded Rays whose driver is gone (a SIGKILL runs no atexit): this
+    user's `<tmp>/dedn-ray-<pid>` whose pid runs nothing and whose Ray's GCS does not answer (a
+    driver in another pid namespace sharing /tmp still counts as alive). Sockets and logs, 30-40 MB each."""
+    tmp = Path(tmp or tempfile.gettempdir())
+    removed = []
+    for folder in tmp.glob(f"{PRIVATE_PREFIX}*"):
+        pid = folder.name[len(PRIVATE_PREFIX):]
+        try:
+            if not pid.isdigit() or int(pid) == os.getpid() or folder.stat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, another user's
+                continue
+            address = folder / "ray" / "ray_current_cluster"  # what `_init_ray` wrote there
+            text = address.read_text().strip() if address.is_file() else ""
+            if text and _answers(text.splitlines()[0]):
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _read(path: Path) -> bytes:
