@@ -227,17 +227,22 @@ def test_two_worker_training_run_registry_and_prediction_through_the_server(team
         for k in team.env:
             os.environ.pop(k, None)
 
-    # prediction by a models:/ URI, the model downloaded through the server
-    pred = tmp_path / "pred.parquet"
-    out = _job(["jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data", str(awa2_tiny), "--split", "test_unseen",
-                "--out", str(pred)], env, timeout=180)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # prediction by a models:/ URI, the model downloaded through the server; beside it, the results
+    # table reading the registry on the server (two users' commands at once)
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.parquet as pq
 
-    assert pq.read_table(pred).num_rows == 10 * 4  # AWA2: 10 unseen classes x 4 images
-    # the results table reads the registry on the server
-    out = _job(["jobs/results_table.py", "--datasets", "AWA2", "--no-paper-row"], env, timeout=120)
-    assert out.returncode == 0 and "AWA2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    pred = tmp_path / "pred.parquet"
+    with ThreadPoolExecutor(2) as pool:
+        predicted = pool.submit(_job, ["jobs/predict.py", "--model", "models:/dedn-awa2@champion", "--data", str(awa2_tiny),
+                                       "--split", "test_unseen", "--out", str(pred)], env, timeout=180)
+        table = pool.submit(_job, ["jobs/results_table.py", "--datasets", "AWA2", "--no-paper-row"], env, timeout=120)
+        out = predicted.result()
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert pq.read_table(pred).num_rows == 10 * 4  # AWA2: 10 unseen classes x 4 images
+        out = table.result()
+        assert out.returncode == 0 and "AWA2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 @pytest.mark.timeout(300)
