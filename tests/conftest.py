@@ -79,14 +79,9 @@ def _stop_ray() -> None:
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
-        import shutil
-        import tempfile
-
-        from dedn.training.ray_cluster import PRIVATE_PREFIX, reap_orphaned_agents
+        from dedn.training.ray_cluster import reap_orphaned_agents
 
         reap_orphaned_agents()
-        # its private temp folder (sockets, logs: 30-40 MB a session), as a job's embedded Ray removes its own
-        shutil.rmtree(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +93,18 @@ def ray_session():
     Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray;
     since 2026-12-06 the sweeps run on it too. Own-cluster tests run last.
     """
+    import shutil
+    import tempfile
+
+    from dedn.training.ray_cluster import PRIVATE_PREFIX
+
     _start_ray()
     yield
     _stop_ray()
+    # Its private temp folder (sockets, logs: 30-40 MB), as a job's embedded Ray removes its own; only
+    # now: the three-node cluster (tests/test_multinode.py) runs in the same folder (RAY_TMPDIR), after
+    # this process's own Ray was stopped, and a `_stop_ray` between its tests only disconnects from it.
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{os.getpid()}", ignore_errors=True)
 
 
 def session_ray_address() -> str:
