@@ -16,6 +16,7 @@ import pytest
 from dedn.config import build_config
 from dedn.procs import descendants, running
 from dedn.training.ray_cluster import AGENT_TITLES as AGENTS
+from dedn.training.driver import SNAPSHOT_COPY, SNAPSHOT_FILE
 from dedn.training.ray_cluster import PRIVATE_PREFIX
 
 
@@ -44,6 +45,35 @@ def test_runs_of_a_dead_driver_are_marked_killed_on_the_next_start(store: Path, 
     assert c.get_run(orphan.run_id).info.status == "KILLED"
     assert [c.get_run(r.run_id).info.status for r in (live, other, nxt)] == ["RUNNING"] * 3
 
+
+
+def test_ray_trains_record_cut_short_by_a_kill_is_restored_from_its_whole_copy(tmp_path: Path) -> None:
+    """Ray Train rewrites its record of a run's checkpoints in place; a controller callback keeps a whole
+    copy after each round with a checkpoint, and a continued run puts it back when the record is cut short."""
+    from dedn.errors import ConfigError
+    from dedn.training.driver import _keep_snapshot, restore_snapshot
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record, copy = folder / SNAPSHOT_FILE, folder / SNAPSHOT_COPY
+    assert restore_snapshot(str(folder)) is None  # a new run: nothing to do
+    keep = _keep_snapshot(str(folder))
+    record.write_text('{"checkpoints": [1]}')
+    keep.after_report(None, [{}], None)
+    assert not copy.exists()  # a round without a checkpoint: Ray rewrote nothing
+    keep.after_report(None, [{}], object())
+    assert copy.read_text() == '{"checkpoints": [1]}'
+    record.write_text('{"checkpoints": [1, 2')  # being rewritten: no copy of that
+    keep.after_report(None, [{}], object())
+    assert copy.read_text() == '{"checkpoints": [1]}'
+    record.write_text('{"checkpoints": [1, 2]}')
+    assert restore_snapshot(str(folder)) is None and record.read_text() == '{"checkpoints": [1, 2]}'  # whole: kept
+    record.write_text("")
+    assert "was cut short" in restore_snapshot(str(folder)) and record.read_text() == '{"checkpoints": [1]}'
+    record.write_text("")
+    copy.unlink()
+    with pytest.raises(ConfigError, match=f"{SNAPSHOT_FILE}.*cut short.*another --name"):
+        restore_snapshot(str(folder))
 
 
 @pytest.mark.ray
@@ -107,7 +137,7 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         drivers.append(proc.pid)
         end = time.time() + 240
-        while not (run_dir / f"select-epoch{epoch:04d}").is_dir():
+        while not (run_dir / f"select-epoch{epoch:04d}").is_dir() or not (run_dir / SNAPSHOT_COPY).is_file():
             if proc.poll() is not None or time.time() > end:
                 proc.kill()
                 pytest.fail(f"the run ended or stalled before epoch {epoch}: {proc.communicate()[1][-3000:]}")
@@ -132,11 +162,14 @@ def test_a_killed_or_terminated_driver_takes_its_ray_along_and_the_run_continues
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     c = tracking.client()
     assert c.get_run(run_id).info.status == "RUNNING"  # nobody could say otherwise yet
+    # as when the kill lands while Ray Train rewrites its record of the checkpoints (in place): empty
+    (run_dir / SNAPSHOT_FILE).write_text("")
 
     # the same --name continues that run; a SIGTERM (a scheduler) after its first epoch ends the job
     # cleanly: ray.shutdown runs, nothing of either Ray is left, the run is KILLED, not RUNNING
     rc, err, left = start_and_stop_after(signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM and "SIGTERM: stopping; the MLflow run is marked KILLED" in err, err[-2000:]
+    assert f"note: {run_dir / SNAPSHOT_FILE} was cut short" in err, err[-2000:]  # restored from its whole copy
     assert left == {}, f"Ray processes outlived the driver: {left}"
     assert running(list(lingering)) == [], f"the next start did not reap the killed driver's agents: {lingering}"
     private = Path(tempfile.gettempdir()) / f"{PRIVATE_PREFIX}{drivers[0]}"  # the killed driver's Ray's folder

@@ -36,6 +36,7 @@ import os
 import posixpath
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -56,7 +57,7 @@ from dedn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoi
 from dedn.config import RunConfig
 from dedn.data import FeatureDataset
 from dedn.data.reader import ShardReader, forbid_splits
-from dedn.errors import DednError, OutputError, os_reason
+from dedn.errors import ConfigError, DednError, OutputError, os_reason
 from dedn.families import family_of
 from dedn.families.capabilities import training_module
 from dedn.protocol import TEST_SPLITS
@@ -428,9 +429,59 @@ def build_trainer(cfg: RunConfig, settings: TrainSettings, *, run_id: str | None
             # warnings are transient noise with a traceback each on a loaded node ("Failed to send
             # resource request ... safe to ignore" when its coordinator answers after 5 s): errors only
             logging_config=LoggingConfig(log_level="INFO" if settings.ray_info_logs else "ERROR"),
-            callbacks=[*callbacks, *([_stop_on_recorded_error(fatal_file)] if fatal_file else [])] or None,
+            callbacks=[*callbacks, _keep_snapshot(storage.join(storage_path, name)),
+                       *([_stop_on_recorded_error(fatal_file)] if fatal_file else [])],
         ),
     )
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in its run folder
+SNAPSHOT_COPY = f".{SNAPSHOT_FILE}.whole"  # the last whole copy of it (`_keep_snapshot`)
+
+
+def _keep_snapshot(run_folder: str) -> Any:
+    """A controller callback: after each report round with a checkpoint, a whole copy of Ray Train's
+    record of the run's checkpoints. Ray Train 2.60 writes that record in place (truncate, then write:
+    `CheckpointManager._write_state_to_storage`), so a driver killed meanwhile (its controller goes with
+    it) left it empty, and the same --name could not continue (seen once in CI). The checkpoint manager
+    is the first of the controller's report callbacks, so this one sees the round's record written."""
+    from ray.train import UserCallback  # on use (module docstring)
+
+    class KeepSnapshot(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if checkpoint is None:
+                return
+            try:
+                text = storage.read_text(storage.join(run_folder, SNAPSHOT_FILE))
+                if text is not None:
+                    json.loads(text)  # only a whole record is kept
+                    storage.write_text(storage.join(run_folder, SNAPSHOT_COPY), text)
+            except Exception:  # noqa: BLE001 - no copy this round: the run itself goes on
+                pass
+
+    return KeepSnapshot()
+
+
+def restore_snapshot(run_folder: str) -> str | None:
+    """Before a run continues: Ray Train's record of its checkpoints cut short (`_keep_snapshot`) is
+    replaced by the last whole copy. Returns what was done, in words (None: nothing to do); without a
+    copy, a ConfigError naming the file."""
+    path = storage.join(run_folder, SNAPSHOT_FILE)
+    text = storage.read_text(path)
+    if text is None:
+        return None
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    copy = storage.read_text(storage.join(run_folder, SNAPSHOT_COPY))
+    if copy is None:
+        raise ConfigError("--name", "a run whose record of checkpoints can be read, to continue it",
+                          f"{path} is cut short (its driver was stopped while Ray Train wrote it) and has no whole "
+                          "copy; use another --name to start afresh", "preflight")
+    storage.write_text(path, copy)
+    return f"{path} was cut short (its driver was stopped while Ray Train wrote it): restored from its last whole copy"
 
 
 class _DropLogOf(logging.Filter):
@@ -542,6 +593,9 @@ def train(cfg: RunConfig, settings: TrainSettings | None = None, *, callbacks: S
     run_folder = storage.join(location, name)  # Ray Train's folder of this run: checkpoints, and our two records
     fatal = storage.join(run_folder, FATAL_FILE)
     storage.remove(fatal)  # a resumed run starts without the error that stopped it before
+    restored = restore_snapshot(run_folder)
+    if restored:
+        print(f"note: {restored}", file=sys.stderr, flush=True)
 
     run = None
     if settings.track:
