@@ -333,6 +333,8 @@ def test_sweep_of_four_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch
     # the best configuration: a complete config for the final run, at the best epoch and fitted lambdas
     sweep_dir = Path(summary.sweep_dir)
     assert sweep_dir == (home / "tune" / "sweep").resolve()
+    # a trial's relayed reports stay on its node: none was copied into the sweep's results
+    assert not list(sweep_dir.rglob(".dedn-reports-*")), "a trial's report file reached the sweep's storage"
     best = RunConfig.from_dict(yaml.safe_load((sweep_dir / "best_config.yaml").read_text()))
     assert (best.protocol, best.optim.epochs) == ("final", summary.best_epoch)
     assert (best.eval.lambda_rc, best.eval.lambda_e, best.eval.fit_weights) == (

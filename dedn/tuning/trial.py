@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -102,16 +103,24 @@ class _RelayReports(UserCallback):
 
 @contextlib.contextmanager
 def _report_file() -> Iterator[Path]:
-    """An empty file of this trial's, on its node: in the trial's own folder under Tune (a trial stopped
-    early by ASHA leaves it there, with Tune's own files), a temporary one outside Tune; removed after."""
-    try:
-        trial_dir = tune.get_context().get_trial_dir()
-    except (RuntimeError, AttributeError):
-        trial_dir = None
+    """An empty file of this trial's, on its node, removed after.
+
+    In the trial's working directory (Tune's `working_dirs/<trial>` under the Ray session's
+    folder), which is node-local and never synced: not in its trial folder (`get_trial_dir`), which
+    Tune copies to the sweep's storage while the trial runs, so a copy could list the file as it
+    was removed (CI: a traceback from Tune's syncer in the sweep's output) and left it in the
+    results. A trial stopped early by ASHA, whose `finally` may not run, leaves it with the session's
+    other files. Outside a Tune session (tests call `trial` directly) a temporary folder.
+    """
+    with warnings.catch_warnings():  # outside a session Ray warns and returns None: that case is handled here
+        warnings.simplefilter("ignore")
+        storage = tune.get_context().get_storage()
+    working_dir = None if storage is None else storage.trial_working_directory
     with contextlib.ExitStack() as stack:
-        if trial_dir is None:  # outside a Tune session (tests call `trial` directly)
-            trial_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dedn-trial-"))
-        folder = Path(trial_dir)
+        if working_dir is None:
+            working_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dedn-trial-"))
+        folder = Path(working_dir)
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f".dedn-reports-{uuid.uuid4().hex[:12]}.jsonl"
         path.write_bytes(b"")
         try:
