@@ -89,7 +89,7 @@ def ray_session():
     """One embedded Ray for every in-process Ray test (marker `ray`), shut down at the session's end.
 
     Until 2026-12-05 each module started its own (a start, a stop and a slow first run each): one
-    Ray for the session had once seen the team server's 4-trial sweep hang in Tune. That hang was
+    Ray for the session had once seen the team server's sweep hang in Tune. That hang was
     Tune's report callback (dedn/tuning/trial.py, `_train_reporting_to_tune`), not the shared Ray;
     since 2026-12-06 the sweeps run on it too. Own-cluster tests run last.
     """
@@ -323,7 +323,7 @@ def moto_s3(check_credentials: bool = False):
 
 
 # ---- one sweep shared by test_tuning (its assertions) and test_team (the same sweep on the server) ----
-SWEEP_TRIALS = 4  # all at once: the concurrency the team server must survive, at half the old 8-trial cost
+SWEEP_TRIALS = 3  # all at once: the concurrency the team server must survive (4 until 2026-12-06; 8 before)
 TINY_TRAIN = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 
 
@@ -354,8 +354,8 @@ def poison_test_shards(root: Path) -> dict[Path, bytes]:
     return poisoned
 
 
-def four_trial_sweep(data: Path, name: str, storage: Path) -> object:
-    """4 trials, all at once, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
+def sweep_at_once(data: Path, name: str, storage: Path) -> object:
+    """SWEEP_TRIALS trials, all at once, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
     early and the outcome cannot depend on which trial reported first (the SQLite/server twins)."""
     import yaml
 
@@ -398,7 +398,7 @@ def sqlite_sweep(awa2_tiny: Path, tmp_path_factory: pytest.TempPathFactory, ray_
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     try:
         _start_ray()  # a session fixture is made before the test's `_one_ray`
-        summary = four_trial_sweep(data, "sweep", home)
+        summary = sweep_at_once(data, "sweep", home)
     finally:
         mp.undo()
     return SqliteSweep(summary, data, poisoned, home)

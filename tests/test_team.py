@@ -1,5 +1,5 @@
 """Team mode against real services on loopback: PostgreSQL + `mlflow server` (basic auth, proxied
-artifacts) started by `dedn.tracking.server`, a 2-worker training run, a 4-trial sweep all at once
+artifacts) started by `dedn.tracking.server`, a 2-worker training run, a 3-trial sweep all at once
 (and the same sweep on SQLite), the registry and prediction by `models:/` URI, concurrent
 registrations, and the MLflow UI in headless Chromium (screenshots kept under
 `test-artifacts/screenshots/`).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, four_trial_sweep, free_port as _free_port, unavailable as _unavailable
+from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, sweep_at_once, free_port as _free_port, unavailable as _unavailable
 
 pytestmark = pytest.mark.slow  # PostgreSQL and an MLflow server start for the module
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,10 +362,10 @@ def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_ser
 # ---- a concurrent sweep, on the server and on SQLite ---------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_sweep_of_four_trials_at_once_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
+def test_sweep_of_three_trials_at_once_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
                                                                               tmp_path: Path, sqlite_sweep,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest's 4-trial sweep (all at once) against the server; the same sweep on SQLite
+    """conftest's 3-trial sweep (all at once) against the server; the same sweep on SQLite
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
     import shutil
 
@@ -375,7 +375,7 @@ def test_sweep_of_four_trials_at_once_loses_nothing_and_matches_sqlite(on_server
     data = tmp_path / "data"
     shutil.copytree(awa2_tiny, data)
     poison_test_shards(data)  # as in the SQLite twin: the sweep never reads them
-    a = four_trial_sweep(data, "team-sweep", tmp_path)
+    a = sweep_at_once(data, "team-sweep", tmp_path)
     c = tracking.client()
     assert c.tracking_uri == on_server.uri
     exp = c.get_experiment_by_name("dedn-awa2-tune")
