@@ -1,10 +1,10 @@
 """Ray Train (V2) DDP training of DEDN on 2 CPU workers: data partition, rank agreement, MLflow, fault recovery.
 
-One uninterrupted run (module fixture) serves three tests; the fault tests run the same
-configuration again, with rank 1 raising once in the middle of selection epoch 2 (Ray restarts
-the group), or with the disk filling up while epoch 2's checkpoint is written (the run ends with
-that message; the same name continues it), and must end bitwise identical to it (CPU, gloo:
-every operation is deterministic and the checkpoint holds model, optimiser, history and RNG
+One uninterrupted run (module fixture) serves five tests; the fault test runs the same
+configuration again: the disk fills up while epoch 2's checkpoint is written (the run ends with
+that message), then the same name continues it and rank 1 raises once in the middle of selection
+epoch 2 (Ray restarts the group). It must end bitwise identical to the uninterrupted run (CPU,
+gloo: every operation is deterministic and the checkpoint holds model, optimiser, history and RNG
 state).
 
 Faults and the per-rank records come from the test-side training plugin `tests/faults.py`
@@ -140,30 +140,6 @@ def test_metrics_logged_once_per_epoch_and_model_registered(baseline):
 
 
 @pytest.mark.timeout(240)
-def test_worker_failure_resumes_from_checkpoint_and_matches_uninterrupted_run(baseline, ray_env, tiny_dataset):
-    from dedn import tracking
-
-    base, base_record = baseline
-    marker = ray_env / "fault-marker"
-    # Streamed from Parquet, where the baseline held its splits resident (data.resident=auto): the
-    # readers make the same batches, so this run must also match it exactly.
-    out, record = _run(tiny_dataset, ray_env, "faulty", ("data.resident=off",), fail_rank=1, fail_epoch=2,
-                       fail_marker=str(marker))
-    assert marker.exists(), "the fault was not injected"
-    c = tracking.client()
-    assert c.get_run(out.run_id).data.metrics["perf/data_resident_mib"] == 0
-    assert c.get_run(base.run_id).data.metrics["perf/data_resident_mib"] > 0
-    # Tolerance: exact. Same seed on CPU/gloo, and the restart resumes from the epoch-1 checkpoint.
-    assert out.val_metrics == base.val_metrics
-    assert out.test_metrics == base.test_metrics
-    assert out.best_epoch == base.best_epoch and out.weights == base.weights
-    assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
-    # the redone epoch is not logged twice
-    steps = [m.step for m in tracking.client().get_metric_history(out.run_id, "val/H")]
-    assert steps == list(range(1, EPOCHS + 1))
-
-
-@pytest.mark.timeout(240)
 def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_env, tiny_dataset):
     import numpy as np
     import torch
@@ -196,23 +172,32 @@ def test_msdn_trains_through_the_same_job_and_registers_under_its_own_name(ray_e
 
 
 @pytest.mark.timeout(300)
-def test_full_disk_during_a_checkpoint_ends_clearly_and_the_same_name_continues_the_same_run(baseline, ray_env,
+def test_full_disk_then_a_worker_failure_each_resume_to_the_uninterrupted_result_in_one_run(baseline, ray_env,
                                                                                            tiny_dataset):
     """Issue 12, items 6 and 7: the write of epoch 2's checkpoint fails part-way (a file-size limit in
     the worker, as a full disk would). The run ends at once with CheckpointWriteError, no retry, no
-    half-written checkpoint, its MLflow run FAILED; the same name then continues the same MLflow run
-    from epoch 1's checkpoint to the uninterrupted run's exact result, with a whole history."""
+    half-written checkpoint, its MLflow run FAILED. The same name then continues the same MLflow run
+    from epoch 1's checkpoint; in it rank 1 raises once in the middle of selection epoch 2, Ray Train
+    restarts the worker group from that checkpoint, and the run still ends bitwise equal to the
+    uninterrupted one, each epoch logged once.
+
+    Both attempts stream from Parquet (data.resident=off) where the baseline held its splits resident
+    (data.resident=auto): the readers make the same batches, so the result must match exactly. Until
+    2026-12-06 the worker failure was a run of its own (a 2-worker run more); a restart from a
+    checkpoint the same fit() wrote is the D3GZSL test's and the node-removal test's."""
     from dedn import tracking
     from dedn.checkpoint import CheckpointWriteError, load_checkpoint
     from dedn.training.driver import RUN_RECORD_FILE, STATE_FILE
 
     base, base_record = baseline
-    marker = ray_env / "disk-marker"
+    streamed = ("data.resident=off",)
+    disk, raised = ray_env / "disk-marker", ray_env / "fault-marker"
     with pytest.raises(CheckpointWriteError, match=r"disk-full/select-epoch0002/state.pt: checkpoint: could not be "
                                                    r"written \(File too large, errno 27\); the partial copy was removed"):
-        _run(tiny_dataset, ray_env, "disk-full", fail_rank=0, fail_epoch=2, fail_marker=str(marker), fail_kind="disk_full")
+        _run(tiny_dataset, ray_env, "disk-full", streamed, fail_rank=0, fail_epoch=2, fail_marker=str(disk),
+             fail_kind="disk_full")
     run_dir = ray_env / "ray_results" / "disk-full"
-    assert marker.exists() and not (run_dir / "select-epoch0002").exists()
+    assert disk.exists() and not (run_dir / "select-epoch0002").exists()
     assert not [p for p in run_dir.rglob("*") if ".partial" in p.name], "a partial checkpoint was left"
     for state in run_dir.rglob(STATE_FILE):  # what is there under a checkpoint's name loads
         load_checkpoint(state)
@@ -220,11 +205,17 @@ def test_full_disk_during_a_checkpoint_ends_clearly_and_the_same_name_continues_
     c = tracking.client()
     assert c.get_run(run_id).info.status == "FAILED"
 
-    out, record = _run(tiny_dataset, ray_env, "disk-full", fail_rank=0, fail_epoch=2, fail_marker=str(marker),
-                       fail_kind="disk_full")  # the marker exists: no fault this time
+    assert not raised.exists()
+    out, record = _run(tiny_dataset, ray_env, "disk-full", streamed, fail_rank=1, fail_epoch=2, fail_marker=str(raised))
+    assert raised.exists(), "the worker failure was not injected"
     assert out.run_id == run_id and c.get_run(run_id).info.status == "FINISHED"
+    assert c.get_run(run_id).data.metrics["perf/data_resident_mib"] == 0
+    assert c.get_run(base.run_id).data.metrics["perf/data_resident_mib"] > 0
+    # Tolerance: exact. Same seed on CPU/gloo; both resumes start from the epoch-1 checkpoint.
     assert out.val_metrics == base.val_metrics and out.test_metrics == base.test_metrics
+    assert out.best_epoch == base.best_epoch and out.weights == base.weights
     assert _ranks(record)[0]["params"] == _ranks(base_record)[0]["params"]
+    # neither the epoch the disk cut short nor the one the failure redid is logged twice
     assert [m.step for m in c.get_metric_history(run_id, "val/H")] == list(range(1, EPOCHS + 1))
     assert len(c.search_runs([c.get_run(run_id).info.experiment_id], "tags.mlflow.runName = 'disk-full'")) == 1
 

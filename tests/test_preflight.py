@@ -1,5 +1,6 @@
-"""User errors stop in the driver before Ray or MLflow start; a deterministic error inside a worker
-ends the run as itself (issue 12, items 1 and 2)."""
+"""User errors stop in the driver before Ray or MLflow start; the record of a deterministic error
+inside a worker round-trips as itself (issue 12, items 1 and 2; such an error ending a job once, not
+retried: tests/test_found_early.py)."""
 from __future__ import annotations
 
 import json
@@ -82,35 +83,6 @@ def test_a_dataset_without_manual_clusters_runs_on_kmeans_with_a_warning(tmp_pat
     with pytest.warns(UserWarning, match="model.clusters: MYDATA has no manual attribute clusters; using k-means"):
         resolved, _, _ = preflight(cfg, _settings(tmp_path))
     assert resolved.model.clusters == "kmeans"
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(300)
-@pytest.mark.slow
-def test_a_corrupt_shard_ends_the_run_at_once_with_its_own_error(tiny_dataset, tmp_path, monkeypatch):
-    """Bytes flipped in a training shard pass the driver's footer checks; the worker's reader finds the
-    checksum wrong. The error is recorded, so Ray Train does not restart the worker group (max_failures=1
-    would allow one restart), and the user gets the DatasetError naming the shard, not Ray's wrapper."""
-    from ray.util.state import list_actors
-
-    root = tmp_path / "ds"
-    shutil.copytree(tiny_dataset.root, root)
-    m = json.loads((root / "dataset.json").read_text())
-    shard = root / m["splits"]["train"]["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    shard.write_bytes(bytes(data))
-    def workers_started() -> int:  # Ray Train's worker actors on the session's Ray, finished ones included
-        return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
-
-    before = workers_started()
-    settings = _settings(tmp_path, max_failures=1, name="corrupt")
-    with pytest.raises(DatasetError, match=rf"{shard.name}: sha256: expected") as e:
-        train(_cfg(root), settings)
-    assert type(e.value) is DatasetError and Path(e.value.file).name == shard.name
-    assert (tmp_path / "ray" / "corrupt" / FATAL_FILE).is_file()
-    assert workers_started() - before == 1, "the worker group was restarted after a recorded error"
 
 
 def test_the_fatal_record_round_trips_and_a_failed_preflight_touches_nothing(tiny_dataset, tmp_path):
