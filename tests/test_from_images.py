@@ -107,7 +107,8 @@ def test_images_to_dataset_resume_skip_bad_train_and_predict(tree, tmp_path: Pat
 
     monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert load_job("train").main(["--data", str(out), "--preset", "cub", "--name", "from-images", "epochs=2"]) == 0
+    assert load_job("train").main(["--data", str(out), "--preset", "cub", "--name", "from-images", "--num-workers", "1",
+                                   "epochs=2"]) == 0
     pred = tmp_path / "pred.parquet"
     assert load_job("predict").main(["--model", "models:/dedn-cub@champion", "--data", str(out), "--split",
                                      "test_unseen", "--out", str(pred)]) == 0

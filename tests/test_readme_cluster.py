@@ -143,9 +143,9 @@ def _check_team_run(team, log: str, tmp_path: Path, head: str) -> None:
     sid = re.search(r"Job '([^']+)' submitted successfully", log)
     assert sid, log[-2000:]
     assert not (tmp_path / "team-dedn-home" / "mlflow.db").exists()  # the job logged to the server only
-    saved = {k: os.environ.get(k) for k in team.env}
-    os.environ.update(team.env)  # this process's client reads the credentials from the environment
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # this process's client reads the credentials from the environment
+        for k, v in team.env.items():
+            mp.setenv(k, v)
         client = MlflowClient(team.uri, registry_uri=team.uri)
         exp = client.get_experiment_by_name("dedn-cub")
         assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:/")
@@ -158,12 +158,6 @@ def _check_team_run(team, log: str, tmp_path: Path, head: str) -> None:
         assert run.data.tags.get("git_commit") == head  # the submitting checkout's, though .git is not uploaded
         assert "test/H" in run.data.metrics and "val/H" in run.data.metrics
         assert client.get_model_version_by_alias("dedn-cub", "champion").run_id == run.info.run_id
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
