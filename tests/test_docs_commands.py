@@ -135,3 +135,9 @@ def test_fenced_blocks_and_inline_spans():
             "Run `jobs/d.py --v` or ``tools/e.py --u `x` ``.\n")
     uses = [u for c in _commands(text) for u in _uses(c)]
     assert uses == [("jobs/a.py", None, ["--x", "--y"]), ("jobs/d.py", None, ["--v"]), ("tools/e.py", None, ["--u"])]
+
+
+def test_the_readme_stays_short():
+    """A README, not a manual (issue 24, item 6): depth goes into docs/ pages. It had crept to 253 lines."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to a docs/ page (at most 250)"
