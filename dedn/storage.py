@@ -14,6 +14,7 @@ the store makes visible whole or not at all.
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import tempfile
@@ -96,11 +97,12 @@ def remove(location: str) -> None:
         fs.delete_file(path)
 
 
+NO_ENDPOINT = "no S3 endpoint answers (AWS_ENDPOINT_URL, or AWS's own when unset)"
 # what an S3 client's error says, in words a user acts on (pyarrow's message names the AWS error)
 _STORE_ERRORS = (
     ("NO_SUCH_BUCKET", "the bucket does not exist"),
     ("NoSuchBucket", "the bucket does not exist"),
-    ("NETWORK_CONNECTION", "no S3 endpoint answers (AWS_ENDPOINT_URL, or AWS's own when unset)"),
+    ("NETWORK_CONNECTION", NO_ENDPOINT),
     ("InvalidAccessKeyId", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
     ("INVALID_ACCESS_KEY_ID", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
     ("SignatureDoesNotMatch", "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
@@ -119,6 +121,29 @@ def store_reason(e: BaseException) -> str:
     return os_reason(e) if isinstance(e, OSError) and e.errno else text.splitlines()[0][:300]
 
 
+def _endpoint_refuses(uri: str) -> bool:
+    """Whether the S3 endpoint of AWS_ENDPOINT_URL refuses a TCP connection. pyarrow's client retries
+    a refused connection for about 6 s before it says so (measured); a wrong endpoint variable is the
+    usual cause, and one connect tells at once. Without the variable (AWS's own endpoint), with
+    options in the URI (`?endpoint_override=...`), or when the endpoint answers, is slow or cannot be
+    resolved: False, and the store's own request says what is wrong."""
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not str(uri).startswith("s3://") or "?" in str(uri) or not endpoint:
+        return False
+    try:
+        where = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        port = where.port or (443 if where.scheme == "https" else 80)
+        with socket.create_connection((where.hostname or "", port), timeout=3):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):  # unreachable, slow, unresolvable, malformed: the request will say
+        return False
+
+
 def check_writable(location: str, key: str) -> None:
     """Write and delete a probe under `location`: a store that cannot be reached or written (wrong
     bucket, endpoint or credentials; a read-only folder) is one ConfigError naming it, before Ray starts."""
@@ -132,6 +157,9 @@ def check_writable(location: str, key: str) -> None:
             raise ConfigError(key, "a writable folder", f"{folder} ({type(e).__name__}: {e.strerror or e})",
                               "preflight") from None
         return
+    if _endpoint_refuses(location):
+        raise ConfigError(key, "an object-store location this machine can write",
+                          f"{location}: {NO_ENDPOINT}", "preflight")
     probe = join(location, f".dedn-write-probe-{uuid.uuid4().hex[:8]}")
     try:
         fs, path = filesystem(probe)

@@ -153,6 +153,22 @@ def test_a_wrong_bucket_or_endpoint_is_one_error_naming_the_uri_before_ray(s3, t
     assert not ray.is_initialized()
 
 
+def test_a_refused_endpoint_is_named_at_once_without_an_s3_request(monkeypatch):
+    """pyarrow's client retries a refused connection for about 6 s; the preflight connects once first."""
+    from dedn import storage
+    from dedn.errors import ConfigError
+
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    tried = []
+    real = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: tried.append(address) or real(address, *a, **k))
+    monkeypatch.setattr(storage, "filesystem", lambda where: pytest.fail(f"an S3 request was made for {where}"))
+    with pytest.raises(ConfigError, match=r"settings.storage_path: .*s3://bucket/runs: no S3 endpoint answers"):
+        storage.check_writable("s3://bucket/runs", "settings.storage_path")
+    assert tried == [("127.0.0.1", port)]
+
+
 @pytest.mark.timeout(120)
 def test_wrong_credentials_are_one_error_naming_the_uri_before_ray(tiny_dataset, monkeypatch):
     """Against an S3 that checks keys (moto with IAM): the right key works; an unknown key or a wrong secret
