@@ -371,7 +371,7 @@ def start(root: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1"
             raise ServerError(f"mlflow server (log {log})", f"exited with {proc.returncode} while starting:\n{_log_tail(log)}")
         if http_status(f"{uri}/health", timeout=2) == 200:
             break
-        time.sleep(0.5)
+        time.sleep(0.1)  # one request to a port on this machine: start returns as soon as the server answers
     else:
         kill_group(proc.pid)
         if pg_data is not None:
