@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import socket
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dedn.atomic import write_text as write_local_text
 from dedn.errors import ConfigError, OutputError, os_reason
@@ -97,12 +99,12 @@ def remove(location: str) -> None:
         fs.delete_file(path)
 
 
-NO_ENDPOINT = "no S3 endpoint answers (AWS_ENDPOINT_URL, or AWS's own when unset)"
+_NO_ENDPOINT = "no S3 endpoint answers (AWS_ENDPOINT_URL, or AWS's own when unset)"
 # what an S3 client's error says, in words a user acts on (pyarrow's message names the AWS error)
 _STORE_ERRORS = (
     ("NO_SUCH_BUCKET", "the bucket does not exist"),
     ("NoSuchBucket", "the bucket does not exist"),
-    ("NETWORK_CONNECTION", NO_ENDPOINT),
+    ("NETWORK_CONNECTION", _NO_ENDPOINT),
     ("InvalidAccessKeyId", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
     ("INVALID_ACCESS_KEY_ID", "the access key is not known to the store (AWS_ACCESS_KEY_ID)"),
     ("SignatureDoesNotMatch", "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
@@ -127,11 +129,8 @@ def _endpoint_refuses(uri: str) -> bool:
     usual cause, and one connect tells at once. Without the variable (AWS's own endpoint), with
     options in the URI (`?endpoint_override=...`), or when the endpoint answers, is slow or cannot be
     resolved: False, and the store's own request says what is wrong."""
-    import socket
-    from urllib.parse import urlsplit
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if not str(uri).startswith("s3://") or "?" in str(uri) or not endpoint:
+    if not uri.startswith("s3://") or "?" in uri or not endpoint:
         return False
     try:
         where = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
@@ -159,7 +158,7 @@ def check_writable(location: str, key: str) -> None:
         return
     if _endpoint_refuses(location):
         raise ConfigError(key, "an object-store location this machine can write",
-                          f"{location}: {NO_ENDPOINT}", "preflight")
+                          f"{location}: {_NO_ENDPOINT}", "preflight")
     probe = join(location, f".dedn-write-probe-{uuid.uuid4().hex[:8]}")
     try:
         fs, path = filesystem(probe)
