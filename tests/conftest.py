@@ -323,7 +323,7 @@ def moto_s3(check_credentials: bool = False):
 
 
 # ---- one sweep shared by test_tuning (its assertions) and test_team (the same sweep on the server) ----
-SWEEP_TRIALS = 3  # all at once: the concurrency the team server must survive (4 until 2026-12-06; 8 before)
+SWEEP_TRIALS = 2  # the SQLite/server twins, all at once: trials writing to the store together (3 until 2026-12-06, 8 before)
 TINY_TRAIN = ["optim.epochs=2", "optim.max_steps_per_epoch=2", "optim.batch_size=16", "eval.batch_size=512"]
 
 
@@ -354,8 +354,8 @@ def poison_test_shards(root: Path) -> dict[Path, bytes]:
     return poisoned
 
 
-def sweep_at_once(data: Path, name: str, storage: Path) -> object:
-    """SWEEP_TRIALS trials, all at once, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
+def sweep_at_once(data: Path, name: str, storage: Path, trials: int = SWEEP_TRIALS) -> object:
+    """`trials` trials, all at once, Optuna seed 3; ASHA's grace period = the epochs, so no trial is stopped
     early and the outcome cannot depend on which trial reported first (the SQLite/server twins)."""
     import yaml
 
@@ -370,7 +370,7 @@ def sweep_at_once(data: Path, name: str, storage: Path) -> object:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(space))
     base = build_config("awa2", TINY_TRAIN + [f"data.path={data}"])
-    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=SWEEP_TRIALS, max_concurrent_trials=SWEEP_TRIALS,
+    spec = SweepSpec(data=str(data), base=base, space=load_search_space(str(path)), num_samples=trials, max_concurrent_trials=trials,
                      cpus_per_trial=0.5, name=name, verbose=0, seed=3, storage=str(storage / "tune"))
     return run_sweep(spec)
 

@@ -1,5 +1,5 @@
 """Team mode against real services on loopback: PostgreSQL + `mlflow server` (basic auth, proxied
-artifacts) started by `dedn.tracking.server`, a 2-worker training run, a 3-trial sweep all at once
+artifacts) started by `dedn.tracking.server`, a 2-worker training run, a 2-trial sweep all at once
 (and the same sweep on SQLite), the registry and prediction by `models:/` URI, concurrent
 registrations, and the MLflow UI in headless Chromium (screenshots kept under
 `test-artifacts/screenshots/`).
@@ -362,10 +362,10 @@ def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_ser
 # ---- a concurrent sweep, on the server and on SQLite ---------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_sweep_of_three_trials_at_once_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
-                                                                              tmp_path: Path, sqlite_sweep,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest's 3-trial sweep (all at once) against the server; the same sweep on SQLite
+def test_sweep_of_trials_at_once_loses_nothing_and_matches_sqlite(on_server: Team, awa2_tiny: Path,
+                                                                   tmp_path: Path, sqlite_sweep,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's sweep (SWEEP_TRIALS trials, all at once) against the server; the same sweep on SQLite
     (`sqlite_sweep`, also checked in test_tuning) must end the same."""
     import shutil
 

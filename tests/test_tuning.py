@@ -1,4 +1,4 @@
-"""Tests of dedn.tuning: search-space loading, the lambda fit against brute force, a 3-trial sweep."""
+"""Tests of dedn.tuning: search-space loading, the lambda fit against brute force, a 2-trial sweep."""
 from __future__ import annotations
 
 import math
@@ -289,8 +289,8 @@ def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 @pytest.mark.slow
-def test_sweep_of_three_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest's 3-trial sweep (all at once) on SQLite; test_team runs the same sweep on the team server."""
+def test_sweep_of_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's sweep (SWEEP_TRIALS trials, all at once) on SQLite; test_team runs the same sweep on the team server."""
     import shutil
 
     from dedn import tracking
