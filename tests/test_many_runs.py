@@ -107,7 +107,8 @@ def test_a_dead_drivers_temp_folder_goes_and_nothing_else(tmp_path: Path) -> Non
 def test_three_local_runs_and_a_sweep_at_once_each_finish(tiny_dataset, tmp_path: Path) -> None:
     """Two training runs and a sweep started together on one machine and one store: each has its own
     Ray, each finishes, and every epoch of every run is in the store once (before: the second run
-    joined the first one's embedded Ray and died with it)."""
+    joined the first one's embedded Ray and died with it). The sweep has one trial (two, one after
+    the other, until 2026-12-06: what a sweep does with several is test_tuning's and test_team's)."""
     home = tmp_path / "home"
     env = _env(home)
     data = tiny_dataset.root
@@ -115,7 +116,7 @@ def test_three_local_runs_and_a_sweep_at_once_each_finish(tiny_dataset, tmp_path
         "a": _train_cmd(data, "run-a", 4),
         "b": _train_cmd(data, "run-b", 3),
         "sweep": [sys.executable, str(ROOT / "tuning" / "tune.py"), "--data", str(data), "--preset", "cub",
-                  "--num-samples", "2", "--max-concurrent-trials", "1", "--cpus-per-trial", "0.5", "--name", "sweep-c",
+                  "--num-samples", "1", "--cpus-per-trial", "0.5", "--name", "sweep-c",
                   "optim.epochs=2", "optim.max_steps_per_epoch=2", "eval.batch_size=64"],
     }
     procs, logs = {}, {}
@@ -146,7 +147,7 @@ def test_three_local_runs_and_a_sweep_at_once_each_finish(tiny_dataset, tmp_path
         steps = [m.step for m in c.get_metric_history(run.info.run_id, "val/H")]
         assert steps == list(range(1, epochs + 1)), f"{name}: val/H logged at steps {steps}"
     trials = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") and r.info.run_name not in ("run-a", "run-b")]
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in trials]
 
 
 def _ray_processes_with(text: str) -> list[int]:
