@@ -38,9 +38,14 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def _whole_check(folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    return _run(folder, "--out", str(folder / "report"), "--pack", "1", "2"), folder
+
+
 @pytest.mark.slow  # about 16 s: a subprocess, a generated dataset, two loop runs and three packed loops
-def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--out", str(tmp_path / "report"), "--pack", "1", "2")
+@pytest.mark.early.with_args(_whole_check)  # one subprocess, its own folder: it runs from the session's start
+def test_the_device_check_runs_every_part_without_ray_mlflow_or_optuna(early_result) -> None:
+    out, tmp_path = early_result
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {k: v["ok"] for k, v in report["parts"].items()} == {"gemm": True, "data": True, "loop": True,
