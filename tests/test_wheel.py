@@ -18,33 +18,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _build_install_and_train(folder: Path) -> tuple[dict[str, subprocess.CompletedProcess], Path]:
-    """Each step's outcome, by name, up to the first that failed, and the folder installed into. The job trains on a tiny dataset of its
-    own (the session's fixtures do not exist yet) and starts an embedded Ray of its own."""
+    """Each step's outcome, by name, up to the first that failed, and the folder installed into. Only
+    subprocesses (conftest's `early`): the tiny dataset too is made by the checkout's prepare_data.py on
+    the installed package (the session's fixtures do not exist yet), and the job starts a Ray of its own."""
     from conftest import cub_source
 
-    from dedn.data.synthetic import write_synthetic
-
-    wheels, site, work = folder / "wheels", folder / "site", folder / "elsewhere"
+    wheels, site, work, data = folder / "wheels", folder / "site", folder / "elsewhere", folder / "cub_tiny"
     work.mkdir()
-    data = write_synthetic(folder / "cub_tiny", "CUB", cub_source(), channels=16, height=2, width=2,
-                           images_per_class=2, seed=0, progress=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_TMPDIR", "MLFLOW_"))}
     env.update(PYTHONPATH=str(site), DEDN_HOME=str(folder / "home"), RAY_USAGE_STATS_ENABLED="0")  # conftest's HEALTH_CHECK: in os.environ
+    source = ["--source-dir", str(cub_source())] if cub_source() is not None else []
+    where = ("import dedn.families.dedn as f, dedn.config as c; print(f.__file__); "
+             "print(c.load_preset('cub').loss.beta, len(f.FAMILY.presets()), f.FAMILY.search_space_file())")
+    chain = [  # name, command, working directory, environment (None: this process's)
+        ("build", ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)], ROOT, None),
+        ("install", ["-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(wheels), "-q", "--target",
+                     str(site), "dedn"], ROOT, None),
+        ("where", ["-c", where], work, env),
+        ("data", [str(ROOT / "jobs" / "prepare_data.py"), "synthetic", "--name", "CUB", "--out", str(data), *source,
+                  "--channels", "16", "--height", "2", "--width", "2", "--images-per-class", "2", "--no-progress"], work, env),
+        ("train", [str(ROOT / "jobs" / "train.py"), "--data", str(data), "--preset", "cub", "--num-workers", "1",
+                   "protocol=final", "epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64"], work, env),
+    ]
     steps = {}
-
-    def step(name: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> bool:
-        steps[name] = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    for name, args, cwd, step_env in chain:
+        steps[name] = subprocess.run([sys.executable, *args], cwd=cwd, env=step_env, capture_output=True, text=True,
                                      timeout=300)
-        return steps[name].returncode == 0
-
-    if (step("build", ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)], ROOT)
-            and step("install", ["-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                                 *map(str, wheels.glob("dedn-*.whl"))], ROOT)
-            and step("where", ["-c", "import dedn.families.dedn as f, dedn.config as c; print(f.__file__); "
-                               "print(c.load_preset('cub').loss.beta, len(f.FAMILY.presets()), f.FAMILY.search_space_file())"],
-                     work, env)):
-        step("train", [str(ROOT / "jobs" / "train.py"), "--data", str(data), "--preset", "cub", "--num-workers", "1",
-                       "protocol=final", "epochs=1", "optim.max_steps_per_epoch=2", "eval.batch_size=64"], work, env)
+        if steps[name].returncode != 0:
+            break
     return steps, site
 
 
@@ -53,7 +54,7 @@ def _build_install_and_train(folder: Path) -> tuple[dict[str, subprocess.Complet
 @pytest.mark.early.with_args(_build_install_and_train)  # with_args: a lone callable would be decorated
 def test_the_wheel_installs_finds_its_data_and_trains_outside_the_checkout(early_result) -> None:
     steps, site = early_result
-    for name in ("build", "install", "where", "train"):
+    for name in ("build", "install", "where", "data", "train"):
         assert name in steps, f"not run: a step before {name} failed"
         done = steps[name]
         assert done.returncode == 0, f"{name}: {(done.stdout + done.stderr)[-4000:]}"
