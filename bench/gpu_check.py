@@ -1,7 +1,8 @@
 """One-shot device check (`make gpu-check`): what a GPU node does with DEDN, in under 8 minutes.
 
     PYTHONPATH=. python bench/gpu_check.py --out DIR     # on a CUDA node, from a plain checkout
-    PYTHONPATH=. python bench/gpu_check.py --device cpu --images-per-class 2 --steps 20 --skip-steps --out DIR
+    PYTHONPATH=. python bench/gpu_check.py --device cpu --images-per-class 1 --hw 2 --steps 5 --skip-steps \
+        --pack-steps 3 --out DIR                          # a CPU smoke run of every part: about 20 s
 
 Needs torch, numpy, pyarrow and scipy only: no Ray, MLflow or Optuna, no installed project (a
 bare GPU node has none of them). Parts, in order:
