@@ -157,8 +157,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # ---- subprocess work a slow test starts when the session starts -----------------------------------
-_EARLY: dict[str, object] = {}  # test node id -> concurrent.futures.Future of its work
-_EARLY_FOLDERS: list[tuple[object, Path]] = []
+_EARLY: dict[str, tuple[object, Path]] = {}  # test node id -> (concurrent.futures.Future of its work, its folder)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -199,15 +198,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                 future.set_exception(e)
 
         threading.Thread(target=run, name=f"early:{item.name}", daemon=True).start()
-        _EARLY[item.nodeid] = future
-        _EARLY_FOLDERS.append((future, folder))
+        _EARLY[item.nodeid] = (future, folder)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The early work's folders (a wheel, its install, a job's store), once their work has ended."""
     import shutil
 
-    for future, folder in _EARLY_FOLDERS:
+    for future, folder in _EARLY.values():
         if future.done():
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -216,10 +214,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def early_result(request: pytest.FixtureRequest, tmp_path: Path):
     """What the test's `early(work)` returned: started with the session (`pytest_collection_finish`),
     or run now when it was not (pytest-xdist)."""
-    future = _EARLY.pop(request.node.nodeid, None)
-    if future is None:
+    started = _EARLY.get(request.node.nodeid)
+    if started is None:
         return request.node.get_closest_marker("early").args[0](tmp_path)
-    return future.result()
+    return started[0].result()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

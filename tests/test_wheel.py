@@ -3,8 +3,9 @@ from there, finds its package data (presets, search spaces) and runs a tiny trai
 unrelated working directory. What the jobs do is other tests' business (test_toy_family runs train,
 sweep and compare end to end); only what the wheel alone can break is checked here.
 
-The build, the install and both commands are subprocesses, one after the other: they start with the
-session (marker `early`, tests/conftest.py) and the test checks what they did when its turn comes."""
+The build, the install, the import check, the tiny dataset and the job are subprocesses, one after the
+other: they start with the session (marker `early`, tests/conftest.py) and the test checks what they
+did when its turn comes."""
 from __future__ import annotations
 
 import os
