@@ -157,6 +157,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # ---- subprocess work a slow test starts when the session starts -----------------------------------
+# What the early work's subprocesses add to their environment. They run at the lowest priority and lose
+# their core all the time: an OpenMP thread (torch's) spinning at a barrier while its partner waits for a
+# core burns CPU the other tests could use. The device check's dry run beside one busy process at nice 0:
+# 164 core-s and 166 s by default, 45 and 45 s with passive waits (measured 2026-12-06).
+EARLY_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 _EARLY: dict[str, tuple[object, Path]] = {}  # test node id -> (concurrent.futures.Future of its work, its folder)
 
 
@@ -168,7 +173,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     of its own), one core stays idle all along; started first, it runs beside the other tests (the
     wheel's 28 s, 25 of them on an idle core, measured 2026-12-06) instead of after them. The work
     must not depend on the session's state (its own folder, its own environment, no `RAY_ADDRESS`),
-    and should only wait on subprocesses (this thread runs at a lower priority, holding the GIL little).
+    and should only wait on subprocesses (this thread runs at a lower priority, holding the GIL little),
+    started with `EARLY_ENV` in their environment.
     Not under pytest-xdist (each process would start it): there the test runs its work itself."""
     import sys
     import tempfile
@@ -255,6 +261,19 @@ def unavailable(why: str) -> None:
     if os.environ.get("DEDN_REQUIRE_TEAM") == "1":
         pytest.fail(f"team-mode test cannot run: {why}")
     pytest.skip(why)
+
+
+def registering_processes():
+    """A multiprocessing context for tests that register from several processes at once (as separate jobs
+    would): each process is forked from one server process that imported MLflow and dedn.tracking once,
+    with nothing of the store opened, instead of a new interpreter importing them again (spawn: 4
+    processes took 8.2 s and 16 core-s, here 3.0 s for the first 4, measured 2026-12-06). The server is
+    started on first use and kept for the session."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["dedn.tracking", "dedn.tracking.registry"])  # no effect once it runs
+    return ctx
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import registering_processes
 
 H = [0.31, 0.42, 0.27, 0.39, 0.40, 0.35, 0.41, 0.29]  # validation H of the versions, registered 2 per process
 
@@ -33,7 +34,7 @@ def _register_two(home: str, start: "mp.synchronize.Barrier", hs: list[float], o
 @pytest.mark.timeout(240)
 def test_concurrent_first_use_and_registrations_end_on_the_best_version(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx = mp.get_context("spawn")
+    ctx = registering_processes()
     start, out = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_register_two, args=(str(tmp_path / "home"), start, H[2 * i:2 * i + 2], out))
              for i in range(4)]

@@ -31,15 +31,17 @@ BARE = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEDN_HOME": str(tmp_path / "home")}
+def _run(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEDN_HOME": str(tmp_path / "home"), **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", BARE, "--device", "cpu", "--images-per-class", "1", "--hw", "2",
                            "--skip-steps", "--steps", "4", "--pack-steps", "3", *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
 
 
 def _whole_check(folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    return _run(folder, "--out", str(folder / "report"), "--pack", "1", "2"), folder
+    from conftest import EARLY_ENV
+
+    return _run(folder, "--out", str(folder / "report"), "--pack", "1", "2", env_extra=EARLY_ENV), folder
 
 
 @pytest.mark.slow  # about 16 s: a subprocess, a generated dataset, two loop runs and three packed loops

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, sweep_at_once, free_port as _free_port, unavailable as _unavailable
+from conftest import TINY_TRAIN as TINY, Team, SWEEP_TRIALS, registering_processes, sweep_at_once, free_port as _free_port, unavailable as _unavailable
 
 pytestmark = pytest.mark.slow  # PostgreSQL and an MLflow server start for the module
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,7 +340,7 @@ def _register_two(env: dict[str, str], start: "mp.synchronize.Barrier", hs: list
 @pytest.mark.timeout(240)
 def test_concurrent_registrations_leave_champion_on_the_best_validation_h(on_server: Team) -> None:
     hs = [0.31, 0.42, 0.27, 0.39, 0.40, 0.35, 0.42, 0.29]  # 0.42 twice: the earlier version keeps the tie
-    ctx = mp.get_context("spawn")
+    ctx = registering_processes()
     start, out = ctx.Barrier(4), ctx.Queue()
     env = {**on_server.env, "DEDN_HOME": os.environ["DEDN_HOME"]}
     procs = [ctx.Process(target=_register_two, args=(env, start, hs[2 * i:2 * i + 2], out)) for i in range(4)]

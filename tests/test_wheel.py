@@ -22,19 +22,20 @@ def _build_install_and_train(folder: Path) -> tuple[dict[str, subprocess.Complet
     """Each step's outcome, by name, up to the first that failed, and the folder installed into. Only
     subprocesses (conftest's `early`): the tiny dataset too is made by the checkout's prepare_data.py on
     the installed package (the session's fixtures do not exist yet), and the job starts a Ray of its own."""
-    from conftest import cub_source
+    from conftest import EARLY_ENV, cub_source
 
     wheels, site, work, data = folder / "wheels", folder / "site", folder / "elsewhere", folder / "cub_tiny"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_TMPDIR", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(site), DEDN_HOME=str(folder / "home"), RAY_USAGE_STATS_ENABLED="0")  # conftest's HEALTH_CHECK: in os.environ
+    env.update(PYTHONPATH=str(site), DEDN_HOME=str(folder / "home"), RAY_USAGE_STATS_ENABLED="0", **EARLY_ENV)  # conftest's HEALTH_CHECK: in os.environ
     source = ["--source-dir", str(cub_source())] if cub_source() is not None else []
     where = ("import dedn.families.dedn as f, dedn.config as c; print(f.__file__); "
              "print(c.load_preset('cub').loss.beta, len(f.FAMILY.presets()), f.FAMILY.search_space_file())")
-    chain = [  # name, command, working directory, environment (None: this process's)
-        ("build", ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)], ROOT, None),
+    pip_env = {**os.environ, **EARLY_ENV}
+    chain = [  # name, command, working directory, environment
+        ("build", ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)], ROOT, pip_env),
         ("install", ["-m", "pip", "install", "--no-deps", "--no-index", "--find-links", str(wheels), "-q", "--target",
-                     str(site), "dedn"], ROOT, None),
+                     str(site), "dedn"], ROOT, pip_env),
         ("where", ["-c", where], work, env),
         ("data", [str(ROOT / "jobs" / "prepare_data.py"), "synthetic", "--name", "CUB", "--out", str(data), *source,
                   "--channels", "16", "--height", "2", "--width", "2", "--images-per-class", "2", "--no-progress"], work, env),
