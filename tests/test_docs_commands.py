@@ -5,18 +5,16 @@ inline code spans. In each, every `jobs/`, `tuning/`, `bench/` or `tools/` scrip
 every `--flag` after it (up to the end of that shell command) must appear in the script's
 `--help` (after a subcommand such as `jobs/server.py start`, in that subcommand's or the script's;
 a script with subcommands named without one, in any of them).
-Each script's `--help` runs once, in a subprocess, as a user runs it.
+Each script's `--help` runs once, in a subprocess, as a user runs it (tests/scripthelp.py).
 """
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 
 import pytest
+from scripthelp import script_help
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -70,10 +68,8 @@ def _all_uses() -> list[tuple[str, str, str | None, list[str]]]:
 USES = _all_uses()
 
 
-@cache
 def _help(script: str, *sub: str) -> str:
-    r = subprocess.run([sys.executable, str(ROOT / script), *sub, "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
+    r = script_help(script, *sub)  # once per script and session (tests/scripthelp.py)
     assert r.returncode == 0, f"{script} {' '.join(sub)} --help failed:\n{r.stderr[-2000:]}"
     return r.stdout
 
