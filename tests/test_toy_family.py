@@ -8,6 +8,8 @@ family module from the driver (dedn.training.ray_cluster.PLUGIN_ENV), and find i
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -118,8 +120,16 @@ def test_two_trial_sweep_uses_the_family_space_and_weight(trained: str, env: dic
 def test_comparison_job_runs_the_family_next_to_dedn(trained: str, env: dict[str, str], data: Path,
                                                     tmp_path: Path) -> None:
     out = _run(env, "jobs/compare.py", "--data", str(data), "--models", "dedn", "toy", "--max-steps", "2",
-               "--out", str(tmp_path / "cmp"), "eval.batch_size=64", "optim.batch_size=8", timeout=400)
+               "--seed", "3", "--out", str(tmp_path / "cmp"), "eval.batch_size=64", "optim.batch_size=8", timeout=400)
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| dedn |" in table and "| toy |" in table
+    # the same seed and budget for both (DEDN's row in the comparison: tests/test_compare.py has the others)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "compare.csv").read_text())))
+    assert [r["model"] for r in rows] == ["dedn", "toy"]
+    for r in rows:
+        assert (r["seed"], r["epochs"], r["steps"], r["protocol"], r["dataset"], r["batch_size"]) == \
+            ("3", "1", "2", "final", "TOY", "8"), r
+        assert int(r["images"]) > 0 and float(r["images_per_s"]) > 0 and float(r["train_seconds"]) > 0
+        assert all(0.0 <= float(r[k]) <= 1.0 for k in "TUSH") and int(r["parameters"]) > 0
     assert re.search(r"SEMI-SYNTHETIC TOY \(\d+x\d+x\d+\)", table), table  # the data's kind and feature shape
     assert "one child run per model" in out
