@@ -18,7 +18,8 @@ import pytest
 import dedn.data.format as dataset_mod  # where check_shard_sha256 finds sha256_file
 from dedn.data import SPLITS, DatasetWriter, FeatureDataset, nonfinite_rows, sha256_file, split_classes
 from dedn.errors import DatasetError
-from dedn.data.reader import ShardIterableDataset, ShardReader
+from dedn.data.loader import ShardIterableDataset
+from dedn.data.reader import ShardReader
 from toydata import TOY_SHAPE, toy_class_side
 
 FEATURE_SIZE = int(np.prod(TOY_SHAPE))

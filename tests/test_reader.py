@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from dedn.data import FeatureDataset
 from dedn.errors import ConfigError, DatasetError
-from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits, partition_rows
+from dedn.data.loader import ShardIterableDataset
+from dedn.data.reader import Batch, ShardReader, forbid_splits, partition_rows
 from test_dataset import FEATURE_SHAPE, ROWS, write_dataset  # the shared tiny-dataset builder
 
 

@@ -48,6 +48,10 @@ Integrity (every check raises DatasetError naming the shard file):
 - finiteness: every decoded piece of features is checked for NaN/inf (bit test for float16,
   about 0.02 s per 100 MB); the error names the row within the shard and its sample_id;
 - Arrow errors (a damaged page header, a truncated file) become DatasetError with the path.
+
+torch is imported where tensors are made (batches, `ShardReader.decode`): `ShardReader.decode_arrays`
+reads a split into numpy without it, so the node's decode actor (dedn.training.node_cache) is a
+process without torch. The torch `IterableDataset` for a DataLoader is dedn.data.loader's.
 """
 from __future__ import annotations
 
@@ -57,18 +61,20 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from dedn.data.dataset import FeatureDataset
 from dedn.data.format import arrow_error, check_finite_features, check_shard_schema, check_shard_sha256, split_classes
 from dedn.errors import ConfigError, DatasetError
 
-__all__ = ["Batch", "ResidentSplit", "ShardReader", "ShardIterableDataset", "forbid_splits", "partition_rows"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Batch", "DecodedSplit", "ResidentSplit", "ShardReader", "forbid_splits", "partition_rows"]
 
 # --- forbidden splits (e.g. the test splits during hyper-parameter tuning) -----------------
 _forbidden: Counter[str] = Counter()
@@ -132,10 +138,21 @@ class ResidentSplit:
 
     def to(self, device: str | torch.device) -> "ResidentSplit":
         """The same rows with features on `device` (one copy; self when already there)."""
+        import torch  # on use (module docstring)
+
         device = torch.device(device)
         if self.features.device == device:
             return self
         return ResidentSplit(self.split, self.features.to(device), self.labels, self.sample_ids)
+
+
+class DecodedSplit(NamedTuple):
+    """A whole split in numpy (`ShardReader.decode_arrays`): features (N, C, H, W) in storage dtype,
+    labels (N,) and sample_ids (N,) int64; rows in manifest unit order (shard, row group)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -235,7 +252,7 @@ class ShardReader:
         class_balanced: bool = False,
         drop_last: bool = False,
         equal_rows: bool = False,
-        out_dtype: torch.dtype = torch.float32,
+        out_dtype: torch.dtype | None = None,
         verify_checksums: bool = True,
         resident: ResidentSplit | None = None,
         pin_memory: bool = False,
@@ -253,8 +270,11 @@ class ShardReader:
             raise ConfigError("buffer_rows", "a non-negative int", buffer_rows, "ShardReader")
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError("seed", "a non-negative int", seed, "ShardReader")
-        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-            raise ConfigError("out_dtype", "a floating torch dtype", out_dtype, "ShardReader")
+        if out_dtype is not None:  # None: float32, named when the first batch is made (torch on use)
+            import torch
+
+            if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+                raise ConfigError("out_dtype", "a floating torch dtype", out_dtype, "ShardReader")
         self.dataset, self.split, self.info = dataset, split, info
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.buffer_rows = rank, world_size, buffer_rows
@@ -334,7 +354,14 @@ class ShardReader:
             self._verified.add(s)
 
     def decode(self) -> ResidentSplit:
-        """Every row of the split, decoded once into one contiguous host tensor (storage dtype).
+        """Every row of the split, decoded once into one contiguous host tensor (storage dtype)."""
+        import torch  # on use (module docstring)
+
+        feats, labels, ids = self.decode_arrays()
+        return ResidentSplit(self.split, torch.from_numpy(feats), labels, ids)
+
+    def decode_arrays(self) -> DecodedSplit:
+        """Every row of the split, decoded once into numpy (storage dtype), without torch.
 
         Each shard's sha256, the labels and the finiteness are checked as in streaming; row groups
         are read one ahead on a thread, by the same source streaming uses (`_ParquetSource`).
@@ -347,8 +374,7 @@ class ShardReader:
             for (u, _, rows), (got_ids, got_labels, got_feats) in zip(units, loaded):
                 lo = int(self._unit_start[u])
                 ids[lo:lo + rows], labels[lo:lo + rows], feats[lo:lo + rows] = got_ids, got_labels, got_feats
-        c, h, w = self.dataset.feature_shape
-        return ResidentSplit(self.split, torch.from_numpy(feats).view(n, c, h, w), labels, ids)
+        return DecodedSplit(feats.reshape(n, *self.dataset.feature_shape), labels, ids)
 
     # --- epoch plan ------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -417,6 +443,9 @@ class ShardReader:
 
     def iter_worker(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """Batches of stream `worker` of `num_workers` (DataLoader workers) of this rank."""
+        import torch  # on use (module docstring)
+
+        out_dtype = torch.float32 if self.out_dtype is None else self.out_dtype
         cap = self._caps(num_workers)[worker]
         if cap == 0:
             return
@@ -432,7 +461,7 @@ class ShardReader:
             else:
                 assert feats is not None
                 x = torch.from_numpy(feats).view(-1, c, h, w)  # (B, C, H, W) storage dtype
-            x, y = x.to(self.out_dtype), torch.from_numpy(labels)
+            x, y = x.to(out_dtype), torch.from_numpy(labels)
             if self.pin_memory and x.device.type == "cpu":
                 # page-locked host memory: the consumer's `.to(cuda, non_blocking=True)` is then an
                 # asynchronous copy that overlaps the step, not a blocking one through a staging buffer
@@ -591,32 +620,3 @@ class _ParquetSource(_Source):
             loader.shutdown(wait=True, cancel_futures=True)  # no read may be in flight when files close
             for f in files.values():
                 f.close()
-
-
-class ShardIterableDataset(torch.utils.data.IterableDataset):
-    """A ShardReader for `DataLoader(ds, batch_size=None, num_workers=num_workers)`.
-
-    Each DataLoader worker reads a disjoint subset of the rank's pieces. `num_workers` must match
-    the DataLoader's so that len() is exact (checked when iteration starts).
-    """
-
-    def __init__(self, reader: ShardReader, num_workers: int = 0):
-        super().__init__()
-        self.reader = reader
-        self.num_workers = num_workers
-        if num_workers > 0:  # worker processes fork from here: hash once, in this process
-            reader.verify_checksums()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.reader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.reader.num_batches(max(1, self.num_workers))
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = torch.utils.data.get_worker_info()
-        worker, streams = (0, 1) if info is None else (info.id, info.num_workers)
-        if streams != max(1, self.num_workers):
-            raise ConfigError("num_workers", f"{self.num_workers} (as given to ShardIterableDataset)",
-                              streams, "DataLoader")
-        return self.reader.iter_worker(worker, streams)

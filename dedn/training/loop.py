@@ -29,7 +29,8 @@ from dedn.checkpoint import CheckpointError, rng_state, set_rng_state
 from dedn.config import RunConfig
 from dedn.data import FeatureDataset
 from dedn.data.class_side import ClassSide
-from dedn.data.reader import Batch, ShardIterableDataset, ShardReader, forbid_splits
+from dedn.data.loader import ShardIterableDataset
+from dedn.data.reader import Batch, ShardReader, forbid_splits
 from dedn.data.resident import ResidentData, SplitLoader
 from dedn.errors import ConfigError, NonFiniteLossError
 from dedn.families import family_of
