@@ -279,6 +279,12 @@ def test_trains_through_the_engine(tiny_dataset) -> None:
     assert set(res.history[0].losses) >= {"ce_av", "ce_va", "cal_av", "cal_va", "distill"}
     assert set(res.history[0].losses) <= set(get_family("msdn").loss_parts)  # what logs and plots draw
     assert res.test is not None and 0 <= res.test.metrics["H"] <= 1
+    # the same config and seed again: the same losses and test metrics, exactly (on Ray Train the same is
+    # checked for DEDN in tests/test_seeds.py and D3GZSL in tests/test_distributed.py; until 2026-12-07 MSDN
+    # was rerun on Ray in tests/test_compare.py)
+    again = engine.run_phase(cfg, tiny_dataset, "final")
+    assert [h.losses for h in again.history] == [h.losses for h in res.history]
+    assert again.test is not None and again.test.metrics == res.test.metrics
     model = engine.build_model(cfg, tiny_dataset.class_side, tiny_dataset.feature_shape)
     c = tiny_dataset.feature_shape[0]
     d, g = tiny_dataset.class_side.word_vectors.shape
