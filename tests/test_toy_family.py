@@ -1,6 +1,6 @@
 """A third model family defined in the test suite (tests/toy_family.py) runs through every job unchanged.
 
-jobs/train.py with 2 workers (and the registry round trip), a 2-trial sweep with tuning/tune.py,
+jobs/train.py with 2 workers (and the registry round trip), a sweep with tuning/tune.py (one trial of 2 workers),
 and the comparison job: each a subprocess that finds the family through DEDN_FAMILY_MODULES,
 as a user's own family would be found. No file outside tests/ names it. The jobs join the
 session's Ray (`RAY_ADDRESS`) as a user's jobs join a running cluster: its workers learn the
@@ -101,19 +101,36 @@ def test_train_job_with_two_workers_and_registry_round_trip(trained: str, env: d
 
 
 @pytest.mark.timeout(420)
-def test_two_trial_sweep_uses_the_family_space_and_weight(trained: str, env: dict[str, str], data: Path) -> None:
-    out = _run(env, "tuning/tune.py", "--data", str(data), "--num-samples", "2", "--max-concurrent-trials", "2",
-               "--name", "toysweep", "model=toy", "epochs=2", "optim.batch_size=8", "eval.batch_size=64",
-               "eval.weight_grid_step=0.25", timeout=400)
+def test_sweep_uses_the_family_space_and_weight_on_a_two_worker_trial(trained: str, env: dict[str, str], data: Path,
+                                                                      tmp_path: Path) -> None:
+    """One trial of `--workers-per-trial 2 --cpus-per-trial 2` on the 2-CPU session Ray: a TorchTrainer per
+    trial whose two workers share the trial's budget with the trial function, the family's own search
+    space and weight, and no read of the test shards (poisoned in a copy of the data). Until 2026-12-07
+    two trials here, and the 2-worker trial in tests/test_tuning.py on DEDN: trials at once are the
+    SQLite/server sweep twins' subject (conftest.sweep_at_once)."""
+    import shutil
+
+    from conftest import poison_test_shards
+
+    swept = tmp_path / "toy"
+    shutil.copytree(data, swept)
+    poisoned = poison_test_shards(swept)
+    out = _run(env, "tuning/tune.py", "--data", str(swept), "--num-samples", "1", "--max-concurrent-trials", "1",
+               "--workers-per-trial", "2", "--cpus-per-trial", "2", "--name", "toysweep", "model=toy", "epochs=2",
+               "optim.batch_size=8", "eval.batch_size=64", "eval.weight_grid_step=0.25", timeout=400)
     assert "best trial" in out and "alpha = " in out
     sweep = Path(env["DEDN_HOME"]) / "tune" / "toysweep"
     summary = json.loads((sweep / "summary.json").read_text())
-    assert summary["num_trials"] == 2 and set(summary["weights"]) == {"alpha"}
+    assert summary["num_trials"] == 1 and set(summary["weights"]) == {"alpha"}
+    assert 0.0 <= summary["best_val_H"] <= 1.0
     assert set(summary["best_params"]) == {"loss.ridge", "optim.lr"}  # tests/toy_space.yaml
     best = yaml.safe_load((sweep / "best_config.yaml").read_text())
     assert best["model"]["name"] == "toy" and best["protocol"] == "final"
     assert best["eval"]["alpha"] == summary["weights"]["alpha"] and best["eval"]["fit_weights"] is False
     assert (sweep / "lambda_curves.png").stat().st_size > 5000  # Figure 3 over the family's one weight
+    for p, junk in poisoned.items():
+        assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
+        assert p.read_bytes() == junk
 
 
 @pytest.mark.timeout(420)

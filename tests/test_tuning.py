@@ -277,15 +277,6 @@ def test_lambda_fit_equals_brute_force_through_the_network(tiny_data: Path) -> N
 
 
 # ---- a whole sweep on Ray ----------------------------------------------------------------------------
-@pytest.fixture
-def ray_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session):
-    """DEDN_HOME and the MLflow store under tmp_path, on the session's Ray (with its dashboard, as
-    `tuning/tune.py` starts Ray: without the State API a finished trial's CPUs come back after a minute)."""
-    monkeypatch.setenv("DEDN_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
-    return tmp_path / "home"
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 @pytest.mark.slow
@@ -357,31 +348,6 @@ def test_sweep_of_trials_at_once(sqlite_sweep, awa2_tiny: Path, monkeypatch: pyt
     tags = c.get_model_version(out.registered.name, out.registered.version).tags
     assert float(tags["val_H"]) == summary.best_val_H and out.registered.champion
     assert str(c.get_model_version_by_alias(out.registered.name, "champion").version) == str(out.registered.version)
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(240)
-@pytest.mark.slow
-def test_distributed_trial_fits_its_cpu_budget_and_never_reads_test_shards(tiny_data: Path, tmp_path: Path,
-                                                                          ray_local: Path) -> None:
-    """`--workers-per-trial 2 --cpus-per-trial 2` on a 2-CPU node: a TorchTrainer per trial starts
-    (its workers share the budget with the trial function) and only validation data is read."""
-    import shutil
-
-    from dedn.config import build_config
-    from dedn.tuning import SweepSpec, run_sweep
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    poisoned = poison_test_shards(data)
-    base = build_config("awa2", TINY + [f"data.path={data}", "optim.epochs=1"])
-    spec = SweepSpec(data=str(data), base=base, space=load_search_space(default_space_path()), num_samples=1,
-                     max_concurrent_trials=1, cpus_per_trial=2, workers_per_trial=2, name="dist", verbose=0)
-    summary = run_sweep(spec)
-    assert summary.num_trials == 1 and 0.0 <= summary.best_val_H <= 1.0
-    for p, junk in poisoned.items():
-        assert p.stat().st_atime == 1_000, f"{p} was read during the sweep"
-        assert p.read_bytes() == junk
 
 
 def test_training_curves_of_a_final_only_run_have_no_empty_panel(tmp_path: Path) -> None:
