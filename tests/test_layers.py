@@ -79,7 +79,7 @@ DECODE_SCRIPT = WITHOUT_TORCH + textwrap.dedent("""
 
 def test_the_nodes_decode_actor_needs_no_torch(tmp_path: Path) -> None:
     """The node-shared copy's actor (dedn.training.node_cache) decodes without torch: its process is
-    about 1 CPU-s and 190 MB lighter, once per node and run. Its arrays equal the torch decode's."""
+    about 1 CPU-s and 190 MB lighter, once per node and job. Its arrays equal the torch decode's."""
     import numpy as np
 
     from dedn.data import FeatureDataset
