@@ -69,9 +69,9 @@ DECODE_SCRIPT = WITHOUT_TORCH + textwrap.dedent("""
 
     import dedn.training.node_cache  # the module Ray imports in the node's decode actor
     from dedn.data import FeatureDataset
-    from dedn.data.reader import ShardReader
+    from dedn.data.reader import decode_split_arrays
 
-    got = ShardReader(FeatureDataset.open(sys.argv[1]), "trainval", batch_size=1, shuffle=False).decode_arrays()
+    got = decode_split_arrays(FeatureDataset.open(sys.argv[1]), "trainval")
     np.savez(sys.argv[2], features=got.features, labels=got.labels, sample_ids=got.sample_ids)
     assert "torch" not in sys.modules
 """)
@@ -83,7 +83,7 @@ def test_the_nodes_decode_actor_needs_no_torch(tmp_path: Path) -> None:
     import numpy as np
 
     from dedn.data import FeatureDataset
-    from dedn.data.reader import ShardReader
+    from dedn.data.resident import decode_split
 
     blocked = subprocess.run([sys.executable, "-c", WITHOUT_TORCH + "import torch"], capture_output=True, text=True,
                              cwd=ROOT)
@@ -93,7 +93,7 @@ def test_the_nodes_decode_actor_needs_no_torch(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     got = np.load(tmp_path / "got.npz")
-    want = ShardReader(FeatureDataset.open(root), "trainval", batch_size=1, shuffle=False).decode()
+    want = decode_split(FeatureDataset.open(root), "trainval")
     assert got["features"].shape == tuple(want.features.shape) and got["features"].dtype == want.features.numpy().dtype
     assert np.array_equal(got["features"], want.features.numpy())
     assert np.array_equal(got["labels"], want.labels) and np.array_equal(got["sample_ids"], want.sample_ids)

@@ -49,7 +49,7 @@ Integrity (every check raises DatasetError naming the shard file):
   about 0.02 s per 100 MB); the error names the row within the shard and its sample_id;
 - Arrow errors (a damaged page header, a truncated file) become DatasetError with the path.
 
-torch is imported where tensors are made (batches, `ShardReader.decode`): `ShardReader.decode_arrays`
+torch is imported where tensors are made (batches, `ShardReader.decode`): `decode_split_arrays`
 reads a split into numpy without it, so the node's decode actor (dedn.training.node_cache) is a
 process without torch. The torch `IterableDataset` for a DataLoader is dedn.data.loader's.
 """
@@ -74,7 +74,7 @@ from dedn.errors import ConfigError, DatasetError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Batch", "DecodedSplit", "ResidentSplit", "ShardReader", "forbid_splits", "partition_rows"]
+__all__ = ["Batch", "DecodedSplit", "ResidentSplit", "ShardReader", "decode_split_arrays", "forbid_splits", "partition_rows"]
 
 # --- forbidden splits (e.g. the test splits during hyper-parameter tuning) -----------------
 _forbidden: Counter[str] = Counter()
@@ -113,6 +113,15 @@ class Batch(NamedTuple):
     sample_ids: torch.Tensor
 
 
+class DecodedSplit(NamedTuple):
+    """A whole split in numpy (`ShardReader.decode_arrays`): features (N, C, H, W) in storage dtype,
+    labels (N,) and sample_ids (N,) int64; rows in manifest unit order (shard, row group)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
+
+
 @dataclass(frozen=True)
 class ResidentSplit:
     """A whole split decoded once: features (N, C, H, W) in storage dtype (host or device memory),
@@ -145,14 +154,13 @@ class ResidentSplit:
             return self
         return ResidentSplit(self.split, self.features.to(device), self.labels, self.sample_ids)
 
+    @classmethod
+    def from_arrays(cls, split: str, arrays: DecodedSplit, *, shared: bool = False) -> "ResidentSplit":
+        """A split decoded into numpy (`decode_split_arrays`) as a ResidentSplit: features viewed as a
+        tensor, no copy."""
+        import torch  # on use (module docstring)
 
-class DecodedSplit(NamedTuple):
-    """A whole split in numpy (`ShardReader.decode_arrays`): features (N, C, H, W) in storage dtype,
-    labels (N,) and sample_ids (N,) int64; rows in manifest unit order (shard, row group)."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    sample_ids: np.ndarray
+        return cls(split, torch.from_numpy(arrays.features), arrays.labels, arrays.sample_ids, shared=shared)
 
 
 @dataclass(frozen=True)
@@ -355,10 +363,7 @@ class ShardReader:
 
     def decode(self) -> ResidentSplit:
         """Every row of the split, decoded once into one contiguous host tensor (storage dtype)."""
-        import torch  # on use (module docstring)
-
-        feats, labels, ids = self.decode_arrays()
-        return ResidentSplit(self.split, torch.from_numpy(feats), labels, ids)
+        return ResidentSplit.from_arrays(self.split, self.decode_arrays())
 
     def decode_arrays(self) -> DecodedSplit:
         """Every row of the split, decoded once into numpy (storage dtype), without torch.
@@ -564,6 +569,12 @@ class ShardReader:
         if rng is None:
             return np.sort(rows)[: self._k]  # deterministic: the first k classes to appear
         return rng.permutation(rows)[: self._k]
+
+
+def decode_split_arrays(dataset: FeatureDataset, split: str) -> DecodedSplit:
+    """A whole split decoded in this process into numpy, in manifest order, checked as in streaming;
+    no torch (the node's decode actor, dedn.training.node_cache)."""
+    return ShardReader(dataset, split, batch_size=1, shuffle=False).decode_arrays()
 
 
 Loaded = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # (ids or resident row numbers, labels, features)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dedn.data.dataset import FeatureDataset
-from dedn.data.reader import ResidentSplit, ShardReader
+from dedn.data.reader import ResidentSplit, decode_split_arrays
 from dedn.errors import ConfigError
 
 __all__ = ["ResidentChoice", "ResidentData", "decode_split", "split_nbytes", "RESIDENT_MODES"]
@@ -43,7 +43,7 @@ def split_nbytes(dataset: FeatureDataset, split: str) -> int:
 
 def decode_split(dataset: FeatureDataset, split: str) -> ResidentSplit:
     """The split decoded in this process (checksums, labels and finiteness checked as in streaming)."""
-    return ShardReader(dataset, split, batch_size=1, shuffle=False).decode()
+    return ResidentSplit.from_arrays(split, decode_split_arrays(dataset, split))
 
 
 @dataclass(frozen=True)

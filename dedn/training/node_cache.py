@@ -13,7 +13,7 @@ Their names carry the Ray job id, so two jobs on one cluster never share, or kil
 copy. A worker on a node without an actor (a node that joined later; a run without Ray) decodes
 for itself and says so. Ray is imported where it is used: the driver imports this module, and
 importing the driver does not load Ray. torch too: the actor's process imports this module and
-decodes into numpy (`ShardReader.decode_arrays`), so it never loads torch (measured, decoding
+decodes into numpy (`decode_split_arrays`), so it never loads torch (measured, decoding
 a toy split: 0.75 CPU-s and 186 MB of memory per actor, against 1.8 CPU-s and 374 MB
 with torch); only the workers' views are tensors.
 """
@@ -24,7 +24,7 @@ import warnings
 from typing import Any
 
 from dedn.data.dataset import FeatureDataset
-from dedn.data.reader import ResidentSplit, ShardReader
+from dedn.data.reader import DecodedSplit, ResidentSplit, decode_split_arrays
 from dedn.errors import DednError
 
 __all__ = ["NAMESPACE", "actor_name", "start_node_caches", "node_split_loader", "split_key"]
@@ -62,9 +62,7 @@ class NodeSplitCache:
         with lock:
             if key not in self._refs:
                 try:
-                    # as dedn.data.resident.decode_split, into numpy: no torch in this process
-                    res = ShardReader(FeatureDataset.open(root, verify="none"), split, batch_size=1,
-                                      shuffle=False).decode_arrays()
+                    res = decode_split_arrays(FeatureDataset.open(root, verify="none"), split)  # no torch here
                 except DednError as e:  # the user's error, whole, to the worker that asked
                     return {"error": e}
                 self._refs[key] = ray.put({"split": split, "features": res.features, "labels": res.labels,
@@ -96,12 +94,10 @@ def start_node_caches() -> list[Any]:
 
 
 def _view(arrays: dict[str, Any]) -> ResidentSplit:
-    import torch  # in the worker, where it is loaded already (module docstring)
-
     with warnings.catch_warnings():  # zero-copy views of the object store are read-only; the reader only reads
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        feats = torch.from_numpy(arrays["features"])
-    return ResidentSplit(arrays["split"], feats, arrays["labels"], arrays["sample_ids"], shared=True)
+        return ResidentSplit.from_arrays(arrays["split"], DecodedSplit(arrays["features"], arrays["labels"],
+                                                                       arrays["sample_ids"]), shared=True)
 
 
 def node_split_loader(announce: Any = None) -> Any:
