@@ -25,6 +25,7 @@ from dedn.cli import HelpFormatter
 from dedn.data.class_side import ClassSide, normalize_rows
 from dedn.data import SPLITS, DatasetWriter, FeatureDataset, split_classes
 from dedn.data.reader import ShardReader
+from dedn.data.resident import decode_split
 
 
 def random_class_side(k: int = 20, d: int = 16, g: int = 8, seed: int = 0) -> ClassSide:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     resident = None
     if args.resident:
         t0 = time.perf_counter()
-        resident = ShardReader(ds, args.split, batch_size=1, shuffle=False).decode()
+        resident = decode_split(ds, args.split)
         dt = time.perf_counter() - t0
         print(f"decoded {args.split} once: {resident.num_rows} rows, {resident.nbytes / 2**20:.0f} MiB in {dt:.2f} s "
               f"({resident.nbytes / 1e6 / dt:.0f} MB/s)")

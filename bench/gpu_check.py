@@ -50,6 +50,7 @@ from dedn.cli import HelpFormatter
 from dedn.config import config_for_dataset
 from dedn.data import FeatureDataset
 from dedn.data.reader import ShardReader
+from dedn.data.resident import decode_split
 from dedn.data.synthetic import write_synthetic
 from dedn.families import family_of
 from dedn.families.base import StepContext
@@ -226,7 +227,7 @@ def bf16_agreement(data: str, device: str, steps: int, out: dict) -> None:
     ds = FeatureDataset.open(data)
     cfg = config_for_dataset(ds.name, data, "cub")
     dev = torch.device(device)
-    res = ShardReader(ds, "train", batch_size=1, shuffle=False).decode().to(dev)
+    res = decode_split(ds, "train").to(dev)
     protocol = ClassProtocol.for_phase("select", ds.class_side)
     family = family_of(cfg)
     marks = sorted({1, max(1, steps // 4), max(1, steps // 2), steps})

@@ -79,10 +79,12 @@ DECODE_SCRIPT = WITHOUT_TORCH + textwrap.dedent("""
 
 def test_the_nodes_decode_actor_needs_no_torch(tmp_path: Path) -> None:
     """The node-shared copy's actor (dedn.training.node_cache) decodes without torch: its process is
-    about 1 CPU-s and 190 MB lighter, once per node and job. Its arrays equal the torch decode's."""
+    about 1 CPU-s and 190 MB lighter, once per node and job. Its arrays equal the torch decode's
+    and the streaming reader's."""
     import numpy as np
 
     from dedn.data import FeatureDataset
+    from dedn.data.reader import ShardReader
     from dedn.data.resident import decode_split
 
     blocked = subprocess.run([sys.executable, "-c", WITHOUT_TORCH + "import torch"], capture_output=True, text=True,
@@ -97,3 +99,8 @@ def test_the_nodes_decode_actor_needs_no_torch(tmp_path: Path) -> None:
     assert got["features"].shape == tuple(want.features.shape) and got["features"].dtype == want.features.numpy().dtype
     assert np.array_equal(got["features"], want.features.numpy())
     assert np.array_equal(got["labels"], want.labels) and np.array_equal(got["sample_ids"], want.sample_ids)
+    # and both equal what the streaming reader yields in order: a path of its own (batch by batch)
+    streamed = list(ShardReader(FeatureDataset.open(root), "trainval", batch_size=7, shuffle=False))
+    assert np.array_equal(got["sample_ids"], np.concatenate([b.sample_ids.numpy() for b in streamed]))
+    assert np.array_equal(got["labels"], np.concatenate([b.labels.numpy() for b in streamed]))
+    assert np.array_equal(got["features"].astype(np.float32), np.concatenate([b.features.numpy() for b in streamed]))

@@ -12,6 +12,7 @@ from dedn.data import FeatureDataset
 from dedn.errors import ConfigError, DatasetError
 from dedn.data.loader import ShardIterableDataset
 from dedn.data.reader import Batch, ShardReader, forbid_splits, partition_rows
+from dedn.data.resident import decode_split
 from test_dataset import FEATURE_SHAPE, ROWS, write_dataset  # the shared tiny-dataset builder
 
 
@@ -254,7 +255,7 @@ def _same_batches(a: list[Batch], b: list[Batch]) -> None:
 
 def test_decode_holds_every_row_once_with_its_features(data):
     ds, written = data
-    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    res = decode_split(ds, "trainval")
     assert res.num_rows == 61 and res.features.shape == (61, *FEATURE_SHAPE)
     assert res.features.dtype == torch.float16 and res.features.is_contiguous()
     ids, labels, feats = written["trainval"]
@@ -275,7 +276,7 @@ def test_decode_holds_every_row_once_with_its_features(data):
     dict(shuffle=True, buffer_rows=5, drop_last=True, equal_rows=True)])
 def test_resident_batches_equal_streaming_batches(data, world_size, kw):
     ds, _ = data
-    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    res = decode_split(ds, "trainval")
     for epoch in (1, 2):
         union: list[np.ndarray] = []
         for rank in range(world_size):
@@ -294,7 +295,7 @@ def test_resident_batches_equal_streaming_batches(data, world_size, kw):
 
 def test_resident_class_balanced_batches_follow_the_rule(data):
     ds, _ = data
-    res = ShardReader(ds, "trainval", batch_size=4).decode()
+    res = decode_split(ds, "trainval")
     r = ShardReader(ds, "trainval", batch_size=3, buffer_rows=8, class_balanced=True, seed=1, resident=res)
     batches = list(r)
     assert all(len(set(b.labels.tolist())) == b.labels.numel() <= 3 for b in batches)  # distinct classes
@@ -303,6 +304,6 @@ def test_resident_class_balanced_batches_follow_the_rule(data):
 
 def test_resident_must_be_the_readers_split(data):
     ds, _ = data
-    res = ShardReader(ds, "train", batch_size=4).decode()
+    res = decode_split(ds, "train")
     with pytest.raises(DatasetError, match="resident"):
         ShardReader(ds, "trainval", batch_size=4, resident=res)

@@ -29,7 +29,7 @@ be smaller than k (drop_last drops every batch smaller than k, and its rows, for
 Because batch sizes then depend on labels, len() replays the sampler on the label column
 alone (4 bytes a row) of the pieces concerned.
 
-Resident data (`resident=ResidentSplit`, see `ShardReader.decode` and dedn.data.resident): the
+Resident data (`resident=ResidentSplit`, made by `dedn.data.resident.decode_split`): the
 whole split decoded once into one contiguous (N, C, H, W) tensor (host or device memory), rows
 laid out in manifest unit order. The reader then runs the very same plan on it: the same
 partition, the same shuffle buffer and the same draws, but the buffer holds row numbers instead
@@ -49,7 +49,7 @@ Integrity (every check raises DatasetError naming the shard file):
   about 0.02 s per 100 MB); the error names the row within the shard and its sample_id;
 - Arrow errors (a damaged page header, a truncated file) become DatasetError with the path.
 
-torch is imported where tensors are made (batches, `ShardReader.decode`): `decode_split_arrays`
+torch is imported where tensors are made (batches, `ResidentSplit.from_arrays`): `decode_split_arrays`
 reads a split into numpy without it, so the node's decode actor (dedn.training.node_cache) is a
 process without torch. The torch `IterableDataset` for a DataLoader is dedn.data.loader's.
 """
@@ -114,7 +114,7 @@ class Batch(NamedTuple):
 
 
 class DecodedSplit(NamedTuple):
-    """A whole split in numpy (`ShardReader.decode_arrays`): features (N, C, H, W) in storage dtype,
+    """A whole split in numpy (`decode_split_arrays`): features (N, C, H, W) in storage dtype,
     labels (N,) and sample_ids (N,) int64; rows in manifest unit order (shard, row group)."""
 
     features: np.ndarray
@@ -360,10 +360,6 @@ class ShardReader:
         if self.verify and s not in self._verified:
             check_shard_sha256(self.dataset.shard_path(self.info.shards[s]), self.info.shards[s].sha256)
             self._verified.add(s)
-
-    def decode(self) -> ResidentSplit:
-        """Every row of the split, decoded once into one contiguous host tensor (storage dtype)."""
-        return ResidentSplit.from_arrays(self.split, self.decode_arrays())
 
     def decode_arrays(self) -> DecodedSplit:
         """Every row of the split, decoded once into numpy (storage dtype), without torch.
